@@ -1,0 +1,3 @@
+from wanfit.cli import main
+
+raise SystemExit(main())

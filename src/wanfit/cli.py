@@ -1,0 +1,45 @@
+"""The `wanfit` command line: doctor | plan | generate | bench.
+
+Each subcommand lives in wanfit.commands.<name>; this module only builds the parser and turns
+user errors into one clear sentence and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from wanfit import __version__
+from wanfit.errors import WanfitError
+
+# Subcommand modules, in the order `wanfit --help` lists them.
+COMMANDS: list[str] = []
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="wanfit",
+        description="Run Wan2.1 text-to-video on whatever machine you have.",
+    )
+    parser.add_argument("--version", action="version", version=f"wanfit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"wanfit.commands.{name}").add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except WanfitError as err:
+        print(f"wanfit: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("wanfit: interrupted.", file=sys.stderr)
+        return 130

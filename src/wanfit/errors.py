@@ -1,0 +1,21 @@
+"""Errors a user can cause. The CLI prints their message as one sentence and exits non-zero."""
+
+
+class WanfitError(Exception):
+    """Base class: the message is a complete sentence meant for the user."""
+
+
+class ConfigError(WanfitError):
+    """Bad settings: size, frame count, steps, unknown names."""
+
+
+class CheckpointError(WanfitError):
+    """A model file or folder is missing, corrupt, of an unknown layout, or of another model."""
+
+
+class AttentionUnavailableError(WanfitError):
+    """A forced attention backend cannot run on this machine."""
+
+
+class PlanError(WanfitError):
+    """No plan fits the memory budget."""

@@ -1,0 +1,1 @@
+"""Model definitions: one model to a file, device-agnostic."""

@@ -1,0 +1,57 @@
+"""Model configurations in official Wan2.1 names."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    """Shape of a Wan2.1 text-to-video DiT (official names)."""
+
+    dim: int = 1536
+    ffn_dim: int = 8960
+    freq_dim: int = 256
+    num_heads: int = 12
+    num_layers: int = 30
+    in_dim: int = 16
+    out_dim: int = 16
+    text_dim: int = 4096
+    text_len: int = 512
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    eps: float = 1e-6
+    cross_attn_norm: bool = True
+    qk_norm: bool = True
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["patch_size"] = list(self.patch_size)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DiTConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            from wanfit.errors import ConfigError
+
+            raise ConfigError(f"Unknown DiT config keys: {', '.join(unknown)}.")
+        d = dict(d)
+        if "patch_size" in d:
+            d["patch_size"] = tuple(d["patch_size"])
+        return cls(**d)
+
+    def with_overrides(self, **overrides) -> DiTConfig:
+        return replace(self, **overrides)
+
+
+WAN_T2V_1_3B = DiTConfig()
+WAN_T2V_14B = DiTConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)
+# Tiny config for tests and the README's no-download demo.
+WAN_TINY = DiTConfig(dim=64, ffn_dim=128, freq_dim=32, num_heads=4, num_layers=2, text_dim=32, text_len=16)
+
+DIT_PRESETS = {"1.3B": WAN_T2V_1_3B, "14B": WAN_T2V_14B, "tiny": WAN_TINY}

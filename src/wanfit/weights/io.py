@@ -1,0 +1,191 @@
+"""Reading checkpoint files: lazy safetensors (single or sharded), pickled .pth with weights_only.
+
+Every failure a user can cause (missing file, truncated or corrupt file) ends in CheckpointError.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from wanfit.errors import CheckpointError
+
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+
+
+class LazyStateDict(Mapping):
+    """A read-only mapping of tensor name -> tensor that reads each tensor only when asked.
+
+    safetensors files are opened once and tensors are read on access, so loading a model tensor
+    by tensor never holds a second full copy of the weights in RAM. Pickled files are memory
+    mapped where their format allows it.
+    """
+
+    def __init__(self, files: Sequence[str | os.PathLike]):
+        self.files = [Path(f) for f in files]
+        self._where: dict[str, tuple[int, str]] = {}
+        self._handles: list = []
+        self._pickled: list[dict | None] = []
+        for i, path in enumerate(self.files):
+            if not path.is_file():
+                raise CheckpointError(f"Checkpoint file not found: {path}.")
+            if path.suffix == ".safetensors":
+                handle = _open_safetensors(path)
+                self._handles.append(handle)
+                self._pickled.append(None)
+                names = handle.keys()
+            else:
+                state = _load_pickled(path)
+                self._handles.append(None)
+                self._pickled.append(state)
+                names = state.keys()
+            for name in names:
+                self._where[name] = (i, name)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        i, name = self._where[key]
+        handle = self._handles[i]
+        if handle is None:
+            return self._pickled[i][name]
+        try:
+            return handle.get_tensor(name)
+        except Exception as err:  # safetensors raises its own error types
+            raise CheckpointError(
+                f"Could not read tensor {name!r} from {self.files[i]}: the file looks truncated or corrupt ({err})."
+            ) from err
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """The shape of a tensor without reading its data."""
+        i, name = self._where[key]
+        handle = self._handles[i]
+        if handle is None:
+            return tuple(self._pickled[i][name].shape)
+        return tuple(handle.get_slice(name).get_shape())
+
+    def dtype_name(self, key: str) -> str:
+        """The stored dtype of a tensor (e.g. 'BF16', 'F8_E4M3', or a torch dtype name)."""
+        i, name = self._where[key]
+        handle = self._handles[i]
+        if handle is None:
+            return str(self._pickled[i][name].dtype).replace("torch.", "")
+        return handle.get_slice(name).get_dtype()
+
+
+def _open_safetensors(path: Path):
+    from safetensors import safe_open
+
+    try:
+        handle = safe_open(str(path), framework="pt", device="cpu")
+        # Touch the header's last tensor so a file cut short fails here, not mid-load.
+        keys = list(handle.keys())
+        if keys:
+            handle.get_slice(keys[-1]).get_shape()
+        return handle
+    except Exception as err:
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file (truncated or corrupt?): {err}."
+        ) from err
+
+
+def _load_pickled(path: Path) -> dict:
+    """torch.load with weights_only=True (never runs code from the file), memory mapped if possible."""
+    try:
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err):
+                raise
+            # Old (non-zip) pickles cannot be memory mapped.
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:
+        if "weights_only" in str(err) or "Unsupported global" in str(err):
+            raise CheckpointError(
+                f"{path} holds Python objects besides tensors; wanfit only loads plain tensor files "
+                "(weights_only) and will not run code from a checkpoint."
+            ) from err
+        raise CheckpointError(
+            f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {err}."
+        ) from err
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} does not hold a flat dictionary of tensors.")
+    return state
+
+
+def shard_files_from_index(index_path: Path) -> list[Path]:
+    """The shard files named by a `*.safetensors.index.json`, in a stable order."""
+    try:
+        index = json.loads(index_path.read_text())
+        weight_map = index["weight_map"]
+    except (OSError, ValueError, KeyError) as err:
+        raise CheckpointError(f"{index_path} is not a valid shard index: {err}.") from err
+    names = sorted(set(weight_map.values()))
+    files = [index_path.parent / n for n in names]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise CheckpointError(f"Shards named by {index_path.name} are missing: {', '.join(missing)}.")
+    return files
+
+
+def find_weight_files(
+    folder: Path, stems: Sequence[str] = ("diffusion_pytorch_model", "model")
+) -> list[Path]:
+    """The weight files of a model folder: an index's shards, or the one file named by a stem."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"Model folder not found: {folder}.")
+    for stem in stems:
+        index = folder / f"{stem}.safetensors.index.json"
+        if index.is_file():
+            return shard_files_from_index(index)
+        single = folder / f"{stem}.safetensors"
+        if single.is_file():
+            return [single]
+    found = sorted(p for p in folder.glob("*.safetensors") if p.is_file())
+    if found:
+        return found
+    raise CheckpointError(f"No weight files (*.safetensors) found in {folder}.")
+
+
+def resolve_weight_files(
+    path: str | os.PathLike, stems: Sequence[str] = ("diffusion_pytorch_model",)
+) -> list[Path]:
+    """A file, a shard index or a folder -> the list of weight files to read."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"Checkpoint path not found: {path}.")
+    if path.is_dir():
+        return find_weight_files(path, stems)
+    if path.name.endswith(".index.json"):
+        return shard_files_from_index(path)
+    if path.suffix not in WEIGHT_SUFFIXES:
+        raise CheckpointError(f"{path} is not a weight file (expected one of {', '.join(WEIGHT_SUFFIXES)}).")
+    return [path]
+
+
+def strip_prefix(keys: Sequence[str], prefixes: Sequence[str]) -> str:
+    """The first prefix every key starts with ('' if none), e.g. ComfyUI's 'model.diffusion_model.'."""
+    for prefix in prefixes:
+        if keys and all(k.startswith(prefix) for k in keys):
+            return prefix
+    return ""
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except OSError as err:
+        raise CheckpointError(f"Could not read {path}: {err.strerror}.") from err
+    except ValueError as err:
+        raise CheckpointError(f"{path} is not valid JSON: {err}.") from err
