@@ -1,0 +1,1 @@
+"""Builders of tiny reference models for tests."""
