@@ -1,0 +1,73 @@
+"""The Plan: every device-dependent decision of a run, as data.
+
+Made by the planner, printed by `wanfit plan`, stored with each output, overridable by flags.
+Model code never reads it; the pipeline and the runtime do.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Plan:
+    device: str = "cpu"
+    compute_dtype: str = "float32"  # activations and matmuls of the DiT and VAE
+    storage_dtype: str | None = (
+        None  # weights at rest (None: same as compute; "float8_e4m3fn" upcast per block)
+    )
+    attention: str | None = None  # a forced backend name, or None: the dispatcher's choice
+    text_encoder_device: str = "cpu"
+    text_encoder_dtype: str = "float32"
+    free_text_encoder: bool = True  # drop umT5 once the prompts are encoded
+    dit_blocks_resident: int | None = None  # None: whole DiT on the device; k: stream blocks, k resident
+    cfg_batch: bool = True  # cond and uncond in one batch
+    vae_tile: tuple[int, int] | None = None  # decode tile in latent pixels (h, w), None: untiled
+    vae_tile_overlap: int = 0
+    attention_chunk: int | None = None  # query rows per attention call, None: whole sequence
+    ffn_chunk: int | None = None  # tokens per FFN call, None: whole sequence
+
+    @property
+    def torch_compute_dtype(self) -> torch.dtype:
+        return DTYPES[self.compute_dtype]
+
+    @property
+    def torch_text_encoder_dtype(self) -> torch.dtype:
+        return DTYPES[self.text_encoder_dtype]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        if self.vae_tile is not None:
+            d["vae_tile"] = list(self.vae_tile)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Plan:
+        names = {f.name for f in fields(cls)}
+        d = {k: v for k, v in d.items() if k in names}
+        if d.get("vae_tile") is not None:
+            d["vae_tile"] = tuple(d["vae_tile"])
+        return cls(**d)
+
+
+def default_plan(device: str | torch.device | None = None) -> Plan:
+    """A simple plan without the planner: everything resident; bf16 on CUDA sm_80+, fp16 below, fp32 on CPU."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        major, _ = torch.cuda.get_device_capability(device)
+        dtype = "bfloat16" if major >= 8 else "float16"
+        return Plan(
+            device=str(device),
+            compute_dtype=dtype,
+            text_encoder_device=str(device),
+            text_encoder_dtype="bfloat16" if major >= 8 else "float32",
+        )
+    return Plan(device=str(device))
