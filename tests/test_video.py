@@ -1,0 +1,62 @@
+import numpy as np
+import pytest
+
+from wanfit.errors import ConfigError
+from wanfit.video import atomic_path, check_writable, read_mp4_comment, read_video, safe_filename, write_video
+
+
+def smooth_frames(f=9, h=48, w=80):
+    y, x = np.mgrid[0:h, 0:w]
+    frames = [np.stack([(x * 3 + t * 10) % 256, (y * 5) % 256, np.full_like(x, 128)], -1) for t in range(f)]
+    return np.asarray(frames, dtype=np.uint8)
+
+
+def test_mp4_round_trip_keeps_count_size_and_metadata(tmp_path):
+    frames = smooth_frames()
+    path = write_video(frames, tmp_path / "v.mp4", metadata={"prompt": "a fox; x=1 #2", "seed": 7})
+    back = read_video(path)
+    assert back.shape == frames.shape
+    assert np.abs(back.astype(int) - frames).mean() < 6  # lossy H.264, smooth content
+    assert read_mp4_comment(path) == {"prompt": "a fox; x=1 #2", "seed": 7}
+    assert (tmp_path / "v.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v.json", "v.mp4"]  # no temporary left
+
+
+def test_png_folder_is_lossless(tmp_path):
+    frames = smooth_frames(5)
+    write_video(frames, tmp_path / "pngs")
+    assert np.array_equal(read_video(tmp_path / "pngs"), frames)
+
+
+def test_a_crash_while_writing_leaves_nothing(tmp_path):
+    target = tmp_path / "out.mp4"
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"half a video")
+            raise RuntimeError("crash")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_refuses_to_overwrite_and_unwritable_folders(tmp_path):
+    existing = tmp_path / "a.mp4"
+    existing.write_bytes(b"x")
+    with pytest.raises(ConfigError, match="--overwrite"):
+        check_writable(existing, overwrite=False)
+    check_writable(existing, overwrite=True)
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ConfigError, match="(?i)cannot"):
+        check_writable(blocker / "sub" / "v.mp4", overwrite=False)
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("A cat, on a mat!", "A_cat_on_a_mat"),
+        ("../../etc/passwd", "etc_passwd"),
+        ("日本", "video"),
+        ("", "video"),
+    ],
+)
+def test_file_names_from_prompts_are_sanitised(text, expected):
+    assert safe_filename(text) == expected
