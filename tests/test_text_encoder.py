@@ -42,7 +42,18 @@ def tiny(tmp_path_factory):
         model=model,
         diffusers=tiny_text.save_diffusers_layout(model, tokenizer, root / "diffusers"),
         official=tiny_text.save_official_layout(model, tokenizer, root / "official"),
+        single=_single_file(model, root / "single" / "umt5-xxl-enc.safetensors"),
     )
+
+
+def _single_file(model, path: Path) -> Path:
+    """One safetensors file in transformers names, as ComfyUI users keep it (tokenizer elsewhere)."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True)
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "encoder.embed_tokens.weight"}
+    save_file(state, str(path))
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -67,6 +78,15 @@ def reference(tiny):
             )
 
     return embeds
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny matmuls on a busy 2-core machine: 2 threads make each ~1000x slower (barrier waits)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)
@@ -124,7 +144,8 @@ def test_prompt_cleaning_matches_diffusers():
 
 
 @pytest.mark.parametrize(
-    "where", ["diffusers root", "text_encoder folder", "official root", "official .pth", "index file"]
+    "where",
+    ["diffusers root", "text_encoder folder", "official root", "official .pth", "index file", "single file"],
 )
 def test_every_layout_matches_the_diffusers_pipeline(tiny, reference, where):
     path = {
@@ -133,8 +154,10 @@ def test_every_layout_matches_the_diffusers_pipeline(tiny, reference, where):
         "official root": tiny.official,
         "official .pth": tiny.official / tiny_text.OFFICIAL_FILE,
         "index file": tiny.diffusers / "text_encoder" / "model.safetensors.index.json",
+        "single file": tiny.single,
     }[where]
-    encoder = te.load_text_encoder(path, prompt_cache=False)
+    tokenizer = tiny.tokenizer if where == "single file" else None
+    encoder = te.load_text_encoder(path, tokenizer=tokenizer, prompt_cache=False)
     got = encoder.encode(PROMPTS, max_length=MAX_LEN)
     want = reference(PROMPTS)
     err = rel_l2(got, want)
@@ -349,20 +372,24 @@ def test_prompt_cache_hits_skip_the_encoder(tiny, tmp_path):
 
 def test_prompt_cache_keys_on_weights_and_precision(tiny, tmp_path):
     cache_dir = tmp_path / "prompts"
-    fp32 = te.load_text_encoder(tiny.diffusers, prompt_cache=cache_dir)
-    fp32.encode("A cat walks", max_length=MAX_LEN)
-    block_fp32 = te.load_text_encoder(
-        tiny.official, dtype=torch.bfloat16, compute_dtype=torch.float32, prompt_cache=cache_dir
-    )
-    calls = _count_forwards(block_fp32)
-    block_fp32.encode("A cat walks", max_length=MAX_LEN)
-    assert calls == [1]
-    other = tiny_text.make_umt5(seed=5)
-    in_memory = te.WanTextEncoder(other, fp32.tokenizer, cache=PromptCache(cache_dir))
-    in_memory_calls = _count_forwards(in_memory)
-    in_memory.encode("A cat walks", max_length=MAX_LEN)
-    in_memory.encode("A cat walks", max_length=MAX_LEN)
-    assert in_memory_calls == [1]
+
+    def calls_for(**kwargs) -> list[int]:
+        encoder = te.load_text_encoder(tiny.diffusers, prompt_cache=cache_dir, **kwargs)
+        calls = _count_forwards(encoder)
+        encoder.encode("A cat walks", max_length=MAX_LEN)
+        return calls
+
+    assert calls_for(dtype=torch.bfloat16) == [1]
+    assert calls_for(dtype=torch.bfloat16) == []  # same files, same precision: a hit
+    assert calls_for(dtype=torch.bfloat16, compute_dtype=torch.float32) == [1]  # other compute dtype
+    assert calls_for(dtype=torch.float32) == [1]  # other storage dtype
+    assert calls_for(dtype=torch.float32) == []
+    tokenizer = te.load_text_encoder(tiny.diffusers, prompt_cache=False).tokenizer
+    for seed, expected in ((5, [1]), (5, []), (6, [1])):  # encoders built in memory: weights sampled
+        in_memory = te.WanTextEncoder(tiny_text.make_umt5(seed=seed), tokenizer, cache=PromptCache(cache_dir))
+        calls = _count_forwards(in_memory)
+        in_memory.encode("A cat walks", max_length=MAX_LEN)
+        assert calls == expected
 
 
 def test_prompt_cache_can_be_turned_off(tiny, monkeypatch, tmp_path):

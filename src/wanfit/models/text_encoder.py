@@ -290,8 +290,12 @@ def _in_memory_fingerprint(model: nn.Module, tokenizer: Any) -> str:
     """For encoders built in memory: the config, the tokenizer's vocabulary and a sample of every tensor."""
     digest = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    vocab = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
-    digest.update(vocab.encode())
+    if backend is not None:
+        # Padding and truncation settings change with each call; they do not change the ids.
+        spec = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("padding", "truncation")}
+    else:
+        spec = sorted(tokenizer.get_vocab().items())
+    digest.update(json.dumps(spec, sort_keys=True).encode())
     for name, tensor in model.state_dict().items():
         flat = tensor.detach().reshape(-1)
         sample = torch.cat([flat[:16], flat[-16:]]).float().cpu()
