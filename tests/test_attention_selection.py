@@ -135,6 +135,12 @@ def test_forced_backend_that_cannot_serve_a_particular_call():
         d.select(d.call_on_probe(torch.bfloat16, 128, head_dim=512))
 
 
+def test_forced_math_is_allowed_past_the_budget_with_a_warning():
+    d = Dispatcher(probe(), forced="sdpa_math")
+    with pytest.warns(ResourceWarning, match="48.0 GiB"):
+        assert d.select(d.call_on_probe(torch.float32, TOKENS)).backend == "sdpa_math"
+
+
 def test_forcing_through_the_environment_and_configure(monkeypatch):
     monkeypatch.setenv("WANFIT_ATTENTION", "chunked")
     d = configure(probe())

@@ -237,6 +237,12 @@ class Dispatcher:
                 raise AttentionUnavailableError(
                     f"The attention backend {self.forced} was asked for but {cand.reason}"
                 )
+            if self.forced == "sdpa_math" and call.score_bytes > self.math_budget_bytes:
+                warnings.warn(
+                    f"wanfit: sdpa_math was asked for; this call's score matrix needs {_bytes_text(call.score_bytes)}.",
+                    ResourceWarning,
+                    stacklevel=2,
+                )
             return self._selection(
                 cand, call, device, f"forced (--attention / WANFIT_ATTENTION={self.forced})"
             )
