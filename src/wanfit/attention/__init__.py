@@ -1,15 +1,112 @@
-"""The one attention entry point of the models.
+"""The one attention entry point of the models, and its configuration.
 
-For now a plain SDPA call; the dispatcher (registry, probing, fallback) fills this in.
+`attention(q, k, v)` runs through a process-wide Dispatcher. The runtime sets it up once with
+`configure(probe, forced=...)`; until then the first call configures it from the real machine
+(and WANFIT_EMULATE / WANFIT_ATTENTION). Tests build their own Dispatcher objects.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
-import torch.nn.functional as F
+
+from wanfit.attention.backends import (
+    BACKEND_NAMES,
+    AttentionBackend,
+    AttentionCall,
+    Registry,
+    builtin_backends,
+    default_registry,
+)
+from wanfit.attention.chunked import chunk_sizes, chunked_attention, reference_attention
+from wanfit.attention.dispatch import (
+    MATH_BUDGET_BYTES,
+    AttentionFallbackWarning,
+    Candidate,
+    Dispatcher,
+    Selection,
+)
+from wanfit.hardware.probe import HardwareProbe
+
+ATTENTION_ENV = "WANFIT_ATTENTION"
+
+__all__ = [
+    "ATTENTION_ENV",
+    "BACKEND_NAMES",
+    "MATH_BUDGET_BYTES",
+    "AttentionBackend",
+    "AttentionCall",
+    "AttentionFallbackWarning",
+    "Candidate",
+    "Dispatcher",
+    "Registry",
+    "Selection",
+    "attention",
+    "builtin_backends",
+    "chunk_sizes",
+    "chunked_attention",
+    "configure",
+    "default_registry",
+    "explain",
+    "get_dispatcher",
+    "reference_attention",
+    "reset",
+]
+
+_dispatcher: Dispatcher | None = None
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Exact softmax attention. q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D]."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return out.transpose(1, 2)
+def configure(
+    hw: HardwareProbe | None = None, forced: str | None = None, *, allow_lossy: bool = False, **options
+) -> Dispatcher:
+    """Set up the process-wide dispatcher. `forced` (else WANFIT_ATTENTION) names a backend to use.
+
+    options go to Dispatcher (math_budget_bytes, chunk_budget_bytes, registry, measured_ms, ...).
+    """
+    global _dispatcher
+    if hw is None:
+        from wanfit.hardware.probe import probe
+
+        hw = probe()
+    if forced is None:
+        forced = os.environ.get(ATTENTION_ENV) or None
+    _dispatcher = Dispatcher(hw, forced=forced, allow_lossy=allow_lossy, **options)
+    return _dispatcher
+
+
+def get_dispatcher() -> Dispatcher:
+    """The process-wide dispatcher, configured from the real machine on first use."""
+    return _dispatcher if _dispatcher is not None else configure()
+
+
+def reset() -> None:
+    """Forget the process-wide dispatcher (tests; a new probe)."""
+    global _dispatcher
+    _dispatcher = None
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float | None = None,
+    attn_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Exact softmax attention. q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D] in q's dtype.
+
+    scale defaults to D**-0.5; attn_mask is SDPA's (bool True = attend, or additive), broadcastable
+    to [B, H, Lq, Lk].
+    """
+    return get_dispatcher()(q, k, v, scale=scale, attn_mask=attn_mask)
+
+
+def explain(call: AttentionCall | None = None) -> dict:
+    """What the process-wide dispatcher selects for `call` (default: the default job's shape) and why."""
+    d = get_dispatcher()
+    if call is None:
+        from wanfit.precision import default_compute_dtype
+
+        call = d.call_on_probe(default_compute_dtype(d.hw), q_len=32760)
+    return d.explain(call)

@@ -1,0 +1,98 @@
+"""Options and setup shared by the commands that touch the hardware (doctor, bench, plan, generate)."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from wanfit.attention import ATTENTION_ENV, BACKEND_NAMES, Dispatcher, configure
+from wanfit.hardware.probe import EMULATE_ENV, HardwareProbe, apply_emulation_limits, probe
+from wanfit.hardware.profiles import PROFILES
+from wanfit.models.configs import WAN_T2V_1_3B
+from wanfit.precision import PrecisionPolicy, precision_policy
+
+VAE_STRIDE = (4, 8, 8)  # frames, height, width per latent cell
+
+
+@dataclass(frozen=True)
+class JobShape:
+    """A text-to-video job's size, enough to derive the attention call."""
+
+    model: str
+    width: int
+    height: int
+    frames: int
+    heads: int
+    head_dim: int
+    patch: tuple[int, int, int] = (1, 2, 2)
+
+    @property
+    def tokens(self) -> int:
+        return latent_tokens(self.width, self.height, self.frames, self.patch)
+
+    def describe(self) -> str:
+        return (
+            f"Wan2.1 {self.model}, {self.width}x{self.height}, {self.frames} frames: "
+            f"{self.tokens:,} tokens, {self.heads} heads of {self.head_dim}"
+        )
+
+
+def latent_tokens(width: int, height: int, frames: int, patch: tuple[int, int, int] = (1, 2, 2)) -> int:
+    """Tokens the DiT sees: the causal VAE keeps the first frame and packs 4 per latent frame."""
+    latent_f = 1 + (frames - 1) // VAE_STRIDE[0]
+    latent_h, latent_w = height // VAE_STRIDE[1], width // VAE_STRIDE[2]
+    return (latent_f // patch[0]) * (latent_h // patch[1]) * (latent_w // patch[2])
+
+
+DEFAULT_JOB = JobShape(
+    model="1.3B",
+    width=832,
+    height=480,
+    frames=81,
+    heads=WAN_T2V_1_3B.num_heads,
+    head_dim=WAN_T2V_1_3B.head_dim,
+)
+
+
+def add_hardware_options(parser: argparse.ArgumentParser) -> None:
+    """--emulate, --attention, --allow-lossy-attention, --dtype."""
+    group = parser.add_argument_group("hardware")
+    group.add_argument(
+        "--emulate",
+        metavar="CARD",
+        default=None,
+        help=f"act as this card ({', '.join(sorted(PROFILES))}); also ${EMULATE_ENV}",
+    )
+    group.add_argument(
+        "--attention",
+        metavar="BACKEND",
+        default=None,
+        help=f"use this attention backend ({', '.join(BACKEND_NAMES)}); also ${ATTENTION_ENV}",
+    )
+    group.add_argument(
+        "--allow-lossy-attention",
+        action="store_true",
+        help="let lossy kernels (sage) compete on speed with exact ones",
+    )
+    group.add_argument("--dtype", default=None, help="compute dtype (bf16, fp16, fp32); default: by card")
+
+
+@dataclass(frozen=True)
+class HardwareSetup:
+    """The probe, the precision policy and the configured attention dispatcher."""
+
+    probe: HardwareProbe
+    precision: PrecisionPolicy
+    dispatcher: Dispatcher
+
+
+def hardware_from_args(args: argparse.Namespace, *, apply_limits: bool = False) -> HardwareSetup:
+    """Probe (honouring --emulate), choose precision, configure wanfit.attention; cap memory if asked."""
+    hw = probe(emulate=getattr(args, "emulate", None))
+    precision = precision_policy(hw, compute=getattr(args, "dtype", None))
+    dispatcher = configure(
+        hw, forced=getattr(args, "attention", None), allow_lossy=getattr(args, "allow_lossy_attention", False)
+    )
+    if apply_limits:
+        apply_emulation_limits(hw)
+    return HardwareSetup(probe=hw, precision=precision, dispatcher=dispatcher)

@@ -1,0 +1,105 @@
+"""Precision policy: the dtype the math runs in (compute) and the dtype weights are kept in (storage).
+
+bf16 compute on sm_80+; fp16 on cards with fast fp16 but no native bf16 (sm_70/75: the DiT keeps its
+residual stream, norms, modulation, RoPE, time embedding and head in fp32 so fp16 stays safe); fp32
+on a CPU. Storage is separate: weights are upcast per block to the compute dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from wanfit.errors import ConfigError
+from wanfit.hardware.probe import HardwareProbe
+
+_DTYPES: dict[str, torch.dtype] = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "float": torch.float32,
+}
+if hasattr(torch, "float8_e4m3fn"):
+    _DTYPES.update(
+        {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "float8_e4m3fn": torch.float8_e4m3fn}
+    )
+if hasattr(torch, "float8_e5m2"):
+    _DTYPES.update({"fp8_e5m2": torch.float8_e5m2, "float8_e5m2": torch.float8_e5m2})
+
+COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    """ "bf16", "float16", torch.float32, ... -> torch.dtype; ConfigError for anything else."""
+    if isinstance(name, torch.dtype):
+        return name
+    key = name.strip().lower().removeprefix("torch.")
+    if key not in _DTYPES:
+        raise ConfigError(f"Unknown dtype {name!r}; use one of: {', '.join(sorted(_DTYPES))}.")
+    return _DTYPES[key]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> "bfloat16"."""
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True)
+class PrecisionPolicy:
+    """Compute and storage dtypes, with notes on any user choice the card does not favour."""
+
+    compute: torch.dtype
+    storage: torch.dtype
+    notes: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict:
+        return {
+            "compute": dtype_name(self.compute),
+            "storage": dtype_name(self.storage),
+            "notes": list(self.notes),
+        }
+
+
+def default_compute_dtype(hw: HardwareProbe) -> torch.dtype:
+    """bf16 where the card has it natively, fp16 where it has fast fp16, else fp32 (CPUs included)."""
+    if hw.device_type == "cpu":
+        return torch.float32
+    if hw.bf16_native:
+        return torch.bfloat16
+    if hw.fp16_native:
+        return torch.float16
+    return torch.float32
+
+
+def default_storage_dtype(hw: HardwareProbe, compute: torch.dtype) -> torch.dtype:
+    # Checkpoints ship in bf16: keeping them so on a CPU halves the RAM of fp32 at no loss.
+    return torch.bfloat16 if hw.device_type == "cpu" else compute
+
+
+def precision_policy(
+    hw: HardwareProbe, compute: str | torch.dtype | None = None, storage: str | torch.dtype | None = None
+) -> PrecisionPolicy:
+    """The policy for this machine; `compute`/`storage` override the defaults."""
+    notes = []
+    if compute is None:
+        compute_dtype = default_compute_dtype(hw)
+    else:
+        compute_dtype = parse_dtype(compute)
+        if compute_dtype not in COMPUTE_DTYPES:
+            raise ConfigError(
+                f"Compute dtype {dtype_name(compute_dtype)} is not supported; use bf16, fp16 or fp32."
+            )
+        if compute_dtype == torch.bfloat16 and not hw.bf16_native and hw.device_type != "cpu":
+            notes.append(
+                f"{hw.device_name} has no native bf16: matmuls run emulated (slow) and attention kernels "
+                "may cast to fp16."
+            )
+        if compute_dtype != torch.float32 and hw.device_type == "cpu":
+            notes.append(f"Compute in {dtype_name(compute_dtype)} on a CPU is slower than fp32 on most CPUs.")
+    storage_dtype = default_storage_dtype(hw, compute_dtype) if storage is None else parse_dtype(storage)
+    return PrecisionPolicy(compute=compute_dtype, storage=storage_dtype, notes=tuple(notes))
