@@ -140,14 +140,12 @@ def test_rope_is_computed_once_per_grid_and_device():
     first = model.rope((2, 3, 4), torch.device("cpu"))
     assert model.rope((2, 3, 4), "cpu") is first
     assert model.rope((2, 4, 3), "cpu") is not first
-    cos, sin = first
-    assert cos.shape == (24, 1, 12) and cos.dtype == torch.float32
-    assert torch.allclose(cos**2 + sin**2, torch.ones_like(cos))
+    assert first.shape == (24, 1, 12) and first.dtype == torch.complex64
+    assert torch.allclose(first.abs(), torch.ones(24, 1, 12))
 
 
 def test_rope_splits_head_dim_into_time_height_width():
-    cos, sin = rope_frequencies((3, 2, 2), head_dim=128)
-    angles = torch.atan2(sin, cos).view(3, 2, 2, 64)
+    angles = rope_frequencies((3, 2, 2), head_dim=128).angle().view(3, 2, 2, 64)
     # Pairs 0..21 (44 dims) follow the frame index, 22..42 the row, 43..63 the column.
     assert torch.allclose(
         angles[1, 0, 0, :22], torch.ones(22) / 10000 ** (torch.arange(0, 44, 2) / 44), atol=1e-6
@@ -189,7 +187,7 @@ def test_real_config_converted_to_diffusers_names_equals_the_diffusers_manifest(
 
 def test_real_14b_forward_runs_on_the_meta_device():
     with torch.device("meta"):
-        model = WanDiT(WAN_T2V_14B)
+        model = WanDiT(WAN_T2V_14B.with_overrides(num_layers=2))  # real widths; depth does not matter here
         x = torch.randn(1, 16, 2, 4, 6)
         out = model(x, torch.tensor([999.0]), torch.randn(1, 512, 4096))
     assert out.shape == (1, 16, 2, 4, 6) and out.device.type == "meta"

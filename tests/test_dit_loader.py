@@ -101,12 +101,14 @@ def test_official_shards_index_and_model_folder(small, tmp_path):
 def test_comfyui_prefixed_half_precision(small, tmp_path, dtype):
     reference, inputs, _ = small
     state = to_comfy(official_state_dict(reference), dtype)
+    state["first_stage_model.decoder.middle.0.residual.0.gamma"] = torch.randn(4)  # all-in-one files
     file = save_official(state, tmp_path / "wan2.1_t2v_tiny.safetensors")
     model = load_dit(file, config={"num_heads": 2})
     assert next(model.parameters()).dtype == dtype  # the file's dtype by default
     # Against diffusers holding exactly the same rounded weights, computed in fp32.
     rounded = make_tiny_diffusers_dit("small", seed=11)
-    load_official_into_diffusers(rounded, {k.removeprefix(COMFY_PREFIX): v for k, v in state.items()})
+    dit_state = {k.removeprefix(COMFY_PREFIX): v for k, v in state.items() if k.startswith(COMFY_PREFIX)}
+    load_official_into_diffusers(rounded, dit_state)
     expected = diffusers_forward(rounded, *inputs)
     assert_matches(
         load_dit(file, config={"num_heads": 2}, dtype="fp32"), expected, inputs, f"ComfyUI prefixed {dtype}"

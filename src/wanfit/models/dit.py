@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from wanfit.attention import attention
 from wanfit.models.configs import DiTConfig
 
-Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each [L, 1, head_dim // 2], fp32
+Rope = torch.Tensor  # complex64 [L, 1, head_dim // 2]: one unit rotation per token and channel pair
 
 
 def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -50,22 +50,19 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return x * self.weight.float()
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps)
 
 
 def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
-    """Rotate adjacent channel pairs of x [B, L, H, D] by the grid's angles; fp32 result."""
-    cos, sin = rope
-    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+    """Rotate adjacent channel pairs of x [B, L, H, D] by the grid's angles, in fp32 (complex64)."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * rope).flatten(-2)
 
 
 def rope_frequencies(grid: tuple[int, int, int], head_dim: int, theta: float = 10000.0) -> Rope:
-    """cos/sin [F*H*W, 1, head_dim/2] for a latent grid: head dim split into time, height, width parts.
+    """Rotations [F*H*W, 1, head_dim/2] for a latent grid: head dim split into time, height, width parts.
 
-    Angles are computed in float64 on the CPU (as the official model does) and stored in fp32.
+    Angles are computed in float64 on the CPU (as the official model does), stored as complex64.
     """
     hw_dim = 2 * (head_dim // 6)
     axis_dims = (head_dim - 2 * hw_dim, hw_dim, hw_dim)
@@ -77,7 +74,7 @@ def rope_frequencies(grid: tuple[int, int, int], head_dim: int, theta: float = 1
         shape[axis] = n
         angles.append(a.view(shape).expand(*grid, d // 2))
     angles = torch.cat(angles, dim=-1).reshape(math.prod(grid), 1, head_dim // 2)
-    return angles.cos().float(), angles.sin().float()
+    return torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
 
 
 class SelfAttention(nn.Module):
@@ -133,7 +130,7 @@ class WanBlock(nn.Module):
       x        [B, L, dim] fp32, the residual stream (L = F*H*W patches);
       e        [B, 6, dim] fp32, the time projection (WanDiT.time_projection output);
       context  [B, Lc, dim], the embedded text (WanDiT.text_embedding output);
-      rope     (cos, sin) from WanDiT.rope(grid, device).
+      rope     the grid's rotations, from WanDiT.rope(grid, device).
     Returns the new residual stream [B, L, dim] fp32. Blocks hold no state between calls.
     """
 
@@ -207,8 +204,7 @@ class WanDiT(nn.Module):
         if key not in self._rope_cache:
             if len(self._rope_cache) >= 8:
                 self._rope_cache.clear()
-            cos, sin = rope_frequencies(key[0], self.config.head_dim)
-            self._rope_cache[key] = (cos.to(device), sin.to(device))
+            self._rope_cache[key] = rope_frequencies(key[0], self.config.head_dim).to(device)
         return self._rope_cache[key]
 
     def embed_time(self, timestep: torch.Tensor, batch: int) -> torch.Tensor:

@@ -189,7 +189,9 @@ def map_dit_keys(tensors: LazyStateDict, path: Path, file_config: dict | None = 
                 continue
         if key == dit_keys.FP8_MARKER_KEY or (inner or "").endswith(dit_keys.FP8_INPUT_SCALE):
             continue  # fp8 bookkeeping; weights are upcast on load, inputs never quantised
-        name = to_official(inner) if inner is not None else None
+        if inner is None:
+            continue  # outside the DiT prefix: another part of an all-in-one file (VAE, text encoder)
+        name = to_official(inner)
         if name is None or (layout == "official" and not _looks_like_dit_key(name)):
             unexpected.append(key)
         else:
