@@ -60,8 +60,11 @@ def test_forward_matches_diffusers_fp32(pair):
     assert err <= 1e-4
 
 
-def test_short_context_is_zero_padded_to_text_len(pair):
-    name, reference, model = pair
+def test_short_context_is_zero_padded_to_text_len():
+    torch.manual_seed(0)
+    name = "small"
+    reference = make_tiny_diffusers_dit(name, seed=3)
+    model = wanfit_from(reference, name)
     x, t, context = tiny_inputs(name, batch=2, context_len=512)
     context[:, 7:] = 0
     with torch.no_grad():
