@@ -152,9 +152,18 @@ def find_weight_files(
         single = folder / f"{stem}.safetensors"
         if single.is_file():
             return [single]
+        # Shards whose index went missing: stem-00001-of-00003.safetensors, ...
+        shards = sorted(p for p in folder.glob(f"{stem}-*-of-*.safetensors") if p.is_file())
+        if shards:
+            return shards
     found = sorted(p for p in folder.glob("*.safetensors") if p.is_file())
-    if found:
+    if len(found) == 1:
         return found
+    if found:
+        names = ", ".join(p.name for p in found[:5]) + (" ..." if len(found) > 5 else "")
+        raise CheckpointError(
+            f"{folder} holds several unrelated weight files ({names}); pass the path of the one to load."
+        )
     raise CheckpointError(f"No weight files (*.safetensors) found in {folder}.")
 
 

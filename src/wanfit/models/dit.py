@@ -1,0 +1,256 @@
+"""The Wan2.1 text-to-video diffusion transformer (DiT).
+
+Module and parameter names are the official Wan2.1 key names, so official checkpoints load without
+renaming. Precision rule (as the official model computes it): the residual stream, the norms, the
+modulation arithmetic and RoPE run in fp32 whatever the weights' dtype; every Linear/Conv runs in
+the dtype of its own weight (its input is cast to it), and so does attention. A runtime may keep
+some modules (e.g. the time embedding) in fp32 storage and the math follows.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from wanfit.attention import attention
+from wanfit.models.configs import DiTConfig
+
+Rope = torch.Tensor  # complex64 [L, 1, head_dim // 2]: one unit rotation per token and channel pair
+
+
+def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Run a Linear (or Sequential starting with one) in its weights' dtype; returns that dtype."""
+    weight = next(layer.parameters())
+    return layer(x.to(weight.dtype))
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [B, L, C] fp32 normalised; shift/scale [B, C] fp32."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32 (weights upcast); returns fp32."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last dim, computed in fp32; returns fp32."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps)
+
+
+def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
+    """Rotate adjacent channel pairs of x [B, L, H, D] by the grid's angles, in fp32 (complex64)."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * rope).flatten(-2)
+
+
+def rope_frequencies(grid: tuple[int, int, int], head_dim: int, theta: float = 10000.0) -> Rope:
+    """Rotations [F*H*W, 1, head_dim/2] for a latent grid: head dim split into time, height, width parts.
+
+    Angles are computed in float64 on the CPU (as the official model does), stored as complex64.
+    """
+    hw_dim = 2 * (head_dim // 6)
+    axis_dims = (head_dim - 2 * hw_dim, hw_dim, hw_dim)
+    angles = []
+    for axis, (n, d) in enumerate(zip(grid, axis_dims)):
+        inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+        a = torch.outer(torch.arange(n, dtype=torch.float64), inv_freq)  # [n, d/2]
+        shape = [1, 1, 1, d // 2]
+        shape[axis] = n
+        angles.append(a.view(shape).expand(*grid, d // 2))
+    angles = torch.cat(angles, dim=-1).reshape(math.prod(grid), 1, head_dim // 2)
+    return torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        # RMSNorm over the whole dim (all heads together), before the split into heads.
+        self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+
+    def forward(self, x: torch.Tensor, rope: Rope) -> torch.Tensor:
+        """x [B, L, C] (any dtype) -> [B, L, C] fp32."""
+        dtype = self.q.weight.dtype
+        x = x.to(dtype)
+        q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))
+        k = self.norm_k(self.k(x)).unflatten(-1, (self.num_heads, -1))
+        v = self.v(x).unflatten(-1, (self.num_heads, -1))
+        q, k = apply_rope(q, rope).to(dtype), apply_rope(k, rope).to(dtype)
+        out = attention(q, k, v.to(dtype)).flatten(2)
+        return self.o(out.to(dtype)).float()
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """x [B, L, C], context [B, Lc, C] embedded text -> [B, L, C] fp32."""
+        dtype = self.q.weight.dtype
+        x, context = x.to(dtype), context.to(dtype)
+        q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1)).to(dtype)
+        k = self.norm_k(self.k(context)).unflatten(-1, (self.num_heads, -1)).to(dtype)
+        v = self.v(context).unflatten(-1, (self.num_heads, -1))
+        out = attention(q, k, v).flatten(2)
+        return self.o(out.to(dtype)).float()
+
+
+class WanBlock(nn.Module):
+    """One transformer block: modulated self-attention with RoPE, cross-attention, modulated FFN.
+
+    Call: ``block(x, e, context, rope) -> x``
+      x        [B, L, dim] fp32, the residual stream (L = F*H*W patches);
+      e        [B, 6, dim] fp32, the time projection (WanDiT.time_projection output);
+      context  [B, Lc, dim], the embedded text (WanDiT.text_embedding output);
+      rope     the grid's rotations, from WanDiT.rope(grid, device).
+    Returns the new residual stream [B, L, dim] fp32. Blocks hold no state between calls.
+    """
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        dim, eps = config.dim, config.eps
+        self.norm1 = LayerNorm(dim, eps, elementwise_affine=False)
+        self.self_attn = SelfAttention(dim, config.num_heads, config.qk_norm, eps)
+        self.norm3 = LayerNorm(dim, eps, elementwise_affine=True) if config.cross_attn_norm else nn.Identity()
+        self.cross_attn = CrossAttention(dim, config.num_heads, config.qk_norm, eps)
+        self.norm2 = LayerNorm(dim, eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(
+            nn.Linear(dim, config.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(config.ffn_dim, dim)
+        )
+        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor, context: torch.Tensor, rope: Rope) -> torch.Tensor:
+        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float() + e).unbind(1)
+
+        h = modulate(self.norm1(x), shift_sa, scale_sa)
+        x = x + self.self_attn(h, rope) * gate_sa.unsqueeze(1)
+
+        x = x + self.cross_attn(self.norm3(x), context)
+
+        h = modulate(self.norm2(x), shift_ff, scale_ff)
+        x = x + linear(self.ffn, h).float() * gate_ff.unsqueeze(1)
+        return x
+
+
+class Head(nn.Module):
+    """Final modulated LayerNorm and projection to patch pixels."""
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        dim = config.dim
+        self.norm = LayerNorm(dim, config.eps, elementwise_affine=False)
+        self.head = nn.Linear(dim, config.out_dim * math.prod(config.patch_size))
+        self.modulation = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+
+    def forward(self, x: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
+        """x [B, L, dim] fp32, t_emb [B, dim] fp32 (time embedding) -> [B, L, out*prod(patch)] fp32."""
+        shift, scale = (self.modulation.float() + t_emb.unsqueeze(1)).unbind(1)
+        return linear(self.head, modulate(self.norm(x), shift, scale)).float()
+
+
+class WanDiT(nn.Module):
+    """Wan2.1 T2V DiT: ``dit(x, timestep, context)``.
+
+    x [B, in_dim, F, H, W] latents, timestep [B] float in [0, 1000], context [B, L, text_dim]
+    (shorter contexts are zero-padded to config.text_len, as the official model does)
+    -> [B, out_dim, F, H, W] fp32.
+    """
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        self.config = config
+        dim = config.dim
+        self.patch_embedding = nn.Conv3d(config.in_dim, dim, config.patch_size, stride=config.patch_size)
+        self.text_embedding = nn.Sequential(
+            nn.Linear(config.text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim)
+        )
+        self.time_embedding = nn.Sequential(nn.Linear(config.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.blocks = nn.ModuleList(WanBlock(config) for _ in range(config.num_layers))
+        self.head = Head(config)
+        self._rope_cache: dict[tuple, Rope] = {}
+
+    def rope(self, grid: tuple[int, int, int], device: torch.device) -> Rope:
+        """RoPE cos/sin for a patch grid (F, H, W), computed once per grid and device."""
+        key = (tuple(grid), torch.device(device))
+        if key not in self._rope_cache:
+            if len(self._rope_cache) >= 8:
+                self._rope_cache.clear()
+            self._rope_cache[key] = rope_frequencies(key[0], self.config.head_dim).to(device)
+        return self._rope_cache[key]
+
+    def embed_time(self, timestep: torch.Tensor, batch: int) -> torch.Tensor:
+        """Sinusoidal embedding of float timesteps [B] (cos half first) -> time_embedding, [B, dim] fp32."""
+        t = torch.as_tensor(timestep, device=self.patch_embedding.weight.device).float().reshape(-1)
+        t = t.expand(batch) if t.numel() == 1 else t
+        half = self.config.freq_dim // 2
+        freqs = torch.pow(10000.0, -torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        angles = t[:, None] * freqs[None, :]
+        sinusoid = torch.cat([angles.cos(), angles.sin()], dim=1)
+        return linear(self.time_embedding, sinusoid).float()
+
+    def embed_text(self, context: torch.Tensor) -> torch.Tensor:
+        """[B, L, text_dim] -> [B, max(L, text_len), dim] in the text embedding's dtype."""
+        missing = self.config.text_len - context.shape[1]
+        if missing > 0:
+            context = F.pad(context, (0, 0, 0, missing))
+        return linear(self.text_embedding, context)
+
+    def patch_grid(self, x: torch.Tensor) -> tuple[int, int, int]:
+        _, _, f, h, w = x.shape
+        pt, ph, pw = self.config.patch_size
+        if f % pt or h % ph or w % pw:
+            raise ValueError(f"Latent size {f}x{h}x{w} is not a multiple of the patch size {pt}x{ph}x{pw}.")
+        return f // pt, h // ph, w // pw
+
+    def unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """[B, F*H*W, pt*ph*pw*C] -> [B, C, F*pt, H*ph, W*pw]."""
+        f, h, w = grid
+        pt, ph, pw = self.config.patch_size
+        x = x.view(x.shape[0], f, h, w, pt, ph, pw, self.config.out_dim)
+        x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return x.reshape(x.shape[0], self.config.out_dim, f * pt, h * ph, w * pw)
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        grid = self.patch_grid(x)
+        tokens = (
+            linear(self.patch_embedding, x).flatten(2).transpose(1, 2).float().contiguous()
+        )  # [B, L, dim]
+
+        t_emb = self.embed_time(timestep, x.shape[0])
+        e = linear(self.time_projection, t_emb).float().unflatten(1, (6, self.config.dim))
+        context = self.embed_text(context)
+        rope = self.rope(grid, tokens.device)
+
+        for block in self.blocks:
+            tokens = block(tokens, e, context, rope)
+
+        return self.unpatchify(self.head(tokens, t_emb), grid)

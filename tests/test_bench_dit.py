@@ -1,0 +1,23 @@
+"""The DiT benchmark's CPU-side logic (--dry-run: tiny model on the CPU)."""
+
+import json
+
+import pytest
+
+from benchmarks.bench_dit import latent_shape, main
+
+
+def test_dry_run_writes_json_and_models_agree(tmp_path, capsys):
+    out = tmp_path / "bench_dit.json"
+    result = main(["--dry-run", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["latent"] == result["latent"] == [1, 16, 3, 4, 6]
+    assert saved["wanfit"]["median_ms"] > 0 and saved["diffusers"]["median_ms"] > 0
+    assert saved["rel_l2_wanfit_vs_diffusers"] < 1e-4  # same random weights, fp32 on the CPU
+    assert "diffusers/wanfit time ratio" in capsys.readouterr().out
+
+
+def test_latent_shape_of_the_reference_video():
+    assert latent_shape("832x480", 81) == (21, 60, 104)
+    with pytest.raises(SystemExit):
+        latent_shape("830x480", 81)
