@@ -99,6 +99,8 @@ def attention(
     scale defaults to D**-0.5; attn_mask is SDPA's (bool True = attend, or additive), broadcastable
     to [B, H, Lq, Lk].
     """
+    if q.device.type == "meta":  # shape propagation only (models built on the meta device)
+        return q.new_empty(*q.shape[:-1], v.shape[-1])
     return get_dispatcher()(q, k, v, scale=scale, attn_mask=attn_mask)
 
 
