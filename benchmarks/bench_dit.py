@@ -46,6 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile", action="store_true", help="also time wanfit with compiled blocks")
     p.add_argument("--skip-diffusers", action="store_true", help="time wanfit only")
     p.add_argument(
         "--dry-run", action="store_true", help="CPU, tiny model and latent: checks the script only"
@@ -196,6 +197,24 @@ def run(args: argparse.Namespace) -> dict:
         )
     except Exception as err:
         result["wanfit"] = {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc(limit=3)}
+    if args.compile and "wanfit" in outputs:
+        from wanfit.runtime.compile import compile_blocks
+
+        try:
+            compile_blocks(model)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                model(x32, timestep, context)
+            torch.cuda.synchronize(device)
+            result["compile_first_call_s"] = time.perf_counter() - t0
+            result["wanfit_compiled"], outputs["wanfit_compiled"] = time_forward(
+                lambda: model(x32, timestep, context), device, args.warmup, args.runs
+            )
+        except Exception as err:
+            result["wanfit_compiled"] = {
+                "error": f"{type(err).__name__}: {err}",
+                "trace": traceback.format_exc(limit=3),
+            }
     if reference is not None:
         try:
             result["diffusers"], outputs["diffusers"] = time_forward(
@@ -231,7 +250,9 @@ def table(result: dict) -> str:
         f"{result['tokens']} tokens, {result['config']['num_layers']} layers",
         f"{'model':<10} {'median ms':>10} {'min ms':>10} {'peak GiB':>9}",
     ]
-    for name in ("wanfit", "diffusers"):
+    for name in ("wanfit", "wanfit_compiled", "diffusers"):
+        if name == "wanfit_compiled" and name not in result:
+            continue
         r = result.get(name)
         if r is None:
             lines.append(f"{name:<10} {'skipped: ' + result.get('diffusers_error', 'not run'):>10}")
@@ -244,6 +265,12 @@ def table(result: dict) -> str:
         lines.append(
             f"diffusers/wanfit time ratio {result['speedup_diffusers_over_wanfit']:.3f}; "
             f"rel L2 wanfit vs diffusers {result['rel_l2_wanfit_vs_diffusers']:.2e}"
+        )
+    if "wanfit_compiled" in result and "median_ms" in result["wanfit_compiled"] and "diffusers" in result:
+        lines.append(
+            f"diffusers/wanfit_compiled time ratio "
+            f"{result['diffusers']['median_ms'] / result['wanfit_compiled']['median_ms']:.3f}; "
+            f"first compiled call {result['compile_first_call_s']:.1f} s"
         )
     return "\n".join(lines)
 

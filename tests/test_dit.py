@@ -194,3 +194,12 @@ def test_real_14b_forward_runs_on_the_meta_device():
         x = torch.randn(1, 16, 2, 4, 6)
         out = model(x, torch.tensor([999.0]), torch.randn(1, 512, 4096))
     assert out.shape == (1, 16, 2, 4, 6) and out.device.type == "meta"
+
+
+def test_rope_in_real_arithmetic_under_torch_compile_equals_the_complex_form():
+    from wanfit.models.dit import apply_rope
+
+    rope = rope_frequencies((2, 3, 4), head_dim=24)
+    x = torch.randn(1, 24, 2, 24)
+    traced = torch.compile(apply_rope, backend="eager", fullgraph=True)  # dynamo traces: is_compiling() is True
+    torch.testing.assert_close(traced(x, rope), apply_rope(x, rope), atol=1e-6, rtol=1e-6)

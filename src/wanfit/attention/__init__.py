@@ -101,6 +101,12 @@ def attention(
     """
     if q.device.type == "meta":  # shape propagation only (models built on the meta device)
         return q.new_empty(*q.shape[:-1], v.shape[-1])
+    return _dispatch(q, k, v, scale, attn_mask)
+
+
+@torch.compiler.disable
+def _dispatch(q, k, v, scale, attn_mask):
+    # Opaque to torch.compile: the dispatcher's caches, smoke tests and fallbacks are Python state.
     return get_dispatcher()(q, k, v, scale=scale, attn_mask=attn_mask)
 
 

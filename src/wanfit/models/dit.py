@@ -54,9 +54,15 @@ class RMSNorm(nn.Module):
 
 
 def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
-    """Rotate adjacent channel pairs of x [B, L, H, D] by the grid's angles, in fp32 (complex64)."""
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-    return torch.view_as_real(pairs * rope).flatten(-2)
+    """Rotate adjacent channel pairs of x [B, L, H, D] by the grid's angles, in fp32."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    if torch.compiler.is_compiling():
+        # Inductor cannot generate code for complex numbers; in real arithmetic it fuses the rotation.
+        cos, sin = rope.real, rope.imag
+        even, odd = pairs[..., 0], pairs[..., 1]
+        return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
+    # Eager: one complex multiply is a single kernel.
+    return torch.view_as_real(torch.view_as_complex(pairs) * rope).flatten(-2)
 
 
 def rope_frequencies(grid: tuple[int, int, int], head_dim: int, theta: float = 10000.0) -> Rope:
