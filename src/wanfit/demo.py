@@ -1,0 +1,74 @@
+"""The built-in tiny model: `wanfit generate` without --model runs it, with no download.
+
+Its weights are random (seeded), so it draws noise; it exists to show the whole path (prompt ->
+text encoder -> DiT sampling -> VAE decode -> mp4) working on any machine in seconds.
+"""
+
+from __future__ import annotations
+
+import string
+
+import torch
+
+from wanfit.models.configs import WAN_TINY
+from wanfit.plan.plan import Plan
+
+TINY_TEXT_LAYERS = 2
+
+
+def tiny_tokenizer():
+    """A character-level T5-style tokenizer (pad 0, eos 1, unk 2), built in memory."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    chars = list(string.ascii_lowercase + string.digits + ".,!?'-")
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    vocab += [("▁" + c, -3.0) for c in chars] + [(c, -4.0) for c in chars]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def tiny_pipeline(device: str | None = None, seed: int = 0, plan: Plan | None = None):
+    """A WanPipeline of tiny random models (DiT, VAE, umT5), the same on every machine for a seed."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from wanfit.models.dit import WanDiT
+    from wanfit.models.text_encoder import WanTextEncoder
+    from wanfit.models.vae import WAN_VAE_TINY, WanVAE
+    from wanfit.pipeline import SamplingDefaults, WanPipeline
+    from wanfit.plan.plan import default_plan
+
+    plan = plan or default_plan(device)
+    tokenizer = tiny_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        dit = WanDiT(WAN_TINY)
+        vae = WanVAE(WAN_VAE_TINY)
+        text_config = UMT5Config(
+            vocab_size=len(tokenizer),
+            d_model=WAN_TINY.text_dim,
+            d_kv=8,
+            d_ff=64,
+            num_layers=TINY_TEXT_LAYERS,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=16,
+        )
+        text_model = UMT5EncoderModel(text_config)
+    dtype = plan.torch_compute_dtype
+    dit = dit.to(device=plan.device, dtype=dtype).eval().requires_grad_(False)
+    vae = vae.to(device=plan.device, dtype=dtype).eval().requires_grad_(False)
+    text_model = text_model.to(device=plan.text_encoder_device).eval()
+    text_encoder = WanTextEncoder(text_model, tokenizer, cache=None)
+    # The tiny text encoder is cheap: keep it, so one pipeline can run several prompts.
+    plan = Plan.from_dict({**plan.to_dict(), "free_text_encoder": False})
+    defaults = SamplingDefaults(num_inference_steps=10)
+    return WanPipeline(
+        dit, vae, text_encoder, plan=plan, defaults=defaults, name="built-in tiny random model"
+    )
