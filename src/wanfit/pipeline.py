@@ -142,7 +142,8 @@ class WanPipeline:
         self, prompt: str, negative_prompt: str, *, with_negative: bool
     ) -> tuple[torch.Tensor, ...]:
         prompts = [prompt, negative_prompt] if with_negative else [prompt]
-        embeds = self.text_encoder.encode(prompts)
+        text_len = getattr(getattr(self.dit, "config", None), "text_len", 512)
+        embeds = self.text_encoder.encode(prompts, max_length=text_len)
         device, dtype = torch.device(self.plan.device), self.plan.torch_compute_dtype
         embeds = embeds.to(device=device, dtype=dtype)
         if self.plan.free_text_encoder and hasattr(self.text_encoder, "release"):
