@@ -39,9 +39,6 @@ WAN21_LATENTS_STD = (
     3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
 )  # fmt: skip
 
-# A causal convolution of kernel 3 in time needs the two frames before the current one.
-CACHE_FRAMES = 2
-
 # Per-call state of the causal layers of one stream (one video, or one tile of it): module -> frames.
 TimeCache = dict
 
@@ -607,3 +604,95 @@ def _memory_format(ndim: int, channels_last: bool) -> torch.memory_format:
     if not channels_last:
         return torch.contiguous_format
     return torch.channels_last_3d if ndim == 5 else torch.channels_last
+
+
+# ----------------------------------------------------------------------------- cost model
+
+
+@dataclass(frozen=True)
+class DecodeEstimate:
+    """What a decode costs, from shapes alone (weights not included): for the planner."""
+
+    peak_bytes: int  # output + stems + the largest tile's caches and working set
+    cache_bytes: int  # time caches of the largest tile
+    output_bytes: int
+    stem_bytes: int  # the stored stem output (tiled decodes only)
+    flops: float  # convolutions only, margins included
+    tiles: int
+
+
+def estimate_decode(
+    config: VAEConfig,
+    latent_shape: tuple[int, ...],
+    tile: int | tuple[int, int] | None = None,
+    element_size: int = 2,
+) -> DecodeEstimate:
+    """Estimate memory and work of `WanVAE.decode` for a latent [B, z_dim, T, h, w] and a tile size.
+
+    Counts what the decoder holds: the last two input frames of every causal conv of the running
+    tile, the frames waiting at each level, the working set of the largest block, the output.
+    """
+    b, _, latent_frames, h, w = latent_shape
+    with torch.device("meta"):
+        vae = WanVAE(config)
+    dec = vae.decoder
+    tiles = vae.plan_tiles((h, w), tile)
+    levels = len(dec.level_blocks)
+    frames = [latent_frames]
+    for level in range(levels - 1):
+        up = dec.upsamples[dec.level_resample[level]]
+        frames.append(1 + 2 * (frames[-1] - 1) if up.mode == "upsample3d" else frames[-1])
+    stem_width = config.base_dim * config.dim_mult[-1]
+
+    def convs(module: nn.Module) -> list[nn.Module]:
+        return [m for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))]
+
+    def cached(module: nn.Module) -> int:  # elements per pixel
+        return sum(m.in_channels * getattr(m, "past_frames", 0) for m in convs(module))
+
+    def work(module: nn.Module) -> int:  # multiply-adds per output pixel and frame
+        return sum(m.out_channels * m.in_channels * math.prod(m.kernel_size) for m in convs(module))
+
+    def tile_cost(t: _Tile) -> tuple[int, int, float]:
+        areas = [(r[1] - r[0]) * (r[3] - r[2]) for r in map(t.region, range(levels))]
+        cache = cached(dec.middle[2]) * areas[0] + cached(dec.head) * areas[-1]
+        macs = work(dec.middle[2]) * areas[0] * frames[0] + work(dec.head) * areas[-1] * frames[-1]
+        working, waiting = 0, 0
+        for level in range(levels):
+            blocks = [dec.upsamples[i] for i in dec.level_blocks[level]]
+            cache += sum(cached(blk) for blk in blocks) * areas[level]
+            macs += sum(work(blk) for blk in blocks) * areas[level] * frames[level]
+            # a block holds its input, the normed input, three stacked frames and its output
+            block_set = max(5 * blk.residual[2].in_channels + blk.residual[2].out_channels for blk in blocks)
+            working = max(working, waiting + block_set * areas[level])
+            if dec.level_resample[level] is not None:
+                up = dec.upsamples[dec.level_resample[level]]
+                width, new = up.resample[1].in_channels, 2 if up.mode == "upsample3d" else 1
+                cache += cached(up) * areas[level]
+                macs += work(up.resample) * 4 * areas[level] * frames[level + 1]
+                if up.mode == "upsample3d":
+                    macs += work(up.time_conv) * areas[level] * (frames[level] - 1)
+                # its input and doubled frames, then the upsampled frames and their conv output
+                working = max(working, waiting + (3 * width + new * width * 6) * areas[level])
+                waiting += new * width // 2 * 4 * areas[level]
+        return cache, working, 2.0 * macs
+
+    costs = [tile_cost(t) for t in tiles]
+    largest = max(costs, key=lambda c: c[0] + c[1])
+    output = 3 * config.video_frames(latent_frames) * h * w * config.spatial_stride**2
+    if len(tiles) > 1:
+        stems = stem_width * latent_frames * h * w
+        stem_pass = stems + cached(dec.conv1) * h * w + cached(dec.middle[0]) * h * w
+    else:
+        stems = 0
+        stem_pass = 0
+        largest = (largest[0] + (cached(dec.conv1) + cached(dec.middle[0])) * h * w, *largest[1:])
+    per_item = output + max(stems + largest[0] + largest[1], stem_pass)
+    return DecodeEstimate(
+        peak_bytes=b * per_item * element_size,
+        cache_bytes=b * largest[0] * element_size,
+        output_bytes=b * output * element_size,
+        stem_bytes=b * stems * element_size,
+        flops=b * sum(c[2] for c in costs),
+        tiles=len(tiles),
+    )
