@@ -202,9 +202,9 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: TimeCache) -> torch.Tensor:
         norm1, _, conv1, norm2, _, _, conv2 = self.residual
-        h = conv1(norm_silu(norm1, x), cache)
-        h = conv2(norm_silu(norm2, h), cache)
-        return h.add_(self.shortcut(x))
+        # conv1's output is a temporary, freed before conv2 runs; each conv's input stays cached.
+        h = norm_silu(norm2, conv1(norm_silu(norm1, x), cache))
+        return conv2(h, cache).add_(self.shortcut(x))
 
 
 class AttentionBlock(nn.Module):
@@ -260,10 +260,11 @@ class Resample(nn.Module):
         if self.mode == "upsample3d":
             if self in cache:
                 b, c, t, h, w = x.shape
-                y = self.time_conv(x, cache).view(b, 2, c, t, h, w)
-                x = torch.stack((y[:, 0], y[:, 1]), dim=3).view(b, c, 2 * t, h, w)
-            else:
-                cache[self] = True  # the first frame is not doubled
+                # Each frame becomes two: the halves of the time conv's 2c channels, in that order.
+                y = self.time_conv(x, cache).view(b, 2, c, t, h, w).permute(0, 3, 1, 2, 4, 5)
+                y = self.resample(y.reshape(b * t * 2, c, h, w))  # a view when b * t == 1
+                return y.view(b, 2 * t, *y.shape[1:]).transpose(1, 2)
+            cache[self] = True  # the first frame is not doubled
         x = _per_frame(self.resample, x)
         if self.mode == "downsample3d":
             last = cache.get(self)
