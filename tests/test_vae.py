@@ -8,7 +8,7 @@ import torch
 
 from tests.helpers.tiny_vae import make_tiny_diffusers_vae, official_state_dict, rel_l2
 from wanfit.errors import ConfigError
-from wanfit.models.vae import WAN21_VAE, WAN_VAE_TINY, VAEConfig, WanVAE
+from wanfit.models.vae import WAN21_VAE, WAN_VAE_TINY, VAEConfig, WanVAE, estimate_decode
 from wanfit.weights.vae_keys import diffusers_to_official
 
 MANIFESTS = Path(__file__).parent / "data" / "manifests"
@@ -38,10 +38,11 @@ def pair():
 def test_decode_matches_diffusers(pair, latent_frames):
     ref, ours = pair
     torch.manual_seed(latent_frames)
-    z = torch.randn(1, 16, latent_frames, 3, 5)  # non-square: 24 x 40 pixels
+    batch = 2 if latent_frames == 2 else 1
+    z = torch.randn(batch, 16, latent_frames, 3, 5)  # non-square: 24 x 40 pixels
     expected = ref.decode(z).sample
     got = ours.decode(z)
-    assert got.shape == expected.shape == (1, 3, 1 + 4 * (latent_frames - 1), 24, 40)
+    assert got.shape == expected.shape == (batch, 3, 1 + 4 * (latent_frames - 1), 24, 40)
     assert expected.abs().lt(0.999).float().mean() > 0.9  # not saturated by the clamp: a real comparison
     assert rel_l2(got, expected) <= 1e-4
 
@@ -107,7 +108,7 @@ def test_tile_margin_covers_the_receptive_field_tightly(pair):
 
 def test_uneven_tiles_and_one_tile(pair):
     _, ours = pair
-    z = torch.randn(1, 16, 1, 7, 9)
+    z = torch.randn(2, 16, 2, 7, 9)  # a batch of two
     whole = ours.decode(z)
     assert rel_l2(ours.decode(z, tile=(4, 2)), whole) <= 1e-5
     assert torch.equal(ours.decode(z, tile=64), whole)  # a tile larger than the frame: untiled
@@ -183,3 +184,25 @@ def test_config_round_trips_and_strides():
     assert WAN21_VAE.latent_frames(81) == 21 and WAN21_VAE.video_frames(21) == 81
     with pytest.raises(ConfigError, match="Unknown VAE config keys"):
         VAEConfig.from_dict({"scaling_factor": 1.0})
+
+
+@pytest.mark.parametrize("tile", [None, (2, 3)])
+def test_decode_estimate_counts_the_time_caches_exactly(pair, tile):
+    _, ours = pair
+    shape = (1, 16, 3, 4, 7)
+    estimate = estimate_decode(ours.config, shape, tile, element_size=4)
+    tiles = ours.plan_tiles(shape[-2:], tile)
+    assert estimate.tiles == len(tiles) and estimate.output_bytes == 3 * 9 * 32 * 56 * 4
+    z = torch.randn(shape)
+    caches = []
+    with torch.no_grad():
+        stem_cache = {}
+        stems = [ours.decoder.stem(ours.conv2(z[:, :, t : t + 1]), stem_cache) for t in range(3)]
+        for t_ in tiles:
+            cache = stem_cache if len(tiles) == 1 else {}
+            top, bottom, left, right = t_.region(0)
+            for stem in stems:
+                ours.decoder.tail(stem[..., top:bottom, left:right], cache, t_, lambda frame: None)
+            caches.append(sum(f.numel() * 4 for v in cache.values() if isinstance(v, tuple) for f in v))
+    assert estimate.cache_bytes == max(caches)
+    assert estimate.flops > 0 and (tile is None or estimate.stem_bytes == 32 * 3 * 4 * 7 * 4)

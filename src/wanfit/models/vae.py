@@ -366,13 +366,13 @@ class Decoder3d(nn.Module):
         return self.middle[1](x)
 
     def tail(
-        self, x: torch.Tensor, cache: TimeCache, tile: _Tile, emit: Callable[[torch.Tensor], None]
+        self, x: torch.Tensor, cache: TimeCache, tile: Tile, emit: Callable[[torch.Tensor], None]
     ) -> None:
         """Decode one stem frame of a tile; emit each finished output frame (cropped to the core)."""
         x = self.middle[2](x, cache)
         self._level(x, 0, cache, tile, emit)
 
-    def _level(self, x, level: int, cache: TimeCache, tile: _Tile, emit) -> None:
+    def _level(self, x, level: int, cache: TimeCache, tile: Tile, emit) -> None:
         for i in self.level_blocks[level]:
             x = self.upsamples[i](x, cache)
         resample = self.level_resample[level]
@@ -388,7 +388,7 @@ class Decoder3d(nn.Module):
 
 
 @dataclass(frozen=True)
-class _Span:
+class Span:
     """A tile's extent along one axis, in latent pixels: core [start, stop) of an axis of `size`."""
 
     start: int
@@ -400,9 +400,14 @@ class _Span:
 
 
 @dataclass(frozen=True)
-class _Tile:
-    rows: _Span
-    cols: _Span
+class Tile:
+    """One tile of a decode: its core in latent pixels and the context margin at every level.
+
+    Level L of the decoder works at 2**L times the latent resolution (every upsampling is 2x).
+    """
+
+    rows: Span
+    cols: Span
     margins: tuple[int, ...]  # per decoder level
 
     def region(self, level: int) -> tuple[int, int, int, int]:
@@ -421,6 +426,7 @@ class _Tile:
         return x[..., top:bottom, left:right]
 
     def core(self, x: torch.Tensor) -> torch.Tensor:
+        """Cut the last level's region down to the tile's core: the pixels this tile outputs."""
         level = len(self.margins) - 1
         scale = 2**level
         top, _, left, _ = self.region(level)
@@ -432,11 +438,11 @@ class _Tile:
         ]
 
 
-def _split(size: int, tile: int) -> list[_Span]:
+def _split(size: int, tile: int) -> list[Span]:
     """Cut an axis into ceil(size / tile) near-equal spans."""
     n = max(1, math.ceil(size / max(1, tile)))
     bounds = [round(i * size / n) for i in range(n + 1)]
-    return [_Span(a, b, size) for a, b in zip(bounds[:-1], bounds[1:])]
+    return [Span(a, b, size) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 # ----------------------------------------------------------------------------- the VAE
@@ -575,15 +581,16 @@ class WanVAE(nn.Module):
                 self.decoder.tail(stems[:, :, t : t + 1, top:bottom, left:right], cache, tile_, emit)
         return out
 
-    def plan_tiles(self, latent_hw: tuple[int, int], tile: int | tuple[int, int] | None) -> list[_Tile]:
+    def plan_tiles(self, latent_hw: tuple[int, int], tile: int | tuple[int, int] | None) -> list[Tile]:
+        """The tiles decode(z, tile) runs: cores of at most `tile` latent pixels, of near-equal size."""
         h, w = latent_hw
         if tile is None:
             tile = (h, w)
         th, tw = (tile, tile) if isinstance(tile, int) else tile
         margins = tuple(self.decoder.margins)
-        return [_Tile(rows, cols, margins) for rows in _split(h, th) for cols in _split(w, tw)]
+        return [Tile(rows, cols, margins) for rows in _split(h, th) for cols in _split(w, tw)]
 
-    def _writer(self, out: torch.Tensor, tile: _Tile) -> Callable[[torch.Tensor], None]:
+    def _writer(self, out: torch.Tensor, tile: Tile) -> Callable[[torch.Tensor], None]:
         """A function that writes a tile's output frames, one after another, into `out`."""
         s = self.config.spatial_stride
         rows = slice(tile.rows.start * s, tile.rows.stop * s)
@@ -654,7 +661,7 @@ def estimate_decode(
     def work(module: nn.Module) -> int:  # multiply-adds per output pixel and frame
         return sum(m.out_channels * m.in_channels * math.prod(m.kernel_size) for m in convs(module))
 
-    def tile_cost(t: _Tile) -> tuple[int, int, float]:
+    def tile_cost(t: Tile) -> tuple[int, int, float]:
         areas = [(r[1] - r[0]) * (r[3] - r[2]) for r in map(t.region, range(levels))]
         cache = cached(dec.middle[2]) * areas[0] + cached(dec.head) * areas[-1]
         macs = work(dec.middle[2]) * areas[0] * frames[0] + work(dec.head) * areas[-1] * frames[-1]
