@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers.tiny_vae import make_tiny_diffusers_vae, official_state_dict, rel_l2
+from tests.helpers.tiny_vae import make_tiny_wanfit_vae, official_state_dict, rel_l2
 from wanfit.errors import ConfigError
 from wanfit.models.vae import WAN21_VAE, WAN_VAE_TINY, VAEConfig, WanVAE, estimate_decode
 from wanfit.weights.vae_keys import diffusers_to_official
@@ -25,12 +25,10 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def pair():
-    ref = make_tiny_diffusers_vae(seed=0)
-    cfg = WAN_VAE_TINY.with_overrides(
+    ref, ours = make_tiny_wanfit_vae(seed=0)
+    assert ours.config == WAN_VAE_TINY.with_overrides(
         latents_mean=tuple(ref.config.latents_mean), latents_std=tuple(ref.config.latents_std)
     )
-    ours = WanVAE(cfg).eval()
-    ours.load_state_dict(official_state_dict(ref), strict=True)
     return ref, ours
 
 

@@ -36,6 +36,26 @@ def make_tiny_diffusers_vae(seed: int = 0, **overrides):
     return model
 
 
+def make_tiny_wanfit_vae(seed: int = 0, **overrides):
+    """(diffusers reference, wanfit WanVAE) with the same random weights and latent statistics."""
+    from wanfit.models.vae import VAEConfig, WanVAE
+
+    ref = make_tiny_diffusers_vae(seed, **overrides)
+    fields = (
+        "base_dim",
+        "z_dim",
+        "dim_mult",
+        "num_res_blocks",
+        "temperal_downsample",
+        "latents_mean",
+        "latents_std",
+    )
+    cfg = VAEConfig.from_dict({k: ref.config[k] for k in fields})
+    ours = WanVAE(cfg).eval()
+    ours.load_state_dict(official_state_dict(ref), strict=True)
+    return ref, ours.requires_grad_(False)
+
+
 def official_state_dict(model) -> dict[str, torch.Tensor]:
     """The model's weights under the names of the official Wan2.1_VAE.pth."""
     from diffusers.models.autoencoders.autoencoder_kl_wan import WanResidualBlock
