@@ -511,8 +511,10 @@ class WanVAE(nn.Module):
         if video.dim() != 5 or video.shape[1] != 3:
             raise ConfigError(f"VAE encode expects a video [B, 3, F, H, W]; got shape {tuple(video.shape)}.")
         b, _, frames, h, w = video.shape
-        if h % s or w % s:
-            raise ConfigError(f"Video height and width must be multiples of {s}; got {h}x{w}.")
+        if frames < 1 or h % s or w % s:
+            raise ConfigError(
+                f"Video height and width must be multiples of {s} (and frames >= 1); got {h}x{w}."
+            )
         latent_frames = cfg.latent_frames(frames)
         out = torch.empty(b, cfg.z_dim, latent_frames, h // s, w // s, dtype=self.dtype, device=self.device)
         cache: TimeCache = {}
@@ -543,7 +545,7 @@ class WanVAE(nn.Module):
         output_device: where the video is assembled (e.g. "cpu" to keep it off the card).
         """
         cfg = self.config
-        if z.dim() != 5 or z.shape[1] != cfg.z_dim:
+        if z.dim() != 5 or z.shape[1] != cfg.z_dim or 0 in z.shape:
             raise ConfigError(f"VAE decode expects a latent [B, {cfg.z_dim}, T, h, w]; got {tuple(z.shape)}.")
         b, _, latent_frames, h, w = z.shape
         s = cfg.spatial_stride
