@@ -19,6 +19,7 @@ Parameter names are those of the official Wan2.1_VAE.pth, so that file loads wit
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
@@ -445,6 +446,14 @@ def _split(size: int, tile: int) -> list[Span]:
     return [Span(a, b, size) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
+def _plan_tiles(
+    latent_hw: tuple[int, int], tile: int | tuple[int, int] | None, margins: tuple[int, ...]
+) -> list[Tile]:
+    h, w = latent_hw
+    th, tw = (h, w) if tile is None else (tile, tile) if isinstance(tile, int) else tile
+    return [Tile(rows, cols, margins) for rows in _split(h, th) for cols in _split(w, tw)]
+
+
 # ----------------------------------------------------------------------------- the VAE
 
 
@@ -585,12 +594,7 @@ class WanVAE(nn.Module):
 
     def plan_tiles(self, latent_hw: tuple[int, int], tile: int | tuple[int, int] | None) -> list[Tile]:
         """The tiles decode(z, tile) runs: cores of at most `tile` latent pixels, of near-equal size."""
-        h, w = latent_hw
-        if tile is None:
-            tile = (h, w)
-        th, tw = (tile, tile) if isinstance(tile, int) else tile
-        margins = tuple(self.decoder.margins)
-        return [Tile(rows, cols, margins) for rows in _split(h, th) for cols in _split(w, tw)]
+        return _plan_tiles(latent_hw, tile, tuple(self.decoder.margins))
 
     def _writer(self, out: torch.Tensor, tile: Tile) -> Callable[[torch.Tensor], None]:
         """A function that writes a tile's output frames, one after another, into `out`."""
@@ -631,6 +635,59 @@ class DecodeEstimate:
     tiles: int
 
 
+@dataclass(frozen=True)
+class _LevelProfile:
+    """Per-pixel costs of one decoder level (elements and multiply-adds per pixel of that level)."""
+
+    cached: int  # elements held by the time caches of its layers
+    macs: int  # per frame at this level
+    block_set: int  # working set of its largest residual block
+    up_width: int  # channels entering its upsampler (0: none)
+    up_frames: int  # frames the upsampler makes of one (2 in time, 1 in space only)
+    up_cached: int
+    up_macs: int  # spatial conv, per pixel of the finer level and frame
+    time_macs: int  # temporal conv, per pixel of this level and frame
+
+
+@functools.lru_cache(maxsize=8)
+def _decode_profile(config: VAEConfig) -> tuple[tuple[_LevelProfile, ...], int, int, int]:
+    """(levels, stem cache elements per latent pixel, stem width, head cache per pixel) of a config."""
+    with torch.device("meta"):
+        dec = Decoder3d(config)
+
+    def convs(module: nn.Module) -> list[nn.Module]:
+        return [m for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))]
+
+    def cached(module: nn.Module) -> int:
+        return sum(m.in_channels * getattr(m, "past_frames", 0) for m in convs(module))
+
+    def work(module: nn.Module) -> int:
+        return sum(m.out_channels * m.in_channels * math.prod(m.kernel_size) for m in convs(module))
+
+    levels = []
+    for level, block_ids in enumerate(dec.level_blocks):
+        blocks = [dec.upsamples[i] for i in block_ids]
+        if level == 0:
+            blocks.insert(0, dec.middle[2])  # the tail starts with the block after the attention
+        extra = [dec.head] if dec.level_resample[level] is None else []
+        up = dec.upsamples[dec.level_resample[level]] if dec.level_resample[level] is not None else None
+        levels.append(
+            _LevelProfile(
+                cached=sum(cached(m) for m in blocks + extra),
+                macs=sum(work(m) for m in blocks + extra),
+                # a block holds its input, the normed input, three stacked frames and its output
+                block_set=max(5 * b.residual[2].in_channels + b.residual[2].out_channels for b in blocks),
+                up_width=up.resample[1].in_channels if up else 0,
+                up_frames=2 if up and up.mode == "upsample3d" else 1,
+                up_cached=cached(up) if up else 0,
+                up_macs=work(up.resample) if up else 0,
+                time_macs=work(up.time_conv) if up and up.mode == "upsample3d" else 0,
+            )
+        )
+    stem_cached = cached(dec.conv1) + cached(dec.middle[0])
+    return tuple(levels), stem_cached, config.base_dim * config.dim_mult[-1], dec.margins
+
+
 def estimate_decode(
     config: VAEConfig,
     latent_shape: tuple[int, ...],
@@ -643,66 +700,67 @@ def estimate_decode(
     tile, the frames waiting at each level, the working set of the largest block, the output.
     """
     b, _, latent_frames, h, w = latent_shape
-    with torch.device("meta"):
-        vae = WanVAE(config)
-    dec = vae.decoder
-    tiles = vae.plan_tiles((h, w), tile)
-    levels = len(dec.level_blocks)
+    levels, stem_cached, stem_width, margins = _decode_profile(config)
+    tiles = _plan_tiles((h, w), tile, tuple(margins))
     frames = [latent_frames]
-    for level in range(levels - 1):
-        up = dec.upsamples[dec.level_resample[level]]
-        frames.append(1 + 2 * (frames[-1] - 1) if up.mode == "upsample3d" else frames[-1])
-    stem_width = config.base_dim * config.dim_mult[-1]
-
-    def convs(module: nn.Module) -> list[nn.Module]:
-        return [m for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))]
-
-    def cached(module: nn.Module) -> int:  # elements per pixel
-        return sum(m.in_channels * getattr(m, "past_frames", 0) for m in convs(module))
-
-    def work(module: nn.Module) -> int:  # multiply-adds per output pixel and frame
-        return sum(m.out_channels * m.in_channels * math.prod(m.kernel_size) for m in convs(module))
+    for level in levels[:-1]:
+        frames.append(1 + level.up_frames * (frames[-1] - 1))
 
     def tile_cost(t: Tile) -> tuple[int, int, float]:
-        areas = [(r[1] - r[0]) * (r[3] - r[2]) for r in map(t.region, range(levels))]
-        cache = cached(dec.middle[2]) * areas[0] + cached(dec.head) * areas[-1]
-        macs = work(dec.middle[2]) * areas[0] * frames[0] + work(dec.head) * areas[-1] * frames[-1]
-        working, waiting = 0, 0
-        for level in range(levels):
-            blocks = [dec.upsamples[i] for i in dec.level_blocks[level]]
-            cache += sum(cached(blk) for blk in blocks) * areas[level]
-            macs += sum(work(blk) for blk in blocks) * areas[level] * frames[level]
-            # a block holds its input, the normed input, three stacked frames and its output
-            block_set = max(5 * blk.residual[2].in_channels + blk.residual[2].out_channels for blk in blocks)
-            working = max(working, waiting + block_set * areas[level])
-            if dec.level_resample[level] is not None:
-                up = dec.upsamples[dec.level_resample[level]]
-                width, new = up.resample[1].in_channels, 2 if up.mode == "upsample3d" else 1
-                cache += cached(up) * areas[level]
-                macs += work(up.resample) * 4 * areas[level] * frames[level + 1]
-                if up.mode == "upsample3d":
-                    macs += work(up.time_conv) * areas[level] * (frames[level] - 1)
+        areas = [(r[1] - r[0]) * (r[3] - r[2]) for r in map(t.region, range(len(levels)))]
+        cache, macs, working, waiting = 0, 0, 0, 0
+        for i, (level, area) in enumerate(zip(levels, areas)):
+            cache += (level.cached + level.up_cached) * area
+            macs += level.macs * area * frames[i]
+            working = max(working, waiting + level.block_set * area)
+            if level.up_width:
+                macs += level.up_macs * 4 * area * frames[i + 1] + level.time_macs * area * (frames[i] - 1)
                 # its input and doubled frames, then the upsampled frames and their conv output
-                working = max(working, waiting + (3 * width + new * width * 6) * areas[level])
-                waiting += new * width // 2 * 4 * areas[level]
+                working = max(working, waiting + (3 + 6 * level.up_frames) * level.up_width * area)
+                waiting += level.up_frames * level.up_width // 2 * 4 * area
         return cache, working, 2.0 * macs
 
     costs = [tile_cost(t) for t in tiles]
-    largest = max(costs, key=lambda c: c[0] + c[1])
+    cache, working, _ = max(costs, key=lambda c: c[0] + c[1])
     output = 3 * config.video_frames(latent_frames) * h * w * config.spatial_stride**2
-    if len(tiles) > 1:
+    if len(tiles) > 1:  # the stem runs first, for all frames, and its output is kept
         stems = stem_width * latent_frames * h * w
-        stem_pass = stems + cached(dec.conv1) * h * w + cached(dec.middle[0]) * h * w
-    else:
+        per_item = output + max(stems + cache + working, stems + stem_cached * h * w)
+    else:  # one stream: the stem's caches live as long as the rest
         stems = 0
-        stem_pass = 0
-        largest = (largest[0] + (cached(dec.conv1) + cached(dec.middle[0])) * h * w, *largest[1:])
-    per_item = output + max(stems + largest[0] + largest[1], stem_pass)
+        cache += stem_cached * h * w
+        per_item = output + cache + working
     return DecodeEstimate(
         peak_bytes=b * per_item * element_size,
-        cache_bytes=b * largest[0] * element_size,
+        cache_bytes=b * cache * element_size,
         output_bytes=b * output * element_size,
         stem_bytes=b * stems * element_size,
         flops=b * sum(c[2] for c in costs),
         tiles=len(tiles),
     )
+
+
+def tile_for_budget(
+    config: VAEConfig,
+    latent_shape: tuple[int, ...],
+    budget_bytes: int,
+    element_size: int = 2,
+    max_splits: int = 8,
+) -> tuple[tuple[int, int] | None, DecodeEstimate]:
+    """The tiling with the least work whose estimated peak fits `budget_bytes` (weights excluded).
+
+    Returns (None, estimate) when whole frames fit, else ((rows, cols), estimate) for tile cores;
+    if nothing fits, the tiling of the smallest peak, whose estimate then exceeds the budget.
+    """
+    _, _, _, h, w = latent_shape
+    options = [None] + [
+        (math.ceil(h / r), math.ceil(w / c))
+        for r in range(1, min(h, max_splits) + 1)
+        for c in range(1, min(w, max_splits) + 1)
+        if r * c > 1
+    ]
+    estimates = [(tile, estimate_decode(config, latent_shape, tile, element_size)) for tile in options]
+    fitting = [(t, e) for t, e in estimates if e.peak_bytes <= budget_bytes]
+    if fitting:
+        return min(fitting, key=lambda te: (te[1].flops, te[1].peak_bytes))
+    return min(estimates, key=lambda te: te[1].peak_bytes)
