@@ -8,7 +8,15 @@ import torch
 
 from tests.helpers.tiny_vae import make_tiny_wanfit_vae, official_state_dict, rel_l2
 from wanfit.errors import ConfigError
-from wanfit.models.vae import WAN21_VAE, WAN_VAE_TINY, VAEConfig, WanVAE, estimate_decode, tile_for_budget
+from wanfit.models.vae import (
+    WAN21_VAE,
+    WAN_VAE_TINY,
+    AttentionBlock,
+    VAEConfig,
+    WanVAE,
+    estimate_decode,
+    tile_for_budget,
+)
 from wanfit.weights.vae_keys import diffusers_to_official
 
 MANIFESTS = Path(__file__).parent / "data" / "manifests"
@@ -217,3 +225,13 @@ def test_tile_for_budget_picks_the_least_work_that_fits():
     assert estimate.flops < estimate_decode(WAN21_VAE, shape, (15, 26)).flops
     tile, estimate = tile_for_budget(WAN21_VAE, shape, 1)  # nothing fits: the smallest peak
     assert estimate.peak_bytes > 1 and estimate.tiles > 16
+
+
+def test_attention_in_query_chunks_is_the_same():
+    torch.manual_seed(0)
+    block = AttentionBlock(16).eval()
+    x = torch.randn(1, 16, 2, 12, 10)
+    with torch.no_grad():
+        whole = block(x)
+        block.query_chunk = 7  # 120 queries per frame in 18 chunks
+        assert torch.allclose(block(x), whole, atol=1e-6)

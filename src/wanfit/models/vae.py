@@ -226,9 +226,8 @@ class AttentionBlock(nn.Module):
         n, c, h, w = frames.shape
         qkv = self.to_qkv(self.norm(frames)).flatten(2).transpose(1, 2).contiguous()  # [N, HW, 3C]
         q, k, v = (t.unsqueeze(1) for t in qkv.chunk(3, dim=-1))  # [N, 1, HW, C]
-        out = torch.cat(
-            [F.scaled_dot_product_attention(qc, k, v) for qc in q.split(self.query_chunk, dim=2)], dim=2
-        )
+        parts = [F.scaled_dot_product_attention(qc, k, v) for qc in q.split(self.query_chunk, dim=2)]
+        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
         return self.proj(out.squeeze(1).transpose(1, 2).reshape(n, c, h, w))
 
 
