@@ -223,6 +223,8 @@ def test_tile_for_budget_picks_the_least_work_that_fits():
     assert tile is not None and estimate.peak_bytes <= budget < whole.peak_bytes
     # more tiles would fit too, but cost more work
     assert estimate.flops < estimate_decode(WAN21_VAE, shape, (15, 26)).flops
+    off = estimate_decode(WAN21_VAE, shape, (60, 35), output_on_device=False)
+    assert off.peak_bytes == estimate_decode(WAN21_VAE, shape, (60, 35)).peak_bytes - off.output_bytes
     tile, estimate = tile_for_budget(WAN21_VAE, shape, 1)  # nothing fits: the smallest peak
     assert estimate.peak_bytes > 1 and estimate.tiles > 16
 

@@ -692,11 +692,13 @@ def estimate_decode(
     latent_shape: tuple[int, ...],
     tile: int | tuple[int, int] | None = None,
     element_size: int = 2,
+    output_on_device: bool = True,
 ) -> DecodeEstimate:
     """Estimate memory and work of `WanVAE.decode` for a latent [B, z_dim, T, h, w] and a tile size.
 
     Counts what the decoder holds: the last two input frames of every causal conv of the running
-    tile, the frames waiting at each level, the working set of the largest block, the output.
+    tile, the frames waiting at each level, the working set of the largest block, and the output
+    unless it is assembled elsewhere (decode's output_device).
     """
     b, _, latent_frames, h, w = latent_shape
     levels, stem_cached, stem_width, margins = _decode_profile(config)
@@ -722,13 +724,14 @@ def estimate_decode(
     costs = [tile_cost(t) for t in tiles]
     cache, working, _ = max(costs, key=lambda c: c[0] + c[1])
     output = 3 * config.video_frames(latent_frames) * h * w * config.spatial_stride**2
+    on_device = output if output_on_device else 0
     if len(tiles) > 1:  # the stem runs first, for all frames, and its output is kept
         stems = stem_width * latent_frames * h * w
-        per_item = output + max(stems + cache + working, stems + stem_cached * h * w)
+        per_item = on_device + max(stems + cache + working, stems + stem_cached * h * w)
     else:  # one stream: the stem's caches live as long as the rest
         stems = 0
         cache += stem_cached * h * w
-        per_item = output + cache + working
+        per_item = on_device + cache + working
     return DecodeEstimate(
         peak_bytes=b * per_item * element_size,
         cache_bytes=b * cache * element_size,
@@ -745,6 +748,7 @@ def tile_for_budget(
     budget_bytes: int,
     element_size: int = 2,
     max_splits: int = 8,
+    output_on_device: bool = True,
 ) -> tuple[tuple[int, int] | None, DecodeEstimate]:
     """The tiling with the least work whose estimated peak fits `budget_bytes` (weights excluded).
 
@@ -758,7 +762,10 @@ def tile_for_budget(
         for c in range(1, min(w, max_splits) + 1)
         if r * c > 1
     ]
-    estimates = [(tile, estimate_decode(config, latent_shape, tile, element_size)) for tile in options]
+    estimates = [
+        (tile, estimate_decode(config, latent_shape, tile, element_size, output_on_device))
+        for tile in options
+    ]
     fitting = [(t, e) for t, e in estimates if e.peak_bytes <= budget_bytes]
     if fitting:
         return min(fitting, key=lambda te: (te[1].flops, te[1].peak_bytes))
