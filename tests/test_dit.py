@@ -201,5 +201,7 @@ def test_rope_in_real_arithmetic_under_torch_compile_equals_the_complex_form():
 
     rope = rope_frequencies((2, 3, 4), head_dim=24)
     x = torch.randn(1, 24, 2, 24)
-    traced = torch.compile(apply_rope, backend="eager", fullgraph=True)  # dynamo traces: is_compiling() is True
+    traced = torch.compile(
+        apply_rope, backend="eager", fullgraph=True
+    )  # dynamo traces: is_compiling() is True
     torch.testing.assert_close(traced(x, rope), apply_rope(x, rope), atol=1e-6, rtol=1e-6)

@@ -108,9 +108,19 @@ class WanPipeline:
 
     @classmethod
     def from_pretrained(
-        cls, model_dir: str | Path, *, device: str | None = None, plan: Plan | None = None, **overrides
+        cls,
+        model_dir: str | Path,
+        *,
+        device: str | None = None,
+        plan: Plan | None = None,
+        scheduler_config: str | Path | None = None,
+        **overrides,
     ):
-        """Load an official release folder or a diffusers-layout folder."""
+        """Load an official release folder or a diffusers-layout folder.
+
+        scheduler_config: a diffusers scheduler_config.json to use instead of the folder's own (or, for
+        an official folder, instead of the official UniPC); overrides: SamplingDefaults fields.
+        """
         from wanfit import load_dit, load_text_encoder, load_vae
         from wanfit.weights.model_dir import find_model_files
 
@@ -132,7 +142,7 @@ class WanPipeline:
             text_encoder,
             plan=plan,
             defaults=defaults,
-            scheduler_config=files.scheduler_config,
+            scheduler_config=Path(scheduler_config) if scheduler_config else files.scheduler_config,
             name=str(files.root),
         )
 
@@ -209,13 +219,9 @@ class WanPipeline:
         return latents
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
-        vae_dtype = next(self.vae.parameters()).dtype
-        z = self.vae.denormalize(latents.to(vae_dtype))
+        z = self.vae.denormalize(latents.to(self.vae.dtype))
         with torch.no_grad():
-            kwargs = {}
-            if self.plan.vae_tile is not None:
-                kwargs = {"tile": self.plan.vae_tile, "overlap": self.plan.vae_tile_overlap}
-            video = self.vae.decode(z, **kwargs)
+            video = self.vae.decode(z, tile=self.plan.vae_tile)
         return frames_to_uint8(video)
 
     # -- the whole job ---------------------------------------------------------------------------

@@ -27,8 +27,7 @@ class Plan:
     free_text_encoder: bool = True  # drop umT5 once the prompts are encoded
     dit_blocks_resident: int | None = None  # None: whole DiT on the device; k: stream blocks, k resident
     cfg_batch: bool = True  # cond and uncond in one batch
-    vae_tile: tuple[int, int] | None = None  # decode tile in latent pixels (h, w), None: untiled
-    vae_tile_overlap: int = 0
+    vae_tile: tuple[int, int] | None = None  # decode tile core in latent pixels (h, w), None: untiled; exact
     attention_chunk: int | None = None  # query rows per attention call, None: whole sequence
     ffn_chunk: int | None = None  # tokens per FFN call, None: whole sequence
 
