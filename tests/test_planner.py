@@ -83,9 +83,9 @@ def test_t4_runs_fp16_with_the_text_encoder_out_of_the_way():
         or plan.text_encoder_device == "cpu"
         or plan.text_encoder_blocks_resident is not None
     )
-    # Kept whole on the card, umT5 (11.4 GB) next to the DiT would not fit 15 GiB.
+    # Kept on the card through the denoising, umT5 (11.4 GB) next to the DiT would not fit 15 GiB.
     full = estimate_phases(REQ, P.fastest_plan(T4, REQ), "sdpa_efficient")
-    assert full["text_encoder"].peak > result.budget.device_bytes
+    assert full["denoise"].peak > result.budget.device_bytes and result.steps
 
 
 def test_4gib_streams_the_dit_and_the_tightest_budget_tiles_and_chunks_too():

@@ -74,12 +74,16 @@ MATH_BYTES_PER_SCORE = 9.0
 # wanfit.attention.chunked: fp32 score blocks held within its budget (DEFAULT_BUDGET_BYTES there).
 CHUNKED_SCORE_BUDGET = 256 * MIB
 
-# --- umT5-XXL text encoder ---
-# Live tensors at its peak, for B prompts of text_len tokens: fp32 hidden states, [B, H, L, L] fp32
-# scores (scores, position bias, softmax), and the gated FFN's three [B, L, ffn] tensors. calibrate.
-TE_HIDDEN_FP32_TENSORS = 4.0
-TE_SCORE_FP32_TENSORS = 3.0
-TE_FFN_TENSORS = 3.0
+# --- umT5-XXL text encoder (transformers' UMT5EncoderModel, as wanfit.models.text_encoder uses) ---
+# Live tensors at its peak, in the encoder's dtype, for B prompts of text_len tokens: [B, L, dim]
+# hidden-size tensors always, plus the larger of the attention scores (per B x heads x L x L,
+# the position bias included) and the gated FFN's [B, L, ffn] tensors. calibrated on the CPU
+# (2026-11, live storages of UMT5EncoderModel at two lengths, B = 2): 7 / 1.1 / 4 in fp32 and bf16
+# alike; within about 30% at those toy sizes, where fixed CPU overheads weigh. The activations are
+# ~0.2 GB next to 11.4 GB of weights at XXL size.
+TE_HIDDEN_TENSORS = 7.0
+TE_SCORE_TENSORS = 1.1
+TE_FFN_TENSORS = 4.0
 
 # --- VAE decoder (wanfit.models.vae: one frame at a time below the first temporal upsampling) ---
 # A causal conv with a time kernel of 3 keeps its last 2 input frames.
@@ -415,10 +419,10 @@ def _text_encoder_activations(request: Request, plan: Plan) -> int:
     batch = 2 if request.guidance else 1
     tokens = batch * te.text_len
     b = DTYPE_BYTES[plan.text_encoder_dtype]
-    hidden = TE_HIDDEN_FP32_TENSORS * tokens * te.dim * 4
-    scores = TE_SCORE_FP32_TENSORS * batch * te.num_heads * te.text_len**2 * 4
+    hidden = TE_HIDDEN_TENSORS * tokens * te.dim * b
+    scores = TE_SCORE_TENSORS * batch * te.num_heads * te.text_len**2 * b
     ffn = TE_FFN_TENSORS * tokens * te.ffn_dim * b
-    return int(hidden + scores + ffn)
+    return int(hidden + max(scores, ffn))
 
 
 def _embeddings_bytes(request: Request, plan: Plan) -> int:
