@@ -14,7 +14,7 @@ from wanfit import __version__
 from wanfit.errors import WanfitError
 
 # Subcommand modules, in the order `wanfit --help` lists them.
-COMMANDS: list[str] = ["generate", "doctor", "bench"]
+COMMANDS: list[str] = ["generate", "plan", "doctor", "bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:

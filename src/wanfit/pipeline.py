@@ -68,8 +68,11 @@ def initial_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
 
 
 def frames_to_uint8(video: torch.Tensor) -> np.ndarray:
-    """[1, 3, F, H, W] in [-1, 1] -> uint8 [F, H, W, 3], rounded as diffusers' video processor does."""
-    video = (video[0].float() / 2 + 0.5).clamp(0, 1)
+    """[1, 3, F, H, W] in [-1, 1] -> uint8 [F, H, W, 3], rounded as diffusers' video processor does.
+
+    Converted on the host: fp32 copies of a whole video on the card would add to the decode's peak.
+    """
+    video = (video[0].to("cpu", torch.float32) / 2 + 0.5).clamp(0, 1)
     return (video.permute(1, 2, 3, 0).cpu().numpy() * 255).round().astype(np.uint8)
 
 
@@ -105,6 +108,10 @@ class WanPipeline:
         self.name = name
         self.dit_calls = 0  # forward passes of the DiT in the last run (tests read it)
         self.timings: dict[str, float] = {}
+        # (plan, phase) -> the next lighter plan or None, for the OOM guard; default: the planner's.
+        self.step_down: Callable[[Plan, str], Plan | None] | None = None
+        self.oom_steps: list[tuple[str, str, str]] = []  # what the OOM guard gave up in the last run
+        self._request = None  # the planner's view of the current call (for step_down)
 
     @classmethod
     def from_pretrained(
@@ -127,7 +134,9 @@ class WanPipeline:
         files = find_model_files(model_dir)
         plan = plan or default_plan(device)
         dtype = plan.torch_compute_dtype
-        dit = load_dit(files.dit, device=plan.device, dtype=dtype)
+        # A streamed (or fp8) DiT is loaded on the host; apply_plan places it block by block.
+        streamed = plan.dit_blocks_resident is not None or plan.storage_dtype is not None
+        dit = load_dit(files.dit, device="cpu" if streamed else plan.device, dtype=dtype)
         vae = load_vae(files.vae, device=plan.device, dtype=dtype)
         text_encoder = load_text_encoder(
             files.text_encoder,
@@ -144,6 +153,47 @@ class WanPipeline:
             defaults=defaults,
             scheduler_config=Path(scheduler_config) if scheduler_config else files.scheduler_config,
             name=str(files.root),
+        )
+
+    # -- plan ----------------------------------------------------------------------------------
+
+    def apply_plan(self, plan: Plan) -> None:
+        """Switch to `plan`, also mid-run: the DiT's placement and chunking follow it at once; the
+        other settings (cfg_batch, vae_tile, ...) are read at each call."""
+        self.plan = plan
+        self._place_dit()
+
+    def _place_dit(self) -> None:
+        if isinstance(getattr(self.dit, "blocks", None), torch.nn.ModuleList):
+            from wanfit.runtime.offload import configure_dit
+
+            configure_dit(self.dit, self.plan)
+
+    def _next_plan(self, plan: Plan, phase: str) -> Plan | None:
+        if self.step_down is not None:
+            return self.step_down(plan, phase)
+        from wanfit.plan.planner import step_down
+
+        return step_down(plan, self._request, phase)
+
+    def _oom_guard(self):
+        from wanfit.runtime.oom import OOMGuard
+
+        guard = OOMGuard(lambda: self.plan, self._next_plan, self.apply_plan)
+        guard.history = self.oom_steps
+        return guard
+
+    def _planner_request(self, height: int, width: int, num_frames: int, guidance: bool):
+        from wanfit.models.configs import WAN_T2V_1_3B, DiTConfig
+        from wanfit.plan.estimates import Request
+
+        config = getattr(self.dit, "config", None)
+        return Request(
+            config if isinstance(config, DiTConfig) else WAN_T2V_1_3B,
+            height=height,
+            width=width,
+            num_frames=num_frames,
+            guidance=guidance,
         )
 
     # -- phases --------------------------------------------------------------------------------
@@ -202,6 +252,8 @@ class WanPipeline:
         from tqdm.auto import tqdm
 
         latents = state.latents
+        self._place_dit()
+        guard = self._oom_guard()
         bar = tqdm(
             total=len(timesteps), initial=state.step, desc="denoising", unit="step", disable=not progress
         )
@@ -209,7 +261,14 @@ class WanPipeline:
             for i in range(state.step, len(timesteps)):
                 t = timesteps[i]
                 with torch.no_grad():
-                    noise = self.predict_noise(latents, t.to(latents.device).float(), cond, uncond, guidance)
+                    # Out of memory: step the plan down and predict this step again from the same latents.
+                    noise = guard.run(
+                        "denoise",
+                        lambda x=latents, t=t: self.predict_noise(
+                            x, t.to(x.device).float(), cond, uncond, guidance
+                        ),
+                        what=f"step {i}",
+                    )
                 latents = scheduler.step(noise, t, latents, return_dict=False)[0]
                 bar.update(1)
                 if on_step is not None:
@@ -219,6 +278,10 @@ class WanPipeline:
         return latents
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
+        if self.plan.offload_dit_before_decode and isinstance(self.dit, torch.nn.Module):
+            from wanfit.runtime.offload import release_dit
+
+            release_dit(self.dit)
         z = self.vae.denormalize(latents.to(self.vae.dtype))
         with torch.no_grad():
             video = self.vae.decode(z, tile=self.plan.vae_tile)
@@ -247,11 +310,15 @@ class WanPipeline:
         validate_request(height, width, num_frames, steps, guidance)
         if negative_prompt is None:
             negative_prompt = self.defaults.negative_prompt
+        if self.plan.output_size is not None and resume is None and latents is None:
+            width, height, num_frames = self.plan.output_size  # the planner downscaled (said loudly)
         self.dit_calls = 0
+        self.oom_steps.clear()
         device = torch.device(self.plan.device)
 
         started = time.perf_counter()
         use_cfg = guidance != 1.0
+        self._request = self._planner_request(height, width, num_frames, use_cfg)
         embeds = self.encode_prompts(prompt, negative_prompt, with_negative=use_cfg)
         cond, uncond = embeds[0], (embeds[1] if use_cfg else None)
         self.timings["text_encoder_s"] = time.perf_counter() - started
@@ -280,6 +347,6 @@ class WanPipeline:
         self.timings["denoise_s"] = time.perf_counter() - started
 
         started = time.perf_counter()
-        frames = self.decode(final)
+        frames = self._oom_guard().run("vae_decode", lambda: self.decode(final))
         self.timings["vae_decode_s"] = time.perf_counter() - started
         return frames

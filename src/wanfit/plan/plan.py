@@ -26,10 +26,15 @@ class Plan:
     text_encoder_dtype: str = "float32"
     free_text_encoder: bool = True  # drop umT5 once the prompts are encoded
     dit_blocks_resident: int | None = None  # None: whole DiT on the device; k: stream blocks, k resident
+    # None: the whole text encoder on text_encoder_device; k: stream its blocks onto the device, k resident
+    text_encoder_blocks_resident: int | None = None
+    offload_dit_before_decode: bool = False  # move the DiT off the device before the VAE decode
     cfg_batch: bool = True  # cond and uncond in one batch
     vae_tile: tuple[int, int] | None = None  # decode tile core in latent pixels (h, w), None: untiled; exact
     attention_chunk: int | None = None  # query rows per attention call, None: whole sequence
     ffn_chunk: int | None = None  # tokens per FFN call, None: whole sequence
+    # (width, height, frames) when the planner had to lower the request (--allow-downscale only)
+    output_size: tuple[int, int, int] | None = None
 
     @property
     def torch_compute_dtype(self) -> torch.dtype:
@@ -41,8 +46,9 @@ class Plan:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        if self.vae_tile is not None:
-            d["vae_tile"] = list(self.vae_tile)
+        for name in ("vae_tile", "output_size"):
+            if d[name] is not None:
+                d[name] = list(d[name])
         return d
 
     def to_json(self) -> str:
@@ -52,8 +58,9 @@ class Plan:
     def from_dict(cls, d: dict) -> Plan:
         names = {f.name for f in fields(cls)}
         d = {k: v for k, v in d.items() if k in names}
-        if d.get("vae_tile") is not None:
-            d["vae_tile"] = tuple(d["vae_tile"])
+        for name in ("vae_tile", "output_size"):
+            if d.get(name) is not None:
+                d[name] = tuple(d[name])
         return cls(**d)
 
 

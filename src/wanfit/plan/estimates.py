@@ -1,0 +1,594 @@
+"""Peak device memory of each phase of a run (text encoding, denoising, VAE decode), in bytes.
+
+Every estimate is split into weights (parameters on the device), activations (working tensors),
+workspace (attention kernels' scratch) and cache (tensors kept across steps or frames). The
+predictions target `torch.cuda.max_memory_allocated`, not `memory_reserved`: the planner's margin
+covers the caching allocator's fragmentation and the libraries' own workspaces.
+
+The constants in CAPITALS marked "calibrate" count live tensors, read off the model code at its
+peak; benchmarks/bench_memory.py measures the real peaks so they can be refit (goal: within 10%).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+from wanfit.models.configs import DiTConfig
+from wanfit.plan.plan import Plan
+
+GIB = 1024**3
+MIB = 1024**2
+
+DTYPE_BYTES = {
+    "float32": 4,
+    "bfloat16": 2,
+    "float16": 2,
+    "float8_e4m3fn": 1,
+    "float8_e5m2": 1,
+}
+
+VAE_STRIDE = (4, 8, 8)  # temporal, spatial, spatial compression of the Wan2.1 VAE
+
+# --- DiT block (wanfit.models.dit.WanBlock; residual stream, norms, modulation, RoPE in fp32) ---
+# Counts of [B, L, dim] tensors alive at each stage's peak: fp32 ones, compute-dtype ones, and
+# compute-dtype casts that exist only when the compute dtype is not fp32 (x.to(dtype) is free in fp32).
+# calibrated on the CPU (2026-11) by tracking live storages through WanBlock.forward at two sequence
+# lengths (the slope per token): the q/k RoPE side peaks at 28 bytes per token and dim in fp32 and
+# 32 in bf16; the FFN side at 12 (fp32) / 14 (bf16) bytes per token and dim plus two [B, L, ffn_dim]
+# hidden tensors. To be rechecked on the GPU by benchmarks/bench_memory.py.
+ROPE_STAGE_FP32 = 6.0  # x, modulated h, fp32 normed q and k, the RoPE output and a temporary
+ROPE_STAGE_COMPUTE = 1.0
+ROPE_STAGE_CASTS = 3.0
+# At the attention call: x, h (fp32); q, k, v (compute); plus the backend's workspace.
+ATTN_STAGE_FP32 = 2.0
+ATTN_STAGE_COMPUTE = 3.0
+ATTN_STAGE_CASTS = 0.0
+# Cross-attention: x, the norm3 output, q's fp32 RMSNorm (fp32); the input cast and q (compute).
+CROSS_STAGE_FP32 = 3.0
+CROSS_STAGE_COMPUTE = 2.0
+CROSS_STAGE_CASTS = 0.0
+# FFN at the GELU: x, modulated h (fp32); h's cast (compute); ffn.0 and GELU outputs [B, T, ffn_dim].
+FFN_STAGE_FP32 = 2.0
+FFN_STAGE_COMPUTE = 1.0
+FFN_STAGE_CASTS = 2.0
+FFN_HIDDEN_TENSORS = 2.0
+# With ffn_chunk, the chunks' outputs are gathered in one [B, L, dim] compute-dtype buffer.
+FFN_CHUNK_OUTPUT_TENSORS = 1.0
+# RoPE cos and sin tables: [L, head_dim/2] fp32 each -> 4 bytes x head_dim per token.
+ROPE_TABLE_BYTES_PER_TOKEN_PER_HEAD_DIM = 4
+# The pipeline's latents and the scheduler's history, fp32 [1, 16, F, H, W] each: latents, the
+# cond/uncond/guided predictions, UniPC's two stored model outputs and last sample. calibrate.
+LATENT_COPIES = 8.0
+
+# --- attention workspace per backend family ---
+# Fused kernels (flash, cuDNN, memory-efficient, sage, xformers): O(L): an output in head-major
+# layout plus its token-major copy (compute dtype), and the fp32 log-sum-exp per row. calibrate.
+LINEAR_BACKENDS = frozenset(
+    {"flash_attn3", "flash_attn2", "sage", "xformers", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient"}
+)
+LINEAR_ATTN_OUTPUT_TENSORS = 2.0
+# PyTorch's math path: fp32 scores, softmax and a compute-dtype copy of the L x L matrix per head.
+# From DESIGN.md: 108 GiB peak for 12 heads x 32760^2 scores (bf16, H200) = 9.0 bytes per score.
+MATH_BYTES_PER_SCORE = 9.0
+# wanfit.attention.chunked: fp32 score blocks held within its budget (DEFAULT_BUDGET_BYTES there).
+CHUNKED_SCORE_BUDGET = 256 * MIB
+
+# --- umT5-XXL text encoder (transformers' UMT5EncoderModel, as wanfit.models.text_encoder uses) ---
+# Live tensors at its peak, in the encoder's dtype, for B prompts of text_len tokens: [B, L, dim]
+# hidden-size tensors always, plus the larger of the attention scores (per B x heads x L x L,
+# the position bias included) and the gated FFN's [B, L, ffn] tensors. calibrated on the CPU
+# (2026-11, live storages of UMT5EncoderModel at two lengths, B = 2): 7 / 1.1 / 4 in fp32 and bf16
+# alike; within about 30% at those toy sizes, where fixed CPU overheads weigh. The activations are
+# ~0.2 GB next to 11.4 GB of weights at XXL size.
+TE_HIDDEN_TENSORS = 7.0
+TE_SCORE_TENSORS = 1.1
+TE_FFN_TENSORS = 4.0
+
+# --- VAE decoder (wanfit.models.vae: one frame at a time below the first temporal upsampling) ---
+# A causal conv with a time kernel of 3 keeps its last 2 input frames.
+VAE_CACHE_FRAMES = 2
+# Frames each decoder level handles at once (the stem takes one latent frame; finer levels split).
+VAE_FRAMES_PER_CALL = 1
+# Live one-frame tensors of the widest level (width x area) at the decoder's peak: the block input,
+# the normed input, the conv's input with 2 cached frames concatenated (3), its output, the
+# shortcut, and the conv's own scratch. calibrated on the CPU (2026-11, tracking live storages of
+# WanVAE.decode at two sizes): the caches as modelled here plus about 8 units per step of size.
+VAE_LIVE_UNITS = 8.0
+# Context margins (pixels at each decoder level) a spatial tile computes beyond its core; from
+# Decoder3d._tile_margins for num_res_blocks=2 (coarsest level first).
+VAE_TILE_MARGINS = (15, 12, 10, 7)
+
+
+def dtype_bytes(name: str) -> int:
+    return DTYPE_BYTES[name]
+
+
+# ----------------------------------------------------------------------------- model sizes
+
+
+def dit_block_params(config: DiTConfig) -> tuple[int, int]:
+    """(matrix, other) parameter counts of one DiT block; matrices are what fp8 storage shrinks."""
+    d, f = config.dim, config.ffn_dim
+    matrices = 8 * d * d + 2 * d * f  # q,k,v,o of self- and cross-attention; ffn.0, ffn.2
+    biases = 8 * d + f + d
+    norms = (4 * d if config.qk_norm else 0) + (2 * d if config.cross_attn_norm else 0)
+    modulation = 6 * d
+    return matrices, biases + norms + modulation
+
+
+def dit_nonblock_params(config: DiTConfig) -> int:
+    """Parameters outside the blocks: patch, text and time embeddings, time projection, head."""
+    d = config.dim
+    patch = math.prod(config.patch_size)
+    return (
+        d * config.in_dim * patch
+        + d
+        + config.text_dim * d
+        + d
+        + d * d
+        + d
+        + config.freq_dim * d
+        + d
+        + d * d
+        + d
+        + d * 6 * d
+        + 6 * d
+        + d * config.out_dim * patch
+        + config.out_dim * patch
+        + 2 * d
+    )
+
+
+def dit_params(config: DiTConfig) -> int:
+    return dit_nonblock_params(config) + config.num_layers * sum(dit_block_params(config))
+
+
+@dataclass(frozen=True)
+class TextEncoderShape:
+    """umT5 encoder (official names: token_embedding, blocks.N.{attn, ffn, pos_embedding}, norm)."""
+
+    vocab: int = 256384
+    dim: int = 4096
+    ffn_dim: int = 10240
+    num_layers: int = 24
+    num_heads: int = 64
+    num_buckets: int = 32
+    text_len: int = 512
+
+    def layer_params(self) -> int:
+        d = self.dim
+        return 4 * d * d + 2 * d + 3 * d * self.ffn_dim + self.num_buckets * self.num_heads
+
+    def nonblock_params(self) -> int:
+        return self.vocab * self.dim + self.dim
+
+    def params(self) -> int:
+        return self.nonblock_params() + self.num_layers * self.layer_params()
+
+
+UMT5_XXL = TextEncoderShape()
+
+
+@dataclass(frozen=True)
+class VAEShape:
+    """Wan2.1 VAE topology (field names as wanfit.models.vae.VAEConfig, so either can be passed)."""
+
+    base_dim: int = 96
+    z_dim: int = 16
+    dim_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    temperal_downsample: tuple[bool, ...] = (False, True, True)
+
+
+WAN21_VAE = VAEShape()
+
+
+def _conv3(cin: int, cout: int) -> int:
+    return cin * cout * 27 + cout
+
+
+def _res_params(cin: int, cout: int) -> int:
+    shortcut = cin * cout + cout if cin != cout else 0
+    return cin + _conv3(cin, cout) + cout + _conv3(cout, cout) + shortcut
+
+
+def _attn_params(d: int) -> int:
+    return d + 3 * d * d + 3 * d + d * d + d
+
+
+def _decoder_walk(vae) -> tuple[int, list[tuple[int, int]], list[int]]:
+    """Walk the decoder: (params, [(level, input channels)] of its cached causal convs, width per level)."""
+    dims = [vae.base_dim * m for m in (vae.dim_mult[-1], *reversed(vae.dim_mult))]
+    temporal_up = tuple(reversed(vae.temperal_downsample))
+    d0 = dims[0]
+    params = _conv3(vae.z_dim, d0) + 2 * _res_params(d0, d0) + _attn_params(d0)
+    caches = [(0, vae.z_dim)] + [(0, d0)] * 4
+    widths = []
+    last = len(vae.dim_mult) - 1
+    for level, (cin, cout) in enumerate(zip(dims[:-1], dims[1:])):
+        if level > 0:
+            cin //= 2
+        widths.append(max(cin, cout))
+        for _ in range(vae.num_res_blocks + 1):
+            params += _res_params(cin, cout)
+            caches += [(level, cin), (level, cout)]
+            cin = cout
+        if level != last:
+            params += cout * (cout // 2) * 9 + cout // 2
+            if temporal_up[level]:
+                params += cout * 2 * cout * 3 + 2 * cout
+                caches.append((level, cout))
+    params += dims[-1] + _conv3(dims[-1], 3)  # head: RMS norm, conv to RGB
+    caches.append((last, dims[-1]))
+    params += vae.z_dim * vae.z_dim + vae.z_dim  # conv2, the 1x1 post-quant conv
+    return params, caches, widths
+
+
+def _encoder_params(vae) -> int:
+    dims = [vae.base_dim * m for m in (1, *vae.dim_mult)]
+    params = _conv3(3, dims[0])
+    last = len(vae.dim_mult) - 1
+    for level, (cin, cout) in enumerate(zip(dims[:-1], dims[1:])):
+        for _ in range(vae.num_res_blocks):
+            params += _res_params(cin, cout)
+            cin = cout
+        if level != last:
+            params += cout * cout * 9 + cout
+            if vae.temperal_downsample[level]:
+                params += cout * cout * 3 + cout
+    d = dims[-1]
+    params += 2 * _res_params(d, d) + _attn_params(d) + d + _conv3(d, 2 * vae.z_dim)
+    params += (2 * vae.z_dim) ** 2 + 2 * vae.z_dim  # conv1, the 1x1 quant conv
+    return params
+
+
+def vae_params(vae=WAN21_VAE) -> tuple[int, int]:
+    """(encoder incl. quant conv, decoder incl. post-quant conv) parameter counts."""
+    return _encoder_params(vae), _decoder_walk(vae)[0]
+
+
+# ----------------------------------------------------------------------------- the request
+
+
+@dataclass(frozen=True)
+class Request:
+    """What is asked of a run: the model and the video."""
+
+    config: DiTConfig
+    height: int = 480
+    width: int = 832
+    num_frames: int = 81
+    guidance: bool = True
+    model_name: str = "1.3B"
+    text_encoder: TextEncoderShape = UMT5_XXL
+    vae: VAEShape = WAN21_VAE
+
+    @property
+    def latent_frames(self) -> int:
+        return (self.num_frames - 1) // VAE_STRIDE[0] + 1
+
+    @property
+    def latent_hw(self) -> tuple[int, int]:
+        return self.height // VAE_STRIDE[1], self.width // VAE_STRIDE[2]
+
+    @property
+    def tokens(self) -> int:
+        """DiT sequence length: latent frames x height x width divided by the patch size."""
+        pt, ph, pw = self.config.patch_size
+        h, w = self.latent_hw
+        return (self.latent_frames // pt) * (h // ph) * (w // pw)
+
+    def resized(self, width: int, height: int, num_frames: int) -> Request:
+        from dataclasses import replace
+
+        return replace(self, width=width, height=height, num_frames=num_frames)
+
+    def describe(self) -> str:
+        guidance = "guidance on" if self.guidance else "guidance off"
+        return f"Wan2.1 {self.model_name}, {self.width}x{self.height}, {self.num_frames} frames, {guidance}"
+
+
+# ----------------------------------------------------------------------------- estimates
+
+
+@dataclass(frozen=True)
+class PhaseEstimate:
+    """Predicted peak of one phase, in bytes, with what makes it up."""
+
+    name: str
+    weights: int
+    activations: int
+    workspace: int
+    cache: int
+    detail: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def peak(self) -> int:
+        return self.weights + self.activations + self.workspace + self.cache
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["peak"] = self.peak
+        return d
+
+
+PHASES = ("text_encoder", "denoise", "vae_decode")
+
+
+def attention_workspace(
+    backend: str,
+    batch: int,
+    heads: int,
+    q_len: int,
+    k_len: int,
+    head_dim: int,
+    dtype_bytes_: int,
+    query_chunk: int | None = None,
+) -> int:
+    """Scratch memory of one attention call beyond q, k, v.
+
+    Fused kernels: O(L) (outputs and the log-sum-exp). Math: B*H*rows*Lk scores at
+    MATH_BYTES_PER_SCORE, rows = query_chunk or Lq. Chunked: its fixed score budget.
+    """
+    output = LINEAR_ATTN_OUTPUT_TENSORS * batch * q_len * heads * head_dim * dtype_bytes_
+    if backend in LINEAR_BACKENDS:
+        return int(output + batch * heads * q_len * 4)
+    if backend == "chunked":
+        return int(output + CHUNKED_SCORE_BUDGET)
+    rows = min(q_len, query_chunk) if query_chunk else q_len
+    return int(output + MATH_BYTES_PER_SCORE * batch * heads * rows * k_len)
+
+
+def _dit_block_bytes(config: DiTConfig, compute: int, storage: str | None) -> int:
+    matrices, other = dit_block_params(config)
+    if storage is not None and DTYPE_BYTES[storage] < compute:
+        return matrices * DTYPE_BYTES[storage] + other * compute
+    return (matrices + other) * compute
+
+
+def dit_device_weights(config: DiTConfig, plan: Plan) -> int:
+    """DiT parameters on the device: resident blocks, the two streaming slots, the fp8 upcast copy.
+
+    Streaming k blocks: k resident + the block in use + the next one being copied. fp8 storage keeps
+    blocks in 1 byte per matrix element and upcasts the block in use to the compute dtype.
+    """
+    c = DTYPE_BYTES[plan.compute_dtype]
+    n = config.num_layers
+    block = _dit_block_bytes(config, c, plan.storage_dtype)
+    on_device = n if plan.dit_blocks_resident is None else min(n, plan.dit_blocks_resident + 2)
+    upcast = sum(dit_block_params(config)) * c if block < sum(dit_block_params(config)) * c else 0
+    return dit_nonblock_params(config) * c + on_device * block + upcast
+
+
+def dit_host_bytes(config: DiTConfig, plan: Plan) -> int:
+    """Pinned host copies of the streamed DiT blocks."""
+    if plan.dit_blocks_resident is None:
+        return 0
+    n = config.num_layers
+    streamed = max(0, n - plan.dit_blocks_resident)
+    return streamed * _dit_block_bytes(config, DTYPE_BYTES[plan.compute_dtype], plan.storage_dtype)
+
+
+def vae_device_weights(request: Request, plan: Plan) -> int:
+    return sum(vae_params(request.vae)) * DTYPE_BYTES[plan.compute_dtype]
+
+
+def text_encoder_on_device(plan: Plan) -> bool:
+    return plan.text_encoder_device != "cpu" or plan.device == "cpu"
+
+
+def text_encoder_device_weights(request: Request, plan: Plan, *, during_encode: bool) -> int:
+    """umT5 parameters on the device: all of it; or, streamed, k resident blocks plus the block in
+    use and the next (the token embedding stays on the host: a gather, its output moves over); or
+    none (on the CPU, or freed after encoding)."""
+    if not text_encoder_on_device(plan):
+        return 0
+    if not during_encode and plan.free_text_encoder:
+        return 0
+    te = request.text_encoder
+    b = DTYPE_BYTES[plan.text_encoder_dtype]
+    if plan.text_encoder_blocks_resident is None:
+        return te.params() * b
+    k = plan.text_encoder_blocks_resident
+    layers = min(te.num_layers, k + 2) if during_encode else min(te.num_layers, k)
+    return (te.dim + layers * te.layer_params()) * b
+
+
+def text_encoder_host_bytes(request: Request, plan: Plan) -> int:
+    """Host RAM the text encoder needs: its weights when it runs on the CPU or streams its blocks."""
+    te = request.text_encoder
+    b = DTYPE_BYTES[plan.text_encoder_dtype]
+    if plan.device != "cpu" and plan.text_encoder_device == "cpu":
+        return te.params() * b + _text_encoder_activations(request, plan)
+    if plan.text_encoder_blocks_resident is not None:
+        resident = min(te.num_layers, plan.text_encoder_blocks_resident)
+        return (te.params() - resident * te.layer_params()) * b
+    return 0
+
+
+def host_bytes(request: Request, plan: Plan) -> int:
+    """Host RAM the plan needs beyond the process itself (0 on a CPU: there the device is the host)."""
+    if plan.device == "cpu":
+        return 0
+    return dit_host_bytes(request.config, plan) + text_encoder_host_bytes(request, plan)
+
+
+def _text_encoder_activations(request: Request, plan: Plan) -> int:
+    te = request.text_encoder
+    batch = 2 if request.guidance else 1
+    tokens = batch * te.text_len
+    b = DTYPE_BYTES[plan.text_encoder_dtype]
+    hidden = TE_HIDDEN_TENSORS * tokens * te.dim * b
+    scores = TE_SCORE_TENSORS * batch * te.num_heads * te.text_len**2 * b
+    ffn = TE_FFN_TENSORS * tokens * te.ffn_dim * b
+    return int(hidden + max(scores, ffn))
+
+
+def _embeddings_bytes(request: Request, plan: Plan) -> int:
+    batch = 2 if request.guidance else 1
+    te = request.text_encoder
+    return batch * te.text_len * te.dim * DTYPE_BYTES[plan.compute_dtype]
+
+
+def estimate_text_encoder(request: Request, plan: Plan, *, others: bool = True) -> PhaseEstimate:
+    """Encoding the prompt (and the negative prompt): umT5, plus (others=True) the DiT and VAE
+    weights the pipeline has already placed on the device."""
+    weights = text_encoder_device_weights(request, plan, during_encode=True)
+    dit = dit_device_weights(request.config, plan) if others else 0
+    vae = vae_device_weights(request, plan) if others else 0
+    activations = _text_encoder_activations(request, plan) if text_encoder_on_device(plan) else 0
+    return PhaseEstimate(
+        "text_encoder",
+        weights=weights + dit + vae,
+        activations=activations,
+        workspace=0,
+        cache=_embeddings_bytes(request, plan),
+        detail={"text_encoder": weights, "dit": dit, "vae": vae},
+    )
+
+
+def dit_activations(request: Request, plan: Plan, backend: str) -> tuple[int, int, str]:
+    """(activations, workspace, stage) at the peak of one DiT forward, B = 2 with batched CFG.
+
+    Per block, with n = B*L tokens, d = dim, c = compute-dtype bytes, k = c if c < 4 else 0 (casts):
+      RoPE stage      n*d*(6*4 + 1*c + 3*k)
+      attention stage n*d*(2*4 + 3*c) + workspace(self-attention over L keys)
+      cross stage     n*d*(3*4 + 2*c) + workspace(cross-attention over text_len keys)
+      FFN stage       n*d*(2*4 + 1*c + 2*k) + 2*c*B*T*ffn_dim   (T = ffn_chunk or L; + n*d*c output)
+    (the counts are the CAPITAL constants above). Around the blocks: the text context
+    [B, text_len, dim], and RoPE tables (L x head_dim x 4 bytes).
+    """
+    cfg = request.config
+    c = DTYPE_BYTES[plan.compute_dtype]
+    batch = 2 if (request.guidance and plan.cfg_batch) else 1
+    tokens = request.tokens
+    n, d = batch * tokens, cfg.dim
+    chunk = plan.attention_chunk
+    ws_self = attention_workspace(backend, batch, cfg.num_heads, tokens, tokens, cfg.head_dim, c, chunk)
+    ws_cross = attention_workspace(
+        backend, batch, cfg.num_heads, tokens, cfg.text_len, cfg.head_dim, c, chunk
+    )
+    ffn_rows = min(tokens, plan.ffn_chunk) if plan.ffn_chunk else tokens
+    ffn_out = FFN_CHUNK_OUTPUT_TENSORS * n * d * c if plan.ffn_chunk and plan.ffn_chunk < tokens else 0
+    k = c if c < 4 else 0
+    stages = {
+        "rope": (n * d * (ROPE_STAGE_FP32 * 4 + ROPE_STAGE_COMPUTE * c + ROPE_STAGE_CASTS * k), 0),
+        "self_attention": (
+            n * d * (ATTN_STAGE_FP32 * 4 + ATTN_STAGE_COMPUTE * c + ATTN_STAGE_CASTS * k),
+            ws_self,
+        ),
+        "cross_attention": (
+            n * d * (CROSS_STAGE_FP32 * 4 + CROSS_STAGE_COMPUTE * c + CROSS_STAGE_CASTS * k),
+            ws_cross,
+        ),
+        "ffn": (
+            n * d * (FFN_STAGE_FP32 * 4 + FFN_STAGE_COMPUTE * c + FFN_STAGE_CASTS * k)
+            + FFN_HIDDEN_TENSORS * batch * ffn_rows * cfg.ffn_dim * c
+            + ffn_out,
+            0,
+        ),
+    }
+    stage = max(stages, key=lambda s: sum(stages[s]))
+    act, ws = stages[stage]
+    around = batch * cfg.text_len * d * c + tokens * cfg.head_dim * ROPE_TABLE_BYTES_PER_TOKEN_PER_HEAD_DIM
+    return int(act + around), int(ws), stage
+
+
+def _latent_bytes(request: Request) -> int:
+    h, w = request.latent_hw
+    return request.config.in_dim * request.latent_frames * h * w * 4
+
+
+def estimate_denoise(request: Request, plan: Plan, backend: str, *, others: bool = True) -> PhaseEstimate:
+    """One guided DiT prediction at the peak of the sampling loop; others=False leaves out the VAE and
+    text encoder weights (a DiT forward alone, as benchmarks/bench_memory.py measures it)."""
+    dit = dit_device_weights(request.config, plan)
+    te = text_encoder_device_weights(request, plan, during_encode=False) if others else 0
+    vae = vae_device_weights(request, plan) if others else 0
+    act, ws, stage = dit_activations(request, plan, backend)
+    cache = int(LATENT_COPIES * _latent_bytes(request)) + _embeddings_bytes(request, plan)
+    return PhaseEstimate(
+        "denoise",
+        weights=dit + te + vae,
+        activations=act,
+        workspace=ws,
+        cache=cache,
+        detail={"dit": dit, "text_encoder": te, "vae": vae, f"peak_stage_{stage}": act + ws},
+    )
+
+
+def _split_core(size: int, tile: int) -> int:
+    """Largest core span when an axis of `size` is cut into ceil(size / tile) near-equal spans."""
+    n = max(1, math.ceil(size / max(1, tile)))
+    return math.ceil(size / n)
+
+
+def _vae_regions(request: Request, plan: Plan) -> list[tuple[int, int]]:
+    """(rows, cols) computed at each decoder level (coarsest first) for the largest tile."""
+    h, w = request.latent_hw
+    levels = len(request.vae.dim_mult)
+    if plan.vae_tile is None:
+        return [(h * 2**lv, w * 2**lv) for lv in range(levels)]
+    core_h, core_w = _split_core(h, plan.vae_tile[0]), _split_core(w, plan.vae_tile[1])
+    regions = []
+    for lv in range(levels):
+        s, m = 2**lv, VAE_TILE_MARGINS[min(lv, len(VAE_TILE_MARGINS) - 1)]
+        regions.append((min(h * s, core_h * s + 2 * m), min(w * s, core_w * s + 2 * m)))
+    return regions
+
+
+def estimate_vae_decode(request: Request, plan: Plan, backend: str, *, others: bool = True) -> PhaseEstimate:
+    """Streaming causal decode: per-conv caches of 2 frames, one frame in flight per level.
+
+    cache = sum over cached causal convs of 2 x C_in x (region at its level) x c; activations =
+    VAE_LIVE_UNITS x the largest one-frame tensor (width x region) + the output video
+    [1, 3, F, 8h, 8w] preallocated in the compute dtype; the stem's attention over the h x w pixels
+    of a frame adds its workspace. Tiled: regions are a tile's core plus VAE_TILE_MARGINS, and the
+    stems of all frames [1, 384, T, h, w] are kept. (The pipeline converts the video to uint8 on
+    the host.) others=False: the VAE's own weights only.
+    """
+    c = DTYPE_BYTES[plan.compute_dtype]
+    vae = request.vae
+    _, caches, widths = _decoder_walk(vae)
+    regions = _vae_regions(request, plan)
+    cache = sum(VAE_CACHE_FRAMES * ch * regions[lv][0] * regions[lv][1] for lv, ch in caches) * c
+    unit = max(widths[lv] * regions[lv][0] * regions[lv][1] for lv in range(len(regions)))
+    live = VAE_LIVE_UNITS * VAE_FRAMES_PER_CALL * unit * c
+    h, w = request.latent_hw
+    video = 3 * request.num_frames * request.height * request.width
+    stems = 0
+    if plan.vae_tile is not None and (regions[0][0] < h or regions[0][1] < w):
+        stems = vae.base_dim * vae.dim_mult[-1] * request.latent_frames * h * w * c
+    d0 = vae.base_dim * vae.dim_mult[-1]
+    ws = attention_workspace(backend, 1, 1, h * w, h * w, d0, c, 16384)
+    weights = vae_device_weights(request, plan)
+    if others and not plan.offload_dit_before_decode:
+        weights += dit_device_weights(request.config, plan)
+    if others:
+        weights += text_encoder_device_weights(request, plan, during_encode=False)
+    return PhaseEstimate(
+        "vae_decode",
+        weights=weights,
+        activations=int(live + video * c),
+        workspace=int(ws),
+        cache=int(cache + stems),
+        detail={"vae": vae_device_weights(request, plan), "output_video": video * c},
+    )
+
+
+def estimate_phases(
+    request: Request, plan: Plan, backend: str = "sdpa_efficient"
+) -> dict[str, PhaseEstimate]:
+    """Each phase's predicted peak on the plan's device. `backend`: the self-attention backend name."""
+    if plan.attention is not None:
+        backend = plan.attention
+    return {
+        "text_encoder": estimate_text_encoder(request, plan),
+        "denoise": estimate_denoise(request, plan, backend),
+        "vae_decode": estimate_vae_decode(request, plan, backend),
+    }
+
+
+def peak_bytes(phases: dict[str, PhaseEstimate]) -> int:
+    return max(p.peak for p in phases.values())

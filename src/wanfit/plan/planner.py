@@ -1,0 +1,672 @@
+"""The planner: the fastest Plan whose every phase fits the memory budget.
+
+Input: a DeviceBudget (what the probe found; built by the caller), the Request (model, size,
+frames, guidance) and the user's overrides. It starts from the fastest plan (everything resident,
+the text encoder kept, cond and uncond in one batch) and gives things up in a fixed order until
+each phase's estimated peak fits:
+
+  1. the text encoder is freed after encoding (the embeddings are kept)
+  2. the text encoder streams its blocks from host memory (CUDA; bf16 instead of fp32 on a CPU)
+  3. classifier-free guidance runs cond and uncond one after the other
+  4. the DiT leaves the device before the VAE decode
+  5. the DiT's blocks stream from pinned host memory, k resident (k as large as the budget allows)
+  6. the text encoder runs on the CPU (minutes instead of a second: a last resort)
+  7. the VAE decodes in spatial tiles, smaller and smaller
+  8. attention queries and FFN tokens are processed in chunks
+  9. only with allow_downscale: fewer frames or a smaller size, said loudly
+
+Each step is taken only if it lowers the estimate of a phase that does not fit. `step_down`
+gives the next notch for one phase: the OOM guard's move when a run hits out-of-memory anyway.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, fields, replace
+
+from wanfit.errors import ConfigError, PlanError
+from wanfit.models.configs import DiTConfig
+from wanfit.plan.estimates import (
+    GIB,
+    LINEAR_BACKENDS,
+    PHASES,
+    PhaseEstimate,
+    Request,
+    estimate_phases,
+    host_bytes,
+    peak_bytes,
+)
+from wanfit.plan.plan import Plan
+
+MIB = 1024**2
+# Kept free on a CUDA card besides the estimate: the caching allocator's fragmentation, cuBLAS and
+# cuDNN workspaces, and kernels' scratch, none of which max_memory_allocated shows.
+CUDA_MARGIN_MIN = 512 * MIB
+CUDA_MARGIN_FRACTION = 0.05  # of the card's total memory
+# Kept free in host RAM (and on a CPU-only run): the OS, the Python process, the page cache.
+HOST_MARGIN_MIN = 1 * GIB
+HOST_MARGIN_FRACTION = 0.10  # of the free host memory
+
+VAE_TILE_LADDER = (64, 48, 32, 24, 16, 12, 8)  # decode tile cores, latent pixels (8 video pixels each)
+ATTENTION_CHUNK_LADDER = (8192, 4096, 2048, 1024, 512, 256)  # query rows per attention call
+FFN_CHUNK_LADDER = (16384, 8192, 4096, 2048, 1024, 512)  # tokens per FFN call
+FP8_STORAGE = "float8_e4m3fn"
+
+
+class NoPlanError(PlanError):
+    """No plan fits: the message names the smallest budget; the numbers are kept for --json."""
+
+    def __init__(self, message: str, *, min_budget_bytes: int, host_bytes_needed: int, short: str):
+        super().__init__(message)
+        self.min_budget_bytes = min_budget_bytes
+        self.host_bytes_needed = host_bytes_needed
+        self.short = short
+
+
+@dataclass(frozen=True)
+class DeviceBudget:
+    """What the planner needs to know about the machine (built by the caller from the probe)."""
+
+    kind: str  # "cuda" | "cpu" | "mps"
+    name: str
+    compute_capability: tuple[int, int] | None
+    total_bytes: int
+    free_bytes: int
+    host_free_bytes: int
+    bf16_native: bool
+    device: str | None = None  # the torch device string; default: kind
+    attention_backend: str | None = None  # what the dispatcher will pick for the DiT; None: guess
+
+    @property
+    def torch_device(self) -> str:
+        return self.device or self.kind
+
+    def describe(self) -> str:
+        cc = (
+            f", sm_{self.compute_capability[0]}{self.compute_capability[1]}"
+            if self.compute_capability
+            else ""
+        )
+        return f"{self.name} ({self.kind}{cc}), {fmt_bytes(self.total_bytes)} total, {fmt_bytes(self.free_bytes)} free"
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        if self.compute_capability is not None:
+            d["compute_capability"] = list(self.compute_capability)
+        return d
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Bytes the plan may use on the device and in host RAM, and where the device number came from."""
+
+    device_bytes: int
+    host_bytes: int
+    source: str
+    margin_bytes: int = 0  # subtracted from free memory (0 with --vram)
+
+
+def fmt_bytes(n: float) -> str:
+    return f"{n / GIB:.2f} GiB"
+
+
+# ----------------------------------------------------------------------------- user input
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1024,
+    "kib": 1024,
+    "kb": 1000,
+    "m": MIB,
+    "mib": MIB,
+    "mb": 1000**2,
+    "g": GIB,
+    "gib": GIB,
+    "gb": 1000**3,
+    "t": 1024**4,
+    "tib": 1024**4,
+    "tb": 1000**4,
+}
+
+
+def parse_bytes(text: str, option: str = "--vram") -> int:
+    """'4GiB', '6000MiB', '12GB', '1.5G', '4294967296' -> bytes. K/M/G/T alone are binary (GiB)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*", str(text))
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _UNITS:
+        raise ConfigError(
+            f"{option} must be a size like 4GiB, 6000MiB, 12GB or a number of bytes, got {text!r}."
+        )
+    value = int(float(match.group(1)) * _UNITS[unit])
+    if value < MIB:
+        raise ConfigError(f"{option} must be at least 1MiB, got {text!r}.")
+    return value
+
+
+def _coerce(name: str, text: str, default):
+    low = text.strip().lower()
+    if low in ("none", "null", ""):
+        return None
+    if isinstance(default, bool):
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"Plan setting {name} takes true or false, got {text!r}.")
+    if name in ("dit_blocks_resident", "text_encoder_blocks_resident", "attention_chunk", "ffn_chunk"):
+        if not low.isdigit():
+            raise ConfigError(f"Plan setting {name} takes a whole number, got {text!r}.")
+        return int(low)
+    if name in ("vae_tile", "output_size"):
+        parts = re.split(r"[x,]", low)
+        if not all(p.isdigit() for p in parts) or len(parts) not in (1, 2, 3):
+            raise ConfigError(f"Plan setting {name} takes sizes like 32x32, got {text!r}.")
+        values = tuple(int(p) for p in parts)
+        return values * 2 if name == "vae_tile" and len(values) == 1 else values
+    return text.strip()
+
+
+def parse_plan_overrides(items: Iterable[str]) -> dict:
+    """['cfg_batch=false', 'vae_tile=32x32', 'dit_blocks_resident=4'] -> Plan field values."""
+    defaults = {f.name: f.default for f in fields(Plan)}
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or name not in defaults:
+            raise ConfigError(
+                f"--set takes NAME=VALUE with NAME one of {', '.join(sorted(defaults))}; got {item!r}."
+            )
+        out[name] = _coerce(name, value, defaults[name])
+    return out
+
+
+# ----------------------------------------------------------------------------- policies
+
+
+def compute_dtype_policy(kind: str, compute_capability: tuple[int, int] | None, bf16_native: bool) -> str:
+    """bf16 where the card has it natively (sm_80+), fp16 on sm_70/75 (and MPS without bf16), fp32
+    on a CPU and on CUDA cards older than sm_70 (slow fp16)."""
+    if kind == "cpu":
+        return "float32"
+    if bf16_native:
+        return "bfloat16"
+    if kind == "cuda" and compute_capability is not None and compute_capability < (7, 0):
+        return "float32"
+    return "float16"
+
+
+def expected_attention_backend(device: DeviceBudget, compute_dtype: str) -> str:
+    """The backend family the dispatcher will land on, for the workspace estimate only.
+
+    The dispatcher decides at run time; the caller may pass its answer as device.attention_backend.
+    """
+    if device.attention_backend:
+        return device.attention_backend
+    if device.kind == "cpu":
+        return "sdpa_flash"  # PyTorch's CPU flash kernel: O(L) memory
+    if device.kind == "cuda":
+        cc = device.compute_capability or (0, 0)
+        if cc >= (8, 0):
+            return "sdpa_flash"
+        if compute_dtype in ("float16", "float32"):
+            return "sdpa_efficient"
+    return "sdpa_math"
+
+
+def make_budget(device: DeviceBudget, vram: int | None = None) -> Budget:
+    """Free memory minus a margin (see CUDA_MARGIN_* / HOST_MARGIN_*), or the user's --vram as is."""
+    host_margin = max(HOST_MARGIN_MIN, int(HOST_MARGIN_FRACTION * device.host_free_bytes))
+    host = max(0, device.host_free_bytes - host_margin)
+    if vram is not None:
+        return Budget(vram, host, f"--vram {fmt_bytes(vram)}")
+    if device.kind == "cpu":
+        return Budget(
+            host,
+            host,
+            f"free RAM {fmt_bytes(device.free_bytes)} minus a {fmt_bytes(host_margin)} margin",
+            host_margin,
+        )
+    margin = max(CUDA_MARGIN_MIN, int(CUDA_MARGIN_FRACTION * device.total_bytes))
+    return Budget(
+        max(0, device.free_bytes - margin),
+        host,
+        f"free memory {fmt_bytes(device.free_bytes)} minus a {fmt_bytes(margin)} margin",
+        margin,
+    )
+
+
+def fastest_plan(device: DeviceBudget, request: Request, *, fp8: bool = False) -> Plan:
+    """Everything resident, the text encoder kept on the device, CFG batched, nothing tiled."""
+    dtype = compute_dtype_policy(device.kind, device.compute_capability, device.bf16_native)
+    dev = device.torch_device
+    return Plan(
+        device=dev,
+        compute_dtype=dtype,
+        storage_dtype=FP8_STORAGE if fp8 else None,
+        text_encoder_device=dev,
+        # umT5 overflows in fp16; bf16 halves the 22.7 GB of fp32 (emulated below sm_80, it runs once).
+        text_encoder_dtype="float32" if device.kind == "cpu" else "bfloat16",
+        free_text_encoder=False,
+        cfg_batch=request.guidance,
+    )
+
+
+# ----------------------------------------------------------------------------- notches
+
+
+@dataclass(frozen=True)
+class Knob:
+    """One thing the planner can give up, as successive plans from the current setting downward."""
+
+    name: str
+    fields: frozenset[str]
+    candidates: Callable[[Plan, Request], list[Plan]]
+
+
+def _is_cuda(plan: Plan) -> bool:
+    return plan.device.startswith("cuda")
+
+
+def _free_text_encoder(plan: Plan, request: Request) -> list[Plan]:
+    return [] if plan.free_text_encoder else [replace(plan, free_text_encoder=True)]
+
+
+def _text_encoder_bf16(plan: Plan, request: Request) -> list[Plan]:
+    """A CPU run: bf16 halves the encoder's 22.7 GB of fp32 (umT5 overflows in fp16)."""
+    if plan.device == "cpu" and plan.text_encoder_dtype == "float32":
+        return [replace(plan, text_encoder_dtype="bfloat16")]
+    return []
+
+
+def _stream_text_encoder(plan: Plan, request: Request) -> list[Plan]:
+    if (
+        not _is_cuda(plan)
+        or plan.text_encoder_device == "cpu"
+        or plan.text_encoder_blocks_resident is not None
+    ):
+        return []
+    return [replace(plan, text_encoder_blocks_resident=0)]
+
+
+def _text_encoder_on_cpu(plan: Plan, request: Request) -> list[Plan]:
+    if plan.device == "cpu" or plan.text_encoder_device == "cpu":
+        return []
+    return [replace(plan, text_encoder_device="cpu", text_encoder_blocks_resident=None)]
+
+
+def _sequential_cfg(plan: Plan, request: Request) -> list[Plan]:
+    return [replace(plan, cfg_batch=False)] if plan.cfg_batch else []
+
+
+def _offload_dit(plan: Plan, request: Request) -> list[Plan]:
+    return [] if plan.offload_dit_before_decode else [replace(plan, offload_dit_before_decode=True)]
+
+
+def _stream_dit(plan: Plan, request: Request) -> list[Plan]:
+    if not _is_cuda(plan):
+        return []
+    n = request.config.num_layers
+    k = plan.dit_blocks_resident
+    ladder = []
+    k = n if k is None else k
+    while k > 0:
+        k //= 2
+        ladder.append(replace(plan, dit_blocks_resident=k))
+    return ladder
+
+
+def _vae_tiles(plan: Plan, request: Request) -> list[Plan]:
+    current = min(plan.vae_tile) if plan.vae_tile else math.inf
+    return [replace(plan, vae_tile=(t, t)) for t in VAE_TILE_LADDER if t < current]
+
+
+def _attention_chunks(plan: Plan, request: Request) -> list[Plan]:
+    current = plan.attention_chunk or math.inf
+    return [replace(plan, attention_chunk=c) for c in ATTENTION_CHUNK_LADDER if c < current]
+
+
+def _ffn_chunks(plan: Plan, request: Request) -> list[Plan]:
+    current = plan.ffn_chunk or math.inf
+    return [replace(plan, ffn_chunk=c) for c in FFN_CHUNK_LADDER if c < current]
+
+
+_TEXT_ENCODER_FIELDS = frozenset(
+    {"text_encoder_device", "text_encoder_blocks_resident", "text_encoder_dtype"}
+)
+
+# The give-up order (see the module docstring); the CPU text encoder comes after DiT streaming
+# because streaming umT5 costs about a second and running it on a CPU minutes.
+KNOBS: tuple[Knob, ...] = (
+    Knob("free_text_encoder", frozenset({"free_text_encoder"}), _free_text_encoder),
+    Knob("stream_text_encoder", _TEXT_ENCODER_FIELDS, _stream_text_encoder),
+    Knob("text_encoder_bf16", _TEXT_ENCODER_FIELDS, _text_encoder_bf16),
+    Knob("sequential_cfg", frozenset({"cfg_batch"}), _sequential_cfg),
+    Knob("offload_dit_before_decode", frozenset({"offload_dit_before_decode"}), _offload_dit),
+    Knob("stream_dit_blocks", frozenset({"dit_blocks_resident"}), _stream_dit),
+    Knob("text_encoder_on_cpu", _TEXT_ENCODER_FIELDS, _text_encoder_on_cpu),
+    Knob("vae_tiling", frozenset({"vae_tile"}), _vae_tiles),
+    Knob("attention_chunking", frozenset({"attention_chunk"}), _attention_chunks),
+    Knob("ffn_chunking", frozenset({"ffn_chunk"}), _ffn_chunks),
+)
+
+
+def _lowers(before: dict[str, PhaseEstimate], after: dict[str, PhaseEstimate], phase: str | None) -> bool:
+    names = PHASES if phase is None else (phase,)
+    return any(after[p].peak < before[p].peak for p in names)
+
+
+def step_down(
+    plan: Plan,
+    request: Request | None = None,
+    phase: str | None = None,
+    *,
+    backend: str | None = None,
+    frozen: Iterable[str] = (),
+) -> Plan | None:
+    """The next notch down for `phase` (or any phase): the first give-up step, in the planner's order,
+    that lowers that phase's estimated peak; None when nothing is left to give up.
+
+    Streaming halves the resident block count each notch (None -> n/2 -> ... -> 0).
+    """
+    request = request or default_request()
+    backend = backend or "sdpa_flash"  # unknown: assume a fused (O(L) workspace) kernel
+    frozen = frozenset(frozen)
+    before = estimate_phases(request, plan, backend)
+    for knob in KNOBS:
+        if knob.fields & frozen:
+            continue
+        for candidate in knob.candidates(plan, request):
+            if _lowers(before, estimate_phases(request, candidate, backend), phase):
+                return candidate
+    return None
+
+
+def default_request(config: DiTConfig | None = None) -> Request:
+    from wanfit.models.configs import WAN_T2V_1_3B
+
+    return Request(config or WAN_T2V_1_3B)
+
+
+# ----------------------------------------------------------------------------- the search
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    """The chosen plan with its predicted peaks, the budget it was made for and why."""
+
+    plan: Plan
+    request: Request
+    device: DeviceBudget
+    budget: Budget
+    phases: dict[str, PhaseEstimate]
+    host_bytes: int
+    attention_backend: str
+    notes: tuple[str, ...] = ()
+    requested: Request | None = None  # the original request when it was downscaled
+    steps: tuple[str, ...] = field(default_factory=tuple)  # what was given up, in order
+
+    @property
+    def peak_bytes(self) -> int:
+        return peak_bytes(self.phases)
+
+    def to_dict(self) -> dict:
+        req = self.request
+        return {
+            "feasible": True,
+            "peak_bytes": self.peak_bytes,
+            "budget_bytes": self.budget.device_bytes,
+            "budget_source": self.budget.source,
+            "host_bytes": self.host_bytes,
+            "host_budget_bytes": self.budget.host_bytes,
+            "phases": {name: p.to_dict() for name, p in self.phases.items()},
+            "settings": self.plan.to_dict(),
+            "attention_backend": self.attention_backend,
+            "request": {
+                "model": req.model_name,
+                "width": req.width,
+                "height": req.height,
+                "frames": req.num_frames,
+                "guidance": req.guidance,
+                "tokens": req.tokens,
+            },
+            "downscaled": self.requested is not None,
+            "gave_up": list(self.steps),
+            "device": self.device.to_dict(),
+            "notes": list(self.notes),
+        }
+
+    def summary(self) -> str:
+        lines = [
+            f"plan for {self.request.describe()}",
+            f"device: {self.device.describe()}",
+            f"budget: {fmt_bytes(self.budget.device_bytes)} ({self.budget.source}); "
+            f"host RAM: needs {fmt_bytes(self.host_bytes)} of {fmt_bytes(self.budget.host_bytes)}",
+            f"compute dtype {self.plan.compute_dtype}, attention (expected) {self.attention_backend}",
+            "",
+            f"{'phase':<14}{'weights':>12}{'activations':>13}{'workspace':>12}{'cache':>12}{'peak':>12}",
+        ]
+        for name, p in self.phases.items():
+            lines.append(
+                f"{name:<14}{fmt_bytes(p.weights):>12}{fmt_bytes(p.activations):>13}"
+                f"{fmt_bytes(p.workspace):>12}{fmt_bytes(p.cache):>12}{fmt_bytes(p.peak):>12}"
+            )
+        lines += ["", f"predicted peak {fmt_bytes(self.peak_bytes)} of {fmt_bytes(self.budget.device_bytes)}"]
+        lines.append("gave up: " + (", ".join(self.steps) if self.steps else "nothing (fastest plan)"))
+        lines.append("settings:")
+        lines += [f"  {k}: {v}" for k, v in self.plan.to_dict().items()]
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _fits(phases: dict[str, PhaseEstimate], budget: Budget) -> str | None:
+    """The first phase over budget, or None."""
+    return next((name for name in PHASES if phases[name].peak > budget.device_bytes), None)
+
+
+def _host_ok(request: Request, plan: Plan, budget: Budget) -> bool:
+    return host_bytes(request, plan) <= budget.host_bytes
+
+
+def _best_resident_count(
+    plan: Plan, request: Request, backend: str, budget: Budget, low: int, frozen: frozenset[str] = frozenset()
+) -> Plan | None:
+    """The plan with the most resident DiT blocks (>= low) that fits the device and the host, or None.
+
+    Moving the DiT off the device before the decode (a one-time copy) is allowed when it lets more
+    blocks stay resident through all the denoising steps.
+    """
+    n = request.config.num_layers
+    variants = [plan]
+    if not plan.offload_dit_before_decode and "offload_dit_before_decode" not in frozen:
+        variants.append(replace(plan, offload_dit_before_decode=True))
+    for k in range(n - 3, low - 1, -1):  # k + 2 < n, else streaming saves nothing
+        for variant in variants:
+            candidate = replace(variant, dit_blocks_resident=k)
+            if _fits(estimate_phases(request, candidate, backend), budget) is None:
+                return candidate if _host_ok(request, candidate, budget) else None
+    return None
+
+
+def _search(
+    request: Request, base: Plan, budget: Budget, backend: str, frozen: frozenset[str]
+) -> tuple[Plan, dict[str, PhaseEstimate], list[str], bool]:
+    """Give things up until every phase fits: (plan, phases, steps, fits).
+
+    A step is taken only if it lowers the first failing phase and its host RAM need still fits.
+    """
+    plan = base
+    phases = estimate_phases(request, plan, backend)
+    while (failing := _fits(phases, budget)) is not None:
+        nxt = None
+        for knob in KNOBS:
+            if knob.fields & frozen:
+                continue
+            for candidate in knob.candidates(plan, request):
+                cand_phases = estimate_phases(request, candidate, backend)
+                if not _lowers(phases, cand_phases, failing):
+                    continue
+                if knob.name == "stream_dit_blocks" and plan.dit_blocks_resident is None:
+                    # k from the budget: the most resident blocks that fit, else all streamed.
+                    best = _best_resident_count(candidate, request, backend, budget, 0, frozen)
+                    candidate = best or replace(candidate, dit_blocks_resident=0)
+                    cand_phases = estimate_phases(request, candidate, backend)
+                if not _host_ok(request, candidate, budget):
+                    break  # this knob costs host RAM that is not there: try the next one
+                nxt = (knob.name, candidate, cand_phases)
+                break
+            if nxt:
+                break
+        if nxt is None:
+            return plan, phases, [], False
+        _, plan, phases = nxt
+    if plan.dit_blocks_resident is not None and "dit_blocks_resident" not in frozen:
+        better = _best_resident_count(plan, request, backend, budget, plan.dit_blocks_resident + 1, frozen)
+        if better is not None:
+            plan, phases = better, estimate_phases(request, better, backend)
+    before, after = base.to_dict(), plan.to_dict()
+    steps = [knob.name for knob in KNOBS if any(before[f] != after[f] for f in knob.fields)]
+    return plan, phases, steps, _host_ok(request, plan, budget)
+
+
+def _leanest(request: Request, base: Plan, backend: str, frozen: frozenset[str]) -> Plan:
+    """Everything given up that lowers some phase: the smallest plan there is."""
+    plan = base
+    while (nxt := step_down(plan, request, None, backend=backend, frozen=frozen)) is not None:
+        plan = nxt
+    return plan
+
+
+def _downscaled_requests(request: Request) -> list[Request]:
+    """Smaller videos, largest first: fewer latent frames (halving) and sizes down to a quarter."""
+    frames = []
+    t = request.latent_frames
+    while t >= 1:
+        frames.append(4 * (t - 1) + 1)
+        t = t // 2 if t > 1 else 0
+    sizes = []
+    for scale in (1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25):
+        w = max(16, int(request.width * scale) // 16 * 16)
+        h = max(16, int(request.height * scale) // 16 * 16)
+        if (w, h) not in sizes:
+            sizes.append((w, h))
+    out = [request.resized(w, h, f) for (w, h) in sizes for f in frames]
+    out = [
+        r
+        for r in out
+        if (r.width, r.height, r.num_frames) != (request.width, request.height, request.num_frames)
+    ]
+    return sorted(out, key=lambda r: -(r.width * r.height * r.num_frames))
+
+
+def plan_run(
+    device: DeviceBudget,
+    request: Request,
+    *,
+    vram: int | None = None,
+    overrides: dict | None = None,
+    allow_downscale: bool = False,
+    fp8: bool = False,
+) -> PlanResult:
+    """The fastest plan that fits; PlanError naming the smallest budget that would work otherwise."""
+    overrides = dict(overrides or {})
+    unknown = set(overrides) - {f.name for f in fields(Plan)}
+    if unknown:
+        raise ConfigError(f"Unknown plan settings: {', '.join(sorted(unknown))}.")
+    budget = make_budget(device, vram)
+    base = replace(fastest_plan(device, request, fp8=fp8), **overrides)
+    frozen = frozenset(overrides) | ({"storage_dtype"} if fp8 else frozenset())
+    backend = expected_attention_backend(device, base.compute_dtype)
+    notes = _notes(device, budget, base, vram)
+
+    plan, phases, steps, fits = _search(request, base, budget, backend, frozen)
+    chosen, requested = request, None
+    if not fits and allow_downscale:
+        for smaller in _downscaled_requests(request):
+            plan, phases, steps, fits = _search(smaller, base, budget, backend, frozen)
+            if fits:
+                chosen, requested = smaller, request
+                plan = replace(plan, output_size=(smaller.width, smaller.height, smaller.num_frames))
+                notes.insert(
+                    0,
+                    f"DOWNSCALED: {request.width}x{request.height}x{request.num_frames} does not fit "
+                    f"{fmt_bytes(budget.device_bytes)}; planning {smaller.width}x{smaller.height}x"
+                    f"{smaller.num_frames} instead (--allow-downscale).",
+                )
+                break
+    if not fits:
+        raise _no_plan_error(request, base, budget, backend, frozen, allow_downscale)
+    need_host = host_bytes(chosen, plan)
+    notes += _plan_notes(plan, device)
+    return PlanResult(
+        plan=plan,
+        request=chosen,
+        device=device,
+        budget=budget,
+        phases=phases,
+        host_bytes=need_host,
+        attention_backend=plan.attention or backend,
+        notes=tuple(notes),
+        requested=requested,
+        steps=tuple(steps),
+    )
+
+
+def _no_plan_error(
+    request: Request, base: Plan, budget: Budget, backend: str, frozen: frozenset[str], allow_downscale: bool
+) -> NoPlanError:
+    """One sentence: the smallest budget that would work (or the host RAM that is missing)."""
+    leanest = _leanest(request, base, backend, frozen)
+    need = peak_bytes(estimate_phases(request, leanest, backend))
+    need_host = host_bytes(request, leanest)
+    where = f"{request.describe()} in {fmt_bytes(budget.device_bytes)} ({budget.source})"
+    if need <= budget.device_bytes:
+        fp8 = " (--fp8 halves the streamed DiT copy)" if base.storage_dtype is None else ""
+        message = (
+            f"No plan fits {where}: the plans that fit the device need about {fmt_bytes(need_host)} of "
+            f"host RAM for streamed or CPU-side weights, and {fmt_bytes(budget.host_bytes)} is free after "
+            f"a margin{fp8}."
+        )
+        short = f"needs ~{fmt_bytes(need_host)} of host RAM"
+    else:
+        free_note = (
+            f", i.e. {fmt_bytes(need + budget.margin_bytes)} free with the {fmt_bytes(budget.margin_bytes)} margin"
+            if budget.margin_bytes
+            else ""
+        )
+        hint = "" if allow_downscale else "; pass --allow-downscale to accept fewer frames or a smaller size"
+        message = (
+            f"No plan fits {where}: the smallest plan needs a budget of {fmt_bytes(need)}{free_note}{hint}."
+        )
+        short = f"needs a budget of {fmt_bytes(need)}"
+    return NoPlanError(message, min_budget_bytes=need, host_bytes_needed=need_host, short=short)
+
+
+def _notes(device: DeviceBudget, budget: Budget, plan: Plan, vram: int | None) -> list[str]:
+    notes = []
+    if vram is not None and device.kind != "cpu" and vram > device.free_bytes:
+        notes.append(
+            f"--vram {fmt_bytes(vram)} is more than the {fmt_bytes(device.free_bytes)} free on the device."
+        )
+    return notes
+
+
+def _plan_notes(plan: Plan, device: DeviceBudget) -> list[str]:
+    notes = []
+    if plan.text_encoder_dtype == "bfloat16" and device.kind == "cuda" and not device.bf16_native:
+        notes.append("the text encoder runs in bf16, emulated on this card (slower; it runs once).")
+    if plan.text_encoder_device == "cpu" and device.kind != "cpu":
+        notes.append("the text encoder runs on the CPU: expect minutes for the prompt encoding.")
+    if plan.dit_blocks_resident is not None:
+        notes.append(
+            f"DiT blocks stream from pinned host memory, {plan.dit_blocks_resident} resident, "
+            "the next block copied while the current one computes."
+        )
+    if plan.storage_dtype == FP8_STORAGE:
+        notes.append("fp8 weight storage (per-tensor scaled, upcast per block): small quality loss.")
+    if plan.attention_chunk and (plan.attention or "") in LINEAR_BACKENDS:
+        notes.append("attention chunking is set although the backend's workspace is already linear.")
+    return notes

@@ -1,0 +1,31 @@
+"""The memory benchmark's CPU-side logic: predictions for every plan, the key mapping, the report."""
+
+import json
+import math
+from pathlib import Path
+
+from benchmarks import bench_memory
+
+MANIFESTS = Path(__file__).parent / "data" / "manifests"
+
+
+def test_dry_run_writes_predictions(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert bench_memory.main(["--dry-run", "--layers", "4", "--te-layers", "2", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    rows = data["rows"]
+    assert {r["phase"] for r in rows} == {"denoise", "vae_decode", "text_encoder"}
+    assert data["request"]["layers"] == 4 and data["request"]["tokens"] == 32760
+    by_plan = {r["plan"]: r["predicted"] for r in rows if r["phase"] == "denoise"}
+    assert by_plan["streamed k=0"] < by_plan["resident"] < by_plan["resident, CFG batched"]
+    decode = [r["predicted"] for r in rows if r["phase"] == "vae_decode"]
+    assert decode == sorted(decode, reverse=True)
+    assert "predicted" in capsys.readouterr().out
+
+
+def test_official_to_diffusers_names_match_the_checkpoints():
+    official = json.loads((MANIFESTS / "official_wan2.1_t2v_1.3B_dit.json").read_text())["tensors"]
+    diffusers = json.loads((MANIFESTS / "diffusers_wan2.1_t2v_1.3B_transformer.json").read_text())["tensors"]
+    mapped = {bench_memory.official_to_diffusers(k): shape for k, shape in official.items()}
+    assert mapped.keys() == diffusers.keys()
+    assert all(math.prod(mapped[k]) == math.prod(diffusers[k]) for k in mapped)

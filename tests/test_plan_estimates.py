@@ -1,0 +1,151 @@
+"""Memory estimates: exact parameter counts from the real checkpoints' shapes; sane, monotonic peaks."""
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from wanfit.models.configs import WAN_T2V_1_3B, WAN_T2V_14B
+from wanfit.plan import estimates as E
+from wanfit.plan.plan import Plan
+
+MANIFESTS = Path(__file__).parent / "data" / "manifests"
+GB = 1e9
+
+
+def _tensors(name: str) -> dict:
+    return json.loads((MANIFESTS / name).read_text())["tensors"]
+
+
+def _count(tensors: dict, keep=lambda k: True) -> int:
+    return sum(math.prod(shape) for key, shape in tensors.items() if keep(key))
+
+
+@pytest.mark.parametrize(
+    "config, manifest",
+    [(WAN_T2V_1_3B, "official_wan2.1_t2v_1.3B_dit.json"), (WAN_T2V_14B, "official_wan2.1_t2v_14B_dit.json")],
+)
+def test_dit_parameter_counts_match_the_checkpoints(config, manifest):
+    t = _tensors(manifest)
+    assert sum(E.dit_block_params(config)) == _count(t, lambda k: k.startswith("blocks.0."))
+    assert E.dit_nonblock_params(config) == _count(t, lambda k: not k.startswith("blocks."))
+    assert E.dit_params(config) == _count(t)
+    matrices = _count(t, lambda k: k.startswith("blocks.0.") and len(t[k]) == 2)
+    assert E.dit_block_params(config)[0] == matrices
+
+
+def test_text_encoder_and_vae_counts_match_the_checkpoints():
+    t5 = _tensors("official_umt5_xxl_encoder.json")
+    assert E.UMT5_XXL.params() == _count(t5) == 5_680_910_336
+    assert E.UMT5_XXL.layer_params() == _count(t5, lambda k: k.startswith("blocks.0."))
+    vae = _tensors("official_wan2.1_vae.json")
+    encoder, decoder = E.vae_params()
+    assert encoder == _count(vae, lambda k: k.startswith(("encoder.", "conv1.")))
+    assert decoder == _count(vae, lambda k: k.startswith(("decoder.", "conv2.")))
+    assert encoder + decoder == 126_892_531
+
+
+def _plan(**kw) -> Plan:
+    base = {"device": "cuda", "compute_dtype": "bfloat16", "text_encoder_device": "cuda"}
+    base["text_encoder_dtype"] = "bfloat16"
+    return Plan(**{**base, **kw})
+
+
+REQ = E.Request(WAN_T2V_1_3B)  # 832x480x81, guidance on
+
+
+def test_request_shapes():
+    assert REQ.tokens == 32760 and REQ.latent_frames == 21 and REQ.latent_hw == (60, 104)
+    assert E.Request(WAN_T2V_14B, height=720, width=1280).tokens == 21 * 45 * 80
+
+
+def test_resident_bf16_weights_of_1_3b():
+    weights = E.dit_device_weights(WAN_T2V_1_3B, _plan())
+    assert weights == 2 * 1_418_996_800  # ~2.84 GB
+    assert E.dit_device_weights(WAN_T2V_1_3B, _plan(compute_dtype="float32")) == 2 * weights
+    fp8 = E.dit_device_weights(WAN_T2V_1_3B, _plan(storage_dtype="float8_e4m3fn"))
+    assert 0.5 * weights < fp8 < 0.56 * weights  # half, plus the upcast block and fp32-kept vectors
+
+
+def test_streaming_lowers_the_denoise_peak_and_needs_host_memory():
+    peaks = [
+        E.estimate_denoise(REQ, _plan(dit_blocks_resident=k), "sdpa_flash").peak for k in (None, 20, 6, 2, 0)
+    ]
+    assert peaks == sorted(peaks, reverse=True) and len(set(peaks)) == 5
+    block = sum(E.dit_block_params(WAN_T2V_1_3B)) * 2
+    assert peaks[0] - peaks[-1] == (30 - 2) * block  # only the two streaming slots stay
+    assert E.host_bytes(REQ, _plan(dit_blocks_resident=6)) == 24 * block
+    assert E.host_bytes(REQ, _plan()) == 0
+
+
+def test_denoise_grows_with_size_frames_and_cfg_batch():
+    plan = _plan()
+    base = E.estimate_denoise(REQ, plan, "sdpa_flash").peak
+    assert E.estimate_denoise(replace(REQ, num_frames=41), plan, "sdpa_flash").peak < base
+    assert E.estimate_denoise(replace(REQ, height=720, width=1280), plan, "sdpa_flash").peak > base
+    single = E.estimate_denoise(REQ, _plan(cfg_batch=False), "sdpa_flash")
+    assert single.peak < base
+    no_cfg = E.estimate_denoise(replace(REQ, guidance=False), plan, "sdpa_flash")
+    assert no_cfg.activations == single.activations and no_cfg.cache < single.cache  # one embedding
+    # Activations of one sample at 32760 tokens: between 1 and 3 GB (diffusers measured 4.2 GiB with weights).
+    assert 1 * GB < single.activations < 3 * GB
+
+
+def test_attention_workspace_by_backend():
+    # DESIGN.md: math attention for 12 heads at 32760 tokens peaked at 108 GiB on an H200.
+    math_ws = E.attention_workspace("sdpa_math", 1, 12, 32760, 32760, 128, 2)
+    assert abs(math_ws / 1024**3 - 108) < 1.0
+    flash = E.attention_workspace("sdpa_flash", 1, 12, 32760, 32760, 128, 2)
+    chunked = E.attention_workspace("chunked", 1, 12, 32760, 32760, 128, 2)
+    assert flash < chunked < 1 * GB < math_ws
+    assert E.attention_workspace("sdpa_math", 1, 12, 32760, 32760, 128, 2, query_chunk=1024) < math_ws / 30
+    # Attention chunking matters for math attention only.
+    math_peak = E.estimate_denoise(REQ, _plan(), "sdpa_math").peak
+    assert E.estimate_denoise(REQ, _plan(attention_chunk=2048), "sdpa_math").peak < math_peak / 10
+    flash_peak = E.estimate_denoise(REQ, _plan(), "sdpa_flash").peak
+    assert E.estimate_denoise(REQ, _plan(attention_chunk=2048), "sdpa_flash").peak == flash_peak
+
+
+def test_ffn_chunking_lowers_the_ffn_stage():
+    full = E.dit_activations(REQ, _plan(cfg_batch=False), "sdpa_flash")
+    chunked = E.dit_activations(REQ, _plan(cfg_batch=False, ffn_chunk=2048), "sdpa_flash")
+    assert full[2] == "ffn" and chunked[0] < full[0]
+
+
+def test_vae_tiling_lowers_the_decode_peak():
+    peaks = [
+        E.estimate_vae_decode(REQ, _plan(vae_tile=t), "sdpa_flash").peak
+        for t in (None, (64, 64), (32, 32), (16, 16))
+    ]
+    assert peaks == sorted(peaks, reverse=True) and len(set(peaks)) == 4
+    untiled = E.estimate_vae_decode(REQ, _plan(offload_dit_before_decode=True), "sdpa_flash", others=False)
+    assert untiled.weights == 126_892_531 * 2
+    # Causal caches of 2 frames per conv dominate an untiled 480p decode: ~1.9 GB in bf16.
+    assert 1.7 * GB < untiled.cache < 2.1 * GB
+    assert E.estimate_vae_decode(REQ, _plan(offload_dit_before_decode=True), "sdpa_flash").peak < peaks[0]
+    # A tile as large as the latent changes nothing.
+    assert E.estimate_vae_decode(REQ, _plan(vae_tile=(64, 128)), "sdpa_flash").peak == peaks[0]
+
+
+def test_text_encoder_placements():
+    on_device = E.estimate_text_encoder(REQ, _plan(), others=False)
+    assert on_device.weights == 5_680_910_336 * 2  # 11.4 GB in bf16
+    streamed = E.estimate_text_encoder(REQ, _plan(text_encoder_blocks_resident=0), others=False)
+    assert streamed.weights == (4096 + 2 * E.UMT5_XXL.layer_params()) * 2
+    on_cpu = E.estimate_text_encoder(REQ, _plan(text_encoder_device="cpu"), others=False)
+    assert on_cpu.weights == 0 and on_cpu.activations == 0
+    assert E.host_bytes(REQ, _plan(text_encoder_device="cpu")) > 5_680_910_336 * 2
+    # Kept on the device, the encoder also weighs on the later phases; freed, it does not.
+    kept = E.estimate_denoise(REQ, _plan(free_text_encoder=False), "sdpa_flash").peak
+    freed = E.estimate_denoise(REQ, _plan(free_text_encoder=True), "sdpa_flash").peak
+    assert kept - freed == 5_680_910_336 * 2
+
+
+def test_phase_estimates_serialise():
+    phases = E.estimate_phases(REQ, _plan())
+    assert set(phases) == set(E.PHASES)
+    d = phases["denoise"].to_dict()
+    assert d["peak"] == d["weights"] + d["activations"] + d["workspace"] + d["cache"]
+    assert E.peak_bytes(phases) == max(p.peak for p in phases.values())
