@@ -43,12 +43,25 @@ def test_parse_bytes_rejects(text):
         P.parse_bytes(text)
 
 
-def test_compute_dtype_policy():
-    assert P.compute_dtype_policy("cuda", (9, 0), True) == "bfloat16"
-    assert P.compute_dtype_policy("cuda", (7, 5), False) == "float16"
-    assert P.compute_dtype_policy("cuda", (7, 0), False) == "float16"
-    assert P.compute_dtype_policy("cuda", (6, 1), False) == "float32"
-    assert P.compute_dtype_policy("cpu", None, False) == "float32"
+def test_the_planner_takes_its_compute_dtype_from_the_precision_policy():
+    def dtype(**kw):
+        device = P.DeviceBudget("cuda", "card", (7, 5), 16 * GIB, 16 * GIB, 64 * GIB, **kw)
+        return P.fastest_plan(device, P.default_request()).compute_dtype
+
+    assert dtype(bf16_native=True) == "bfloat16"
+    assert dtype(bf16_native=False) == "float16"
+    assert dtype(bf16_native=False, fp16_native=False) == "float32"
+    cpu = P.DeviceBudget("cpu", "CPU", None, 32 * GIB, 32 * GIB, 32 * GIB, False)
+    assert P.fastest_plan(cpu, P.default_request()).compute_dtype == "float32"
+
+
+def test_budget_from_an_emulated_probe():
+    from wanfit.hardware.probe import probe
+
+    t4 = P.budget_from_probe(probe(emulate="t4"), attention_backend="sdpa_efficient")
+    assert (t4.kind, t4.compute_capability, t4.bf16_native) == ("cuda", (7, 5), False)
+    assert t4.total_bytes == 15 * GIB and not t4.compilable  # emulated: nothing compiles
+    assert P.fastest_plan(t4, P.default_request()).compute_dtype == "float16"
 
 
 def test_budget_is_free_memory_minus_a_margin_or_vram():

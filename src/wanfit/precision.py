@@ -65,15 +65,20 @@ class PrecisionPolicy:
         }
 
 
-def default_compute_dtype(hw: HardwareProbe) -> torch.dtype:
-    """bf16 where the card has it natively, fp16 where it has fast fp16, else fp32 (CPUs included)."""
-    if hw.device_type == "cpu":
+def compute_dtype_for(device_type: str, bf16_native: bool, fp16_native: bool) -> torch.dtype:
+    """The policy itself: bf16 where native, fp16 where fast, else fp32 (CPUs included)."""
+    if device_type == "cpu":
         return torch.float32
-    if hw.bf16_native:
+    if bf16_native:
         return torch.bfloat16
-    if hw.fp16_native:
+    if fp16_native:
         return torch.float16
     return torch.float32
+
+
+def default_compute_dtype(hw: HardwareProbe) -> torch.dtype:
+    """compute_dtype_for this machine (or emulated card)."""
+    return compute_dtype_for(hw.device_type, hw.bf16_native, hw.fp16_native)
 
 
 def default_storage_dtype(hw: HardwareProbe, compute: torch.dtype) -> torch.dtype:

@@ -96,3 +96,18 @@ def hardware_from_args(args: argparse.Namespace, *, apply_limits: bool = False) 
     if apply_limits:
         apply_emulation_limits(hw)
     return HardwareSetup(probe=hw, precision=precision, dispatcher=dispatcher)
+
+
+def device_budget(setup: HardwareSetup, job: JobShape = DEFAULT_JOB):
+    """The planner's view of this machine, with the attention backend the dispatcher picks for `job`."""
+    from wanfit.errors import AttentionUnavailableError
+    from wanfit.plan.planner import budget_from_probe
+
+    call = setup.dispatcher.call_on_probe(
+        setup.precision.compute, q_len=job.tokens, heads=job.heads, head_dim=job.head_dim
+    )
+    try:
+        backend = setup.dispatcher.select(call).backend
+    except AttentionUnavailableError:
+        backend = None
+    return budget_from_probe(setup.probe, backend)

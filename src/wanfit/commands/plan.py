@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
+from wanfit.commands.common import add_hardware_options
 from wanfit.errors import ConfigError, PlanError
 
 
@@ -43,45 +43,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="force a plan setting, e.g. cfg_batch=false, vae_tile=32x32, dit_blocks_resident=4",
     )
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    add_hardware_options(p)
     p.set_defaults(func=run)
 
 
-def host_memory() -> tuple[int, int]:
-    """(total, available) host RAM in bytes, from /proc/meminfo where there is one."""
-    try:
-        info = {}
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            key, _, rest = line.partition(":")
-            info[key] = int(rest.split()[0]) * 1024
-        return info["MemTotal"], info.get("MemAvailable", info["MemFree"])
-    except (OSError, KeyError, ValueError, IndexError):
-        page = os.sysconf("SC_PAGE_SIZE")
-        return page * os.sysconf("SC_PHYS_PAGES"), page * os.sysconf("SC_AVPHYS_PAGES")
-
-
 def budget_from_args(args: argparse.Namespace):
-    """This machine as the planner sees it: the current CUDA device, else an MPS device, else the CPU.
+    """This machine (or the --emulate card) as the planner sees it."""
+    from wanfit.commands.common import device_budget, hardware_from_args
 
-    A caller that emulates a card sets args.device_budget instead, and this is not called.
-    """
-    import torch
-
-    from wanfit.plan.planner import DeviceBudget
-
-    host_total, host_free = host_memory()
-    if torch.cuda.is_available():
-        index = torch.cuda.current_device()
-        free, total = torch.cuda.mem_get_info(index)
-        cc = torch.cuda.get_device_capability(index)
-        name = torch.cuda.get_device_name(index)
-        return DeviceBudget("cuda", name, cc, total, free, host_free, cc >= (8, 0), device="cuda")
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        total = int(torch.mps.recommended_max_memory())
-        return DeviceBudget(
-            "mps", "Apple GPU", None, total, min(total, host_free), host_free, False, device="mps"
-        )
-    return DeviceBudget("cpu", "CPU", None, host_total, host_free, host_free, False, device="cpu")
+    return device_budget(hardware_from_args(args))
 
 
 def config_from_folder(folder: Path):

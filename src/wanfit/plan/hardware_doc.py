@@ -1,13 +1,14 @@
 """Generate docs/hardware.md from the planner: `python -m wanfit.plan.hardware_doc [--out PATH]`.
 
-For each card in CARDS: the compute dtype, the expected attention backend, the plan and the
+For each emulated card (wanfit.hardware.profiles): the compute dtype (wanfit.precision), the
+attention backend (the dispatcher, from the backends' declared requirements), the plan and the
 predicted peak for Wan2.1 1.3B at 832x480x81 and 14B at 1280x720x81, and what to install.
 """
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
 from wanfit.models.configs import WAN_T2V_1_3B, WAN_T2V_14B
@@ -18,92 +19,58 @@ from wanfit.plan.planner import DeviceBudget, NoPlanError, PlanResult, fmt_bytes
 CUDA_CONTEXT_BYTES = GIB // 2
 # Host RAM free at start, as a share of the machine's total (the OS, desktop, page cache).
 HOST_FREE_FRACTION = 0.85
-
-
-@dataclass(frozen=True)
-class Card:
-    """An emulated card: what torch reports (total memory) and a typical host next to it."""
-
-    key: str
-    name: str
-    kind: str
-    compute_capability: tuple[int, int] | None
-    memory_gib: float  # device memory as torch reports it; for the CPU, the host RAM
-    host_ram_gib: float  # a typical machine with this card (an assumption, stated in the doc)
-    install: str
-
-    @property
-    def bf16_native(self) -> bool:
-        return self.compute_capability is not None and self.compute_capability >= (8, 0)
-
-    def budget(self) -> DeviceBudget:
-        total = int(self.memory_gib * GIB)
-        host_free = int(self.host_ram_gib * GIB * HOST_FREE_FRACTION)
-        if self.kind == "cpu":
-            return DeviceBudget("cpu", self.name, None, total, host_free, host_free, False, device="cpu")
-        return DeviceBudget(
-            "cuda",
-            self.name,
-            self.compute_capability,
-            total,
-            total - CUDA_CONTEXT_BYTES,
-            host_free,
-            self.bf16_native,
-            device="cuda",
-        )
-
-
-_FLASH = "`pip install flash-attn` (FlashAttention-2) for the fastest attention"
-_NO_FLASH = (
-    "no flash-attn (it needs sm_80+); fp16 runs PyTorch's memory-efficient SDPA, nothing extra to install"
-)
-# One table of emulated cards (the attention worker's hardware/profiles.py has the same cards: to merge).
-CARDS: dict[str, Card] = {
-    c.key: c
-    for c in (
-        Card("t4", "Tesla T4", "cuda", (7, 5), 15.0, 30.0, _NO_FLASH),
-        Card("t4-colab", "Tesla T4 (Colab free tier)", "cuda", (7, 5), 15.0, 12.7e9 / GIB, _NO_FLASH),
-        Card(
-            "v100",
-            "Tesla V100 16 GB",
-            "cuda",
-            (7, 0),
-            15.77,
-            64.0,
-            "a CUDA 12 build of torch (`pip install torch --index-url https://download.pytorch.org/whl/cu126`): "
-            "CUDA 13 builds dropped sm_70; no flash-attn",
-        ),
-        Card(
-            "v100-32gb",
-            "Tesla V100 32 GB",
-            "cuda",
-            (7, 0),
-            31.74,
-            128.0,
-            "a CUDA 12 build of torch (cu126 wheels): CUDA 13 builds dropped sm_70; no flash-attn",
-        ),
-        Card("rtx2080ti", "GeForce RTX 2080 Ti", "cuda", (7, 5), 10.75, 32.0, _NO_FLASH),
-        Card("rtx3060", "GeForce RTX 3060 12 GB", "cuda", (8, 6), 11.76, 32.0, _FLASH),
-        Card("rtx4090", "GeForce RTX 4090", "cuda", (8, 9), 23.6, 64.0, _FLASH),
-        Card("a100", "A100 40 GB", "cuda", (8, 0), 39.4, 128.0, _FLASH),
-        Card("a100-80gb", "A100 80 GB", "cuda", (8, 0), 79.2, 256.0, _FLASH),
-        Card(
-            "h100",
-            "H100 80 GB",
-            "cuda",
-            (9, 0),
-            79.1,
-            256.0,
-            "`pip install flash-attn` (FlashAttention-2; FlashAttention-3's hopper build is faster still)",
-        ),
-        Card("cpu", "CPU only (32 GB RAM)", "cpu", None, 32.0, 32.0, "nothing; expect hours per video"),
-    )
-}
+# The host RAM of a typical machine with each card: an assumption the document states.
+TYPICAL_HOST_RAM_GIB = {
+    "t4": 30, "v100": 64, "v100-32gb": 128, "rtx2080ti": 32, "rtx3060": 32, "rtx3060-laptop": 16,
+    "rtx4090": 64, "a10g": 64, "l4": 64, "a100-40gb": 128, "a100": 256, "h100": 256, "h200": 256, "cpu": 32,
+}  # fmt: skip
 
 JOBS = (
     ("1.3B, 832x480x81", Request(WAN_T2V_1_3B, height=480, width=832, num_frames=81, model_name="1.3B")),
     ("14B, 1280x720x81", Request(WAN_T2V_14B, height=720, width=1280, num_frames=81, model_name="14B")),
 )
+
+
+def card_budget(key: str) -> DeviceBudget:
+    """The planner's view of an emulated card on its typical machine (no device needs to be present)."""
+    from wanfit.attention.dispatch import Dispatcher
+    from wanfit.commands.common import HardwareSetup, device_budget
+    from wanfit.hardware.probe import probe
+    from wanfit.hardware.profiles import PROFILES
+    from wanfit.precision import precision_policy
+
+    hw = probe(emulate=key)
+    profile = PROFILES[key]
+    host = int((profile.host_ram_gib or TYPICAL_HOST_RAM_GIB[key]) * GIB)
+    host_free = int(host * HOST_FREE_FRACTION)
+    if hw.device_type == "cpu":
+        hw = replace(hw, total_memory=host, free_memory=host_free)
+    else:
+        hw = replace(
+            hw, free_memory=hw.total_memory - CUDA_CONTEXT_BYTES, device_present=False, device_index=None
+        )
+    hw = replace(hw, host_ram_total=host, host_ram_available=host_free)
+    return device_budget(HardwareSetup(hw, precision_policy(hw), Dispatcher(hw)))
+
+
+def install_advice(budget: DeviceBudget) -> str:
+    """What to install for speed on this kind of card."""
+    cc = budget.compute_capability
+    if budget.kind == "cpu":
+        return "nothing; expect hours per 480p video (use `--size 320x192 --frames 17` to try things)"
+    if cc < (7, 5):
+        return (
+            "a CUDA 12 build of torch (`pip install torch --index-url https://download.pytorch.org/whl/cu126`): "
+            "CUDA 13 builds dropped sm_70; flash-attn does not support this card"
+        )
+    if cc < (8, 0):
+        return "nothing: fp16 runs PyTorch's memory-efficient SDPA; flash-attn does not support this card"
+    if cc >= (9, 0):
+        return (
+            "nothing required: PyTorch's cuDNN attention measured fastest on an H100 (docs/benchmarks.md); "
+            "FlashAttention-3 (hopper build) is optional, `wanfit bench attention` ranks what is installed"
+        )
+    return "optional `pip install flash-attn` (FlashAttention-2); `wanfit bench attention` ranks it against PyTorch's"
 
 
 def describe_plan(result: PlanResult) -> str:
@@ -133,16 +100,17 @@ def describe_plan(result: PlanResult) -> str:
     return ", ".join(parts) or "all resident, CFG batched"
 
 
-def _cell(card: Card, request: Request) -> str:
+def _cell(budget: DeviceBudget, request: Request) -> str:
     try:
-        result = plan_run(card.budget(), request)
+        result = plan_run(budget, request)
     except NoPlanError as err:
         return f"does not fit ({err.short})"
     return f"{describe_plan(result)}; peak {fmt_bytes(result.peak_bytes)}"
 
 
 def render() -> str:
-    from wanfit.plan.planner import compute_dtype_policy, expected_attention_backend
+    from wanfit.hardware.profiles import PROFILES
+    from wanfit.precision import compute_dtype_for, dtype_name
 
     lines = [
         "# Hardware requirements",
@@ -151,34 +119,34 @@ def render() -> str:
         "do not edit by hand. Peaks are the planner's predictions of `torch.cuda.max_memory_allocated` "
         f"(the planner keeps a margin on top). Free device memory is taken as total minus "
         f"{fmt_bytes(CUDA_CONTEXT_BYTES)} for the CUDA context; free host RAM as "
-        f"{HOST_FREE_FRACTION:.0%} of the host's RAM, which is an assumed typical machine per card. "
+        f"{HOST_FREE_FRACTION:.0%} of the host RAM of an assumed typical machine per card (the column). "
+        "The attention column is what the dispatcher selects with PyTorch alone (docs/attention.md). "
         "Run `wanfit plan` (or `wanfit plan --emulate CARD`) for your own machine.",
         "",
-        "| card | memory | host RAM | dtype | attention (PyTorch alone) | "
+        "| card | memory | host RAM | dtype | attention | "
         + " | ".join(f"Wan2.1 {label}" for label, _ in JOBS)
         + " |",
         "|---|---|---|---|---|" + "---|" * len(JOBS),
     ]
-    for card in CARDS.values():
-        budget = card.budget()
-        dtype = compute_dtype_policy(budget.kind, budget.compute_capability, budget.bf16_native)
-        backend = expected_attention_backend(budget, dtype)
-        cc = (
-            f" (sm_{card.compute_capability[0]}{card.compute_capability[1]})"
-            if card.compute_capability
-            else ""
-        )
-        cells = [_cell(card, request) for _, request in JOBS]
+    advice = []
+    for key, profile in PROFILES.items():
+        budget = card_budget(key)
+        dtype = dtype_name(compute_dtype_for(budget.kind, budget.bf16_native, budget.fp16_native))
+        cc = budget.compute_capability
+        name = f"{profile.name} (`{key}`, sm_{cc[0]}{cc[1]})" if cc else f"{profile.name} (`{key}`)"
+        cells = [_cell(budget, request) for _, request in JOBS]
+        host_gib = budget.host_free_bytes / HOST_FREE_FRACTION / GIB
         lines.append(
-            f"| {card.name}{cc} | {card.memory_gib:.1f} GiB | {card.host_ram_gib:.1f} GiB | {dtype} | "
-            f"{backend} | " + " | ".join(cells) + " |"
+            f"| {name} | {budget.total_bytes / GIB:.1f} GiB | {host_gib:.1f} GiB | {dtype} | "
+            f"{budget.attention_backend or '-'} | " + " | ".join(cells) + " |"
         )
-    lines += ["", "## What to install for speed", ""]
-    lines += [f"- **{card.name}**: {card.install}." for card in CARDS.values()]
+        advice.append(f"- **{profile.name}** (`{key}`): {install_advice(budget)}.")
+    lines += ["", "## What to install for speed", "", *advice]
     lines += [
         "",
         "Precision: bf16 on sm_80 and newer; fp16 on sm_70/75 (the DiT keeps its residual stream, norms, "
-        "modulation and RoPE in fp32); fp32 on a CPU. The text encoder runs in bf16 (umT5 overflows in fp16).",
+        "modulation and RoPE in fp32); fp32 on a CPU. The text encoder never runs in fp16 (umT5 overflows): "
+        "bf16 where native, else bf16 weights computed in fp32 block by block.",
         "",
     ]
     return "\n".join(lines)

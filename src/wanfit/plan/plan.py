@@ -31,6 +31,7 @@ class Plan:
     offload_dit_before_decode: bool = False  # move the DiT off the device before the VAE decode
     cfg_batch: bool = True  # cond and uncond in one batch
     vae_tile: tuple[int, int] | None = None  # decode tile core in latent pixels (h, w), None: untiled; exact
+    compile_dit: bool = False  # torch.compile the DiT's blocks (resident DiT on CUDA only)
     attention_chunk: int | None = None  # query rows per attention call, None: whole sequence
     ffn_chunk: int | None = None  # tokens per FFN call, None: whole sequence
     # (width, height, frames) when the planner had to lower the request (--allow-downscale only)

@@ -39,6 +39,7 @@ from wanfit.plan.estimates import (
     peak_bytes,
 )
 from wanfit.plan.plan import Plan
+from wanfit.precision import compute_dtype_for, dtype_name
 
 MIB = 1024**2
 # Kept free on a CUDA card besides the estimate: the caching allocator's fragmentation, cuBLAS and
@@ -78,6 +79,8 @@ class DeviceBudget:
     bf16_native: bool
     device: str | None = None  # the torch device string; default: kind
     attention_backend: str | None = None  # what the dispatcher will pick for the DiT; None: guess
+    fp16_native: bool = True  # fast fp16 (CUDA sm_70+); with bf16_native it sets the compute dtype
+    compilable: bool = False  # a real CUDA device with Triton: the DiT's blocks may be compiled
 
     @property
     def torch_device(self) -> str:
@@ -96,6 +99,34 @@ class DeviceBudget:
         if self.compute_capability is not None:
             d["compute_capability"] = list(self.compute_capability)
         return d
+
+
+def budget_from_probe(hw, attention_backend: str | None = None) -> DeviceBudget:
+    """The planner's view of a HardwareProbe (a real machine or an emulated card).
+
+    attention_backend: what the attention dispatcher selects for the DiT's self-attention (it sets
+    the workspace estimate); the caller asks the dispatcher, the planner does not.
+    """
+    host_free = hw.host_ram_available if hw.host_ram_available is not None else hw.free_memory
+    device = hw.device_type if hw.device_index is None else f"{hw.device_type}:{hw.device_index}"
+    compilable = False
+    if hw.device_type == "cuda" and hw.device_present and not hw.emulated:
+        import importlib.util
+
+        compilable = importlib.util.find_spec("triton") is not None
+    return DeviceBudget(
+        kind=hw.device_type,
+        name=hw.device_name,
+        compute_capability=hw.compute_capability,
+        total_bytes=hw.total_memory,
+        free_bytes=hw.free_memory,
+        host_free_bytes=host_free,
+        bf16_native=hw.bf16_native,
+        device=device if hw.device_present else hw.device_type,
+        attention_backend=attention_backend,
+        fp16_native=hw.fp16_native,
+        compilable=compilable,
+    )
 
 
 @dataclass(frozen=True)
@@ -187,18 +218,6 @@ def parse_plan_overrides(items: Iterable[str]) -> dict:
 # ----------------------------------------------------------------------------- policies
 
 
-def compute_dtype_policy(kind: str, compute_capability: tuple[int, int] | None, bf16_native: bool) -> str:
-    """bf16 where the card has it natively (sm_80+), fp16 on sm_70/75 (and MPS without bf16), fp32
-    on a CPU and on CUDA cards older than sm_70 (slow fp16)."""
-    if kind == "cpu":
-        return "float32"
-    if bf16_native:
-        return "bfloat16"
-    if kind == "cuda" and compute_capability is not None and compute_capability < (7, 0):
-        return "float32"
-    return "float16"
-
-
 def expected_attention_backend(device: DeviceBudget, compute_dtype: str) -> str:
     """The backend family the dispatcher will land on, for the workspace estimate only.
 
@@ -241,7 +260,7 @@ def make_budget(device: DeviceBudget, vram: int | None = None) -> Budget:
 
 def fastest_plan(device: DeviceBudget, request: Request, *, fp8: bool = False) -> Plan:
     """Everything resident, the text encoder kept on the device, CFG batched, nothing tiled."""
-    dtype = compute_dtype_policy(device.kind, device.compute_capability, device.bf16_native)
+    dtype = dtype_name(compute_dtype_for(device.kind, device.bf16_native, device.fp16_native))
     dev = device.torch_device
     return Plan(
         device=dev,
@@ -252,6 +271,7 @@ def fastest_plan(device: DeviceBudget, request: Request, *, fp8: bool = False) -
         text_encoder_dtype="float32" if device.kind == "cpu" else "bfloat16",
         free_text_encoder=False,
         cfg_batch=request.guidance,
+        compile_dit=device.compilable,
     )
 
 
