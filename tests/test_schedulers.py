@@ -59,10 +59,11 @@ def test_scheduler_state_survives_a_resume_file(tmp_path):
     ts = schedulers.set_timesteps(first, steps, official=True)
     half = _run(first, ts, latents, outputs, 0, 5)
     path = tmp_path / "run.ckpt"
-    checkpointing.save(path, DenoiseState(half, 5, schedulers.scheduler_state(first)), {"seed": 1})
+    settings = dict.fromkeys(checkpointing.REQUEST_KEYS) | {"seed": 1, "steps": steps}
+    checkpointing.save(path, DenoiseState(half, 5, schedulers.scheduler_state(first)), settings)
 
     state, request = checkpointing.load(path)
-    assert request == {"seed": 1} and state.step == 5
+    assert request == settings and state.step == 5
     second = schedulers.make_scheduler("unipc", shift=8.0)
     ts = schedulers.set_timesteps(second, steps, official=True)
     schedulers.restore_scheduler_state(second, state.scheduler_state)

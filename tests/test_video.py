@@ -60,3 +60,14 @@ def test_refuses_to_overwrite_and_unwritable_folders(tmp_path):
 )
 def test_file_names_from_prompts_are_sanitised(text, expected):
     assert safe_filename(text) == expected
+
+
+def test_temporaries_are_hidden_and_never_look_finished(tmp_path):
+    for name, is_dir in (("v.mp4", False), ("frames", True), ("v.json", False)):
+        with atomic_path(tmp_path / name, is_dir=is_dir) as tmp:
+            assert (
+                tmp.parent == tmp_path and tmp.name.startswith(f".{name}.") and tmp.name.endswith(".partial")
+            )
+            assert tmp.is_dir() == is_dir and not (tmp_path / name).exists()
+        assert (tmp_path / name).exists() and (tmp_path / name).is_dir() == is_dir
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["frames", "v.json", "v.mp4"]

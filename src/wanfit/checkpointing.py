@@ -1,4 +1,10 @@
-"""Saving and loading a denoising run's progress (`--checkpoint-every`, `--resume`)."""
+"""Saving and loading a denoising run's progress (`--checkpoint-every`, `--resume`).
+
+A resume file holds the latents after a step, the scheduler's multistep state and every setting that
+shapes the frames (prompt, negative prompt, seed, size, frames, steps, guidance, shift, model), plus
+where the output goes. It is a plain torch.save file of tensors and simple values, read back with
+weights_only=True, so a resume file can never run code.
+"""
 
 from __future__ import annotations
 
@@ -8,41 +14,92 @@ import torch
 
 from wanfit.errors import CheckpointError
 from wanfit.pipeline import DenoiseState
+from wanfit.sampling.schedulers import _STATE_ATTRS as SCHEDULER_STATE_KEYS
 from wanfit.video import atomic_path
+from wanfit.weights.io import load_error_detail
 
 FORMAT = "wanfit-resume-1"
+# Settings a resumed run takes from the file: together they fix the frames.
+REQUEST_KEYS = (
+    "prompt",
+    "negative_prompt",
+    "size",
+    "frames",
+    "steps",
+    "guidance",
+    "shift",
+    "seed",
+    "model",
+    "out",
+)
+
+
+def checkpoint_path(out: Path) -> Path:
+    """The resume file a run writing `out` keeps beside it: fox_0.mp4 -> fox_0.mp4.ckpt."""
+    out = Path(out)
+    return out.with_name(out.name + ".ckpt")
 
 
 def save(path: Path, state: DenoiseState, request: dict) -> None:
-    """Write latents, step, scheduler state and the run's settings; atomically, so a crash keeps the last one."""
+    """Write latents, step, scheduler state and the run's settings atomically (a crash keeps the last one)."""
+    missing = [k for k in REQUEST_KEYS if k not in request]
+    if missing:
+        raise ValueError(f"the request lacks {', '.join(missing)}")
     payload = {
         "format": FORMAT,
-        "request": request,
-        "step": state.step,
+        "request": dict(request),
+        "step": int(state.step),
         "latents": state.latents.detach().cpu(),
-        "scheduler": {k: _to_cpu(v) for k, v in state.scheduler_state.items()},
+        "scheduler": {k: move(v, "cpu") for k, v in state.scheduler_state.items()},
     }
     with atomic_path(Path(path)) as tmp:
         torch.save(payload, tmp)
 
 
 def load(path: Path) -> tuple[DenoiseState, dict]:
+    """(state on the CPU, the run's settings); CheckpointError for a missing, corrupt or foreign file."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"Resume file not found: {path}.")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise CheckpointError(f"{path} is not a readable wanfit resume file: {err}.") from err
+    except Exception as err:  # torch/pickle raise many types for a bad file; none may escape as a traceback
+        if "Unsupported global" in str(err):  # weights_only refused a class or function
+            raise CheckpointError(
+                f"{path} holds Python objects besides tensors; a wanfit resume file never does, and "
+                "wanfit will not run code from it."
+            ) from err
+        raise CheckpointError(
+            f"{path} is not a readable wanfit resume file (truncated or corrupt?){load_error_detail(err)}."
+        ) from err
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a wanfit resume file.")
-    state = DenoiseState(payload["latents"], int(payload["step"]), payload["scheduler"])
-    return state, payload["request"]
+        raise CheckpointError(f"{path} is not a wanfit resume file (written by --checkpoint-every).")
+    request, latents = payload.get("request"), payload.get("latents")
+    scheduler, step = payload.get("scheduler"), payload.get("step")
+    missing = [k for k in REQUEST_KEYS if not isinstance(request, dict) or k not in request]
+    if missing or not isinstance(latents, torch.Tensor) or not isinstance(scheduler, dict):
+        raise CheckpointError(f"{path} is an incomplete wanfit resume file; it cannot be resumed.")
+    if not set(scheduler) <= set(SCHEDULER_STATE_KEYS):  # restored with setattr: known names only
+        unknown = ", ".join(sorted(set(scheduler) - set(SCHEDULER_STATE_KEYS)))
+        raise CheckpointError(f"{path} holds unknown scheduler state ({unknown}); it cannot be resumed.")
+    if not isinstance(step, int) or not 0 <= step <= int(request["steps"]) or latents.ndim != 5:
+        raise CheckpointError(
+            f"{path} is a damaged wanfit resume file (step {step!r}); it cannot be resumed."
+        )
+    return DenoiseState(latents, step, scheduler), request
 
 
-def _to_cpu(value):
+def to_device(state: DenoiseState, device: str | torch.device) -> DenoiseState:
+    """The state with its latents and every scheduler tensor on `device` (the run's device)."""
+    return DenoiseState(
+        state.latents.to(device), state.step, {k: move(v, device) for k, v in state.scheduler_state.items()}
+    )
+
+
+def move(value, device: str | torch.device):
+    """Tensors (also inside lists and tuples) moved to `device`; other values as they are."""
     if isinstance(value, torch.Tensor):
-        return value.detach().cpu()
-    if isinstance(value, list):
-        return [_to_cpu(v) for v in value]
+        return value.detach().to(device)
+    if isinstance(value, (list, tuple)):
+        return type(value)(move(v, device) for v in value)
     return value

@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     except WanfitError as err:
         print(f"wanfit: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("wanfit: interrupted.", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        # A command may say what was kept: KeyboardInterrupt("interrupted after step 3 of 10; ...").
+        print(f"wanfit: {err if str(err) else 'interrupted.'}", file=sys.stderr)
         return 130

@@ -19,3 +19,7 @@ class AttentionUnavailableError(WanfitError):
 
 class PlanError(WanfitError):
     """No plan fits the memory budget."""
+
+
+class OutputError(WanfitError):
+    """The output could not be written (disk full, permissions changed mid-run)."""

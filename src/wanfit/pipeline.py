@@ -305,7 +305,7 @@ class WanPipeline:
         resume: DenoiseState | None = None,
         on_step: Callable[[DenoiseState], None] | None = None,
     ) -> np.ndarray:
-        steps = num_inference_steps or self.defaults.num_inference_steps
+        steps = self.defaults.num_inference_steps if num_inference_steps is None else num_inference_steps
         guidance = self.defaults.guidance_scale if guidance_scale is None else guidance_scale
         validate_request(height, width, num_frames, steps, guidance)
         if negative_prompt is None:

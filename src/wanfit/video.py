@@ -28,33 +28,67 @@ def safe_filename(text: str, *, max_len: int = 60, default: str = "video") -> st
     return stem or default
 
 
+def sidecar_path(path: Path) -> Path:
+    """Where write_video puts the JSON metadata of `path`: x.mp4 -> x.json, a PNG folder x -> x.json."""
+    path = Path(path)
+    return path.with_suffix(".json") if path.suffix.lower() == ".mp4" else path.with_name(path.name + ".json")
+
+
+def is_png_folder(path: Path) -> bool:
+    """write_video writes an mp4 for a .mp4 path and a folder of PNG frames for any other."""
+    return Path(path).suffix.lower() != ".mp4"
+
+
 def check_writable(path: Path, *, overwrite: bool) -> None:
-    """Fail early, before any work, if `path` cannot be written."""
-    if path.exists() and not overwrite:
-        raise ConfigError(f"{path} already exists; pass --overwrite to replace it.")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.exists():
-        try:
-            parent.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise ConfigError(f"Cannot create the output folder {parent}: {err.strerror}.") from err
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise ConfigError(f"The output folder {parent} cannot be written.")
+    """Fail early, before any work, if `path` (and its JSON sidecar) cannot be written. Creates nothing."""
+    path = Path(path)
+    for target in (path, sidecar_path(path)):
+        if (target.exists() or target.is_symlink()) and not overwrite:
+            raise ConfigError(f"{target} already exists; pass --overwrite to replace it.")
+    if path.exists():
+        want_dir = is_png_folder(path)
+        if path.is_dir() != want_dir:
+            what = "a folder" if path.is_dir() else "a file"
+            needs = "a folder of PNG frames" if want_dir else "an mp4 file"
+            raise ConfigError(f"{path} is {what}, but the output would be {needs}; choose another --out.")
+    # The nearest folder that exists must be a folder we can write (the rest is created on write).
+    parent = _parent(path)
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"Cannot create the output folder {_parent(path)}: {parent} is a file.")
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as err:
+        raise ConfigError(f"The output folder {parent} cannot be written: {err.strerror}.") from err
+
+
+def _parent(path: Path) -> Path:
+    return path.parent if str(path.parent) else Path(".")
 
 
 @contextlib.contextmanager
 def atomic_path(path: Path, *, is_dir: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling of `path`; on success rename it to `path`, on failure remove it."""
+    """Yield a temporary sibling of `path`; on success rename it to `path`, on failure remove it.
+
+    The temporary is hidden and ends in `.partial` (never in the final suffix), so a process killed
+    mid-write leaves nothing that looks like a finished output. The result gets the usual permissions
+    (umask), not the private ones of a temporary.
+    """
     path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
+    parent = _parent(path)
+    parent.mkdir(parents=True, exist_ok=True)
+    prefix, suffix = f".{path.name}.", ".partial"
     if is_dir:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=parent))
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=parent))
     else:
-        fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".partial{path.suffix}", dir=parent)
+        fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=parent)
         os.close(fd)
         tmp = Path(name)
     try:
         yield tmp
+        os.chmod(tmp, (0o777 if is_dir else 0o666) & ~_umask())
         if is_dir and path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
@@ -66,36 +100,46 @@ def atomic_path(path: Path, *, is_dir: bool = False) -> Iterator[Path]:
         raise
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_video(
     frames: np.ndarray, path: str | Path, *, metadata: dict | None = None, fps: int = FPS
 ) -> Path:
     """Write uint8 frames [F, H, W, 3] to an mp4 (H.264) or, for a path without .mp4, a PNG folder.
 
-    `metadata` goes into the mp4's comment tag and a JSON sidecar (`<name>.json`).
+    `metadata` goes into the mp4's comment tag and a JSON sidecar (sidecar_path). Each file appears
+    complete or not at all; the video before its sidecar.
     """
     path = Path(path)
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"expected uint8 frames [F, H, W, 3], got {frames.dtype} {frames.shape}")
     text = json.dumps(metadata or {}, sort_keys=True, default=str)
-    if path.suffix.lower() == ".mp4":
-        import imageio.v2 as imageio
+    if not is_png_folder(path):
+        import imageio_ffmpeg
 
         with atomic_path(path) as tmp:
-            # yuv420p for players; -movflags +faststart so the file streams; the comment carries the settings.
-            writer = imageio.get_writer(
+            # -f mp4: the temporary's name does not end in .mp4. yuv420p for players; +faststart so
+            # the file streams; the comment carries the settings.
+            height, width = frames.shape[1:3]
+            writer = imageio_ffmpeg.write_frames(
                 str(tmp),
-                format="FFMPEG",
+                (width, height),
                 fps=fps,
                 codec="libx264",
                 quality=8,
-                pixelformat="yuv420p",
+                pix_fmt_out="yuv420p",
                 macro_block_size=1,
-                output_params=["-movflags", "+faststart", "-metadata", f"comment={text}"],
                 ffmpeg_log_level="error",
+                output_params=["-f", "mp4", "-movflags", "+faststart", "-metadata", f"comment={text}"],
             )
+            writer.send(None)
             try:
                 for frame in frames:
-                    writer.append_data(frame)
+                    writer.send(np.ascontiguousarray(frame))
             finally:
                 writer.close()
     else:
@@ -105,12 +149,7 @@ def write_video(
             for i, frame in enumerate(frames):
                 imageio.imwrite(tmp / f"frame_{i:04d}.png", frame)
     if metadata is not None:
-        sidecar = (
-            path.with_name(path.name + ".json")
-            if path.suffix.lower() != ".mp4"
-            else path.with_suffix(".json")
-        )
-        with atomic_path(sidecar) as tmp:
+        with atomic_path(sidecar_path(path)) as tmp:
             tmp.write_text(json.dumps(metadata, indent=2, sort_keys=True, default=str) + "\n")
     return path
 

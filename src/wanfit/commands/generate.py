@@ -1,18 +1,29 @@
-"""`wanfit generate`: text to an mp4 (or a folder of PNGs)."""
+"""`wanfit generate`: text to an mp4 (or a folder of PNGs).
+
+Every setting is checked before any model is loaded, so a typo costs a second, not a model load.
+The output appears complete or not at all (wanfit.video writes a temporary and renames it). With
+`--checkpoint-every N` the run keeps a resume file beside the output: every N steps, after the last
+step, and on Ctrl-C or a crash (the last finished step), so `--resume FILE` loses no finished step.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
-import signal
+import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-from wanfit.errors import ConfigError
+from wanfit.commands.common import add_hardware_options
+from wanfit.errors import ConfigError, OutputError
 
 # Without --model the built-in tiny random model runs, at a size a CPU finishes in seconds.
 TINY_DEFAULTS = {"size": "320x192", "frames": 17, "steps": 10}
 MODEL_DEFAULTS = {"size": "832x480", "frames": 81, "steps": None}
+DEFAULT_PROMPT = "a red fox running through fresh snow, cinematic lighting"
+# Settings a resumed run takes from its resume file (together they fix the frames).
+RESUMED = ("prompt", "negative_prompt", "size", "frames", "steps", "guidance", "shift", "seed", "model")
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -32,7 +43,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "(it draws noise; it shows the tool works without downloading 17 GB).",
     )
     p.add_argument("--model", type=Path, help="model folder: official Wan2.1 release or diffusers layout")
-    p.add_argument("--prompt", default="a red fox running through fresh snow, cinematic lighting")
+    p.add_argument("--prompt", default=None, help=f"what to draw (default: {DEFAULT_PROMPT!r})")
     p.add_argument("--negative-prompt", default=None, help="default: the official negative prompt")
     p.add_argument("--size", default=None, help="WIDTHxHEIGHT, multiples of 16 (default 832x480)")
     p.add_argument("--frames", type=int, default=None, help="4k+1 frames (default 81)")
@@ -43,86 +54,130 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--shift", type=float, default=None, help="flow shift (default 8, or the folder's scheduler)"
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None, help="noise seed (default 0)")
     p.add_argument("--out", type=Path, default=None, help="FILE.mp4, or a folder name for PNG frames")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: the best one found)")
-    p.add_argument("--checkpoint-every", type=int, default=0, metavar="N", help="save progress every N steps")
     p.add_argument(
-        "--resume", type=Path, default=None, metavar="FILE", help="finish a run from its checkpoint"
+        "--checkpoint-every",
+        type=int,
+        default=None,
+        metavar="N",
+        help="keep a resume file (OUT.ckpt): every N steps, after the last one and on Ctrl-C",
+    )
+    p.add_argument(
+        "--resume", type=Path, default=None, metavar="FILE", help="finish a run from its resume file"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_hardware_options(p)
     p.set_defaults(func=run)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The run's checked settings (None: the model's default, resolved once it is loaded)."""
+
+    prompt: str
+    negative_prompt: str | None
+    width: int
+    height: int
+    frames: int
+    steps: int | None
+    guidance: float | None
+    shift: float | None
+    seed: int
+    checkpoint_every: int
+    out: Path
 
 
 def run(args: argparse.Namespace) -> int:
     from wanfit import checkpointing
-    from wanfit.pipeline import validate_request
-    from wanfit.video import check_writable, safe_filename, write_video
+    from wanfit.video import check_writable, write_video
 
     resume_state = None
     if args.resume is not None:
         resume_state, saved = checkpointing.load(args.resume)
-        for key, value in saved.items():  # the run's own settings win over flags
-            setattr(args, key, Path(value) if key in ("model", "out") and value is not None else value)
-
-    defaults = TINY_DEFAULTS if args.model is None else MODEL_DEFAULTS
-    width, height = parse_size(args.size or defaults["size"])
-    frames = args.frames if args.frames is not None else defaults["frames"]
-    steps = args.steps if args.steps is not None else defaults["steps"]
-    validate_request(height, width, frames, steps or 1, 0.0 if args.guidance is None else args.guidance)
-    if args.checkpoint_every < 0:
-        raise ConfigError("--checkpoint-every must be 0 (off) or a positive number of steps.")
-    if not args.prompt.strip():
+        apply_resume_file(args, saved)
+    settings = check_settings(args)
+    hardware = _hardware(args)
+    device = _device(args, hardware.probe)
+    check_writable(settings.out, overwrite=args.overwrite)
+    ckpt = checkpointing.checkpoint_path(settings.out)
+    resuming_own_file = args.resume is not None and _same_file(args.resume, ckpt)
+    if settings.checkpoint_every and ckpt.exists() and not (resuming_own_file or args.overwrite):
+        raise ConfigError(
+            f"{ckpt} holds an unfinished run; continue it with --resume {ckpt}, or pass --overwrite to start again."
+        )
+    if not settings.prompt.strip():
         print(
             "wanfit: warning: the prompt is empty; the video follows the negative prompt alone.",
             file=sys.stderr,
         )
 
-    out = args.out or Path(f"{safe_filename(args.prompt)}_{args.seed}.mp4")
-    check_writable(out, overwrite=args.overwrite or args.resume is not None)
+    pipe = _load_pipeline(args, device, hardware)
+    request = resolve_request(pipe, settings, args.model)
+    if resume_state is not None:
+        resume_state = _check_resume(pipe, resume_state, request, args.resume)
 
-    pipe = _load_pipeline(args)
-    request = {
-        "prompt": args.prompt,
-        "negative_prompt": args.negative_prompt,
-        "size": f"{width}x{height}",
-        "frames": frames,
-        "steps": steps,
-        "guidance": args.guidance,
-        "shift": args.shift,
-        "seed": args.seed,
-        "model": None if args.model is None else str(args.model),
-        "out": str(out),
-    }
-    ckpt_path = out.with_name(out.name + ".ckpt")
-    on_step = None
-    if args.checkpoint_every:
+    steps = request["steps"]
+    every = settings.checkpoint_every
+    last = [resume_state]  # the last finished step, kept for a save on Ctrl-C or a crash
+    saved_step = [None if resume_state is None else resume_state.step]
 
-        def on_step(state):
-            if state.step % args.checkpoint_every == 0:
-                checkpointing.save(ckpt_path, state, request)
+    def on_step(state):
+        last[0] = state
+        if every and (state.step % every == 0 or state.step == steps):
+            checkpointing.save(ckpt, state, request)
+            saved_step[0] = state.step
 
-    # Ctrl-C: finish the step in flight, keep the checkpoint, exit cleanly.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    frames_out = pipe(
-        args.prompt,
-        negative_prompt=args.negative_prompt,
-        height=height,
-        width=width,
-        num_frames=frames,
-        num_inference_steps=steps,
-        guidance_scale=args.guidance,
-        shift=args.shift,
-        seed=args.seed,
-        progress=not args.no_progress,
-        resume=resume_state,
-        on_step=on_step,
-    )
-    metadata = {**request, "plan": pipe.plan.to_dict(), "timings": pipe.timings, "tool": "wanfit"}
-    write_video(frames_out, out, metadata=metadata)
-    ckpt_path.unlink(missing_ok=True)
-    print(f"wrote {out} ({frames_out.shape[0]} frames, {width}x{height})")
+    try:
+        frames_out = pipe(
+            request["prompt"],
+            negative_prompt=request["negative_prompt"],
+            height=settings.height,
+            width=settings.width,
+            num_frames=settings.frames,
+            num_inference_steps=steps,
+            guidance_scale=request["guidance"],
+            shift=request["shift"],
+            seed=settings.seed,
+            progress=not args.no_progress,
+            resume=resume_state,
+            on_step=on_step,
+        )
+        metadata = {
+            **request,
+            "plan": pipe.plan.to_dict(),
+            "device": hardware.probe.device_name,
+            "emulated": hardware.probe.emulated,
+            "timings": pipe.timings,
+            "tool": "wanfit",
+        }
+        try:
+            write_video(frames_out, settings.out, metadata=metadata)
+        except OSError as err:
+            raise OutputError(
+                f"Could not write {settings.out}: {err.strerror or err}{_kept(ckpt if every else None, args.resume)}."
+            ) from err
+    except BaseException as err:
+        done = last[0].step if last[0] is not None else 0
+        if every and last[0] is not None and saved_step[0] != done:
+            try:
+                checkpointing.save(ckpt, last[0], request)
+            except BaseException:  # e.g. a second Ctrl-C: the previous resume file stays as it was
+                pass
+        if isinstance(err, KeyboardInterrupt):
+            where = f"after step {done} of {steps}" if done < steps else "while decoding or writing"
+            kept = _kept(ckpt if every else None, args.resume) or (
+                "; no step had finished, so nothing was saved"
+                if every
+                else "; nothing was saved (--checkpoint-every N keeps a resume file)"
+            )
+            raise KeyboardInterrupt(f"interrupted {where}{kept}.") from None
+        raise
+    if every or resuming_own_file:
+        ckpt.unlink(missing_ok=True)
+    print(f"wrote {settings.out} ({frames_out.shape[0]} frames, {settings.width}x{settings.height})")
     if args.model is None:
         print(
             "note: this was the built-in tiny random model, so the video is noise. "
@@ -132,11 +187,194 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_pipeline(args):
+def _kept(ckpt: Path | None, resumed_from: Path | None) -> str:
+    """How to continue, as the end of an error's sentence ('' when there is no resume file)."""
+    for path in (ckpt, resumed_from):
+        if path is not None and path.is_file():
+            return f"; progress is saved: continue with `wanfit generate --resume {path}`"
+    return ""
+
+
+# --- settings ------------------------------------------------------------------------------------
+
+
+def apply_resume_file(args: argparse.Namespace, saved: dict) -> None:
+    """Take the saved run's settings; a flag that would change its frames is an error, not a surprise."""
+    for key in RESUMED:
+        given, value = getattr(args, key), saved[key]
+        if given is not None and not _same_setting(key, given, value):
+            given = str(given) if isinstance(given, Path) else given
+            raise ConfigError(
+                f"--resume continues the saved run, whose {key.replace('_', ' ')} is {value!r}, not "
+                f"{given!r}; drop --{key.replace('_', '-')} or start a new run."
+            )
+    for key in RESUMED:
+        value = saved[key]
+        setattr(args, key, Path(value) if key == "model" and value is not None else value)
+    if args.out is None:
+        args.out = Path(saved["out"])
+    if args.checkpoint_every is None:
+        args.checkpoint_every = saved.get("checkpoint_every")
+
+
+def _same_setting(flag: str, given, saved) -> bool:
+    if flag == "model":
+        return saved is not None and Path(given).resolve() == Path(saved).resolve()
+    if flag == "size":
+        return parse_size(given) == parse_size(saved)
+    return given == saved
+
+
+def check_settings(args: argparse.Namespace) -> Settings:
+    """Every user setting checked, one clear sentence for the first that is wrong; nothing loaded yet."""
+    from wanfit.pipeline import validate_request
+    from wanfit.video import safe_filename
+
+    defaults = TINY_DEFAULTS if args.model is None else MODEL_DEFAULTS
+    width, height = parse_size(args.size or defaults["size"])
+    frames = args.frames if args.frames is not None else defaults["frames"]
+    steps = args.steps if args.steps is not None else defaults["steps"]
+    for flag, value in (("--guidance", args.guidance), ("--shift", args.shift)):
+        if value is not None and not math.isfinite(value):
+            raise ConfigError(f"{flag} must be a finite number, got {value}.")
+    validate_request(height, width, frames, 1 if steps is None else steps, args.guidance or 0.0)
+    if args.shift is not None and args.shift <= 0:
+        raise ConfigError(f"The flow shift must be positive, got {args.shift}.")
+    every = args.checkpoint_every or 0
+    if every < 0:
+        raise ConfigError("--checkpoint-every must be 0 (off) or a positive number of steps.")
+    seed = 0 if args.seed is None else args.seed
+    if not 0 <= seed < 2**63:
+        raise ConfigError(f"--seed must be between 0 and 2**63-1, got {seed}.")
+    prompt = DEFAULT_PROMPT if args.prompt is None else args.prompt
+    out = args.out or Path(f"{safe_filename(prompt)}_{seed}.mp4")
+    return Settings(
+        prompt,
+        args.negative_prompt,
+        width,
+        height,
+        frames,
+        steps,
+        args.guidance,
+        args.shift,
+        seed,
+        every,
+        out,
+    )
+
+
+def resolve_request(pipe, settings: Settings, model: Path | None) -> dict:
+    """The settings with the model's defaults filled in: stored in the output's metadata and resume file."""
+    scheduler = pipe.make_scheduler(settings.shift)
+    shift = scheduler.config.get("flow_shift", scheduler.config.get("shift"))
+    return {
+        "prompt": settings.prompt,
+        "negative_prompt": pipe.defaults.negative_prompt
+        if settings.negative_prompt is None
+        else settings.negative_prompt,
+        "size": f"{settings.width}x{settings.height}",
+        "frames": settings.frames,
+        "steps": settings.steps or pipe.defaults.num_inference_steps,
+        "guidance": pipe.defaults.guidance_scale if settings.guidance is None else settings.guidance,
+        "shift": settings.shift if settings.shift is not None else shift,
+        "seed": settings.seed,
+        "model": None if model is None else str(Path(model).resolve()),
+        "out": str(Path(settings.out).resolve()),
+        "checkpoint_every": settings.checkpoint_every,
+    }
+
+
+def _check_resume(pipe, state, request: dict, path: Path):
+    """The resume file's state on the run's device, after checking it fits this model and size."""
+    from wanfit import checkpointing
+    from wanfit.errors import CheckpointError
+    from wanfit.pipeline import latent_shape
+
+    width, height = parse_size(request["size"])
+    in_dim = getattr(getattr(pipe.dit, "config", None), "in_dim", 16)
+    expected = latent_shape(1, in_dim, height, width, request["frames"])
+    if tuple(state.latents.shape) != expected:
+        raise CheckpointError(
+            f"{path} holds latents of shape {list(state.latents.shape)}, but this model at "
+            f"{request['size']} and {request['frames']} frames needs {list(expected)}."
+        )
+    return checkpointing.to_device(state, pipe.plan.device)
+
+
+# --- hardware and model --------------------------------------------------------------------------
+
+
+def _hardware(args: argparse.Namespace):
+    """Probe (honouring --emulate), configure the attention dispatcher (--attention); refuse absent cards."""
+    from wanfit.commands.common import hardware_from_args
+
+    setup = hardware_from_args(args, apply_limits=True)  # caps memory only under --emulate on a GPU
+    hw = setup.probe
+    if hw.emulated and not hw.device_present:
+        raise ConfigError(
+            f"--emulate {args.emulate or hw.emulated} describes a {hw.device_name}, which this machine does not "
+            f"have, and generate runs real kernels; see what would run there with `wanfit doctor --emulate "
+            f"{hw.emulated}`, or drop --emulate."
+        )
+    return setup
+
+
+def _device(args: argparse.Namespace, hw) -> str | None:
+    """The --device asked for, checked against this machine; None lets the plan choose."""
+    import torch
+
+    if args.device is None:
+        return hw.device_type if hw.emulated else None
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise ConfigError(f"Unknown --device {args.device!r}; use cpu, cuda or cuda:N.") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(
+                f"--device {args.device} was asked for, but this machine has no usable CUDA device."
+            )
+        if device.index is not None and device.index >= count:
+            raise ConfigError(
+                f"--device {args.device} was asked for, but this machine has {count} CUDA device(s)."
+            )
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("--device mps was asked for, but MPS is not available here.")
+    elif device.type not in ("cpu", "mps"):
+        raise ConfigError(f"Unsupported --device {args.device!r}; use cpu, cuda or cuda:N.")
+    if hw.emulated and device.type != hw.device_type:
+        raise ConfigError(
+            f"--emulate {hw.emulated} is a {hw.device_type} device, but --device {args.device} was given."
+        )
+    return str(device)
+
+
+def _plan(device: str | None, hardware, dtype_given: bool):
+    """The simple plan for `device`, with the attention backend and compute dtype the flags force."""
+    from wanfit.plan.plan import Plan, default_plan
+    from wanfit.precision import dtype_name
+
+    plan = default_plan(device)
+    overrides = {"attention": hardware.dispatcher.forced}
+    if dtype_given:
+        overrides["compute_dtype"] = dtype_name(hardware.precision.compute)
+    return Plan.from_dict({**plan.to_dict(), **overrides})
+
+
+def _load_pipeline(args, device: str | None, hardware):
     from wanfit.pipeline import WanPipeline
 
+    plan = _plan(device, hardware, args.dtype is not None)
     if args.model is None:
         from wanfit.demo import tiny_pipeline
 
-        return tiny_pipeline(device=args.device)
-    return WanPipeline.from_pretrained(args.model, device=args.device)
+        return tiny_pipeline(device=plan.device, plan=plan)
+    return WanPipeline.from_pretrained(args.model, device=plan.device, plan=plan)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except OSError:
+        return False

@@ -238,6 +238,9 @@ def check_checkpoint(checkpoint: DiTCheckpoint, cfg: DiTConfig) -> None:
     if other:
         raise CheckpointError(f"{checkpoint.path} holds {other}.")
 
+    for name in checkpoint.keys:  # headers only; an integer tensor would otherwise be cast silently
+        checkpoint.stored_dtype(name)
+
     with torch.device("meta"):
         expected = {n: tuple(t.shape) for n, t in WanDiT(cfg).state_dict().items()}
     missing = [n for n in expected if n not in checkpoint.keys]

@@ -93,7 +93,7 @@ def _open_safetensors(path: Path):
         return handle
     except Exception as err:
         raise CheckpointError(
-            f"{path} is not a readable safetensors file (truncated or corrupt?): {err}."
+            f"{path} is not a readable safetensors file (truncated or corrupt?){load_error_detail(err)}."
         ) from err
 
 
@@ -114,13 +114,25 @@ def _load_pickled(path: Path) -> dict:
                 "(weights_only) and will not run code from a checkpoint."
             ) from err
         raise CheckpointError(
-            f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {err}."
+            f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?){load_error_detail(err)}."
         ) from err
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path} does not hold a flat dictionary of tensors.")
     return state
+
+
+def load_error_detail(err: BaseException) -> str:
+    """': <first line of err>' for an error message, or '' when it says nothing useful.
+
+    torch.load wraps every unpickling failure of a weights_only load in the same multi-line advice
+    (which even suggests weights_only=False): the user gets none of it.
+    """
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    if not lines or lines[0].startswith("Weights only load failed"):
+        return ""
+    return f": {lines[0][:200].rstrip('.')}"
 
 
 def shard_files_from_index(index_path: Path) -> list[Path]:

@@ -160,7 +160,14 @@ def infer_config(checkpoint: VAECheckpoint) -> dict:
 
 
 def check_checkpoint(checkpoint: VAECheckpoint, cfg: VAEConfig) -> None:
-    """Raise one CheckpointError naming every missing, unexpected or mis-shaped tensor."""
+    """Raise one CheckpointError naming every missing, unexpected or mis-shaped (or non-float) tensor."""
+    for key in checkpoint.keys.values():  # headers only; an integer tensor would otherwise be cast silently
+        stored = checkpoint.tensors.dtype_name(key)
+        if stored not in _DTYPES:
+            raise CheckpointError(
+                f"{checkpoint.path}: tensor {key!r} is stored as {stored}; the Wan2.1 VAE has float "
+                "weights (fp32, bf16, fp16)."
+            )
     with torch.device("meta"):
         expected = {n: tuple(t.shape) for n, t in WanVAE(cfg).state_dict().items()}
     missing = [n for n in expected if n not in checkpoint.keys]
