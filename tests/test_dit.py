@@ -205,3 +205,18 @@ def test_rope_in_real_arithmetic_under_torch_compile_equals_the_complex_form():
         apply_rope, backend="eager", fullgraph=True
     )  # dynamo traces: is_compiling() is True
     torch.testing.assert_close(traced(x, rope), apply_rope(x, rope), atol=1e-6, rtol=1e-6)
+
+
+def test_attention_and_ffn_chunking_give_the_same_output():
+    from wanfit.models.configs import WAN_TINY
+    from wanfit.runtime.chunking import apply_chunking
+
+    torch.manual_seed(0)
+    model = WanDiT(WAN_TINY).eval()
+    x, t, context = torch.randn(1, 16, 3, 6, 10), torch.tensor([700.0]), torch.randn(1, 16, WAN_TINY.text_dim)
+    with torch.no_grad():
+        whole = model(x, t, context)
+        apply_chunking(model.blocks, attention_chunk=7, ffn_chunk=11)  # 45 tokens: uneven chunks
+        assert model.blocks[0].self_attn.attention_chunk == 7 and model.blocks[0].ffn_chunk == 11
+        chunked = model(x, t, context)
+    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)

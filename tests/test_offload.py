@@ -7,8 +7,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from wanfit.models.dit import run_in_chunks
 from wanfit.plan.plan import Plan
-from wanfit.runtime.chunking import apply_chunking, run_in_chunks
+from wanfit.runtime.chunking import apply_chunking
 from wanfit.runtime.offload import BlockStreamer, configure_dit, release_dit, resident_indices
 
 

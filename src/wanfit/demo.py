@@ -13,7 +13,8 @@ import torch
 from wanfit.models.configs import WAN_TINY
 from wanfit.plan.plan import Plan
 
-TINY_TEXT_LAYERS = 2
+# The tiny umT5's shape (d_model is the tiny DiT's text_dim).
+TINY_TEXT = dict(d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8)
 
 
 def tiny_tokenizer():
@@ -53,12 +54,8 @@ def tiny_pipeline(device: str | None = None, seed: int = 0, plan: Plan | None = 
         text_config = UMT5Config(
             vocab_size=len(tokenizer),
             d_model=WAN_TINY.text_dim,
-            d_kv=8,
-            d_ff=64,
-            num_layers=TINY_TEXT_LAYERS,
-            num_heads=4,
-            relative_attention_num_buckets=8,
             relative_attention_max_distance=16,
+            **TINY_TEXT,
         )
         text_model = UMT5EncoderModel(text_config)
     dtype = plan.torch_compute_dtype
@@ -71,4 +68,30 @@ def tiny_pipeline(device: str | None = None, seed: int = 0, plan: Plan | None = 
     defaults = SamplingDefaults(num_inference_steps=10)
     return WanPipeline(
         dit, vae, text_encoder, plan=plan, defaults=defaults, name="built-in tiny random model"
+    )
+
+
+def tiny_request(height: int, width: int, num_frames: int, guidance: bool):
+    """The planner's Request for the tiny model (its own text encoder and VAE shapes)."""
+    from wanfit.models.vae import WAN_VAE_TINY
+    from wanfit.plan.estimates import Request, TextEncoderShape
+
+    text = TextEncoderShape(
+        vocab=len(tiny_tokenizer()),
+        dim=WAN_TINY.text_dim,
+        ffn_dim=TINY_TEXT["d_ff"],
+        num_layers=TINY_TEXT["num_layers"],
+        num_heads=TINY_TEXT["num_heads"],
+        num_buckets=TINY_TEXT["relative_attention_num_buckets"],
+        text_len=WAN_TINY.text_len,
+    )
+    return Request(
+        WAN_TINY,
+        height=height,
+        width=width,
+        num_frames=num_frames,
+        guidance=guidance,
+        model_name="tiny",
+        text_encoder=text,
+        vae=WAN_VAE_TINY,
     )

@@ -52,6 +52,16 @@ def validate_request(
         raise ConfigError(f"The guidance scale must not be negative, got {guidance_scale}.")
 
 
+def text_encoder_compute_dtype(plan: Plan) -> torch.dtype:
+    """umT5's compute dtype: fp32 over fp32 weights, else the text encoder's policy (never fp16)."""
+    from wanfit.models.text_encoder import text_encoder_precision
+
+    if plan.text_encoder_dtype == "float32":
+        return torch.float32
+    device_type = torch.device(plan.text_encoder_device).type
+    return text_encoder_precision(plan.torch_compute_dtype, device_type).compute
+
+
 def latent_shape(batch: int, channels: int, height: int, width: int, num_frames: int) -> tuple[int, ...]:
     return (
         batch,
@@ -141,9 +151,14 @@ class WanPipeline:
         text_encoder = load_text_encoder(
             files.text_encoder,
             tokenizer=files.tokenizer,
-            device=plan.text_encoder_device,
+            device="cpu" if plan.text_encoder_blocks_resident is not None else plan.text_encoder_device,
             dtype=plan.torch_text_encoder_dtype,
+            compute_dtype=text_encoder_compute_dtype(plan),
         )
+        if plan.text_encoder_blocks_resident is not None:
+            from wanfit.runtime.offload import stream_text_encoder
+
+            stream_text_encoder(text_encoder, plan.text_encoder_device, plan.text_encoder_blocks_resident)
         defaults = SamplingDefaults(**overrides) if overrides else None
         return cls(
             dit,
@@ -165,9 +180,12 @@ class WanPipeline:
 
     def _place_dit(self) -> None:
         if isinstance(getattr(self.dit, "blocks", None), torch.nn.ModuleList):
+            from wanfit.runtime.compile import set_compiled
             from wanfit.runtime.offload import configure_dit
 
-            configure_dit(self.dit, self.plan)
+            streamer = configure_dit(self.dit, self.plan)
+            # Compiled blocks would trace the streamer's hooks: compile only a resident DiT.
+            set_compiled(self.dit, self.plan.compile_dit and streamer is None)
 
     def _next_plan(self, plan: Plan, phase: str) -> Plan | None:
         if self.step_down is not None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from wanfit.commands.common import add_hardware_options
+from wanfit.commands.plan import add_plan_options
 from wanfit.errors import ConfigError, OutputError
 
 # Without --model the built-in tiny random model runs, at a size a CPU finishes in seconds.
@@ -70,6 +71,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_hardware_options(p)
+    add_plan_options(p)
     p.set_defaults(func=run)
 
 
@@ -114,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
 
-    pipe = _load_pipeline(args, device, hardware)
+    pipe = _load_pipeline(args, settings, device, hardware)
     request = resolve_request(pipe, settings, args.model)
     if resume_state is not None:
         resume_state = _check_resume(pipe, resume_state, request, args.resume)
@@ -350,27 +352,69 @@ def _device(args: argparse.Namespace, hw) -> str | None:
     return str(device)
 
 
-def _plan(device: str | None, hardware, dtype_given: bool):
-    """The simple plan for `device`, with the attention backend and compute dtype the flags force."""
-    from wanfit.plan.plan import Plan, default_plan
+def _plan(args: argparse.Namespace, settings: Settings, device: str | None, hardware):
+    """The planner's fastest plan that fits this machine (or --vram) for this job; PlanError if none."""
+    from dataclasses import replace
+
+    from wanfit.commands.common import JobShape, device_budget
+    from wanfit.commands.plan import config_from_folder
+    from wanfit.models.configs import WAN_TINY
+    from wanfit.plan.estimates import Request
+    from wanfit.plan.planner import parse_bytes, parse_plan_overrides, plan_run
     from wanfit.precision import dtype_name
 
-    plan = default_plan(device)
-    overrides = {"attention": hardware.dispatcher.forced}
-    if dtype_given:
-        overrides["compute_dtype"] = dtype_name(hardware.precision.compute)
-    return Plan.from_dict({**plan.to_dict(), **overrides})
+    config, name = (WAN_TINY, "tiny") if args.model is None else config_from_folder(args.model)
+    job = JobShape(name, settings.width, settings.height, settings.frames, config.num_heads, config.head_dim)
+    budget = device_budget(hardware, job)
+    if device is not None and device.split(":")[0] == "cpu" and budget.kind != "cpu":
+        # --device cpu on a GPU machine: plan for the host's RAM.
+        host = budget.host_free_bytes
+        budget = replace(budget, kind="cpu", name="CPU", compute_capability=None, total_bytes=host,
+                         free_bytes=host, bf16_native=False, fp16_native=False, device="cpu",
+                         attention_backend="chunked", compilable=False)  # fmt: skip
+    elif device is not None:
+        budget = replace(budget, device=device)
+    overrides = parse_plan_overrides(args.overrides)
+    if hardware.dispatcher.forced:
+        overrides.setdefault("attention", hardware.dispatcher.forced)
+    if args.dtype is not None:
+        overrides.setdefault("compute_dtype", dtype_name(hardware.precision.compute))
+    guidance = settings.guidance != 1.0
+    if args.model is None:
+        from wanfit.demo import tiny_request
+
+        request = tiny_request(settings.height, settings.width, settings.frames, guidance)
+    else:
+        request = Request(
+            config,
+            height=settings.height,
+            width=settings.width,
+            num_frames=settings.frames,
+            guidance=guidance,
+            model_name=name,
+        )
+    result = plan_run(
+        budget,
+        request,
+        vram=parse_bytes(args.vram) if args.vram is not None else None,
+        overrides=overrides,
+        allow_downscale=args.allow_downscale,
+        fp8=args.fp8,
+    )
+    for note in result.notes if result.requested is not None else ():
+        print(f"wanfit: warning: {note}", file=sys.stderr)
+    return result.plan
 
 
-def _load_pipeline(args, device: str | None, hardware):
+def _load_pipeline(args, settings: Settings, device: str | None, hardware):
     from wanfit.pipeline import WanPipeline
 
-    plan = _plan(device, hardware, args.dtype is not None)
+    plan = _plan(args, settings, device, hardware)
     if args.model is None:
         from wanfit.demo import tiny_pipeline
 
-        return tiny_pipeline(device=plan.device, plan=plan)
-    return WanPipeline.from_pretrained(args.model, device=plan.device, plan=plan)
+        return tiny_pipeline(plan=plan)
+    return WanPipeline.from_pretrained(args.model, plan=plan)
 
 
 def _same_file(a: Path, b: Path) -> bool:

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from wanfit.commands.common import add_hardware_options
-from wanfit.errors import ConfigError, PlanError
+from wanfit.errors import PlanError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -27,14 +27,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--guidance", type=float, default=6.0, help="classifier-free guidance (1 = off; default 6)"
     )
-    p.add_argument("--vram", default=None, metavar="SIZE", help="memory budget, e.g. 4GiB, 6000MiB, 12GB")
-    p.add_argument(
+    add_plan_options(p)
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    add_hardware_options(p)
+    p.set_defaults(func=run)
+
+
+def add_plan_options(parser: argparse.ArgumentParser) -> None:
+    """--vram, --allow-downscale, --fp8, --set: shared by plan and generate."""
+    group = parser.add_argument_group("memory plan")
+    group.add_argument("--vram", default=None, metavar="SIZE", help="memory budget, e.g. 4GiB, 6000MiB, 12GB")
+    group.add_argument(
         "--allow-downscale", action="store_true", help="fewer frames or a smaller size if nothing fits"
     )
-    p.add_argument(
+    group.add_argument(
         "--fp8", action="store_true", help="store DiT weights in fp8 (half the bytes, upcast per block)"
     )
-    p.add_argument(
+    group.add_argument(
         "--set",
         dest="overrides",
         action="append",
@@ -42,9 +51,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="NAME=VALUE",
         help="force a plan setting, e.g. cfg_batch=false, vae_tile=32x32, dit_blocks_resident=4",
     )
-    p.add_argument("--json", action="store_true", help="print the plan as JSON")
-    add_hardware_options(p)
-    p.set_defaults(func=run)
 
 
 def budget_from_args(args: argparse.Namespace):
@@ -55,53 +61,21 @@ def budget_from_args(args: argparse.Namespace):
 
 
 def config_from_folder(folder: Path):
-    """(DiTConfig, name) from a model folder's config.json (official names or diffusers' transformer/)."""
+    """(DiTConfig, name) of a model folder: its DiT config.json, else the DiT's tensor headers (no weights)."""
     from wanfit.models.configs import DiTConfig
+    from wanfit.weights.dit_loader import inspect_dit, read_config_json, resolve_config
+    from wanfit.weights.model_dir import find_model_files
 
-    official, diffusers = folder / "config.json", folder / "transformer" / "config.json"
-    if diffusers.is_file():
-        d = _read_json(diffusers)
-        heads = d.get("num_attention_heads", 12)
-        values = {
-            "dim": heads * d.get("attention_head_dim", 128),
-            "num_heads": heads,
-            "ffn_dim": d.get("ffn_dim"),
-            "num_layers": d.get("num_layers"),
-            "in_dim": d.get("in_channels"),
-            "out_dim": d.get("out_channels"),
-            "text_dim": d.get("text_dim"),
-            "freq_dim": d.get("freq_dim"),
-            "patch_size": tuple(d["patch_size"]) if "patch_size" in d else None,
-        }
-    elif official.is_file():
-        d = _read_json(official)
-        values = {
-            k: d.get(k)
-            for k in (
-                "dim",
-                "ffn_dim",
-                "freq_dim",
-                "num_heads",
-                "num_layers",
-                "in_dim",
-                "out_dim",
-                "text_len",
-            )
-        }
-    elif not folder.is_dir():
-        raise ConfigError(f"Model folder not found: {folder}.")
+    folder = Path(folder)
+    if not folder.is_dir():
+        find_model_files(folder)  # says what is wrong: missing, or a file rather than a folder
+    values = read_config_json(folder / "transformer") or read_config_json(folder)
+    if values is not None:
+        config = DiTConfig.from_dict(values)
     else:
-        return None, None
-    config = DiTConfig.from_dict({k: v for k, v in values.items() if v is not None})
+        config = resolve_config(inspect_dit(find_model_files(folder).dit), None)
     name = {1536: "1.3B", 5120: "14B"}.get(config.dim, f"dim {config.dim}")
     return config, name
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"Could not read {path}: {err}.") from err
 
 
 def request_from_args(args: argparse.Namespace):
@@ -112,9 +86,10 @@ def request_from_args(args: argparse.Namespace):
 
     width, height = parse_size(args.size)
     validate_request(height, width, args.frames, 1, args.guidance)
-    config, name = (None, None) if args.model is None else config_from_folder(args.model)
-    if config is None:
+    if args.model is None:
         config, name = DIT_PRESETS[args.model_size], args.model_size
+    else:
+        config, name = config_from_folder(args.model)
     return Request(
         config,
         height=height,

@@ -27,6 +27,26 @@ def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return layer(x.to(weight.dtype))
 
 
+def run_in_chunks(fn, x: torch.Tensor, chunk: int | None, dim: int = 1) -> torch.Tensor:
+    """fn(x) over slices of at most `chunk` along `dim`, written into one output (same result, less memory).
+
+    fn must treat each position of `dim` independently (an FFN over tokens, attention over queries).
+    """
+    length = x.shape[dim]
+    if not chunk or length <= chunk:
+        return fn(x)
+    out = None
+    for start in range(0, length, chunk):
+        size = min(chunk, length - start)
+        y = fn(x.narrow(dim, start, size))
+        if out is None:
+            shape = list(y.shape)
+            shape[dim] = length
+            out = y.new_empty(shape)
+        out.narrow(dim, start, size).copy_(y)
+    return out
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [B, L, C] fp32 normalised; shift/scale [B, C] fp32."""
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
@@ -94,6 +114,7 @@ class SelfAttention(nn.Module):
         # RMSNorm over the whole dim (all heads together), before the split into heads.
         self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
         self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+        self.attention_chunk: int | None = None  # query rows per attention call (set by the runtime)
 
     def forward(self, x: torch.Tensor, rope: Rope) -> torch.Tensor:
         """x [B, L, C] (any dtype) -> [B, L, C] fp32."""
@@ -103,7 +124,8 @@ class SelfAttention(nn.Module):
         k = self.norm_k(self.k(x)).unflatten(-1, (self.num_heads, -1))
         v = self.v(x).unflatten(-1, (self.num_heads, -1))
         q, k = apply_rope(q, rope).to(dtype), apply_rope(k, rope).to(dtype)
-        out = attention(q, k, v.to(dtype)).flatten(2)
+        v = v.to(dtype)
+        out = run_in_chunks(lambda rows: attention(rows, k, v), q, self.attention_chunk).flatten(2)
         return self.o(out.to(dtype)).float()
 
 
@@ -152,6 +174,7 @@ class WanBlock(nn.Module):
             nn.Linear(dim, config.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(config.ffn_dim, dim)
         )
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+        self.ffn_chunk: int | None = None  # tokens per FFN call (set by the runtime to bound memory)
 
     def forward(self, x: torch.Tensor, e: torch.Tensor, context: torch.Tensor, rope: Rope) -> torch.Tensor:
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float() + e).unbind(1)
@@ -162,7 +185,8 @@ class WanBlock(nn.Module):
         x = x + self.cross_attn(self.norm3(x), context)
 
         h = modulate(self.norm2(x), shift_ff, scale_ff)
-        x = x + linear(self.ffn, h).float() * gate_ff.unsqueeze(1)
+        ffn = run_in_chunks(lambda rows: linear(self.ffn, rows), h, self.ffn_chunk)
+        x = x + ffn.float() * gate_ff.unsqueeze(1)
         return x
 
 

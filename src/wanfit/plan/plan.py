@@ -66,15 +66,21 @@ class Plan:
 
 
 def default_plan(device: str | torch.device | None = None) -> Plan:
-    """A simple plan without the planner: everything resident; bf16 on CUDA sm_80+, fp16 below, fp32 on CPU."""
+    """A simple plan without the planner: everything resident, dtypes by wanfit.precision's policy.
+
+    `wanfit generate` and `wanfit plan` use the planner instead; this serves pipelines built in code.
+    """
+    from wanfit.precision import compute_dtype_for, dtype_name
+
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         major, _ = torch.cuda.get_device_capability(device)
-        dtype = "bfloat16" if major >= 8 else "float16"
+        compute = dtype_name(compute_dtype_for("cuda", bf16_native=major >= 8, fp16_native=major >= 7))
+        # umT5 never computes in fp16: bf16 weights, computed in fp32 block by block where bf16 is not native.
         return Plan(
             device=str(device),
-            compute_dtype=dtype,
+            compute_dtype=compute,
             text_encoder_device=str(device),
-            text_encoder_dtype="bfloat16" if major >= 8 else "float32",
+            text_encoder_dtype="bfloat16",
         )
     return Plan(device=str(device))

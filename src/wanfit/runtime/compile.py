@@ -16,3 +16,13 @@ def compile_blocks(dit: torch.nn.Module, *, mode: str | None = None) -> torch.nn
     for block in dit.blocks:
         block.compile(dynamic=False, mode=mode)
     return dit
+
+
+def set_compiled(dit: torch.nn.Module, enabled: bool) -> None:
+    """Compile the blocks, or return them to eager (e.g. when the plan steps down to streaming)."""
+    compiled = getattr(dit.blocks[0], "_compiled_call_impl", None) is not None if len(dit.blocks) else False
+    if enabled and not compiled:
+        compile_blocks(dit)
+    elif not enabled and compiled:
+        for block in dit.blocks:
+            block._compiled_call_impl = None

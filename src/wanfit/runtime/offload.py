@@ -325,3 +325,16 @@ def release_dit(dit: nn.Module) -> None:
     dit.to("cpu")
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def stream_text_encoder(text_encoder, device: str | torch.device, resident: int) -> BlockStreamer:
+    """Stream umT5's blocks through `device` (k resident); the embedding stays on the host.
+
+    The token embedding (1 GB in bf16) is a lookup: it runs on the host and only the hidden states
+    move; the final norm sits on the device, so the encoder's output comes back from there.
+    """
+    encoder = text_encoder.model.encoder
+    streamer = BlockStreamer(encoder.block, device, resident=resident, move_inputs=True)
+    encoder.final_layer_norm.to(device)
+    text_encoder._wanfit_streamer = streamer
+    return streamer

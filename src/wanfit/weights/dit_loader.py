@@ -157,7 +157,7 @@ def inspect_dit(path: str | os.PathLike) -> DiTCheckpoint:
     if path.is_dir() and (path / "transformer").is_dir() and not list(path.glob("diffusion_pytorch_model*")):
         path = path / "transformer"  # a diffusers pipeline folder
     files = resolve_weight_files(path, stems=("diffusion_pytorch_model", "model"))
-    return map_dit_keys(LazyStateDict(files), path, _read_config_json(path))
+    return map_dit_keys(LazyStateDict(files), path, read_config_json(path))
 
 
 def map_dit_keys(tensors: LazyStateDict, path: Path, file_config: dict | None = None) -> DiTCheckpoint:
@@ -301,7 +301,7 @@ def _short_list(items: list[str], limit: int = _MAX_LISTED) -> str:
     return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
-def _read_config_json(path: Path) -> dict | None:
+def read_config_json(path: Path) -> dict | None:
     """A DiT config.json beside the weights, in official names; None if there is none or it is another model's."""
     folder = path if path.is_dir() else path.parent
     file = folder / "config.json"
