@@ -305,6 +305,15 @@ class WanPipeline:
             video = self.vae.decode(z, tile=self.plan.vae_tile)
         return frames_to_uint8(video)
 
+    def _end_phase(self, phase: str, started: float) -> None:
+        """Record a phase's wall time and, on CUDA, its peak device memory (then reset the peak)."""
+        device = torch.device(self.plan.device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            self.timings[f"{phase}_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            torch.cuda.reset_peak_memory_stats(device)
+        self.timings[f"{phase}_s"] = time.perf_counter() - started
+
     # -- the whole job ---------------------------------------------------------------------------
 
     def __call__(
@@ -333,13 +342,15 @@ class WanPipeline:
         self.dit_calls = 0
         self.oom_steps.clear()
         device = torch.device(self.plan.device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
 
         started = time.perf_counter()
         use_cfg = guidance != 1.0
         self._request = self._planner_request(height, width, num_frames, use_cfg)
         embeds = self.encode_prompts(prompt, negative_prompt, with_negative=use_cfg)
         cond, uncond = embeds[0], (embeds[1] if use_cfg else None)
-        self.timings["text_encoder_s"] = time.perf_counter() - started
+        self._end_phase("text_encoder", started)
 
         scheduler = self.make_scheduler(shift)
         folder_scheduler = self.scheduler_config is not None
@@ -362,9 +373,9 @@ class WanPipeline:
         final = self.denoise(
             state, scheduler, timesteps, cond, uncond, guidance, progress=progress, on_step=on_step
         )
-        self.timings["denoise_s"] = time.perf_counter() - started
+        self._end_phase("denoise", started)
 
         started = time.perf_counter()
         frames = self._oom_guard().run("vae_decode", lambda: self.decode(final))
-        self.timings["vae_decode_s"] = time.perf_counter() - started
+        self._end_phase("vae_decode", started)
         return frames

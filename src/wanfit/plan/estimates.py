@@ -437,12 +437,16 @@ def estimate_text_encoder(request: Request, plan: Plan, *, others: bool = True) 
     weights = text_encoder_device_weights(request, plan, during_encode=True)
     dit = dit_device_weights(request.config, plan) if others else 0
     vae = vae_device_weights(request, plan) if others else 0
-    activations = _text_encoder_activations(request, plan) if text_encoder_on_device(plan) else 0
+    on_device = text_encoder_on_device(plan)
+    activations = _text_encoder_activations(request, plan) if on_device else 0
+    # Half-precision weights computed in fp32 (no native bf16): one block's fp32 copy at a time.
+    upcast = plan.text_encoder_dtype != "float32" and plan.compute_dtype != "bfloat16"
+    workspace = 4 * request.text_encoder.layer_params() if on_device and upcast else 0
     return PhaseEstimate(
         "text_encoder",
         weights=weights + dit + vae,
         activations=activations,
-        workspace=0,
+        workspace=workspace,
         cache=_embeddings_bytes(request, plan),
         detail={"text_encoder": weights, "dit": dit, "vae": vae},
     )

@@ -677,7 +677,10 @@ def _notes(device: DeviceBudget, budget: Budget, plan: Plan, vram: int | None) -
 def _plan_notes(plan: Plan, device: DeviceBudget) -> list[str]:
     notes = []
     if plan.text_encoder_dtype == "bfloat16" and device.kind == "cuda" and not device.bf16_native:
-        notes.append("the text encoder runs in bf16, emulated on this card (slower; it runs once).")
+        notes.append(
+            "the text encoder keeps bf16 weights and computes in fp32 one block at a time "
+            "(no native bf16 here, and umT5 overflows in fp16); it runs once."
+        )
     if plan.text_encoder_device == "cpu" and device.kind != "cpu":
         notes.append("the text encoder runs on the CPU: expect minutes for the prompt encoding.")
     if plan.dit_blocks_resident is not None:
