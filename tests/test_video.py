@@ -71,3 +71,12 @@ def test_temporaries_are_hidden_and_never_look_finished(tmp_path):
             assert tmp.is_dir() == is_dir and not (tmp_path / name).exists()
         assert (tmp_path / name).exists() and (tmp_path / name).is_dir() == is_dir
     assert sorted(p.name for p in tmp_path.iterdir()) == ["frames", "v.json", "v.mp4"]
+
+
+def test_a_missing_ffmpeg_is_said_before_any_work(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)  # import fails as if not installed
+    with pytest.raises(ConfigError, match="imageio-ffmpeg"):
+        check_writable(tmp_path / "v.mp4", overwrite=False)
+    check_writable(tmp_path / "frames", overwrite=False)  # PNG frames need no ffmpeg

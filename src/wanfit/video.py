@@ -57,11 +57,26 @@ def check_writable(path: Path, *, overwrite: bool) -> None:
         parent = parent.parent
     if not parent.is_dir():
         raise ConfigError(f"Cannot create the output folder {_parent(path)}: {parent} is a file.")
+    if not is_png_folder(path):
+        _check_ffmpeg()
     try:
         with tempfile.TemporaryFile(dir=parent):
             pass
     except OSError as err:
         raise ConfigError(f"The output folder {parent} cannot be written: {err.strerror}.") from err
+
+
+def _check_ffmpeg() -> None:
+    """mp4 needs imageio-ffmpeg (which carries ffmpeg): say so before the work, not after it."""
+    try:
+        import imageio_ffmpeg
+
+        imageio_ffmpeg.get_ffmpeg_exe()
+    except (ImportError, RuntimeError) as err:
+        raise ConfigError(
+            "Writing an mp4 needs the imageio-ffmpeg package (pip install imageio-ffmpeg); "
+            f"or give --out a folder name to write PNG frames ({err})."
+        ) from err
 
 
 def _parent(path: Path) -> Path:
