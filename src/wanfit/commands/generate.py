@@ -153,6 +153,7 @@ def run(args: argparse.Namespace) -> int:
             "device": hardware.probe.device_name,
             "emulated": hardware.probe.emulated,
             "timings": pipe.timings,
+            "oom_steps": [list(step) for step in pipe.oom_steps],
             "tool": "wanfit",
         }
         try:
