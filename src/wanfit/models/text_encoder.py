@@ -257,7 +257,8 @@ def _blocks_in(model: nn.Module, dtype: torch.dtype) -> Iterator[None]:
     handles = []
     for module in [*stack.block, stack.final_layer_norm]:
         handles.append(module.register_forward_pre_hook(convert))
-        handles.append(module.register_forward_hook(restore))
+        # Prepended: restore before any later hook (a block streamer) moves or frees the weights.
+        handles.append(module.register_forward_hook(restore, prepend=True))
     try:
         yield
     finally:
