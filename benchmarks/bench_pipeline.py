@@ -180,26 +180,25 @@ def run_wanfit(parts, args, latents, device, plan):
 
 
 def wanfit_plan(args, device, dit_cfg):
-    """The plan wanfit's planner picks for this job on this card (with --plan-args applied)."""
-    from wanfit.plan.plan import default_plan
+    """The plan wanfit's planner picks for this job on this card, as `wanfit generate` would."""
+    from types import SimpleNamespace
 
-    try:
-        from wanfit.commands.plan import plan_for_args
-    except ImportError:
+    from wanfit.commands.common import JobShape, device_budget, hardware_from_args
+    from wanfit.plan.estimates import Request
+    from wanfit.plan.plan import default_plan
+    from wanfit.plan.planner import plan_run
+
+    if device.type != "cuda":
         return default_plan(device)
-    return plan_for_args(
-        [
-            "--size",
-            args.size,
-            "--frames",
-            str(args.frames),
-            "--guidance",
-            str(args.guidance),
-            *args.plan_args.split(),
-        ],
-        dit_config=dit_cfg,
-        device=device,
+    width, height = (int(v) for v in args.size.split("x"))
+    hardware = hardware_from_args(
+        SimpleNamespace(emulate=None, attention=None, allow_lossy_attention=False, dtype=None)
     )
+    job = JobShape("1.3B", width, height, args.frames, dit_cfg.num_heads, dit_cfg.head_dim)
+    request = Request(
+        dit_cfg, height=height, width=width, num_frames=args.frames, guidance=args.guidance != 1.0
+    )
+    return plan_run(device_budget(hardware, job), request).plan
 
 
 def main(argv=None) -> dict:

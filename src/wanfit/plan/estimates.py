@@ -92,9 +92,11 @@ VAE_CACHE_FRAMES = 2
 VAE_FRAMES_PER_CALL = 1
 # Live one-frame tensors of the widest level (width x area) at the decoder's peak: the block input,
 # the normed input, the conv's input with 2 cached frames concatenated (3), its output, the
-# shortcut, and the conv's own scratch. calibrated on the CPU (2026-11, tracking live storages of
-# WanVAE.decode at two sizes): the caches as modelled here plus about 8 units per step of size.
-VAE_LIVE_UNITS = 8.0
+# shortcut, and the conv's own scratch. First fitted on the CPU (about 8 units); calibrated
+# 2026-11-26 on an H100 (bf16, 832x480x81): decode peaks 2.93 GiB above the weights in three runs
+# (bench_vae untiled, the whole job resident, the whole job under --vram 4GiB) where 8 units gave
+# 2.52 GiB; cuDNN's conv workspaces account for the rest. docs/benchmarks.md.
+VAE_LIVE_UNITS = 13.5
 # Context margins (pixels at each decoder level) a spatial tile computes beyond its core; from
 # Decoder3d._tile_margins for num_res_blocks=2 (coarsest level first).
 VAE_TILE_MARGINS = (15, 12, 10, 7)
@@ -435,7 +437,9 @@ def estimate_text_encoder(request: Request, plan: Plan, *, others: bool = True) 
     """Encoding the prompt (and the negative prompt): umT5, plus (others=True) the DiT and VAE
     weights the pipeline has already placed on the device."""
     weights = text_encoder_device_weights(request, plan, during_encode=True)
-    dit = dit_device_weights(request.config, plan) if others else 0
+    # A streamed (or fp8) DiT is loaded on the host and placed when denoising starts.
+    dit_placed_late = plan.dit_blocks_resident is not None or plan.storage_dtype is not None
+    dit = dit_device_weights(request.config, plan) if others and not dit_placed_late else 0
     vae = vae_device_weights(request, plan) if others else 0
     on_device = text_encoder_on_device(plan)
     activations = _text_encoder_activations(request, plan) if on_device else 0
