@@ -46,6 +46,14 @@ def parse_args(argv=None):
     p.add_argument("--text-layers", type=int, default=None, help="umT5 blocks (default: all 24)")
     p.add_argument("--skip-diffusers", action="store_true")
     p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="force a plan setting",
+    )
+    p.add_argument(
         "--plan-args", default="", help="extra `wanfit plan` options for wanfit's plan, e.g. '--vram 4GiB'"
     )
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny models: checks the script only")
@@ -163,6 +171,12 @@ def run_wanfit(parts, args, latents, device, plan):
         torch.cuda.reset_peak_memory_stats(device)
     sync(device)
     start = time.perf_counter()
+    step_times = []
+
+    def on_step(state):
+        sync(device)
+        step_times.append(time.perf_counter())
+
     frames = pipe(
         PROMPT,
         negative_prompt="blurry, static",
@@ -173,10 +187,16 @@ def run_wanfit(parts, args, latents, device, plan):
         guidance_scale=args.guidance,
         latents=latents.clone(),
         progress=False,
+        on_step=on_step,
     )
     sync(device)
     total = time.perf_counter() - start
-    return {"total_s": total, "peak_gib": peak_gib(device), "phases_s": dict(pipe.timings)}, frames
+    per_step = [b - a for a, b in zip(step_times, step_times[1:])]
+    result = {"total_s": total, "peak_gib": peak_gib(device), "phases_s": dict(pipe.timings)}
+    if per_step:
+        result["first_step_end_s"] = step_times[0] - start
+        result["median_step_s"] = sorted(per_step)[len(per_step) // 2]
+    return result, frames
 
 
 def wanfit_plan(args, device, dit_cfg):
@@ -198,7 +218,10 @@ def wanfit_plan(args, device, dit_cfg):
     request = Request(
         dit_cfg, height=height, width=width, num_frames=args.frames, guidance=args.guidance != 1.0
     )
-    return plan_run(device_budget(hardware, job), request).plan
+    from wanfit.plan.planner import parse_plan_overrides
+
+    overrides = parse_plan_overrides(args.overrides)
+    return plan_run(device_budget(hardware, job), request, overrides=overrides).plan
 
 
 def main(argv=None) -> dict:
@@ -255,6 +278,8 @@ def table(r: dict) -> str:
             x = r[name]
             peak = f"{x['peak_gib']:.2f}" if x.get("peak_gib") is not None else "-"
             phases = ", ".join(f"{k} {v:.2f}" for k, v in x.get("phases_s", {}).items())
+            if "median_step_s" in x:
+                phases += f"; median step {x['median_step_s']:.3f} s, first step done at {x['first_step_end_s']:.1f} s"
             lines.append(f"{name:<10} {x['total_s']:>9.2f} {peak:>9}  {phases}")
     if "speedup_total" in r:
         lines.append(

@@ -271,7 +271,9 @@ def fastest_plan(device: DeviceBudget, request: Request, *, fp8: bool = False) -
         text_encoder_dtype="float32" if device.kind == "cpu" else "bfloat16",
         free_text_encoder=False,
         cfg_batch=request.guidance,
-        compile_dit=device.compilable,
+        # Compiling the blocks saves ~11% per step but costs ~17 s up front (1.3B, 480p, H100):
+        # it pays only past ~100 steps, so it is opt-in (--set compile_dit=true).
+        compile_dit=False,
     )
 
 
@@ -680,6 +682,11 @@ def _plan_notes(plan: Plan, device: DeviceBudget) -> list[str]:
         notes.append(
             "the text encoder keeps bf16 weights and computes in fp32 one block at a time "
             "(no native bf16 here, and umT5 overflows in fp16); it runs once."
+        )
+    if device.compilable and not plan.compile_dit and plan.dit_blocks_resident is None:
+        notes.append(
+            "for long runs, --set compile_dit=true compiles the DiT's blocks: about 11% faster per step "
+            "after a one-off compile of about 17 s (H100, 1.3B, 480p)."
         )
     if plan.text_encoder_device == "cpu" and device.kind != "cpu":
         notes.append("the text encoder runs on the CPU: expect minutes for the prompt encoding.")
