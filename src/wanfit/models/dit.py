@@ -48,8 +48,8 @@ def run_in_chunks(fn, x: torch.Tensor, chunk: int | None, dim: int = 1) -> torch
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x [B, L, C] fp32 normalised; shift/scale [B, C] fp32."""
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+    """x [B, L, C] fp32 normalised; shift/scale [B, C] fp32. One fused pass: shift + x * (1 + scale)."""
+    return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
 
 
 class LayerNorm(nn.LayerNorm):
@@ -117,7 +117,7 @@ class SelfAttention(nn.Module):
         self.attention_chunk: int | None = None  # query rows per attention call (set by the runtime)
 
     def forward(self, x: torch.Tensor, rope: Rope) -> torch.Tensor:
-        """x [B, L, C] (any dtype) -> [B, L, C] fp32."""
+        """x [B, L, C] (any dtype) -> [B, L, C] in the weights' dtype (the block adds it in fp32)."""
         dtype = self.q.weight.dtype
         x = x.to(dtype)
         q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))
@@ -126,7 +126,7 @@ class SelfAttention(nn.Module):
         q, k = apply_rope(q, rope).to(dtype), apply_rope(k, rope).to(dtype)
         v = v.to(dtype)
         out = run_in_chunks(lambda rows: attention(rows, k, v), q, self.attention_chunk).flatten(2)
-        return self.o(out.to(dtype)).float()
+        return self.o(out.to(dtype))
 
 
 class CrossAttention(nn.Module):
@@ -141,14 +141,14 @@ class CrossAttention(nn.Module):
         self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """x [B, L, C], context [B, Lc, C] embedded text -> [B, L, C] fp32."""
+        """x [B, L, C], context [B, Lc, C] embedded text -> [B, L, C] in the weights' dtype."""
         dtype = self.q.weight.dtype
         x, context = x.to(dtype), context.to(dtype)
         q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1)).to(dtype)
         k = self.norm_k(self.k(context)).unflatten(-1, (self.num_heads, -1)).to(dtype)
         v = self.v(context).unflatten(-1, (self.num_heads, -1))
         out = attention(q, k, v).flatten(2)
-        return self.o(out.to(dtype)).float()
+        return self.o(out.to(dtype))
 
 
 class WanBlock(nn.Module):
@@ -179,15 +179,16 @@ class WanBlock(nn.Module):
     def forward(self, x: torch.Tensor, e: torch.Tensor, context: torch.Tensor, rope: Rope) -> torch.Tensor:
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float() + e).unbind(1)
 
+        # Residual updates stay in fp32; addcmul and add read the half-precision branch outputs directly
+        # (type promotion), one pass each instead of an upcast, a multiply and an add.
         h = modulate(self.norm1(x), shift_sa, scale_sa)
-        x = x + self.self_attn(h, rope) * gate_sa.unsqueeze(1)
+        x = torch.addcmul(x, self.self_attn(h, rope), gate_sa.unsqueeze(1))
 
         x = x + self.cross_attn(self.norm3(x), context)
 
         h = modulate(self.norm2(x), shift_ff, scale_ff)
         ffn = run_in_chunks(lambda rows: linear(self.ffn, rows), h, self.ffn_chunk)
-        x = x + ffn.float() * gate_ff.unsqueeze(1)
-        return x
+        return torch.addcmul(x, ffn, gate_ff.unsqueeze(1))
 
 
 class Head(nn.Module):
