@@ -144,3 +144,27 @@ def test_oom_in_decode_retries_tiled_with_the_same_latents():
 
     reference, _ = _run(pipe.plan, FakeDiT(), FakeVAE())
     np.testing.assert_array_equal(frames, reference)
+
+
+class FailingOnceTextEncoder(FakeTextEncoder):
+    """Raises out-of-memory on its first encode, like umT5 on a card that is too full."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def encode(self, prompts, max_length=8):
+        self.calls += 1
+        if self.calls == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 10.00 GiB (injected)")
+        return super().encode(prompts, max_length)
+
+
+def test_oom_in_text_encoding_steps_down_and_encodes_again():
+    lighter = Plan(cfg_batch=True, text_encoder_blocks_resident=0)
+    pipe = WanPipeline(FakeDiT(), FakeVAE(), FailingOnceTextEncoder(), plan=Plan(cfg_batch=True))
+    pipe.step_down = lambda plan, phase: lighter if phase == "text_encoder" and plan != lighter else None
+    frames = pipe("a fox", seed=3, progress=False, **SIZE)
+    assert [s[0] for s in pipe.oom_steps] == ["text_encoder"]
+    assert pipe.plan == lighter and pipe.text_encoder.calls == 2
+    reference = WanPipeline(FakeDiT(), FakeVAE(), FakeTextEncoder(), plan=lighter)
+    np.testing.assert_array_equal(frames, reference("a fox", seed=3, progress=False, **SIZE))

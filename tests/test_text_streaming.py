@@ -33,3 +33,19 @@ def test_streamed_encoder_gives_the_same_context_and_frees_its_blocks(tokenizer,
     # after use: with the fp32 upcast too (its restore hook must run before the streamer frees them).
     sizes = [sum(p.numel() for p in block.parameters()) for block in blocks]
     assert sizes.count(0) == len(blocks) - 1
+
+
+def test_the_pipeline_moves_the_text_encoder_when_the_plan_changes(tokenizer):
+    from wanfit.pipeline import WanPipeline
+    from wanfit.plan.plan import Plan
+
+    te = WanTextEncoder(tiny_text.make_umt5(0).to(torch.bfloat16), tokenizer, cache=None)
+    expected = te.encode(["a fox"], max_length=16)
+    pipe = WanPipeline(torch.nn.Module(), None, te, plan=Plan())
+    pipe.apply_plan(Plan(text_encoder_blocks_resident=1))  # the OOM guard's notch: stream umT5
+    assert te._wanfit_streamer is not None and te.compute_dtype == torch.float32
+    streamed = te.encode(["a fox"], max_length=16)  # fp32 compute now, over the same bf16 weights
+    torch.testing.assert_close(streamed, expected.float(), atol=3e-2, rtol=3e-2)
+    pipe.apply_plan(Plan(text_encoder_device="cpu"))  # and the next: whole on the CPU, unstreamed
+    assert getattr(te, "_wanfit_streamer", None) is None
+    assert all(p.numel() > 0 for p in te.model.parameters())

@@ -122,6 +122,12 @@ class WanPipeline:
         self.step_down: Callable[[Plan, str], Plan | None] | None = None
         self.oom_steps: list[tuple[str, str, str]] = []  # what the OOM guard gave up in the last run
         self._request = None  # the planner's view of the current call (for step_down)
+        if isinstance(getattr(text_encoder, "model", None), torch.nn.Module):
+            # Loaded as this plan says (from_pretrained, demo); apply_plan moves it when the plan changes.
+            text_encoder._wanfit_placement = (
+                self.plan.text_encoder_device,
+                self.plan.text_encoder_blocks_resident,
+            )
 
     @classmethod
     def from_pretrained(
@@ -176,7 +182,32 @@ class WanPipeline:
         """Switch to `plan`, also mid-run: the DiT's placement and chunking follow it at once; the
         other settings (cfg_batch, vae_tile, ...) are read at each call."""
         self.plan = plan
+        self._place_text_encoder()
         self._place_dit()
+
+    def _place_text_encoder(self) -> None:
+        """Follow the plan's text-encoder placement (device, streaming) if it changed."""
+        model = getattr(self.text_encoder, "model", None)
+        if not isinstance(model, torch.nn.Module):
+            return  # released, or not a WanTextEncoder
+        from wanfit.runtime.offload import stream_text_encoder
+
+        key = (self.plan.text_encoder_device, self.plan.text_encoder_blocks_resident)
+        if getattr(self.text_encoder, "_wanfit_placement", None) == key:
+            return
+        streamer = getattr(self.text_encoder, "_wanfit_streamer", None)
+        if streamer is not None:
+            streamer.detach("cpu")
+            self.text_encoder._wanfit_streamer = None
+        if self.plan.text_encoder_blocks_resident is not None:
+            model.to("cpu")
+            stream_text_encoder(
+                self.text_encoder, self.plan.text_encoder_device, self.plan.text_encoder_blocks_resident
+            )
+        else:
+            model.to(self.plan.text_encoder_device)
+        self.text_encoder.compute_dtype = text_encoder_compute_dtype(self.plan)
+        self.text_encoder._wanfit_placement = key
 
     def _place_dit(self) -> None:
         if isinstance(getattr(self.dit, "blocks", None), torch.nn.ModuleList):
@@ -221,7 +252,10 @@ class WanPipeline:
     ) -> tuple[torch.Tensor, ...]:
         prompts = [prompt, negative_prompt] if with_negative else [prompt]
         text_len = getattr(getattr(self.dit, "config", None), "text_len", 512)
-        embeds = self.text_encoder.encode(prompts, max_length=text_len)
+        # Out of memory: stream the encoder or move it to the CPU (the planner's next notch) and retry.
+        embeds = self._oom_guard().run(
+            "text_encoder", lambda: self.text_encoder.encode(prompts, max_length=text_len)
+        )
         device, dtype = torch.device(self.plan.device), self.plan.torch_compute_dtype
         embeds = embeds.to(device=device, dtype=dtype)
         if self.plan.free_text_encoder and hasattr(self.text_encoder, "release"):
