@@ -22,6 +22,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_dit
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "src") not in sys.path:
     sys.path.insert(0, str(ROOT / "src"))
@@ -212,71 +214,21 @@ def measure_dit(args, req, rows: list[dict]) -> None:
         measure_diffusers(args, req, dit, rows)
 
 
-def official_to_diffusers(name: str) -> str:
-    """An official Wan2.1 DiT key -> diffusers' WanTransformer3DModel key."""
-    top = {
-        "text_embedding.0.": "condition_embedder.text_embedder.linear_1.",
-        "text_embedding.2.": "condition_embedder.text_embedder.linear_2.",
-        "time_embedding.0.": "condition_embedder.time_embedder.linear_1.",
-        "time_embedding.2.": "condition_embedder.time_embedder.linear_2.",
-        "time_projection.1.": "condition_embedder.time_proj.",
-        "head.head.": "proj_out.",
-    }
-    if name == "head.modulation":
-        return "scale_shift_table"
-    for old, new in top.items():
-        if name.startswith(old):
-            return new + name[len(old) :]
-    if not name.startswith("blocks."):
-        return name
-    _, index, rest = name.split(".", 2)
-    inner = {
-        "modulation": "scale_shift_table",
-        "norm3.": "norm2.",
-        "ffn.0.": "ffn.net.0.proj.",
-        "ffn.2.": "ffn.net.2.",
-    }
-    for attn, new in (("self_attn.", "attn1."), ("cross_attn.", "attn2.")):
-        if rest.startswith(attn):
-            head, _, tail = rest[len(attn) :].partition(".")
-            head = {"q": "to_q", "k": "to_k", "v": "to_v", "o": "to_out.0"}.get(head, head)
-            return f"blocks.{index}.{new}{head}.{tail}"
-    for old, new in inner.items():
-        if rest.startswith(old):
-            return f"blocks.{index}.{new}{rest[len(old) :]}"
-    return name
-
-
 def measure_diffusers(args, req, dit, rows: list[dict]) -> None:
     """diffusers' WanTransformer3DModel on our random weights: resident, and block group offload."""
     import torch
 
     try:
-        from diffusers import WanTransformer3DModel
+        import diffusers  # noqa: F401
     except ImportError as err:
         rows.append({"phase": "denoise", "plan": "diffusers", "error": f"diffusers not importable: {err}"})
         return
-    cfg = req.config
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        model = WanTransformer3DModel(
-            patch_size=cfg.patch_size,
-            num_attention_heads=cfg.num_heads,
-            attention_head_dim=cfg.head_dim,
-            in_channels=cfg.in_dim,
-            out_channels=cfg.out_dim,
-            text_dim=cfg.text_dim,
-            freq_dim=cfg.freq_dim,
-            ffn_dim=cfg.ffn_dim,
-            num_layers=cfg.num_layers,
-            cross_attn_norm=cfg.cross_attn_norm,
-            qk_norm="rms_norm_across_heads",
-            eps=cfg.eps,
-        )
-    finally:
-        torch.set_default_dtype(previous)
-    state = {official_to_diffusers(k): v for k, v in dit.state_dict().items()}
+    from bench_dit import make_diffusers_model
+
+    from wanfit.weights.dit_keys import official_to_diffusers
+
+    model = make_diffusers_model(req.config, torch.device("cpu"), torch.bfloat16, seed=0)
+    state = official_to_diffusers(dit.state_dict())
     missing, unexpected = model.load_state_dict(state, strict=False)
     model = model.eval().requires_grad_(False).to(torch.bfloat16)
     note = (

@@ -103,7 +103,9 @@ def rope_frequencies(grid: tuple[int, int, int], head_dim: int, theta: float = 1
     return torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
 
 
-class SelfAttention(nn.Module):
+class Projections(nn.Module):
+    """q, k, v, o projections with RMSNorm on q and k (official names), shared by both attentions."""
+
     def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float):
         super().__init__()
         self.num_heads = num_heads
@@ -114,6 +116,11 @@ class SelfAttention(nn.Module):
         # RMSNorm over the whole dim (all heads together), before the split into heads.
         self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
         self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+
+
+class SelfAttention(Projections):
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float):
+        super().__init__(dim, num_heads, qk_norm, eps)
         self.attention_chunk: int | None = None  # query rows per attention call (set by the runtime)
 
     def forward(self, x: torch.Tensor, rope: Rope) -> torch.Tensor:
@@ -129,17 +136,7 @@ class SelfAttention(nn.Module):
         return self.o(out.to(dtype))
 
 
-class CrossAttention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float):
-        super().__init__()
-        self.num_heads = num_heads
-        self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(dim, dim)
-        self.v = nn.Linear(dim, dim)
-        self.o = nn.Linear(dim, dim)
-        self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
-        self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
-
+class CrossAttention(Projections):
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """x [B, L, C], context [B, Lc, C] embedded text -> [B, L, C] in the weights' dtype."""
         dtype = self.q.weight.dtype
