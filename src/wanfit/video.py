@@ -165,7 +165,11 @@ def write_video(
                 imageio.imwrite(tmp / f"frame_{i:04d}.png", frame)
     if metadata is not None:
         with atomic_path(sidecar_path(path)) as tmp:
-            tmp.write_text(json.dumps(metadata, indent=2, sort_keys=True, default=str) + "\n")
+            # ensure_ascii=False: prompts in any script stay readable in the sidecar.
+            tmp.write_text(
+                json.dumps(metadata, indent=2, sort_keys=True, default=str, ensure_ascii=False) + "\n",
+                encoding="utf-8",
+            )
     return path
 
 
