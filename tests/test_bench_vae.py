@@ -27,5 +27,8 @@ def test_dry_run_writes_rows_that_agree(tmp_path, capsys):
     # same random weights: wanfit, tiled or not, agrees with diffusers' untiled decode in fp32
     assert rows["wanfit", "untiled"]["rel_err"] <= 1e-4
     assert rows["wanfit", "tile 2x2 (2 tiles)"]["rel_err"] <= 1e-4
-    assert rows["wanfit", "tile 2x2 (2 tiles)"]["flops_rel"] > 1
+    # the planner's estimate is reported; tiling never raises it (tiny frames: margins cover the frame)
+    assert (
+        0 < rows["wanfit", "tile 2x2 (2 tiles)"]["estimate_gib"] <= rows["wanfit", "untiled"]["estimate_gib"]
+    )
     assert "VAE decode" in capsys.readouterr().out

@@ -14,8 +14,6 @@ from wanfit.models.vae import (
     AttentionBlock,
     VAEConfig,
     WanVAE,
-    estimate_decode,
-    tile_for_budget,
 )
 from wanfit.weights.vae_keys import diffusers_to_official
 
@@ -190,43 +188,6 @@ def test_config_round_trips_and_strides():
     assert WAN21_VAE.latent_frames(81) == 21 and WAN21_VAE.video_frames(21) == 81
     with pytest.raises(ConfigError, match="Unknown VAE config keys"):
         VAEConfig.from_dict({"scaling_factor": 1.0})
-
-
-@pytest.mark.parametrize("tile", [None, (2, 3)])
-def test_decode_estimate_counts_the_time_caches_exactly(pair, tile):
-    _, ours = pair
-    shape = (1, 16, 3, 4, 7)
-    estimate = estimate_decode(ours.config, shape, tile, element_size=4)
-    tiles = ours.plan_tiles(shape[-2:], tile)
-    assert estimate.tiles == len(tiles) and estimate.output_bytes == 3 * 9 * 32 * 56 * 4
-    z = torch.randn(shape)
-    caches = []
-    with torch.no_grad():
-        stem_cache = {}
-        stems = [ours.decoder.stem(ours.conv2(z[:, :, t : t + 1]), stem_cache) for t in range(3)]
-        for t_ in tiles:
-            cache = stem_cache if len(tiles) == 1 else {}
-            top, bottom, left, right = t_.region(0)
-            for stem in stems:
-                ours.decoder.tail(stem[..., top:bottom, left:right], cache, t_, lambda frame: None)
-            caches.append(sum(f.numel() * 4 for v in cache.values() if isinstance(v, tuple) for f in v))
-    assert estimate.cache_bytes == max(caches)
-    assert estimate.flops > 0 and (tile is None or estimate.stem_bytes == 32 * 3 * 4 * 7 * 4)
-
-
-def test_tile_for_budget_picks_the_least_work_that_fits():
-    shape = (1, 16, 21, 60, 104)  # 480p x 81 frames
-    whole = estimate_decode(WAN21_VAE, shape, None)
-    assert tile_for_budget(WAN21_VAE, shape, whole.peak_bytes) == (None, whole)
-    budget = int(1.25 * 2**30)  # 1.5 GiB minus the weights
-    tile, estimate = tile_for_budget(WAN21_VAE, shape, budget)
-    assert tile is not None and estimate.peak_bytes <= budget < whole.peak_bytes
-    # more tiles would fit too, but cost more work
-    assert estimate.flops < estimate_decode(WAN21_VAE, shape, (15, 26)).flops
-    off = estimate_decode(WAN21_VAE, shape, (60, 35), output_on_device=False)
-    assert off.peak_bytes == estimate_decode(WAN21_VAE, shape, (60, 35)).peak_bytes - off.output_bytes
-    tile, estimate = tile_for_budget(WAN21_VAE, shape, 1)  # nothing fits: the smallest peak
-    assert estimate.peak_bytes > 1 and estimate.tiles > 16
 
 
 def test_attention_in_query_chunks_is_the_same():
