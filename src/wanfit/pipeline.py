@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from wanfit.errors import ConfigError
+from wanfit.models.configs import VAE_STRIDE, latent_shape  # noqa: F401  (latent_shape: public here too)
 from wanfit.plan.plan import Plan, default_plan
 from wanfit.sampling import schedulers
 
@@ -21,7 +22,6 @@ OFFICIAL_NEGATIVE_PROMPT = (
     "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
 )
 
-VAE_STRIDE = (4, 8, 8)
 SIZE_MULTIPLE = 16
 
 
@@ -60,16 +60,6 @@ def text_encoder_compute_dtype(plan: Plan) -> torch.dtype:
         return torch.float32
     device_type = torch.device(plan.text_encoder_device).type
     return text_encoder_precision(plan.torch_compute_dtype, device_type).compute
-
-
-def latent_shape(batch: int, channels: int, height: int, width: int, num_frames: int) -> tuple[int, ...]:
-    return (
-        batch,
-        channels,
-        (num_frames - 1) // VAE_STRIDE[0] + 1,
-        height // VAE_STRIDE[1],
-        width // VAE_STRIDE[2],
-    )
 
 
 def initial_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:

@@ -8,10 +8,8 @@ from dataclasses import dataclass
 from wanfit.attention import ATTENTION_ENV, BACKEND_NAMES, Dispatcher, configure
 from wanfit.hardware.probe import EMULATE_ENV, HardwareProbe, apply_emulation_limits, probe
 from wanfit.hardware.profiles import PROFILES
-from wanfit.models.configs import WAN_T2V_1_3B
+from wanfit.models.configs import WAN_T2V_1_3B, latent_shape
 from wanfit.precision import PrecisionPolicy, precision_policy
-
-VAE_STRIDE = (4, 8, 8)  # frames, height, width per latent cell
 
 
 @dataclass(frozen=True)
@@ -38,9 +36,8 @@ class JobShape:
 
 
 def latent_tokens(width: int, height: int, frames: int, patch: tuple[int, int, int] = (1, 2, 2)) -> int:
-    """Tokens the DiT sees: the causal VAE keeps the first frame and packs 4 per latent frame."""
-    latent_f = 1 + (frames - 1) // VAE_STRIDE[0]
-    latent_h, latent_w = height // VAE_STRIDE[1], width // VAE_STRIDE[2]
+    """Tokens the DiT sees: the latent grid divided by the patch size."""
+    _, _, latent_f, latent_h, latent_w = latent_shape(1, 1, height, width, frames)
     return (latent_f // patch[0]) * (latent_h // patch[1]) * (latent_w // patch[2])
 
 

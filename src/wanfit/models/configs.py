@@ -49,6 +49,21 @@ class DiTConfig:
         return replace(self, **overrides)
 
 
+# The Wan2.1 VAE compresses (frames, height, width) by these factors; it keeps the first frame alone.
+VAE_STRIDE = (4, 8, 8)
+
+
+def latent_shape(batch: int, channels: int, height: int, width: int, num_frames: int) -> tuple[int, ...]:
+    """The latent [B, C, F', H/8, W/8] of a num_frames x height x width video."""
+    return (
+        batch,
+        channels,
+        (num_frames - 1) // VAE_STRIDE[0] + 1,
+        height // VAE_STRIDE[1],
+        width // VAE_STRIDE[2],
+    )
+
+
 WAN_T2V_1_3B = DiTConfig()
 WAN_T2V_14B = DiTConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)
 # Tiny config for tests and the README's no-download demo.

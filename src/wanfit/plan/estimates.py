@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-from wanfit.models.configs import DiTConfig
+from wanfit.models.configs import VAE_STRIDE, DiTConfig
 from wanfit.plan.plan import Plan
 
 GIB = 1024**3
@@ -28,7 +28,6 @@ DTYPE_BYTES = {
     "float8_e5m2": 1,
 }
 
-VAE_STRIDE = (4, 8, 8)  # temporal, spatial, spatial compression of the Wan2.1 VAE
 
 # --- DiT block (wanfit.models.dit.WanBlock; residual stream, norms, modulation, RoPE in fp32) ---
 # Counts of [B, L, dim] tensors alive at each stage's peak: fp32 ones, compute-dtype ones, and
