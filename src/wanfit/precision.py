@@ -44,6 +44,14 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     return _DTYPES[key]
 
 
+def parse_weight_dtype(dtype: str | torch.dtype, what: str) -> torch.dtype:
+    """A dtype a loader may keep weights in (bf16, fp16, fp32); ConfigError naming `what` otherwise."""
+    parsed = parse_dtype(dtype)
+    if parsed not in COMPUTE_DTYPES:
+        raise ConfigError(f"{what} keeps weights in bf16, fp16 or fp32, not {dtype_name(parsed)}.")
+    return parsed
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     """torch.bfloat16 -> "bfloat16"."""
     return str(dtype).removeprefix("torch.")

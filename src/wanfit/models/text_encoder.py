@@ -27,8 +27,16 @@ from torch import nn
 
 from wanfit.errors import CheckpointError, ConfigError
 from wanfit.models.text_cache import PromptCache, cache_enabled_by_env, files_fingerprint
+from wanfit.precision import dtype_name
 from wanfit.weights import t5_keys
-from wanfit.weights.io import LazyStateDict, find_weight_files, read_json, resolve_weight_files, strip_prefix
+from wanfit.weights.io import (
+    LazyStateDict,
+    find_weight_files,
+    read_json,
+    resolve_weight_files,
+    short_list,
+    strip_prefix,
+)
 
 TEXT_LEN = 512
 OFFICIAL_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
@@ -117,8 +125,8 @@ class WanTextEncoder(nn.Module):
         self.compute_dtype = compute_dtype or self.storage_dtype
         if self.compute_dtype != self.storage_dtype and self.compute_dtype != torch.float32:
             raise ConfigError(
-                f"The text encoder cannot compute in {_name(self.compute_dtype)} over weights stored in "
-                f"{_name(self.storage_dtype)}; load it with dtype={_name(self.compute_dtype)} instead."
+                f"The text encoder cannot compute in {dtype_name(self.compute_dtype)} over weights stored in "
+                f"{dtype_name(self.storage_dtype)}; load it with dtype={dtype_name(self.compute_dtype)} instead."
             )
         self._released_device: torch.device | None = None
 
@@ -144,7 +152,7 @@ class WanTextEncoder(nn.Module):
         """Identifies the weights, tokenizer and storage dtype for the prompt cache."""
         if self._fingerprint is None:
             self._fingerprint = _in_memory_fingerprint(self.model, self.tokenizer)
-        return hashlib.sha256(f"{self._fingerprint}/{_name(self.storage_dtype)}".encode()).hexdigest()
+        return hashlib.sha256(f"{self._fingerprint}/{dtype_name(self.storage_dtype)}".encode()).hexdigest()
 
     @torch.no_grad()
     def encode(
@@ -179,7 +187,7 @@ class WanTextEncoder(nn.Module):
     # -- internals --
 
     def _precision_name(self) -> str:
-        return f"compute={_name(self.compute_dtype)}"
+        return f"compute={dtype_name(self.compute_dtype)}"
 
     def _store(self, key: str | None, text: str, max_length: int, rows: torch.Tensor) -> None:
         key = key or self.cache.key(self.fingerprint(), text, max_length, self._precision_name())
@@ -213,7 +221,7 @@ class WanTextEncoder(nn.Module):
         hidden = self._forward(ids, mask)
         if not bool(torch.isfinite(hidden).all()):
             raise CheckpointError(
-                f"The text encoder produced inf/NaN in {_name(self.compute_dtype)}; its weights look corrupt."
+                f"The text encoder produced inf/NaN in {dtype_name(self.compute_dtype)}; its weights look corrupt."
             )
         lengths = mask.gt(0).sum(dim=1).tolist()
         return [h[:n] for h, n in zip(hidden, lengths)]
@@ -304,13 +312,6 @@ def _in_memory_fingerprint(model: nn.Module, tokenizer: Any) -> str:
     return digest.hexdigest()
 
 
-def _name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
-# -- loading -------------------------------------------------------------------------------------
-
-
 def load_text_encoder(
     path: str | os.PathLike,
     *,
@@ -399,7 +400,7 @@ def build_umt5(
         problems = []
         for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshapen)):
             if items:
-                problems.append(f"{label}: {t5_keys._short_list(items)}")
+                problems.append(f"{label}: {short_list(items, 8)}")
         raise CheckpointError(
             f"{source} does not match a umT5 encoder with {config.num_layers} layers of width "
             f"{config.d_model}; " + "; ".join(problems) + "."

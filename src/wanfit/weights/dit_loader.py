@@ -21,8 +21,9 @@ import torch.nn as nn
 from wanfit.errors import CheckpointError, ConfigError
 from wanfit.models.configs import DiTConfig
 from wanfit.models.dit import WanDiT
+from wanfit.precision import parse_weight_dtype
 from wanfit.weights import dit_keys
-from wanfit.weights.io import LazyStateDict, read_json, resolve_weight_files
+from wanfit.weights.io import LazyStateDict, read_json, resolve_weight_files, short_list
 
 _STORED_DTYPES = {
     "F32": torch.float32,
@@ -39,16 +40,6 @@ _STORED_DTYPES = {
     "float8_e5m2": torch.float8_e5m2,
 }
 _FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
-_DTYPE_NAMES = {
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "float": torch.float32,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "half": torch.float16,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-}
 _MAX_LISTED = 10
 
 
@@ -135,7 +126,7 @@ def load_dit(
     config.json or the tensor shapes say. dtype: the weights' dtype (default: the file's; bf16
     for fp8 files). Returns the model in eval mode without gradients, on `device`.
     """
-    dtype = _parse_dtype(dtype) if dtype is not None else None
+    dtype = parse_weight_dtype(dtype, "load_dit") if dtype is not None else None
     checkpoint = inspect_dit(path)
     cfg = resolve_config(checkpoint, config)
     check_checkpoint(checkpoint, cfg)
@@ -262,7 +253,7 @@ def check_checkpoint(checkpoint: DiTCheckpoint, cfg: DiTConfig) -> None:
             message += f": its weights are of another model, {found}"
             listed = 3  # the model names say it all; a few keys are enough
     problems = [
-        f"{len(items)} {label}: {_short_list(items, listed)}"
+        f"{len(items)} {label}: {short_list(items, listed)}"
         for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched))
         if items
     ]
@@ -284,21 +275,6 @@ def _read_converted(
 
 def _looks_like_dit_key(name: str) -> bool:
     return dit_keys.official_to_diffusers_key(name) is not None
-
-
-def _parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, str):
-        if dtype.lower().removeprefix("torch.") not in _DTYPE_NAMES:
-            raise ConfigError(f"Unknown dtype {dtype!r}; use bf16, fp16 or fp32.")
-        return _DTYPE_NAMES[dtype.lower().removeprefix("torch.")]
-    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ConfigError(f"load_dit keeps weights in bf16, fp16 or fp32, not {dtype}.")
-    return dtype
-
-
-def _short_list(items: list[str], limit: int = _MAX_LISTED) -> str:
-    shown = ", ".join(items[:limit])
-    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
 def read_config_json(path: Path) -> dict | None:

@@ -203,6 +203,12 @@ def strip_prefix(keys: Sequence[str], prefixes: Sequence[str]) -> str:
     return ""
 
 
+def short_list(items: Sequence[str], limit: int = 10) -> str:
+    """'a, b, c and 7 more': names for an error sentence, never a wall of text."""
+    shown = ", ".join(items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
 def read_json(path: Path) -> dict:
     try:
         return json.loads(Path(path).read_text())

@@ -12,6 +12,7 @@ import re
 from collections.abc import Iterable, Mapping
 
 from wanfit.errors import CheckpointError
+from wanfit.weights.io import short_list
 
 # Per block: official suffix -> transformers suffix under `encoder.block.N.`.
 # The official feed-forward is fc2(fc1(x) * gelu(gate(x))); transformers' gated FFN is
@@ -76,7 +77,7 @@ def detect_t5_format(names: Iterable[str]) -> str:
         return "transformers"
     raise CheckpointError(
         "These weights are not a umT5 text encoder (no token_embedding/blocks.N or "
-        f"shared/encoder.block.N tensors; first names: {_short_list(names)})."
+        f"shared/encoder.block.N tensors; first names: {short_list(names, 8)})."
     )
 
 
@@ -98,7 +99,7 @@ def umt5_config_from_shapes(shapes: Mapping[str, tuple[int, ...]]) -> dict:
     if embedding is None or not block_ids or missing:
         missing = ([] if embedding is not None else [EMBEDDING_NAMES[0]]) + missing
         raise CheckpointError(
-            f"Cannot infer the umT5 configuration: the weights lack {_short_list(missing)}."
+            f"Cannot infer the umT5 configuration: the weights lack {short_list(missing, 8)}."
         )
     vocab_size, d_model = embedding
     num_buckets, num_heads = shapes[needed[1]]
@@ -121,10 +122,3 @@ def umt5_config_from_shapes(shapes: Mapping[str, tuple[int, ...]]) -> dict:
         "layer_norm_epsilon": 1e-6,
         "dropout_rate": 0.0,
     }
-
-
-def _short_list(names: list[str], limit: int = 8) -> str:
-    if not names:
-        return "(none)"
-    more = f" and {len(names) - limit} more" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more

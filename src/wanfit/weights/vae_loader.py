@@ -20,19 +20,15 @@ import torch.nn as nn
 
 from wanfit.errors import CheckpointError, ConfigError
 from wanfit.models.vae import WAN21_VAE, VAEConfig, WanVAE
+from wanfit.precision import parse_weight_dtype
 from wanfit.weights import vae_keys
-from wanfit.weights.io import LazyStateDict, read_json, resolve_weight_files, strip_prefix
+from wanfit.weights.io import LazyStateDict, read_json, resolve_weight_files, short_list, strip_prefix
 
 OFFICIAL_FILE = "Wan2.1_VAE.pth"
 _PREFIXES = ("vae.", "first_stage_model.", "model.")
 _DTYPES = {
     "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
     "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
-}  # fmt: skip
-_DTYPE_NAMES = {
-    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
-    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
 }  # fmt: skip
 _MAX_LISTED = 8
 
@@ -68,7 +64,7 @@ def load_vae(
     checkpoint = inspect_vae(path)
     cfg = resolve_config(checkpoint, config)
     check_checkpoint(checkpoint, cfg)
-    dtype = _parse_dtype(dtype) if dtype is not None else _file_dtype(checkpoint)
+    dtype = parse_weight_dtype(dtype, "load_vae") if dtype is not None else _file_dtype(checkpoint)
     device = torch.device(device)
 
     with torch.device("meta"):
@@ -178,7 +174,7 @@ def check_checkpoint(checkpoint: VAECheckpoint, cfg: VAEConfig) -> None:
         if n in checkpoint.keys and checkpoint.shape(n) != shape
     ]
     problems = [
-        f"{len(items)} {label}: {_short_list(items)}"
+        f"{len(items)} {label}: {short_list(items, _MAX_LISTED)}"
         for label, items in (
             ("missing", missing),
             ("unexpected", unexpected),
@@ -238,19 +234,3 @@ def _file_dtype(checkpoint: VAECheckpoint) -> torch.dtype:
         counts[dtype] = counts.get(dtype, 0) + size
     dtype = max(counts, key=counts.get) if counts else torch.float32
     return torch.float32 if dtype == torch.float64 else dtype
-
-
-def _parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, str):
-        name = dtype.lower().removeprefix("torch.")
-        if name not in _DTYPE_NAMES:
-            raise ConfigError(f"Unknown dtype {dtype!r}; use bf16, fp16 or fp32.")
-        return _DTYPE_NAMES[name]
-    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ConfigError(f"The VAE runs in bf16, fp16 or fp32, not {dtype}.")
-    return dtype
-
-
-def _short_list(items: list[str]) -> str:
-    shown = ", ".join(items[:_MAX_LISTED])
-    return shown + (f" and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else "")
