@@ -10,6 +10,7 @@ some modules (e.g. the time embedding) in fp32 storage and the math follows.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -19,6 +20,22 @@ from wanfit.attention import attention
 from wanfit.models.configs import DiTConfig
 
 Rope = torch.Tensor  # complex64 [L, 1, head_dim // 2]: one unit rotation per token and channel pair
+
+
+@dataclass
+class DiTInputs:
+    """What every block reads, made once per forward by WanDiT.embed (see WanBlock for shapes).
+
+    A step cache skips run_blocks and reuses a residual; sequence parallelism shards `tokens` and
+    `rope` by token before the blocks and gathers after them.
+    """
+
+    tokens: torch.Tensor  # [B, L, dim] fp32, the patch embeddings (the residual stream's start)
+    e: torch.Tensor  # [B, 6, dim] fp32, the time projection
+    t_emb: torch.Tensor  # [B, dim] fp32, the time embedding (the head's modulation)
+    context: torch.Tensor  # [B, text_len, dim], the embedded text
+    rope: Rope
+    grid: tuple[int, int, int]  # patch grid (F, H, W)
 
 
 def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -205,7 +222,7 @@ class Head(nn.Module):
 
 
 class WanDiT(nn.Module):
-    """Wan2.1 T2V DiT: ``dit(x, timestep, context)``.
+    """Wan2.1 T2V DiT: ``dit(x, timestep, context)``, which is ``unembed(run_blocks(embed(...)))``.
 
     x [B, in_dim, F, H, W] latents, timestep [B] float in [0, 1000], context [B, L, text_dim]
     (shorter contexts are zero-padded to config.text_len, as the official model does)
@@ -267,18 +284,27 @@ class WanDiT(nn.Module):
         x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)
         return x.reshape(x.shape[0], self.config.out_dim, f * pt, h * ph, w * pw)
 
-    def forward(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def embed(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> DiTInputs:
+        """The first step of a forward: patchify the latents, embed time and text, the grid's RoPE."""
         grid = self.patch_grid(x)
-        tokens = (
-            linear(self.patch_embedding, x).flatten(2).transpose(1, 2).float().contiguous()
-        )  # [B, L, dim]
-
+        tokens = linear(self.patch_embedding, x).flatten(2).transpose(1, 2).float().contiguous()
         t_emb = self.embed_time(timestep, x.shape[0])
         e = linear(self.time_projection, t_emb).float().unflatten(1, (6, self.config.dim))
-        context = self.embed_text(context)
-        rope = self.rope(grid, tokens.device)
+        return DiTInputs(tokens, e, t_emb, self.embed_text(context), self.rope(grid, tokens.device), grid)
 
-        for block in self.blocks:
-            tokens = block(tokens, e, context, rope)
+    def run_blocks(
+        self, inputs: DiTInputs, tokens: torch.Tensor | None = None, start: int = 0, end: int | None = None
+    ) -> torch.Tensor:
+        """Blocks start..end over `tokens` (default: the embedded ones) -> the residual stream, fp32."""
+        tokens = inputs.tokens if tokens is None else tokens
+        for block in self.blocks[start:end]:
+            tokens = block(tokens, inputs.e, inputs.context, inputs.rope)
+        return tokens
 
-        return self.unpatchify(self.head(tokens, t_emb), grid)
+    def unembed(self, tokens: torch.Tensor, inputs: DiTInputs) -> torch.Tensor:
+        """The last step: the head and unpatchify -> [B, out_dim, F, H, W] fp32."""
+        return self.unpatchify(self.head(tokens, inputs.t_emb), inputs.grid)
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        inputs = self.embed(x, timestep, context)
+        return self.unembed(self.run_blocks(inputs), inputs)
