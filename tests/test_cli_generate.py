@@ -191,7 +191,13 @@ def test_emulate_cpu_and_a_forced_backend_run_and_are_recorded(capsys, tmp_path)
     assert code == 0
     meta = json.loads((tmp_path / "v.json").read_text())
     assert meta["emulated"] == "cpu" and meta["plan"]["attention"] == "chunked"
-    assert wa.get_dispatcher().forced == "chunked"
+    assert "attention" in meta["user_set"]
+    # The pipeline's own dispatchers ran the forced backend for every kind, and nothing else.
+    for phase, kinds in (("denoise", ("self", "cross")), ("vae_decode", ("vae",))):
+        for kind in kinds:
+            record = meta["attention"][phase][kind]
+            assert record["planned"] == "chunked" and set(record["served"]) == {"chunked"}
+            assert record["served"]["chunked"] > 0 and record["switches"] == []
 
 
 # --- issue 7 §3: a crash while writing leaves no finished-looking file ----------------------------------
@@ -440,7 +446,12 @@ def test_a_kernel_failing_mid_run_falls_back_and_the_frames_are_unchanged(
     with pytest.warns(AttentionFallbackWarning, match="flaky failed"):
         code, _, _ = generate(capsys, *RUN, "--out", str(tmp_path / "v"), "--no-progress")
     assert code == 0
-    dispatcher = wa.get_dispatcher()
-    assert dispatcher.order[0] == "flaky" and "flaky" in dispatcher.disabled
-    assert len(served) == 6  # it served part of the run before it broke
+    meta = json.loads((tmp_path / "v.json").read_text())
+    assert meta["plan"]["self_attention"] == "flaky"  # the planner ranked it first
+    self_attention = meta["attention"]["denoise"]["self"]
+    # It served part of the run, broke, and the registry's next backend took over: recorded.
+    assert self_attention["served"].get("sdpa_math", 0) > 0
+    assert [s["planned"] for s in self_attention["switches"]] == ["flaky"]
+    assert "failed at run time" in self_attention["switches"][0]["reason"]
+    assert len(served) == 6
     assert np.array_equal(read_video(tmp_path / "v"), reference)

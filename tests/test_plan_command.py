@@ -4,18 +4,18 @@ import json
 
 import pytest
 
+from tests.helpers.hardware import emulated
 from wanfit.cli import main
-from wanfit.commands import plan as plan_cmd
+from wanfit.commands import common
 from wanfit.plan import hardware_doc
-from wanfit.plan.planner import DeviceBudget
 
 GIB = 1024**3
-FAKE_H100 = DeviceBudget("cuda", "H100 (test)", (9, 0), 80 * GIB, 79 * GIB, 200 * GIB, True, device="cuda")
+FAKE_H100 = emulated("h100", host_gib=200)
 
 
 @pytest.fixture(autouse=True)
 def fake_device(monkeypatch):
-    monkeypatch.setattr(plan_cmd, "budget_from_args", lambda args: FAKE_H100)
+    monkeypatch.setattr(common, "hardware_from_args", lambda args: FAKE_H100)
 
 
 def test_plan_json(capsys):

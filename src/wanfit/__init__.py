@@ -1,7 +1,7 @@
 """wanfit: run Wan2.1 text-to-video on whatever machine you have.
 
 Public API (imported lazily so `import wanfit` stays cheap):
-    load_dit, load_vae, load_text_encoder, WanPipeline
+    load_dit, load_vae, load_text_encoder, WanPipeline, plan_for, model_request, Constraints
 """
 
 from __future__ import annotations
@@ -13,6 +13,9 @@ _LAZY = {
     "load_vae": ("wanfit.weights.vae_loader", "load_vae"),
     "load_text_encoder": ("wanfit.models.text_encoder", "load_text_encoder"),
     "WanPipeline": ("wanfit.pipeline", "WanPipeline"),
+    "plan_for": ("wanfit.plan.planning", "plan_for"),
+    "model_request": ("wanfit.plan.planning", "model_request"),
+    "Constraints": ("wanfit.plan.planning", "Constraints"),
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -11,7 +11,6 @@ import string
 import torch
 
 from wanfit.models.configs import WAN_TINY
-from wanfit.plan.plan import Plan
 
 # The tiny umT5's shape (d_model is the tiny DiT's text_dim).
 TINY_TEXT = dict(d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8)
@@ -35,17 +34,24 @@ def tiny_tokenizer():
     )
 
 
-def tiny_pipeline(device: str | None = None, seed: int = 0, plan: Plan | None = None):
-    """A WanPipeline of tiny random models (DiT, VAE, umT5), the same on every machine for a seed."""
+def tiny_pipeline(device: str | None = None, seed: int = 0, plan=None):
+    """A WanPipeline of tiny random models (DiT, VAE, umT5), the same on every machine for a seed.
+
+    plan: a PlanResult or Plan to obey; None plans the default tiny job for this machine (or `device`).
+    """
     from transformers import UMT5Config, UMT5EncoderModel
 
     from wanfit.models.dit import WanDiT
     from wanfit.models.text_encoder import WanTextEncoder
     from wanfit.models.vae import WAN_VAE_TINY, WanVAE
     from wanfit.pipeline import SamplingDefaults, WanPipeline
-    from wanfit.plan.plan import default_plan
 
-    plan = plan or default_plan(device)
+    if plan is None:
+        from wanfit.plan.planning import Constraints, plan_for
+
+        plan = plan_for(tiny_request(192, 320, 17, True), Constraints(device=device))
+    planned = plan
+    plan = getattr(plan, "plan", plan)
     tokenizer = tiny_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -63,11 +69,16 @@ def tiny_pipeline(device: str | None = None, seed: int = 0, plan: Plan | None = 
     vae = vae.to(device=plan.device, dtype=dtype).eval().requires_grad_(False)
     text_model = text_model.to(device=plan.text_encoder_device).eval()
     text_encoder = WanTextEncoder(text_model, tokenizer, cache=None)
-    # The tiny text encoder is cheap: keep it, so one pipeline can run several prompts.
-    plan = Plan.from_dict({**plan.to_dict(), "free_text_encoder": False})
     defaults = SamplingDefaults(num_inference_steps=10)
     return WanPipeline(
-        dit, vae, text_encoder, plan=plan, defaults=defaults, name="built-in tiny random model"
+        dit,
+        vae,
+        text_encoder,
+        plan=planned,
+        defaults=defaults,
+        name="built-in tiny random model",
+        # The tiny text encoder is rebuilt in a moment if a plan freed it.
+        text_encoder_loader=lambda plan: tiny_pipeline(plan.text_encoder_device, seed, plan).text_encoder,
     )
 
 

@@ -12,7 +12,7 @@ import torch
 
 from wanfit.errors import ConfigError
 from wanfit.models.configs import VAE_STRIDE, latent_shape  # noqa: F401  (latent_shape: public here too)
-from wanfit.plan.plan import Plan, default_plan
+from wanfit.plan.plan import ATTENTION_KINDS, Plan
 from wanfit.sampling import schedulers
 
 # The official default negative prompt (Wan2.1's shared config), used when none is given.
@@ -85,6 +85,18 @@ class DenoiseState:
     scheduler_state: dict = field(default_factory=dict)
 
 
+def resident_plan(hw, dit=None) -> Plan:
+    """Everything resident on the probed device, dtypes by wanfit.precision's policy, no memory check:
+    the plan of a pipeline built in code without one (from_pretrained plans for real)."""
+    from wanfit.models.configs import WAN_T2V_1_3B, DiTConfig
+    from wanfit.plan.estimates import Request
+    from wanfit.plan.planner import budget_from_probe, fastest_plan
+
+    config = getattr(dit, "config", None)
+    request = Request(config if isinstance(config, DiTConfig) else WAN_T2V_1_3B)
+    return fastest_plan(budget_from_probe(hw), request)
+
+
 class WanPipeline:
     """Wan2.1 text-to-video: `pipe(prompt) -> uint8 frames [F, H, W, 3]`."""
 
@@ -94,24 +106,38 @@ class WanPipeline:
         vae,
         text_encoder,
         *,
-        plan: Plan | None = None,
+        plan=None,
         defaults: SamplingDefaults | None = None,
         scheduler_config: Path | None = None,
         name: str = "wan2.1",
+        text_encoder_loader: Callable[[Plan], object] | None = None,
     ):
+        """plan: a PlanResult from wanfit.plan.planning.plan_for (its frozen fields and hardware are
+        kept for re-planning), a bare Plan (obeyed as it is), or None: everything resident with this
+        machine's dtypes. text_encoder_loader(plan): loads the text encoder again, placed as `plan` says,
+        after a plan freed it."""
+        from wanfit.plan.planner import PlanResult
+
         self.dit = dit
         self.vae = vae
         self.text_encoder = text_encoder
-        self.plan = plan or default_plan()
+        self.planning: PlanResult | None = plan if isinstance(plan, PlanResult) else None
+        self.hardware = self.planning.hardware if self.planning is not None else None
+        if self.planning is not None:
+            plan = self.planning.plan
+        self.plan = plan if plan is not None else resident_plan(self._hardware(), dit)
         self.defaults = defaults or SamplingDefaults()
         self.scheduler_config = scheduler_config
         self.name = name
+        self.text_encoder_loader = text_encoder_loader
         self.dit_calls = 0  # forward passes of the DiT in the last run (tests read it)
         self.timings: dict[str, float] = {}
         # (plan, phase) -> the next lighter plan or None, for the OOM guard; default: the planner's.
         self.step_down: Callable[[Plan, str], Plan | None] | None = None
         self.oom_steps: list[tuple[str, str, str]] = []  # what the OOM guard gave up in the last run
+        self.attention_record: dict[str, dict] = {}  # phase -> kind -> what served it (last run)
         self._request = None  # the planner's view of the current call (for step_down)
+        self.dispatchers = self._make_dispatchers()
         if isinstance(getattr(text_encoder, "model", None), torch.nn.Module):
             # Loaded as this plan says (from_pretrained, demo); apply_plan moves it when the plan changes.
             text_encoder._wanfit_placement = (
@@ -119,51 +145,139 @@ class WanPipeline:
                 self.plan.text_encoder_blocks_resident,
             )
 
+    def _hardware(self):
+        if self.hardware is None:
+            from wanfit.hardware.probe import probe
+
+            self.hardware = probe()
+        return self.hardware
+
+    def _make_dispatchers(self) -> dict:
+        """One attention dispatcher per kind, following the Plan's backends, handed to the models."""
+        from wanfit.attention.dispatch import Dispatcher
+
+        hw = self._hardware()
+        dispatchers = {}
+        for kind in ATTENTION_KINDS:
+            dispatchers[kind] = Dispatcher(
+                hw, forced=self.plan.attention_for(kind) or self.plan.attention, strict=False, kind=kind
+            )
+        if hasattr(self.dit, "set_attention_dispatchers"):
+            self.dit.set_attention_dispatchers(dispatchers["self"], dispatchers["cross"])
+        if hasattr(self.vae, "set_attention_dispatcher"):
+            self.vae.set_attention_dispatcher(dispatchers["vae"])
+        return dispatchers
+
+    def _record_attention(self, phase: str, kinds: tuple[str, ...]) -> None:
+        """What served each kind of attention in `phase` (calls per backend, switches), then reset."""
+        self.attention_record[phase] = {}
+        for kind in kinds:
+            d = self.dispatchers[kind]
+            self.attention_record[phase][kind] = {"planned": self.plan.attention_for(kind), **d.report()}
+            d.reset_report()
+
+    def run_record(self) -> dict:
+        """What ran in the last call, for the output's metadata: plan, what the user set, attention per
+        phase (backends that served it and any switch), dtypes, placement, step-downs, timings."""
+        from wanfit import __version__
+
+        plan = self.plan
+        return {
+            "tool": "wanfit",
+            "wanfit_version": __version__,
+            "plan": plan.to_dict(),
+            "user_set": sorted(self.planning.frozen) if self.planning is not None else [],
+            "attention": self.attention_record,
+            "dtypes": {
+                "compute": plan.compute_dtype,
+                "storage": plan.storage_dtype or plan.compute_dtype,
+                "text_encoder": plan.text_encoder_dtype,
+            },
+            "placement": {
+                "dit": plan.device
+                if plan.dit_blocks_resident is None
+                else f"{plan.device}, {plan.dit_blocks_resident} blocks resident, the rest streamed",
+                "text_encoder": plan.text_encoder_device
+                if plan.text_encoder_blocks_resident is None
+                else f"{plan.text_encoder_device}, streamed",
+                "vae": plan.device,
+            },
+            "timings": self.timings,
+            "oom_steps": [list(step) for step in self.oom_steps],
+        }
+
     @classmethod
     def from_pretrained(
         cls,
         model_dir: str | Path,
         *,
         device: str | None = None,
-        plan: Plan | None = None,
+        plan="auto",
         scheduler_config: str | Path | None = None,
+        hardware=None,
+        constraints=None,
+        height: int = 480,
+        width: int = 832,
+        num_frames: int = 81,
         **overrides,
     ):
         """Load an official release folder or a diffusers-layout folder.
 
-        scheduler_config: a diffusers scheduler_config.json to use instead of the folder's own (or, for
-        an official folder, instead of the official UniPC); overrides: SamplingDefaults fields.
+        plan: "auto" (the default) plans for this machine (or `hardware`: a probe or an --emulate card
+        name) and a job of height x width x num_frames, as `wanfit plan` would, under `constraints`
+        (wanfit.plan.planning.Constraints); or a PlanResult / Plan to obey. scheduler_config: a
+        diffusers scheduler_config.json to use instead of the folder's own (or, for an official folder,
+        instead of the official UniPC); overrides: SamplingDefaults fields.
         """
         from wanfit import load_dit, load_text_encoder, load_vae
         from wanfit.weights.model_dir import find_model_files
 
         files = find_model_files(model_dir)
-        plan = plan or default_plan(device)
+        planned = plan
+        if isinstance(plan, str) and plan == "auto":
+            from dataclasses import replace
+
+            from wanfit.plan.planning import Constraints, model_request, plan_for
+
+            constraints = constraints or Constraints()
+            if device is not None:
+                constraints = replace(constraints, device=device)
+            guidance = overrides.get("guidance_scale", SamplingDefaults.guidance_scale) != 1.0
+            request = model_request(files.root, width=width, height=height, frames=num_frames, guidance=guidance)
+            planned = plan_for(request, constraints, hardware)
+        plan = getattr(planned, "plan", planned)
+        if not isinstance(plan, Plan):
+            raise ConfigError(f"plan must be 'auto', a Plan or a PlanResult, not {plan!r}.")
         dtype = plan.torch_compute_dtype
         # A streamed (or fp8) DiT is loaded on the host; apply_plan places it block by block.
         streamed = plan.dit_blocks_resident is not None or plan.storage_dtype is not None
         dit = load_dit(files.dit, device="cpu" if streamed else plan.device, dtype=dtype)
         vae = load_vae(files.vae, device=plan.device, dtype=dtype)
-        text_encoder = load_text_encoder(
-            files.text_encoder,
-            tokenizer=files.tokenizer,
-            device="cpu" if plan.text_encoder_blocks_resident is not None else plan.text_encoder_device,
-            dtype=plan.torch_text_encoder_dtype,
-            compute_dtype=text_encoder_compute_dtype(plan),
-        )
-        if plan.text_encoder_blocks_resident is not None:
-            from wanfit.runtime.offload import stream_text_encoder
 
-            stream_text_encoder(text_encoder, plan.text_encoder_device, plan.text_encoder_blocks_resident)
+        def text_encoder_loader(plan: Plan = plan):
+            encoder = load_text_encoder(
+                files.text_encoder,
+                tokenizer=files.tokenizer,
+                device="cpu" if plan.text_encoder_blocks_resident is not None else plan.text_encoder_device,
+                dtype=plan.torch_text_encoder_dtype,
+                compute_dtype=text_encoder_compute_dtype(plan),
+            )
+            if plan.text_encoder_blocks_resident is not None:
+                from wanfit.runtime.offload import stream_text_encoder
+
+                stream_text_encoder(encoder, plan.text_encoder_device, plan.text_encoder_blocks_resident)
+            return encoder
+
         defaults = SamplingDefaults(**overrides) if overrides else None
         return cls(
             dit,
             vae,
-            text_encoder,
-            plan=plan,
+            text_encoder_loader(),
+            plan=planned,
             defaults=defaults,
             scheduler_config=Path(scheduler_config) if scheduler_config else files.scheduler_config,
             name=str(files.root),
+            text_encoder_loader=text_encoder_loader,
         )
 
     # -- plan ----------------------------------------------------------------------------------
@@ -209,11 +323,26 @@ class WanPipeline:
             set_compiled(self.dit, self.plan.compile_dit and streamer is None)
 
     def _next_plan(self, plan: Plan, phase: str) -> Plan | None:
+        """The planner's next notch for `phase`, with the request and the user's frozen settings of
+        this plan; PlanError naming the setting when only a user-set one could give."""
         if self.step_down is not None:
             return self.step_down(plan, phase)
-        from wanfit.plan.planner import step_down
+        from wanfit.errors import PlanError
+        from wanfit.plan.estimates import estimate_phases
+        from wanfit.plan.planner import blocking_setting, fmt_bytes, planned_backend, step_down
 
-        return step_down(plan, self._request, phase)
+        frozen = self.planning.frozen if self.planning is not None else frozenset()
+        nxt = step_down(plan, self._request, phase, frozen=frozen)
+        if nxt is None:
+            setting = blocking_setting(plan, self._request, phase, frozen)
+            if setting is not None:
+                need = estimate_phases(self._request, plan, planned_backend(plan))[phase].peak
+                value = plan.to_dict()[setting]
+                raise PlanError(
+                    f"Out of memory during {phase}, and only a setting you fixed could give: {setting}={value} "
+                    f"(the {phase} phase needs about {fmt_bytes(need)} with it); drop that setting or free memory."
+                )
+        return nxt
 
     def _oom_guard(self):
         from wanfit.runtime.oom import OOMGuard
@@ -223,9 +352,15 @@ class WanPipeline:
         return guard
 
     def _planner_request(self, height: int, width: int, num_frames: int, guidance: bool):
+        """The planner's Request for this call: the planned one resized, else one from the DiT's config."""
+        from dataclasses import replace
+
         from wanfit.models.configs import WAN_T2V_1_3B, DiTConfig
         from wanfit.plan.estimates import Request
 
+        if self.planning is not None:
+            request = self.planning.requested or self.planning.request
+            return replace(request, height=height, width=width, num_frames=num_frames, guidance=guidance)
         config = getattr(self.dit, "config", None)
         return Request(
             config if isinstance(config, DiTConfig) else WAN_T2V_1_3B,
@@ -242,6 +377,9 @@ class WanPipeline:
     ) -> tuple[torch.Tensor, ...]:
         prompts = [prompt, negative_prompt] if with_negative else [prompt]
         text_len = getattr(getattr(self.dit, "config", None), "text_len", 512)
+        if getattr(self.text_encoder, "model", True) is None and self.text_encoder_loader is not None:
+            # An earlier call freed it (the plan said so): load it again, placed as the plan says.
+            self.text_encoder = self.text_encoder_loader(self.plan)
         # Out of memory: stream the encoder or move it to the CPU (the planner's next notch) and retry.
         embeds = self._oom_guard().run(
             "text_encoder", lambda: self.text_encoder.encode(prompts, max_length=text_len)
@@ -365,6 +503,9 @@ class WanPipeline:
             width, height, num_frames = self.plan.output_size  # the planner downscaled (said loudly)
         self.dit_calls = 0
         self.oom_steps.clear()
+        self.attention_record = {}
+        for dispatcher in self.dispatchers.values():
+            dispatcher.reset_report()
         device = torch.device(self.plan.device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -398,8 +539,10 @@ class WanPipeline:
             state, scheduler, timesteps, cond, uncond, guidance, progress=progress, on_step=on_step
         )
         self._end_phase("denoise", started)
+        self._record_attention("denoise", ("self", "cross"))
 
         started = time.perf_counter()
         frames = self._oom_guard().run("vae_decode", lambda: self.decode(final))
         self._end_phase("vae_decode", started)
+        self._record_attention("vae_decode", ("vae",))
         return frames

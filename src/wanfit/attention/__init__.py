@@ -93,21 +93,23 @@ def attention(
     *,
     scale: float | None = None,
     attn_mask: torch.Tensor | None = None,
+    dispatcher: Dispatcher | None = None,
 ) -> torch.Tensor:
     """Exact softmax attention. q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D] in q's dtype.
 
     scale defaults to D**-0.5; attn_mask is SDPA's (bool True = attend, or additive), broadcastable
-    to [B, H, Lq, Lk].
+    to [B, H, Lq, Lk]. dispatcher: the one a pipeline gave the model (from its Plan); None: the
+    process-wide one, for a bare model.
     """
     if q.device.type == "meta":  # shape propagation only (models built on the meta device)
         return q.new_empty(*q.shape[:-1], v.shape[-1])
-    return _dispatch(q, k, v, scale, attn_mask)
+    return _dispatch(q, k, v, scale, attn_mask, dispatcher)
 
 
 @torch.compiler.disable
-def _dispatch(q, k, v, scale, attn_mask):
+def _dispatch(q, k, v, scale, attn_mask, dispatcher):
     # Opaque to torch.compile: the dispatcher's caches, smoke tests and fallbacks are Python state.
-    return get_dispatcher()(q, k, v, scale=scale, attn_mask=attn_mask)
+    return (dispatcher or get_dispatcher())(q, k, v, scale=scale, attn_mask=attn_mask)
 
 
 def explain(call: AttentionCall | None = None) -> dict:

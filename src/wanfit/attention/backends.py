@@ -102,6 +102,13 @@ class AttentionBackend:
     exact: bool = True
     torch_check: Callable[[], str | None] | None = None  # does this torch build have the kernel?
     default_ms: float = math.inf  # default-table speed at the job's shape (lower ranks higher)
+    # Scratch memory beyond q, k, v: "linear" O(L) (fused kernels), "quadratic" (the L x L score
+    # matrix is materialised), "bounded" (a fixed budget); the planner's estimates read it.
+    memory: str = "linear"
+    # "kernel": ranked by speed; "fallback": keeps its place at the end of the ranking whatever was
+    # measured (math, then chunked), the dispatcher's last resorts.
+    role: str = "kernel"
+    dist_names: tuple[str, ...] = ()  # distributions to ask importlib.metadata for the package version
 
     def device_reason(
         self, device_type: str, cc: tuple[int, int] | None, where: str = "", check_build: bool = True
@@ -277,6 +284,7 @@ def builtin_backends() -> list[AttentionBackend]:
             "FlashAttention-3 (Hopper)",
             package="flash_attn_interface",
             pip_name="flash-attn-3 (built from flash-attention/hopper)",
+            dist_names=("flash_attn_3", "flash-attn-3", "flashattn-hopper"),
             min_capability=(9, 0),
             max_capability=(9, 9),
             max_head_dim=256,
@@ -289,6 +297,7 @@ def builtin_backends() -> list[AttentionBackend]:
             "FlashAttention-2 package",
             package="flash_attn",
             pip_name="flash-attn",
+            dist_names=("flash-attn", "flash_attn"),
             min_capability=(8, 0),
             max_head_dim=256,
             default_ms=17.5,
@@ -307,6 +316,7 @@ def builtin_backends() -> list[AttentionBackend]:
             "SageAttention (q, k quantised to int8: lossy)",
             package="sageattention",
             pip_name="sageattention",
+            dist_names=("sageattention",),
             min_capability=(8, 0),
             head_dims=(64, 96, 128),
             exact=False,
@@ -318,6 +328,7 @@ def builtin_backends() -> list[AttentionBackend]:
             "xFormers memory_efficient_attention",
             package="xformers",
             pip_name="xformers",
+            dist_names=("xformers",),
             min_capability=(5, 0),
             dtypes=(FP16, BF16, FP32),
             dtype_min_capability=((BF16, (8, 0)),),
@@ -343,6 +354,8 @@ def builtin_backends() -> list[AttentionBackend]:
             supports_mask=True,
             torch_check=_sdpa_backend_check("MATH", "2.3"),
             default_ms=278.0,
+            memory="quadratic",
+            role="fallback",
         ),
         AttentionBackend(
             "chunked",
@@ -351,6 +364,8 @@ def builtin_backends() -> list[AttentionBackend]:
             devices=("cuda", "cpu", "mps"),
             dtypes=(FP32, FP16, BF16, FP64),
             supports_mask=True,
+            memory="bounded",
+            role="fallback",
         ),
     ]
 
@@ -382,6 +397,18 @@ class Registry:
 
     def copy(self) -> Registry:
         return Registry(self._backends.values())
+
+    def memory_class(self, name: str) -> str:
+        """The backend's workspace class ("linear", "quadratic", "bounded"); unknown names: quadratic."""
+        return self._backends[name].memory if name in self._backends else "quadratic"
+
+    def packages(self) -> list[tuple[str, tuple[str, ...]]]:
+        """(module, distribution names) of every optional package a backend needs, once each."""
+        seen: dict[str, tuple[str, ...]] = {}
+        for b in self:
+            if b.package is not None and b.package not in seen:
+                seen[b.package] = b.dist_names or (b.pip_name or b.package,)
+        return list(seen.items())
 
 
 BACKEND_NAMES = tuple(b.name for b in builtin_backends())

@@ -98,8 +98,17 @@ class Dispatcher:
         chunk_budget_bytes: int = DEFAULT_BUDGET_BYTES,
         measured_ms: dict[str, float] | None = None,
         smoke_tests: bool = True,
+        strict: bool = True,
+        kind: str = "",
     ):
+        """strict: a forced backend that cannot serve a call raises. strict=False (a pipeline's
+        dispatchers, forced by the Plan): it falls back to the ranked choice with one warning, and
+        the switch is recorded in `switches`. kind names the attention ("self", "cross", "vae")."""
         self.hw = hw
+        self.strict = strict
+        self.kind = kind
+        self.served: dict[str, int] = {}  # backend -> calls it served (what actually ran)
+        self.switches: list[dict] = []  # forced backend -> the one that took over, and why
         self.registry = registry if registry is not None else default_registry()
         self.allow_lossy = allow_lossy
         self.math_budget_bytes = math_budget_bytes
@@ -233,6 +242,10 @@ class Dispatcher:
         device = self.probe_device() if device is None and call.device_type == self.hw.device_type else device
         if self.forced is not None:
             cand = self.candidate(self.forced, call, device, auto=False)
+            if not cand.available and not self.strict:
+                selection = self._auto_select(call, device)
+                self._record_switch(self.forced, selection.backend, f"{self.forced} {cand.reason}")
+                return selection
             if not cand.available:
                 raise AttentionUnavailableError(
                     f"The attention backend {self.forced} was asked for but {cand.reason}"
@@ -246,6 +259,9 @@ class Dispatcher:
             return self._selection(
                 cand, call, device, f"forced (--attention / WANFIT_ATTENTION={self.forced})"
             )
+        return self._auto_select(call, device)
+
+    def _auto_select(self, call: AttentionCall, device: torch.device | None) -> Selection:
         skipped = []
         for name in self.order:
             cand = self.candidate(name, call, device)
@@ -323,7 +339,7 @@ class Dispatcher:
         if selection is None:
             selection = self._selections[key] = self.select(self.call_for(q, k, attn_mask), q.device)
         try:
-            return self._run(selection, q, k, v, scale, attn_mask)
+            out = self._run(selection, q, k, v, scale, attn_mask)
         except torch.OutOfMemoryError:
             raise  # memory is the runtime's to handle (step-down), not a broken kernel
         except Exception as err:
@@ -331,11 +347,16 @@ class Dispatcher:
                 selection.inner if selection.backend == "chunked" and selection.inner else selection.backend
             )
             if self.forced is not None and failed == self.forced:
-                raise AttentionUnavailableError(
-                    f"The attention backend {failed} was asked for but failed here: {_one_line(err)}."
-                ) from err
+                if self.strict:
+                    raise AttentionUnavailableError(
+                        f"The attention backend {failed} was asked for but failed here: {_one_line(err)}."
+                    ) from err
+                self.forced = None  # the Plan's choice failed: the ranked choice takes over
+                self._record_switch(failed, None, f"{failed} failed at run time ({_one_line(err)})")
             self._disable(failed, err)
             return self(q, k, v, scale=scale, attn_mask=attn_mask)
+        self.served[selection.backend] = self.served.get(selection.backend, 0) + 1
+        return out
 
     def run_selection(
         self,
@@ -365,6 +386,25 @@ class Dispatcher:
         else:
             out = self.registry[selection.backend].run(q, k, v, scale=scale, attn_mask=attn_mask)
         return out if out.dtype == model_dtype else out.to(model_dtype)
+
+    def _record_switch(self, planned: str, used: str | None, why: str) -> None:
+        """Remember (once per planned/used pair) that the planned backend did not serve a call."""
+        entry = {"kind": self.kind, "planned": planned, "used": used, "reason": why}
+        if entry not in self.switches:
+            self.switches.append(entry)
+            if used is not None:
+                warnings.warn(
+                    f"wanfit: {self.kind + ' ' if self.kind else ''}attention: {why}; using {used} instead.",
+                    AttentionFallbackWarning,
+                    stacklevel=4,
+                )
+
+    def report(self) -> dict:
+        """What ran: calls per backend and any switch away from the planned backend (JSON-ready)."""
+        return {"served": dict(self.served), "switches": list(self.switches)}
+
+    def reset_report(self) -> None:
+        self.served = {}
 
     def _disable(self, name: str, err: Exception) -> None:
         self.disabled[name] = f"failed at run time and was disabled for this process ({_one_line(err)})."

@@ -16,7 +16,6 @@ from wanfit.hardware.probe import HardwareProbe
 
 CACHE_ENV = "WANFIT_CACHE_DIR"
 BENCH_FILE = "attention_bench.json"
-_TAIL = ("sdpa_math", "chunked")  # the fallbacks keep their place whatever was measured
 
 
 def cache_dir() -> Path:
@@ -71,13 +70,15 @@ def save_measured(hw: HardwareProbe, ms: dict[str, float], meta: dict, path: Pat
 
 
 def rank(backends: Iterable[AttentionBackend], measured: dict[str, float], allow_lossy: bool) -> list[str]:
-    """Backend names, best first."""
+    """Backend names, best first. Fallbacks (their registry role) keep registration order at the end."""
+    backends = list(backends)
+    fallbacks = [b.name for b in backends if b.role == "fallback"]
 
     def key(b: AttentionBackend) -> tuple:
         if not b.exact and not allow_lossy:
-            tier = 3
-        elif b.name in _TAIL:
-            tier = 1 + _TAIL.index(b.name)
+            tier = len(fallbacks) + 1
+        elif b.role == "fallback":
+            tier = 1 + fallbacks.index(b.name)
         else:
             tier = 0
         if b.name in measured:

@@ -10,19 +10,61 @@ import argparse
 import json
 import statistics
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
 from wanfit.attention.ranking import device_key, save_measured
-from wanfit.commands.common import DEFAULT_JOB, HardwareSetup, add_hardware_options, hardware_from_args
+from wanfit.commands import common
+from wanfit.commands.common import add_hardware_options
 from wanfit.errors import AttentionUnavailableError, ConfigError
 from wanfit.hardware.profiles import GIB
 from wanfit.precision import dtype_name
 
 MIB = 1024**2
 CPU_DEFAULT_SEQ = 1024  # small enough to time math on a laptop CPU in seconds
+
+
+@dataclass(frozen=True)
+class DefaultJob:
+    """The attention call of the default job (Wan2.1 1.3B at 832x480x81), from the planner's request."""
+
+    tokens: int
+    heads: int
+    head_dim: int
+
+
+def _default_job() -> DefaultJob:
+    from wanfit.plan.planning import model_request
+
+    job = model_request("1.3B")
+    return DefaultJob(job.tokens, job.config.num_heads, job.config.head_dim)
+
+
+DEFAULT_JOB = _default_job()
+
+
+@dataclass(frozen=True)
+class HardwareSetup:
+    """The probe, the precision policy and a dispatcher configured from the options."""
+
+    probe: object
+    precision: object
+    dispatcher: object
+
+
+def hardware_setup(args: argparse.Namespace) -> HardwareSetup:
+    from wanfit.attention import configure
+    from wanfit.hardware.probe import apply_emulation_limits
+    from wanfit.precision import precision_policy
+
+    hw = common.hardware_from_args(args)
+    constraints = common.constraints_from_args(args)
+    dispatcher = configure(hw, forced=constraints.attention, allow_lossy=constraints.allow_lossy_attention)
+    apply_emulation_limits(hw)
+    return HardwareSetup(hw, precision_policy(hw, compute=constraints.dtype), dispatcher)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -62,7 +104,7 @@ def _run_target(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
 
 
 def run_attention(args: argparse.Namespace) -> int:
-    setup = hardware_from_args(args, apply_limits=True)
+    setup = hardware_setup(args)
     result = bench_attention(setup, args)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

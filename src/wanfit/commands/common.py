@@ -1,54 +1,36 @@
-"""Options and setup shared by the commands that touch the hardware (doctor, bench, plan, generate)."""
+"""Options shared by the commands that touch the hardware (doctor, bench, plan, generate).
+
+argparse only: the options become a Constraints and a probe, and wanfit.plan.planning.plan_for
+does the planning.
+"""
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+import os
+from pathlib import Path
 
-from wanfit.attention import ATTENTION_ENV, BACKEND_NAMES, Dispatcher, configure
-from wanfit.hardware.probe import EMULATE_ENV, HardwareProbe, apply_emulation_limits, probe
+from wanfit.attention import ATTENTION_ENV, BACKEND_NAMES
+from wanfit.errors import ConfigError
+from wanfit.hardware.probe import EMULATE_ENV, HardwareProbe
 from wanfit.hardware.profiles import PROFILES
-from wanfit.models.configs import WAN_T2V_1_3B, latent_shape
-from wanfit.precision import PrecisionPolicy, precision_policy
+from wanfit.plan.planning import Constraints, resolve_hardware
 
 
-@dataclass(frozen=True)
-class JobShape:
-    """A text-to-video job's size, enough to derive the attention call."""
-
-    model: str
-    width: int
-    height: int
-    frames: int
-    heads: int
-    head_dim: int
-    patch: tuple[int, int, int] = (1, 2, 2)
-
-    @property
-    def tokens(self) -> int:
-        return latent_tokens(self.width, self.height, self.frames, self.patch)
-
-    def describe(self) -> str:
-        return (
-            f"Wan2.1 {self.model}, {self.width}x{self.height}, {self.frames} frames: "
-            f"{self.tokens:,} tokens, {self.heads} heads of {self.head_dim}"
-        )
+def user_path(text: str | os.PathLike | None) -> Path | None:
+    """A path as the user typed it: ~ and $VARIABLES expanded."""
+    if text is None:
+        return None
+    return Path(os.path.expandvars(os.path.expanduser(str(text))))
 
 
-def latent_tokens(width: int, height: int, frames: int, patch: tuple[int, int, int] = (1, 2, 2)) -> int:
-    """Tokens the DiT sees: the latent grid divided by the patch size."""
-    _, _, latent_f, latent_h, latent_w = latent_shape(1, 1, height, width, frames)
-    return (latent_f // patch[0]) * (latent_h // patch[1]) * (latent_w // patch[2])
-
-
-DEFAULT_JOB = JobShape(
-    model="1.3B",
-    width=832,
-    height=480,
-    frames=81,
-    heads=WAN_T2V_1_3B.num_heads,
-    head_dim=WAN_T2V_1_3B.head_dim,
-)
+def parse_size(text: str) -> tuple[int, int]:
+    """'832x480' -> (width, height)."""
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ConfigError(f"--size must look like WIDTHxHEIGHT (e.g. 832x480), got {text!r}.") from None
+    return width, height
 
 
 def add_hardware_options(parser: argparse.ArgumentParser) -> None:
@@ -74,37 +56,42 @@ def add_hardware_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dtype", default=None, help="compute dtype (bf16, fp16, fp32); default: by card")
 
 
-@dataclass(frozen=True)
-class HardwareSetup:
-    """The probe, the precision policy and the configured attention dispatcher."""
-
-    probe: HardwareProbe
-    precision: PrecisionPolicy
-    dispatcher: Dispatcher
-
-
-def hardware_from_args(args: argparse.Namespace, *, apply_limits: bool = False) -> HardwareSetup:
-    """Probe (honouring --emulate), choose precision, configure wanfit.attention; cap memory if asked."""
-    hw = probe(emulate=getattr(args, "emulate", None))
-    precision = precision_policy(hw, compute=getattr(args, "dtype", None))
-    dispatcher = configure(
-        hw, forced=getattr(args, "attention", None), allow_lossy=getattr(args, "allow_lossy_attention", False)
+def add_plan_options(parser: argparse.ArgumentParser) -> None:
+    """--vram, --allow-downscale, --fp8, --set: shared by plan and generate."""
+    group = parser.add_argument_group("memory plan")
+    group.add_argument("--vram", default=None, metavar="SIZE", help="memory budget, e.g. 4GiB, 6000MiB, 12GB")
+    group.add_argument(
+        "--allow-downscale", action="store_true", help="fewer frames or a smaller size if nothing fits"
     )
-    if apply_limits:
-        apply_emulation_limits(hw)
-    return HardwareSetup(probe=hw, precision=precision, dispatcher=dispatcher)
-
-
-def device_budget(setup: HardwareSetup, job: JobShape = DEFAULT_JOB):
-    """The planner's view of this machine, with the attention backend the dispatcher picks for `job`."""
-    from wanfit.errors import AttentionUnavailableError
-    from wanfit.plan.planner import budget_from_probe
-
-    call = setup.dispatcher.call_on_probe(
-        setup.precision.compute, q_len=job.tokens, heads=job.heads, head_dim=job.head_dim
+    group.add_argument(
+        "--fp8", action="store_true", help="store DiT weights in fp8 (half the bytes, upcast per block)"
     )
-    try:
-        backend = setup.dispatcher.select(call).backend
-    except AttentionUnavailableError:
-        backend = None
-    return budget_from_probe(setup.probe, backend)
+    group.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="force a plan setting, e.g. cfg_batch=false, vae_tile=32x32, dit_blocks_resident=4 "
+        "(`wanfit plan --list-settings` lists them all)",
+    )
+
+
+def hardware_from_args(args: argparse.Namespace) -> HardwareProbe:
+    """This machine, or the --emulate card."""
+    return resolve_hardware(getattr(args, "emulate", None))
+
+
+def constraints_from_args(args: argparse.Namespace) -> Constraints:
+    """The user's settings as the planner's Constraints (each checked, one sentence if wrong)."""
+    attention = getattr(args, "attention", None) or os.environ.get(ATTENTION_ENV) or None
+    return Constraints.from_options(
+        vram=getattr(args, "vram", None),
+        dtype=getattr(args, "dtype", None),
+        attention=attention,
+        allow_lossy_attention=getattr(args, "allow_lossy_attention", False),
+        fp8=getattr(args, "fp8", False),
+        device=getattr(args, "device", None),
+        settings=getattr(args, "overrides", ()) or (),
+        allow_downscale=getattr(args, "allow_downscale", False),
+    )

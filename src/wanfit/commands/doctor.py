@@ -5,24 +5,38 @@ from __future__ import annotations
 import argparse
 import json
 
-from wanfit.commands.common import DEFAULT_JOB, HardwareSetup, add_hardware_options, hardware_from_args
+from wanfit.commands import common
 from wanfit.hardware.probe import HardwareProbe
 from wanfit.hardware.profiles import GIB
+from wanfit.plan.planning import Constraints
 from wanfit.precision import dtype_name
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("doctor", help="report the device, dtypes and attention backends wanfit would use")
-    add_hardware_options(p)
+    common.add_hardware_options(p)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=run)
 
 
-def report(setup: HardwareSetup) -> dict:
-    """The doctor's findings, JSON-ready."""
-    hw, d = setup.probe, setup.dispatcher
-    job = DEFAULT_JOB
-    call = d.call_on_probe(setup.precision.compute, job.tokens, heads=job.heads, head_dim=job.head_dim)
+def report(hw: HardwareProbe, constraints: Constraints | None = None) -> dict:
+    """The doctor's findings for the default job (Wan2.1 1.3B, 832x480x81), JSON-ready: the
+    planner's choices (wanfit.plan.planning) and every attention backend's answer for the DiT's
+    self-attention call."""
+    from wanfit.attention.dispatch import Dispatcher
+    from wanfit.plan.planning import attention_calls, model_request, select_attention
+    from wanfit.precision import precision_policy
+
+    constraints = constraints or Constraints()
+    job = model_request("1.3B")
+    precision = precision_policy(hw, compute=constraints.dtype)
+    d = Dispatcher(hw, forced=constraints.attention, allow_lossy=constraints.allow_lossy_attention)
+    call = attention_calls(job, hw, precision.compute, d)["self"]
+    try:
+        planned, attention_notes = select_attention(job, hw, precision.compute, d.forced, constraints)
+    except Exception as err:  # shown in the report, not raised: the doctor says what is wrong
+        planned, attention_notes = {}, [str(err)]
+    cfg = job.config
     return {
         "device": {
             "type": hw.device_type,
@@ -53,27 +67,28 @@ def report(setup: HardwareSetup) -> dict:
             {"name": p.name, "module": p.module, "installed": p.installed, "version": p.version}
             for p in hw.kernel_packages
         ],
-        "compute_dtype": dtype_name(setup.precision.compute),
-        "storage_dtype": dtype_name(setup.precision.storage),
-        "precision_notes": list(setup.precision.notes),
+        "compute_dtype": dtype_name(precision.compute),
+        "storage_dtype": dtype_name(precision.storage),
+        "precision_notes": list(precision.notes) + attention_notes,
         "job": {
-            "description": job.describe(),
+            "description": f"{job.describe()}: {job.tokens:,} tokens, {cfg.num_heads} heads of {cfg.head_dim}",
             "tokens": job.tokens,
-            "heads": job.heads,
-            "head_dim": job.head_dim,
+            "heads": cfg.num_heads,
+            "head_dim": cfg.head_dim,
         },
+        "planned_attention": planned,
         "attention": d.explain(call),
         "warnings": list(hw.warnings),
     }
 
 
 def run(args: argparse.Namespace) -> int:
-    setup = hardware_from_args(args)
-    data = report(setup)
+    hw = common.hardware_from_args(args)
+    data = report(hw, common.constraints_from_args(args))
     if args.json:
         print(json.dumps(data, indent=2))
     else:
-        print(format_report(data, setup.probe))
+        print(format_report(data, hw))
     return 0
 
 
@@ -118,6 +133,9 @@ def format_report(data: dict, hw: HardwareProbe) -> str:
         lines.append(f"  why         {sel['reason']}")
     else:
         lines.append(f"  selected    none: {att['error']}")
+    if data["planned_attention"]:
+        kinds = ", ".join(f"{k} {v or 'none'}" for k, v in data["planned_attention"].items())
+        lines.append(f"  plan        {kinds} (what `wanfit plan` and `generate` use per kind)")
     lines.append("")
     width = max(len(c["name"]) for c in att["candidates"]) + 2
     for c in att["candidates"]:

@@ -15,8 +15,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from wanfit.commands.common import add_hardware_options
-from wanfit.commands.plan import add_plan_options
+from wanfit.commands import common
+from wanfit.commands.common import add_hardware_options, add_plan_options, parse_size, user_path
 from wanfit.errors import ConfigError, OutputError
 
 # Without --model the built-in tiny random model runs, at a size a CPU finishes in seconds.
@@ -27,15 +27,6 @@ DEFAULT_PROMPT = "a red fox running through fresh snow, cinematic lighting"
 RESUMED = ("prompt", "negative_prompt", "size", "frames", "steps", "guidance", "shift", "seed", "model")
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    """'832x480' -> (width, height)."""
-    try:
-        width, height = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise ConfigError(f"--size must look like WIDTHxHEIGHT (e.g. 832x480), got {text!r}.") from None
-    return width, height
-
-
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "generate",
@@ -43,7 +34,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Generate a video from a text prompt. Without --model a built-in tiny random model runs "
         "(it draws noise; it shows the tool works without downloading 17 GB).",
     )
-    p.add_argument("--model", type=Path, help="model folder: official Wan2.1 release or diffusers layout")
+    p.add_argument("--model", type=user_path, help="model folder: official Wan2.1 release or diffusers layout")
     p.add_argument("--prompt", default=None, help=f"what to draw (default: {DEFAULT_PROMPT!r})")
     p.add_argument("--negative-prompt", default=None, help="default: the official negative prompt")
     p.add_argument("--size", default=None, help="WIDTHxHEIGHT, multiples of 16 (default 832x480)")
@@ -56,7 +47,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--shift", type=float, default=None, help="flow shift (default 8, or the folder's scheduler)"
     )
     p.add_argument("--seed", type=int, default=None, help="noise seed (default 0)")
-    p.add_argument("--out", type=Path, default=None, help="FILE.mp4, or a folder name for PNG frames")
+    p.add_argument("--out", type=user_path, default=None, help="FILE.mp4, or a folder name for PNG frames")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: the best one found)")
     p.add_argument(
@@ -67,7 +58,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="keep a resume file (OUT.ckpt): every N steps, after the last one and on Ctrl-C",
     )
     p.add_argument(
-        "--resume", type=Path, default=None, metavar="FILE", help="finish a run from its resume file"
+        "--resume", type=user_path, default=None, metavar="FILE", help="finish a run from its resume file"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_hardware_options(p)
@@ -102,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         apply_resume_file(args, saved)
     settings = check_settings(args)
     hardware = _hardware(args)
-    device = _device(args, hardware.probe)
+    planned = plan_job(args, settings, hardware)
     check_writable(settings.out, overwrite=args.overwrite)
     ckpt = checkpointing.checkpoint_path(settings.out)
     resuming_own_file = args.resume is not None and _same_file(args.resume, ckpt)
@@ -116,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
 
-    pipe = _load_pipeline(args, settings, device, hardware)
+    pipe = _load_pipeline(args, planned)
     request = resolve_request(pipe, settings, args.model)
     if resume_state is not None:
         resume_state = _check_resume(pipe, resume_state, request, args.resume)
@@ -149,12 +140,9 @@ def run(args: argparse.Namespace) -> int:
         )
         metadata = {
             **request,
-            "plan": pipe.plan.to_dict(),
-            "device": hardware.probe.device_name,
-            "emulated": hardware.probe.emulated,
-            "timings": pipe.timings,
-            "oom_steps": [list(step) for step in pipe.oom_steps],
-            "tool": "wanfit",
+            **pipe.run_record(),
+            "device": hardware.device_name,
+            "emulated": hardware.emulated,
         }
         try:
             write_video(frames_out, settings.out, metadata=metadata)
@@ -304,118 +292,48 @@ def _check_resume(pipe, state, request: dict, path: Path):
     return checkpointing.to_device(state, pipe.plan.device)
 
 
-# --- hardware and model --------------------------------------------------------------------------
+# --- hardware and model ------------------------------------------------------------------------
 
 
 def _hardware(args: argparse.Namespace):
-    """Probe (honouring --emulate), configure the attention dispatcher (--attention); refuse absent cards."""
-    from wanfit.commands.common import hardware_from_args
-
-    setup = hardware_from_args(args, apply_limits=True)  # caps memory only under --emulate on a GPU
-    hw = setup.probe
+    """The probe (honouring --emulate); an emulated card this machine lacks is refused."""
+    hw = common.hardware_from_args(args)
     if hw.emulated and not hw.device_present:
         raise ConfigError(
             f"--emulate {args.emulate or hw.emulated} describes a {hw.device_name}, which this machine does not "
             f"have, and generate runs real kernels; see what would run there with `wanfit doctor --emulate "
             f"{hw.emulated}`, or drop --emulate."
         )
-    return setup
+    return hw
 
 
-def _device(args: argparse.Namespace, hw) -> str | None:
-    """The --device asked for, checked against this machine; None lets the plan choose."""
-    import torch
-
-    if args.device is None:
-        return hw.device_type if hw.emulated else None
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise ConfigError(f"Unknown --device {args.device!r}; use cpu, cuda or cuda:N.") from None
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise ConfigError(
-                f"--device {args.device} was asked for, but this machine has no usable CUDA device."
-            )
-        if device.index is not None and device.index >= count:
-            raise ConfigError(
-                f"--device {args.device} was asked for, but this machine has {count} CUDA device(s)."
-            )
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("--device mps was asked for, but MPS is not available here.")
-    elif device.type not in ("cpu", "mps"):
-        raise ConfigError(f"Unsupported --device {args.device!r}; use cpu, cuda or cuda:N.")
-    if hw.emulated and device.type != hw.device_type:
-        raise ConfigError(
-            f"--emulate {hw.emulated} is a {hw.device_type} device, but --device {args.device} was given."
-        )
-    return str(device)
-
-
-def _plan(args: argparse.Namespace, settings: Settings, device: str | None, hardware):
+def plan_job(args: argparse.Namespace, settings: Settings, hw):
     """The planner's fastest plan that fits this machine (or --vram) for this job; PlanError if none."""
-    from dataclasses import replace
+    from wanfit.plan.planning import model_request, plan_for
 
-    from wanfit.commands.common import JobShape, device_budget
-    from wanfit.commands.plan import config_from_folder
-    from wanfit.models.configs import WAN_TINY
-    from wanfit.plan.estimates import Request
-    from wanfit.plan.planner import parse_bytes, parse_plan_overrides, plan_run
-    from wanfit.precision import dtype_name
-
-    config, name = (WAN_TINY, "tiny") if args.model is None else config_from_folder(args.model)
-    job = JobShape(name, settings.width, settings.height, settings.frames, config.num_heads, config.head_dim)
-    budget = device_budget(hardware, job)
-    if device is not None and device.split(":")[0] == "cpu" and budget.kind != "cpu":
-        # --device cpu on a GPU machine: plan for the host's RAM.
-        host = budget.host_free_bytes
-        budget = replace(budget, kind="cpu", name="CPU", compute_capability=None, total_bytes=host,
-                         free_bytes=host, bf16_native=False, fp16_native=False, device="cpu",
-                         attention_backend="chunked", compilable=False)  # fmt: skip
-    elif device is not None:
-        budget = replace(budget, device=device)
-    overrides = parse_plan_overrides(args.overrides)
-    if hardware.dispatcher.forced:
-        overrides.setdefault("attention", hardware.dispatcher.forced)
-    if args.dtype is not None:
-        overrides.setdefault("compute_dtype", dtype_name(hardware.precision.compute))
-    guidance = settings.guidance != 1.0
-    if args.model is None:
-        from wanfit.demo import tiny_request
-
-        request = tiny_request(settings.height, settings.width, settings.frames, guidance)
-    else:
-        request = Request(
-            config,
-            height=settings.height,
-            width=settings.width,
-            num_frames=settings.frames,
-            guidance=guidance,
-            model_name=name,
-        )
-    result = plan_run(
-        budget,
-        request,
-        vram=parse_bytes(args.vram) if args.vram is not None else None,
-        overrides=overrides,
-        allow_downscale=args.allow_downscale,
-        fp8=args.fp8,
+    request = model_request(
+        args.model,
+        width=settings.width,
+        height=settings.height,
+        frames=settings.frames,
+        guidance=settings.guidance != 1.0,
     )
+    result = plan_for(request, common.constraints_from_args(args), hw)
     for note in result.notes if result.requested is not None else ():
         print(f"wanfit: warning: {note}", file=sys.stderr)
-    return result.plan
+    return result
 
 
-def _load_pipeline(args, settings: Settings, device: str | None, hardware):
+def _load_pipeline(args, planned):
+    from wanfit.hardware.probe import apply_emulation_limits
     from wanfit.pipeline import WanPipeline
 
-    plan = _plan(args, settings, device, hardware)
+    apply_emulation_limits(planned.hardware)  # caps memory only under --emulate on a GPU
     if args.model is None:
         from wanfit.demo import tiny_pipeline
 
-        return tiny_pipeline(plan=plan)
-    return WanPipeline.from_pretrained(args.model, plan=plan)
+        return tiny_pipeline(plan=planned)
+    return WanPipeline.from_pretrained(args.model, plan=planned)
 
 
 def _same_file(a: Path, b: Path) -> bool:

@@ -30,15 +30,6 @@ class KernelPackage:
     version: str | None
 
 
-# (name, module, distribution names to ask importlib.metadata for the version)
-OPTIONAL_PACKAGES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
-    ("flash_attn", "flash_attn", ("flash-attn", "flash_attn")),
-    ("flash_attn_3", "flash_attn_interface", ("flash_attn_3", "flash-attn-3", "flashattn-hopper")),
-    ("sageattention", "sageattention", ("sageattention",)),
-    ("xformers", "xformers", ("xformers",)),
-)
-
-
 @dataclass(frozen=True)
 class HardwareProbe:
     """A snapshot of the machine (or of the emulated card). Memory in bytes."""
@@ -172,6 +163,30 @@ def _probe_real(device_index: int | None) -> HardwareProbe:
             **common,
         )
     return _with_warnings(hw)
+
+
+def host_cpu(hw: HardwareProbe) -> HardwareProbe:
+    """The machine's CPU as a device (a run with --device cpu on a GPU machine): host RAM is its memory."""
+    if hw.device_type == "cpu" and not hw.emulated:
+        return hw
+    flags = _cpu_flags()
+    ram = hw.host_ram_total or 0
+    return HardwareProbe(
+        **{
+            **_fields(hw),
+            "device_type": "cpu",
+            "device_name": _cpu_name(),
+            "device_index": None,
+            "compute_capability": None,
+            "total_memory": ram,
+            "free_memory": hw.host_ram_available or ram,
+            "bf16_native": bool(flags & {"avx512_bf16", "amx_bf16"}),
+            "fp16_native": bool(flags & {"avx512_fp16", "amx_fp16"}),
+            "sdpa_backends": None,
+            "emulated": None,
+            "device_present": True,
+        }
+    )
 
 
 def _fp16_native(cc: tuple[int, int]) -> bool:
@@ -329,9 +344,13 @@ def host_ram(meminfo_path: str = "/proc/meminfo") -> tuple[int | None, int | Non
 
 
 def find_kernel_packages() -> tuple[KernelPackage, ...]:
-    """Which optional attention packages are installed (find_spec; nothing heavy is imported)."""
+    """Which optional attention packages (the attention registry's) are installed (find_spec; nothing
+    heavy is imported)."""
+    from wanfit.attention.backends import default_registry
+
     found = []
-    for name, module, dists in OPTIONAL_PACKAGES:
+    for module, dists in default_registry().packages():
+        name = dists[0].replace("-", "_")
         try:
             installed = importlib.util.find_spec(module) is not None
         except (ImportError, ValueError):

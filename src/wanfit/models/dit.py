@@ -133,6 +133,9 @@ class Projections(nn.Module):
         # RMSNorm over the whole dim (all heads together), before the split into heads.
         self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
         self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+        # The attention dispatcher (a model-level setting: WanDiT.set_attention_dispatchers); None:
+        # the process-wide one.
+        self.dispatcher = None
 
 
 class SelfAttention(Projections):
@@ -149,7 +152,9 @@ class SelfAttention(Projections):
         v = self.v(x).unflatten(-1, (self.num_heads, -1))
         q, k = apply_rope(q, rope).to(dtype), apply_rope(k, rope).to(dtype)
         v = v.to(dtype)
-        out = run_in_chunks(lambda rows: attention(rows, k, v), q, self.attention_chunk).flatten(2)
+        out = run_in_chunks(
+            lambda rows: attention(rows, k, v, dispatcher=self.dispatcher), q, self.attention_chunk
+        ).flatten(2)
         return self.o(out.to(dtype))
 
 
@@ -161,7 +166,7 @@ class CrossAttention(Projections):
         q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1)).to(dtype)
         k = self.norm_k(self.k(context)).unflatten(-1, (self.num_heads, -1)).to(dtype)
         v = self.v(context).unflatten(-1, (self.num_heads, -1))
-        out = attention(q, k, v).flatten(2)
+        out = attention(q, k, v, dispatcher=self.dispatcher).flatten(2)
         return self.o(out.to(dtype))
 
 
@@ -242,6 +247,13 @@ class WanDiT(nn.Module):
         self.blocks = nn.ModuleList(WanBlock(config) for _ in range(config.num_layers))
         self.head = Head(config)
         self._rope_cache: dict[tuple, Rope] = {}
+
+    def set_attention_dispatchers(self, self_attention=None, cross_attention=None) -> None:
+        """Route the blocks' self- and cross-attention through these Dispatchers (None: the
+        process-wide one), as a pipeline does from its Plan."""
+        for block in self.blocks:
+            block.self_attn.dispatcher = self_attention
+            block.cross_attn.dispatcher = cross_attention
 
     def rope(self, grid: tuple[int, int, int], device: torch.device) -> Rope:
         """RoPE cos/sin for a patch grid (F, H, W), computed once per grid and device."""

@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from wanfit.attention import attention
 from wanfit.errors import ConfigError
 
 # Mean and std of each latent channel over the training data, from the Wan2.1 release.
@@ -210,10 +211,11 @@ class ResidualBlock(nn.Module):
 class AttentionBlock(nn.Module):
     """Single-head self-attention over the pixels of each frame (no attention across time)."""
 
-    query_chunk = 16384  # queries per SDPA call: bounds memory if a backend falls back to math
+    query_chunk = 16384  # queries per attention call: bounds memory if a backend falls back to math
 
     def __init__(self, dim: int):
         super().__init__()
+        self.dispatcher = None  # set by WanVAE.set_attention_dispatcher; None: the process-wide one
         self.norm = RMSNorm(dim, images=True)
         self.to_qkv = nn.Conv2d(dim, dim * 3, 1)
         self.proj = nn.Conv2d(dim, dim, 1)
@@ -224,10 +226,10 @@ class AttentionBlock(nn.Module):
     def _attend(self, frames: torch.Tensor) -> torch.Tensor:
         n, c, h, w = frames.shape
         qkv = self.to_qkv(self.norm(frames)).flatten(2).transpose(1, 2).contiguous()  # [N, HW, 3C]
-        q, k, v = (t.unsqueeze(1) for t in qkv.chunk(3, dim=-1))  # [N, 1, HW, C]
-        parts = [F.scaled_dot_product_attention(qc, k, v) for qc in q.split(self.query_chunk, dim=2)]
-        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
-        return self.proj(out.squeeze(1).transpose(1, 2).reshape(n, c, h, w))
+        q, k, v = (t.unsqueeze(2) for t in qkv.chunk(3, dim=-1))  # [N, HW, 1, C]
+        parts = [attention(qc, k, v, dispatcher=self.dispatcher) for qc in q.split(self.query_chunk, dim=1)]
+        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        return self.proj(out.squeeze(2).transpose(1, 2).reshape(n, c, h, w))
 
 
 class Resample(nn.Module):
@@ -477,6 +479,12 @@ class WanVAE(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.conv2.weight.device
+
+    def set_attention_dispatcher(self, dispatcher=None) -> None:
+        """Route the per-frame attention through this Dispatcher (None: the process-wide one)."""
+        for module in self.modules():
+            if isinstance(module, AttentionBlock):
+                module.dispatcher = dispatcher
 
     def use_channels_last(self, enabled: bool = True) -> WanVAE:
         """Store convolution weights and activations channels-last (NDHWC), which cuDNN prefers."""

@@ -60,12 +60,9 @@ ROPE_TABLE_BYTES_PER_TOKEN_PER_HEAD_DIM = 4
 # cond/uncond/guided predictions, UniPC's two stored model outputs and last sample. calibrate.
 LATENT_COPIES = 8.0
 
-# --- attention workspace per backend family ---
-# Fused kernels (flash, cuDNN, memory-efficient, sage, xformers): O(L): an output in head-major
-# layout plus its token-major copy (compute dtype), and the fp32 log-sum-exp per row. calibrate.
-LINEAR_BACKENDS = frozenset(
-    {"flash_attn3", "flash_attn2", "sage", "xformers", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient"}
-)
+# --- attention workspace per backend memory class (each backend's `memory` in the registry) ---
+# "linear" (fused kernels: flash, cuDNN, memory-efficient, sage, xformers): O(L): an output in
+# head-major layout plus its token-major copy (compute dtype), and the fp32 log-sum-exp per row. calibrate.
 LINEAR_ATTN_OUTPUT_TENSORS = 2.0
 # PyTorch's math path: fp32 scores, softmax and a compute-dtype copy of the L x L matrix per head.
 # From DESIGN.md: 108 GiB peak for 12 heads x 32760^2 scores (bf16, H200) = 9.0 bytes per score.
@@ -329,13 +326,17 @@ def attention_workspace(
 ) -> int:
     """Scratch memory of one attention call beyond q, k, v.
 
-    Fused kernels: O(L) (outputs and the log-sum-exp). Math: B*H*rows*Lk scores at
-    MATH_BYTES_PER_SCORE, rows = query_chunk or Lq. Chunked: its fixed score budget.
+    By the backend's registry memory class: linear (fused kernels): O(L), the outputs and the
+    log-sum-exp; quadratic (math): B*H*rows*Lk scores at MATH_BYTES_PER_SCORE, rows = query_chunk or
+    Lq; bounded (chunked): its fixed score budget.
     """
+    from wanfit.attention.backends import default_registry
+
     output = LINEAR_ATTN_OUTPUT_TENSORS * batch * q_len * heads * head_dim * dtype_bytes_
-    if backend in LINEAR_BACKENDS:
+    memory = default_registry().memory_class(backend)
+    if memory == "linear":
         return int(output + batch * heads * q_len * 4)
-    if backend == "chunked":
+    if memory == "bounded":
         return int(output + CHUNKED_SCORE_BUDGET)
     rows = min(q_len, query_chunk) if query_chunk else q_len
     return int(output + MATH_BYTES_PER_SCORE * batch * heads * rows * k_len)
@@ -474,7 +475,7 @@ def dit_activations(request: Request, plan: Plan, backend: str) -> tuple[int, in
     chunk = plan.attention_chunk
     ws_self = attention_workspace(backend, batch, cfg.num_heads, tokens, tokens, cfg.head_dim, c, chunk)
     ws_cross = attention_workspace(
-        backend, batch, cfg.num_heads, tokens, cfg.text_len, cfg.head_dim, c, chunk
+        plan.cross_attention or backend, batch, cfg.num_heads, tokens, cfg.text_len, cfg.head_dim, c, chunk
     )
     ffn_rows = min(tokens, plan.ffn_chunk) if plan.ffn_chunk else tokens
     ffn_out = FFN_CHUNK_OUTPUT_TENSORS * n * d * c if plan.ffn_chunk and plan.ffn_chunk < tokens else 0
@@ -568,7 +569,8 @@ def estimate_vae_decode(request: Request, plan: Plan, backend: str, *, others: b
     if plan.vae_tile is not None and (regions[0][0] < h or regions[0][1] < w):
         stems = vae.base_dim * vae.dim_mult[-1] * request.latent_frames * h * w * c
     d0 = vae.base_dim * vae.dim_mult[-1]
-    ws = attention_workspace(backend, 1, 1, h * w, h * w, d0, c, 16384)
+    vae_backend = plan.vae_attention or backend
+    ws = attention_workspace(vae_backend, 1, 1, h * w, h * w, d0, c, 16384)
     weights = vae_device_weights(request, plan)
     if others and not plan.offload_dit_before_decode:
         weights += dit_device_weights(request.config, plan)
@@ -587,9 +589,9 @@ def estimate_vae_decode(request: Request, plan: Plan, backend: str, *, others: b
 def estimate_phases(
     request: Request, plan: Plan, backend: str = "sdpa_efficient"
 ) -> dict[str, PhaseEstimate]:
-    """Each phase's predicted peak on the plan's device. `backend`: the self-attention backend name."""
-    if plan.attention is not None:
-        backend = plan.attention
+    """Each phase's predicted peak on the plan's device. `backend`: the self-attention backend name
+    when the plan names none (the planner's choice, else a forced one, wins)."""
+    backend = plan.self_attention or plan.attention or backend
     return {
         "text_encoder": estimate_text_encoder(request, plan),
         "denoise": estimate_denoise(request, plan, backend),

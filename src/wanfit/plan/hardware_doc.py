@@ -13,7 +13,8 @@ from pathlib import Path
 
 from wanfit.models.configs import WAN_T2V_1_3B, WAN_T2V_14B
 from wanfit.plan.estimates import GIB, Request
-from wanfit.plan.planner import DeviceBudget, NoPlanError, PlanResult, fmt_bytes, plan_run
+from wanfit.plan.planner import DeviceBudget, NoPlanError, PlanResult, budget_from_probe, fmt_bytes
+from wanfit.plan.planning import plan_for
 
 # Memory a CUDA context and the driver take before wanfit allocates anything.
 CUDA_CONTEXT_BYTES = GIB // 2
@@ -31,13 +32,10 @@ JOBS = (
 )
 
 
-def card_budget(key: str) -> DeviceBudget:
-    """The planner's view of an emulated card on its typical machine (no device needs to be present)."""
-    from wanfit.attention.dispatch import Dispatcher
-    from wanfit.commands.common import HardwareSetup, device_budget
+def card_hardware(key: str):
+    """An emulated card on its typical machine (no device needs to be present)."""
     from wanfit.hardware.probe import probe
     from wanfit.hardware.profiles import PROFILES
-    from wanfit.precision import precision_policy
 
     hw = probe(emulate=key)
     profile = PROFILES[key]
@@ -49,8 +47,12 @@ def card_budget(key: str) -> DeviceBudget:
         hw = replace(
             hw, free_memory=hw.total_memory - CUDA_CONTEXT_BYTES, device_present=False, device_index=None
         )
-    hw = replace(hw, host_ram_total=host, host_ram_available=host_free)
-    return device_budget(HardwareSetup(hw, precision_policy(hw), Dispatcher(hw)))
+    return replace(hw, host_ram_total=host, host_ram_available=host_free)
+
+
+def card_budget(key: str) -> DeviceBudget:
+    """The planner's view of an emulated card on its typical machine."""
+    return budget_from_probe(card_hardware(key))
 
 
 def install_advice(budget: DeviceBudget) -> str:
@@ -100,12 +102,13 @@ def describe_plan(result: PlanResult) -> str:
     return ", ".join(parts) or "all resident, CFG batched"
 
 
-def _cell(budget: DeviceBudget, request: Request) -> str:
+def _cell(hw, request: Request) -> tuple[str, str | None]:
+    """(the table cell, the self-attention backend) of the plan for `request` on `hw`."""
     try:
-        result = plan_run(budget, request)
+        result = plan_for(request, hardware=hw)
     except NoPlanError as err:
-        return f"does not fit ({err.short})"
-    return f"{describe_plan(result)}; peak {fmt_bytes(result.peak_bytes)}"
+        return f"does not fit ({err.short})", None
+    return f"{describe_plan(result)}; peak {fmt_bytes(result.peak_bytes)}", result.plan.self_attention
 
 
 def render() -> str:
@@ -130,15 +133,17 @@ def render() -> str:
     ]
     advice = []
     for key, profile in PROFILES.items():
-        budget = card_budget(key)
+        hw = card_hardware(key)
+        budget = budget_from_probe(hw)
         dtype = dtype_name(compute_dtype_for(budget.kind, budget.bf16_native, budget.fp16_native))
         cc = budget.compute_capability
         name = f"{profile.name} (`{key}`, sm_{cc[0]}{cc[1]})" if cc else f"{profile.name} (`{key}`)"
-        cells = [_cell(budget, request) for _, request in JOBS]
+        cells = [_cell(hw, request) for _, request in JOBS]
+        backend = next((b for _, b in cells if b), None)
         host_gib = budget.host_free_bytes / HOST_FREE_FRACTION / GIB
         lines.append(
             f"| {name} | {budget.total_bytes / GIB:.1f} GiB | {host_gib:.1f} GiB | {dtype} | "
-            f"{budget.attention_backend or '-'} | " + " | ".join(cells) + " |"
+            f"{backend or '-'} | " + " | ".join(cell for cell, _ in cells) + " |"
         )
         advice.append(f"- **{profile.name}** (`{key}`): {install_advice(budget)}.")
     lines += ["", "## What to install for speed", "", *advice]

@@ -1,49 +1,149 @@
 """The Plan: every device-dependent decision of a run, as data.
 
-Made by the planner, printed by `wanfit plan`, stored with each output, overridable by flags.
-Model code never reads it; the pipeline and the runtime do.
+Made by the planner (wanfit.plan.planning.plan_for), printed by `wanfit plan`, stored with each
+output, overridable by flags (`--set NAME=VALUE`). Model code never reads it; the pipeline and the
+runtime do. Each field declares what it accepts (its `setting` metadata): `--set` is checked
+against that, so the Plan's own definition is the one list of allowed values.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+import re
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from wanfit.errors import ConfigError
+
+COMPUTE_DTYPE_NAMES = ("float32", "bfloat16", "float16")
+STORAGE_DTYPE_NAMES = ("float32", "bfloat16", "float16", "float8_e4m3fn")
+TEXT_ENCODER_DTYPE_NAMES = ("float32", "bfloat16")  # umT5 overflows in fp16
+ATTENTION_KINDS = ("self", "cross", "vae")  # the DiT's self- and cross-attention, the VAE's
+
+
+def _setting(kind: str, help: str, **rules) -> dict:
+    """A Plan field's metadata: how `--set` reads it (kind), what it accepts, and a line of help."""
+    return {"setting": {"kind": kind, "help": help, **rules}}
 
 
 @dataclass(frozen=True)
 class Plan:
-    device: str = "cpu"
-    compute_dtype: str = "float32"  # activations and matmuls of the DiT and VAE
-    storage_dtype: str | None = (
-        None  # weights at rest (None: same as compute; "float8_e4m3fn" upcast per block)
+    device: str = field(default="cpu", metadata=_setting("device", "where the DiT and VAE run"))
+    compute_dtype: str = field(
+        default="float32",
+        metadata=_setting("dtype", "activations and matmuls of the DiT and VAE", choices=COMPUTE_DTYPE_NAMES),
     )
-    attention: str | None = None  # a forced backend name, or None: the dispatcher's choice
-    text_encoder_device: str = "cpu"
-    text_encoder_dtype: str = "float32"
-    free_text_encoder: bool = True  # drop umT5 once the prompts are encoded
-    dit_blocks_resident: int | None = None  # None: whole DiT on the device; k: stream blocks, k resident
-    # None: the whole text encoder on text_encoder_device; k: stream its blocks onto the device, k resident
-    text_encoder_blocks_resident: int | None = None
-    offload_dit_before_decode: bool = False  # move the DiT off the device before the VAE decode
-    cfg_batch: bool = True  # cond and uncond in one batch
-    vae_tile: tuple[int, int] | None = None  # decode tile core in latent pixels (h, w), None: untiled; exact
-    compile_dit: bool = False  # torch.compile the DiT's blocks (resident DiT on CUDA only)
-    attention_chunk: int | None = None  # query rows per attention call, None: whole sequence
-    ffn_chunk: int | None = None  # tokens per FFN call, None: whole sequence
+    # None: same as compute; "float8_e4m3fn": stored in fp8, upcast per block
+    storage_dtype: str | None = field(
+        default=None,
+        metadata=_setting(
+            "dtype",
+            "the DiT's weights at rest",
+            choices=STORAGE_DTYPE_NAMES,
+            optional=True,
+            none="same as compute",
+        ),
+    )
+    # The attention backend the user forced (None: the planner's choice per kind, below).
+    attention: str | None = field(
+        default=None,
+        metadata=_setting("backend", "an attention backend to force", optional=True, none="auto"),
+    )
+    # The backend the planner chose for each kind of attention call; the pipeline's dispatchers
+    # use it (falling back, with a warning and a record, if it fails at run time).
+    self_attention: str | None = field(
+        default=None,
+        metadata=_setting("backend", "the DiT's self-attention backend", optional=True, none="auto"),
+    )
+    cross_attention: str | None = field(
+        default=None,
+        metadata=_setting("backend", "the DiT's cross-attention backend", optional=True, none="auto"),
+    )
+    vae_attention: str | None = field(
+        default=None, metadata=_setting("backend", "the VAE's attention backend", optional=True, none="auto")
+    )
+    text_encoder_device: str = field(
+        default="cpu", metadata=_setting("device", "where umT5 runs (cpu, or the plan's device)")
+    )
+    text_encoder_dtype: str = field(
+        default="float32",
+        metadata=_setting("dtype", "umT5's weights (never fp16)", choices=TEXT_ENCODER_DTYPE_NAMES),
+    )
+    free_text_encoder: bool = field(
+        default=True, metadata=_setting("bool", "drop umT5 once the prompts are encoded")
+    )
+    # None: whole DiT on the device; k: stream blocks, k resident
+    dit_blocks_resident: int | None = field(
+        default=None,
+        metadata=_setting(
+            "int", "DiT blocks kept on the device", minimum=0, optional=True, none="all (not streamed)"
+        ),
+    )
+    # None: the whole text encoder on text_encoder_device; k: stream its blocks, k resident
+    text_encoder_blocks_resident: int | None = field(
+        default=None,
+        metadata=_setting(
+            "int", "umT5 blocks kept on the device", minimum=0, optional=True, none="all (not streamed)"
+        ),
+    )
+    offload_dit_before_decode: bool = field(
+        default=False, metadata=_setting("bool", "move the DiT off the device before the VAE decode")
+    )
+    cfg_batch: bool = field(default=True, metadata=_setting("bool", "cond and uncond in one batch"))
+    # decode tile core in latent pixels (h, w), None: untiled; exact
+    vae_tile: tuple[int, int] | None = field(
+        default=None,
+        metadata=_setting(
+            "size",
+            "VAE decode tile in latent pixels, e.g. 32x32",
+            minimum=4,
+            parts=2,
+            optional=True,
+            none="untiled",
+        ),
+    )
+    compile_dit: bool = field(
+        default=False, metadata=_setting("bool", "torch.compile the DiT's blocks (resident DiT on CUDA)")
+    )
+    attention_chunk: int | None = field(
+        default=None,
+        metadata=_setting(
+            "int", "query rows per attention call", minimum=16, optional=True, none="whole sequence"
+        ),
+    )
+    ffn_chunk: int | None = field(
+        default=None,
+        metadata=_setting("int", "tokens per FFN call", minimum=16, optional=True, none="whole sequence"),
+    )
     # (width, height, frames) when the planner had to lower the request (--allow-downscale only)
-    output_size: tuple[int, int, int] | None = None
+    output_size: tuple[int, int, int] | None = field(
+        default=None,
+        metadata=_setting(
+            "size",
+            "WIDTHxHEIGHTxFRAMES actually generated",
+            minimum=1,
+            parts=3,
+            optional=True,
+            none="as asked",
+        ),
+    )
 
     @property
     def torch_compute_dtype(self) -> torch.dtype:
-        return DTYPES[self.compute_dtype]
+        from wanfit.precision import parse_dtype
+
+        return parse_dtype(self.compute_dtype)
 
     @property
     def torch_text_encoder_dtype(self) -> torch.dtype:
-        return DTYPES[self.text_encoder_dtype]
+        from wanfit.precision import parse_dtype
+
+        return parse_dtype(self.text_encoder_dtype)
+
+    def attention_for(self, kind: str) -> str | None:
+        """The planned backend of one kind of attention ("self", "cross", "vae")."""
+        return getattr(self, f"{kind}_attention")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -65,22 +165,121 @@ class Plan:
         return cls(**d)
 
 
-def default_plan(device: str | torch.device | None = None) -> Plan:
-    """A simple plan without the planner: everything resident, dtypes by wanfit.precision's policy.
+PLAN_FIELDS = {f.name: f for f in fields(Plan)}
 
-    `wanfit generate` and `wanfit plan` use the planner instead; this serves pipelines built in code.
-    """
-    from wanfit.precision import compute_dtype_for, dtype_name
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
-        major, _ = torch.cuda.get_device_capability(device)
-        compute = dtype_name(compute_dtype_for("cuda", bf16_native=major >= 8, fp16_native=major >= 7))
-        # umT5 never computes in fp16: bf16 weights, computed in fp32 block by block where bf16 is not native.
-        return Plan(
-            device=str(device),
-            compute_dtype=compute,
-            text_encoder_device=str(device),
-            text_encoder_dtype="bfloat16",
-        )
-    return Plan(device=str(device))
+def _accepts(name: str) -> str:
+    """What field `name` accepts, in words (for error messages and `--set` help)."""
+    spec = PLAN_FIELDS[name].metadata.get("setting", {})
+    kind = spec.get("kind")
+    none = " or none" if spec.get("optional") else ""
+    if kind == "bool":
+        return "true or false"
+    if kind == "int":
+        return f"a whole number of at least {spec.get('minimum', 0)}{none}"
+    if kind == "size":
+        example = "32x32" if spec.get("parts") == 2 else "320x192x17"
+        return f"a size like {example} (each at least {spec.get('minimum', 1)}){none}"
+    if kind == "dtype":
+        return f"one of {', '.join(spec['choices'])}{none}"
+    if kind == "backend":
+        from wanfit.attention.backends import default_registry
+
+        return f"auto or one of {', '.join(default_registry().names())}"
+    if kind == "device":
+        return "cpu, cuda, cuda:N or mps"
+    return "a value"
+
+
+def parse_setting(name: str, text: str):
+    """One `--set NAME=VALUE`, read and checked by the field's declared rules; ConfigError otherwise."""
+    spec = PLAN_FIELDS[name].metadata.get("setting", {})
+    kind = spec.get("kind")
+    raw = str(text).strip()
+    low = raw.lower()
+
+    def bad() -> ConfigError:
+        return ConfigError(f"Plan setting {name} takes {_accepts(name)}, got {raw!r}.")
+
+    if low in ("none", "null", "") or (kind == "backend" and low == "auto"):
+        if spec.get("optional"):
+            return None
+        raise bad()
+    if kind == "bool":
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise bad()
+    if kind == "int":
+        if not low.isdigit() or int(low) < spec.get("minimum", 0):
+            raise bad()
+        return int(low)
+    if kind == "size":
+        parts = re.split(r"[x,]", low)
+        want = spec.get("parts", 2)
+        if not all(p.isdigit() for p in parts) or len(parts) not in (1, want):
+            raise bad()
+        values = tuple(int(p) for p in parts)
+        if len(values) == 1:
+            if want != 2:
+                raise bad()
+            values = values * 2
+        if min(values) < spec.get("minimum", 1):
+            raise bad()
+        return values
+    if kind == "dtype":
+        from wanfit.precision import dtype_name, parse_dtype
+
+        try:
+            value = dtype_name(parse_dtype(low))
+        except ConfigError:
+            raise bad() from None
+        if value not in spec["choices"]:
+            raise bad()
+        return value
+    if kind == "backend":
+        from wanfit.attention.backends import default_registry
+
+        if low not in default_registry():
+            raise bad()
+        return low
+    if kind == "device":
+        if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", low):
+            raise bad()
+        return low
+    return raw
+
+
+def parse_plan_overrides(items) -> dict:
+    """['cfg_batch=false', 'vae_tile=32x32', 'dit_blocks_resident=4'] -> checked Plan field values."""
+    out = {}
+    for item in items:
+        name, sep, value = str(item).partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or name not in PLAN_FIELDS:
+            raise ConfigError(
+                f"--set takes NAME=VALUE with NAME one of {', '.join(sorted(PLAN_FIELDS))}; got {item!r}."
+            )
+        out[name] = parse_setting(name, value)
+    return out
+
+
+def describe_setting(name: str, value) -> str:
+    """A field's value for people: what None means, sizes as 32x32, booleans as true/false."""
+    if value is None:
+        return PLAN_FIELDS[name].metadata.get("setting", {}).get("none", "none")
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (tuple, list)):
+        return "x".join(str(v) for v in value)
+    return str(value)
+
+
+def settings_help() -> str:
+    """Every Plan field with what it accepts, for `--set` help."""
+    lines = []
+    for name, f in PLAN_FIELDS.items():
+        spec = f.metadata.get("setting", {})
+        lines.append(f"{name}: {spec.get('help', '')} ({_accepts(name)})")
+    return "\n".join(lines)

@@ -26,11 +26,11 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields, replace
 
+from wanfit.attention.backends import default_registry
 from wanfit.errors import ConfigError, PlanError
 from wanfit.models.configs import DiTConfig
 from wanfit.plan.estimates import (
     GIB,
-    LINEAR_BACKENDS,
     PHASES,
     PhaseEstimate,
     Request,
@@ -38,7 +38,7 @@ from wanfit.plan.estimates import (
     host_bytes,
     peak_bytes,
 )
-from wanfit.plan.plan import Plan
+from wanfit.plan.plan import Plan, describe_setting
 from wanfit.precision import compute_dtype_for, dtype_name
 
 MIB = 1024**2
@@ -78,7 +78,7 @@ class DeviceBudget:
     host_free_bytes: int
     bf16_native: bool
     device: str | None = None  # the torch device string; default: kind
-    attention_backend: str | None = None  # what the dispatcher will pick for the DiT; None: guess
+    attention_backend: str | None = None  # what the dispatcher picks for the DiT's self-attention
     fp16_native: bool = True  # fast fp16 (CUDA sm_70+); with bf16_native it sets the compute dtype
     compilable: bool = False  # a real CUDA device with Triton: the DiT's blocks may be compiled
 
@@ -177,63 +177,7 @@ def parse_bytes(text: str, option: str = "--vram") -> int:
     return value
 
 
-def _coerce(name: str, text: str, default):
-    low = text.strip().lower()
-    if low in ("none", "null", ""):
-        return None
-    if isinstance(default, bool):
-        if low in ("1", "true", "yes", "on"):
-            return True
-        if low in ("0", "false", "no", "off"):
-            return False
-        raise ConfigError(f"Plan setting {name} takes true or false, got {text!r}.")
-    if name in ("dit_blocks_resident", "text_encoder_blocks_resident", "attention_chunk", "ffn_chunk"):
-        if not low.isdigit():
-            raise ConfigError(f"Plan setting {name} takes a whole number, got {text!r}.")
-        return int(low)
-    if name in ("vae_tile", "output_size"):
-        parts = re.split(r"[x,]", low)
-        if not all(p.isdigit() for p in parts) or len(parts) not in (1, 2, 3):
-            raise ConfigError(f"Plan setting {name} takes sizes like 32x32, got {text!r}.")
-        values = tuple(int(p) for p in parts)
-        return values * 2 if name == "vae_tile" and len(values) == 1 else values
-    return text.strip()
-
-
-def parse_plan_overrides(items: Iterable[str]) -> dict:
-    """['cfg_batch=false', 'vae_tile=32x32', 'dit_blocks_resident=4'] -> Plan field values."""
-    defaults = {f.name: f.default for f in fields(Plan)}
-    out = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        name = name.strip().replace("-", "_")
-        if not sep or name not in defaults:
-            raise ConfigError(
-                f"--set takes NAME=VALUE with NAME one of {', '.join(sorted(defaults))}; got {item!r}."
-            )
-        out[name] = _coerce(name, value, defaults[name])
-    return out
-
-
 # ----------------------------------------------------------------------------- policies
-
-
-def expected_attention_backend(device: DeviceBudget, compute_dtype: str) -> str:
-    """The backend family the dispatcher will land on, for the workspace estimate only.
-
-    The dispatcher decides at run time; the caller may pass its answer as device.attention_backend.
-    """
-    if device.attention_backend:
-        return device.attention_backend
-    if device.kind == "cpu":
-        return "sdpa_flash"  # PyTorch's CPU flash kernel: O(L) memory
-    if device.kind == "cuda":
-        cc = device.compute_capability or (0, 0)
-        if cc >= (8, 0):
-            return "sdpa_flash"
-        if compute_dtype in ("float16", "float32"):
-            return "sdpa_efficient"
-    return "sdpa_math"
 
 
 def make_budget(device: DeviceBudget, vram: int | None = None) -> Budget:
@@ -386,16 +330,16 @@ def step_down(
     request: Request | None = None,
     phase: str | None = None,
     *,
-    backend: str | None = None,
     frozen: Iterable[str] = (),
 ) -> Plan | None:
     """The next notch down for `phase` (or any phase): the first give-up step, in the planner's order,
-    that lowers that phase's estimated peak; None when nothing is left to give up.
+    that lowers that phase's estimated peak, leaving the `frozen` (user-set) fields alone; None when
+    nothing is left to give up. The attention workspace is the plan's own backends'.
 
     Streaming halves the resident block count each notch (None -> n/2 -> ... -> 0).
     """
     request = request or default_request()
-    backend = backend or "sdpa_flash"  # unknown: assume a fused (O(L) workspace) kernel
+    backend = planned_backend(plan)
     frozen = frozenset(frozen)
     before = estimate_phases(request, plan, backend)
     for knob in KNOBS:
@@ -405,6 +349,22 @@ def step_down(
             if _lowers(before, estimate_phases(request, candidate, backend), phase):
                 return candidate
     return None
+
+
+def blocking_setting(plan: Plan, request: Request, phase: str | None, frozen: Iterable[str]) -> str | None:
+    """When nothing but a user-set field could lower `phase`: the first such field, else None."""
+    if step_down(plan, request, phase, frozen=frozen) is not None:
+        return None
+    freed = step_down(plan, request, phase)
+    if freed is None:
+        return None
+    before, after = plan.to_dict(), freed.to_dict()
+    return next((name for name in sorted(frozenset(frozen)) if before[name] != after[name]), None)
+
+
+def planned_backend(plan: Plan) -> str:
+    """The self-attention backend the plan's estimates assume (unknown: a fused, linear-memory kernel)."""
+    return plan.self_attention or plan.attention or "sdpa_flash"
 
 
 def default_request(config: DiTConfig | None = None) -> Request:
@@ -430,6 +390,8 @@ class PlanResult:
     notes: tuple[str, ...] = ()
     requested: Request | None = None  # the original request when it was downscaled
     steps: tuple[str, ...] = field(default_factory=tuple)  # what was given up, in order
+    frozen: frozenset[str] = frozenset()  # the fields the user set: never given up, also on OOM
+    hardware: object = None  # the HardwareProbe planned for (plan_for sets it; the pipeline's dispatchers use it)
 
     @property
     def peak_bytes(self) -> int:
@@ -457,6 +419,7 @@ class PlanResult:
             },
             "downscaled": self.requested is not None,
             "gave_up": list(self.steps),
+            "user_set": sorted(self.frozen),
             "device": self.device.to_dict(),
             "notes": list(self.notes),
         }
@@ -467,7 +430,8 @@ class PlanResult:
             f"device: {self.device.describe()}",
             f"budget: {fmt_bytes(self.budget.device_bytes)} ({self.budget.source}); "
             f"host RAM: needs {fmt_bytes(self.host_bytes)} of {fmt_bytes(self.budget.host_bytes)}",
-            f"compute dtype {self.plan.compute_dtype}, attention (expected) {self.attention_backend}",
+            f"compute dtype {self.plan.compute_dtype}; attention: self {self.plan.self_attention or self.attention_backend}, "
+            f"cross {self.plan.cross_attention or self.attention_backend}, VAE {self.plan.vae_attention or self.attention_backend}",
             "",
             f"{'phase':<14}{'weights':>12}{'activations':>13}{'workspace':>12}{'cache':>12}{'peak':>12}",
         ]
@@ -478,8 +442,11 @@ class PlanResult:
             )
         lines += ["", f"predicted peak {fmt_bytes(self.peak_bytes)} of {fmt_bytes(self.budget.device_bytes)}"]
         lines.append("gave up: " + (", ".join(self.steps) if self.steps else "nothing (fastest plan)"))
-        lines.append("settings:")
-        lines += [f"  {k}: {v}" for k, v in self.plan.to_dict().items()]
+        lines.append("settings (* set by you):")
+        lines += [
+            f"  {k}: {describe_setting(k, v)}{' *' if k in self.frozen else ''}"
+            for k, v in self.plan.to_dict().items()
+        ]
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -522,6 +489,7 @@ def _search(
     """
     plan = base
     phases = estimate_phases(request, plan, backend)
+    taken: list[str] = []
     while (failing := _fits(phases, budget)) is not None:
         nxt = None
         for knob in KNOBS:
@@ -544,20 +512,24 @@ def _search(
                 break
         if nxt is None:
             return plan, phases, [], False
-        _, plan, phases = nxt
+        name, plan, phases = nxt
+        if name not in taken:
+            taken.append(name)
     if plan.dit_blocks_resident is not None and "dit_blocks_resident" not in frozen:
         better = _best_resident_count(plan, request, backend, budget, plan.dit_blocks_resident + 1, frozen)
         if better is not None:
             plan, phases = better, estimate_phases(request, better, backend)
-    before, after = base.to_dict(), plan.to_dict()
-    steps = [knob.name for knob in KNOBS if any(before[f] != after[f] for f in knob.fields)]
-    return plan, phases, steps, _host_ok(request, plan, budget)
+    if plan.offload_dit_before_decode and not base.offload_dit_before_decode:
+        if "offload_dit_before_decode" not in taken:  # chosen with the resident block count
+            taken.append("offload_dit_before_decode")
+    order = [knob.name for knob in KNOBS]
+    return plan, phases, sorted(taken, key=order.index), _host_ok(request, plan, budget)
 
 
 def _leanest(request: Request, base: Plan, backend: str, frozen: frozenset[str]) -> Plan:
     """Everything given up that lowers some phase: the smallest plan there is."""
     plan = base
-    while (nxt := step_down(plan, request, None, backend=backend, frozen=frozen)) is not None:
+    while (nxt := step_down(plan, request, None, frozen=frozen)) is not None:
         plan = nxt
     return plan
 
@@ -592,16 +564,25 @@ def plan_run(
     overrides: dict | None = None,
     allow_downscale: bool = False,
     fp8: bool = False,
+    attention: dict[str, str] | None = None,
 ) -> PlanResult:
-    """The fastest plan that fits; PlanError naming the smallest budget that would work otherwise."""
+    """The fastest plan that fits; PlanError naming the smallest budget that would work otherwise.
+
+    overrides: user-set Plan fields (frozen: never given up); attention: the backend the dispatcher
+    selected for each kind ("self", "cross", "vae"), which sets the workspace estimates.
+    """
     overrides = dict(overrides or {})
     unknown = set(overrides) - {f.name for f in fields(Plan)}
     if unknown:
         raise ConfigError(f"Unknown plan settings: {', '.join(sorted(unknown))}.")
+    attention = dict(attention or {})
+    if device.attention_backend and "self" not in attention:
+        attention["self"] = device.attention_backend
     budget = make_budget(device, vram)
-    base = replace(fastest_plan(device, request, fp8=fp8), **overrides)
+    chosen_backends = {f"{kind}_attention": name for kind, name in attention.items() if name}
+    base = replace(fastest_plan(device, request, fp8=fp8), **chosen_backends, **overrides)
     frozen = frozenset(overrides) | ({"storage_dtype"} if fp8 else frozenset())
-    backend = expected_attention_backend(device, base.compute_dtype)
+    backend = planned_backend(base)
     notes = _notes(device, budget, base, vram)
 
     plan, phases, steps, fits = _search(request, base, budget, backend, frozen)
@@ -621,7 +602,8 @@ def plan_run(
                 break
     if not fits:
         raise _no_plan_error(request, base, budget, backend, frozen, allow_downscale)
-    need_host = host_bytes(chosen, plan)
+    # On a CPU the device is the host: its RAM need is the largest phase's peak.
+    need_host = peak_bytes(phases) if device.kind == "cpu" else host_bytes(chosen, plan)
     notes += _plan_notes(plan, device)
     return PlanResult(
         plan=plan,
@@ -630,10 +612,11 @@ def plan_run(
         budget=budget,
         phases=phases,
         host_bytes=need_host,
-        attention_backend=plan.attention or backend,
+        attention_backend=backend,
         notes=tuple(notes),
         requested=requested,
         steps=tuple(steps),
+        frozen=frozen,
     )
 
 
@@ -697,6 +680,6 @@ def _plan_notes(plan: Plan, device: DeviceBudget) -> list[str]:
         )
     if plan.storage_dtype == FP8_STORAGE:
         notes.append("fp8 weight storage (per-tensor scaled, upcast per block): small quality loss.")
-    if plan.attention_chunk and (plan.attention or "") in LINEAR_BACKENDS:
+    if plan.attention_chunk and default_registry().memory_class(planned_backend(plan)) == "linear":
         notes.append("attention chunking is set although the backend's workspace is already linear.")
     return notes

@@ -341,3 +341,22 @@ def config_from_official(raw: dict, source: Path | str = "config.json") -> dict:
     if "patch_size" in cfg:
         cfg["patch_size"] = tuple(cfg["patch_size"])
     return cfg
+
+
+def folder_dit_config(folder: Path):
+    """(DiTConfig, name) of a model folder: its DiT config.json, else the DiT's tensor headers (no
+    weights read). name: the preset's ("1.3B", "14B") when the shape is one, else "dim N"."""
+    from wanfit.models.configs import DIT_PRESETS, DiTConfig
+    from wanfit.weights.model_dir import find_model_files
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        find_model_files(folder)  # says what is wrong: missing, or a file rather than a folder
+    values = read_config_json(folder / "transformer") or read_config_json(folder)
+    if values is not None:
+        config = DiTConfig.from_dict(values)
+    else:
+        config = resolve_config(inspect_dit(find_model_files(folder).dit), None)
+    name = next((n for n, preset in DIT_PRESETS.items() if preset == config), None)
+    name = name or next((n for n, p in DIT_PRESETS.items() if p.dim == config.dim), f"dim {config.dim}")
+    return config, name

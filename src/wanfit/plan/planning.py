@@ -1,0 +1,230 @@
+"""The one planning call: hardware + the job + the user's constraints -> a PlanResult.
+
+`plan_for` is what `wanfit generate`, `wanfit plan`, `wanfit doctor`, `WanPipeline.from_pretrained`,
+the hardware doc generator and the benchmarks call; nothing else turns a machine into a Plan. It
+probes (or emulates) the card, applies the precision policy, asks an attention dispatcher on that
+card which backend serves each kind of attention call of the job, and runs the planner with the
+user's settings frozen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from wanfit.errors import AttentionUnavailableError, ConfigError
+from wanfit.hardware.probe import HardwareProbe, host_cpu, probe
+from wanfit.models.configs import DIT_PRESETS, DiTConfig
+from wanfit.plan.estimates import Request
+from wanfit.plan.plan import ATTENTION_KINDS, parse_plan_overrides
+from wanfit.plan.planner import PlanResult, budget_from_probe, parse_bytes, plan_run
+
+BUILTIN = "builtin"  # the model name of the built-in tiny model (no files)
+
+
+@dataclass(frozen=True)
+class Constraints:
+    """What the user fixed: each one is a frozen Plan field the planner and the OOM guard respect."""
+
+    vram: int | None = None  # bytes the plan may use on the device, instead of what is free
+    dtype: str | None = None  # compute dtype (bf16, fp16, fp32)
+    attention: str | None = None  # a backend to force
+    allow_lossy_attention: bool = False
+    fp8: bool = False
+    device: str | None = None  # cpu, cuda, cuda:N
+    overrides: Mapping[str, object] = field(default_factory=dict)  # checked Plan field values (--set)
+    allow_downscale: bool = False
+
+    @classmethod
+    def from_options(
+        cls,
+        *,
+        vram: str | int | None = None,
+        dtype: str | None = None,
+        attention: str | None = None,
+        allow_lossy_attention: bool = False,
+        fp8: bool = False,
+        device: str | None = None,
+        settings: list[str] | tuple[str, ...] = (),
+        allow_downscale: bool = False,
+    ) -> Constraints:
+        """From the words a user types (the CLI's options, or the same in Python); checked."""
+        if isinstance(vram, str):
+            vram = parse_bytes(vram)
+        return cls(
+            vram=vram,
+            dtype=dtype,
+            attention=None if attention in (None, "", "auto") else attention,
+            allow_lossy_attention=allow_lossy_attention,
+            fp8=fp8,
+            device=device,
+            overrides=parse_plan_overrides(settings),
+            allow_downscale=allow_downscale,
+        )
+
+
+def model_request(
+    model: str | Path | None,
+    *,
+    width: int = 832,
+    height: int = 480,
+    frames: int = 81,
+    guidance: bool = True,
+) -> Request:
+    """The job as the planner sees it. model: a folder, a preset name (1.3B, 14B), or None/"builtin"."""
+    if model is None or str(model) == BUILTIN:
+        from wanfit.demo import tiny_request
+
+        return tiny_request(height, width, frames, guidance)
+    if str(model) in DIT_PRESETS:
+        config, name = DIT_PRESETS[str(model)], str(model)
+    else:
+        from wanfit.weights.dit_loader import folder_dit_config
+
+        config, name = folder_dit_config(Path(model))
+    return Request(config, height=height, width=width, num_frames=frames, guidance=guidance, model_name=name)
+
+
+def resolve_hardware(hardware: HardwareProbe | str | None) -> HardwareProbe:
+    """A probe as given, an emulated card by name, or this machine (WANFIT_EMULATE honoured)."""
+    if isinstance(hardware, HardwareProbe):
+        return hardware
+    return probe(emulate=hardware)
+
+
+def plan_for(
+    request: Request,
+    constraints: Constraints | None = None,
+    hardware: HardwareProbe | str | None = None,
+) -> PlanResult:
+    """The fastest plan that fits this machine (or `hardware`) for `request` under `constraints`.
+
+    Raises ConfigError for settings this machine cannot honour and PlanError when nothing fits.
+    """
+    constraints = constraints or Constraints()
+    hw = device_probe(resolve_hardware(hardware), constraints)
+    overrides = dict(constraints.overrides)
+    overrides.pop("device", None)  # chosen above, with the probe
+    notes: list[str] = []
+
+    from wanfit.precision import dtype_name, precision_policy
+
+    dtype = constraints.dtype or overrides.get("compute_dtype")
+    precision = precision_policy(hw, compute=dtype)
+    notes += precision.notes
+    if dtype is not None:
+        overrides["compute_dtype"] = dtype_name(precision.compute)
+    forced = constraints.attention or overrides.get("attention")
+    if forced is not None:
+        overrides["attention"] = forced
+    _check_text_encoder_device(overrides.get("text_encoder_device"), hw)
+
+    attention, attention_notes = select_attention(request, hw, precision.compute, forced, constraints)
+    notes += attention_notes
+    device = budget_from_probe(hw, attention["self"])
+    result = plan_run(
+        device,
+        request,
+        vram=constraints.vram,
+        overrides=overrides,
+        allow_downscale=constraints.allow_downscale,
+        fp8=constraints.fp8,
+        attention=attention,
+    )
+    return replace(result, notes=tuple(notes) + result.notes, hardware=hw)
+
+
+def device_probe(hw: HardwareProbe, constraints: Constraints) -> HardwareProbe:
+    """The probe of the device the run will use: --device (or --set device=) checked against it."""
+    asked = constraints.device or constraints.overrides.get("device")
+    if asked is None:
+        return hw
+    import torch
+
+    flag = "--device" if constraints.device else "--set device="
+    try:
+        device = torch.device(str(asked))
+    except RuntimeError:
+        raise ConfigError(f"Unknown {flag} {asked!r}; use cpu, cuda or cuda:N.") from None
+    if device.type == "cpu":
+        return host_cpu(hw)
+    if device.type not in ("cuda", "mps"):
+        raise ConfigError(f"Unsupported {flag} {asked!r}; use cpu, cuda or cuda:N.")
+    if hw.device_type != device.type:
+        what = f"--emulate {hw.emulated} describes a {hw.device_type} device" if hw.emulated else (
+            f"this machine has no usable {device.type.upper()} device"
+        )
+        raise ConfigError(f"{flag} {asked} was asked for, but {what}.")
+    if device.type == "cuda" and device.index is not None and hw.device_present:
+        count = torch.cuda.device_count()
+        if device.index >= count:
+            raise ConfigError(f"{flag} {asked} was asked for, but this machine has {count} CUDA device(s).")
+        if device.index != (hw.device_index or 0):
+            return probe(emulate=hw.emulated, device_index=device.index)
+    return hw
+
+
+def _check_text_encoder_device(asked: str | None, hw: HardwareProbe) -> None:
+    if asked is None or asked == "cpu":
+        return
+    if asked.split(":")[0] != hw.device_type:
+        raise ConfigError(
+            f"Plan setting text_encoder_device takes cpu or this run's device ({hw.device_type}), got {asked!r}."
+        )
+
+
+def select_attention(
+    request: Request, hw: HardwareProbe, dtype, forced: str | None, constraints: Constraints
+) -> tuple[dict[str, str | None], list[str]]:
+    """The backend a dispatcher on `hw` picks for each kind of the job's attention calls.
+
+    A forced backend must serve the DiT's self-attention (else one sentence says why); where it cannot
+    serve cross or VAE attention, those keep the ranked choice, with a note.
+    """
+    from wanfit.attention.dispatch import Dispatcher
+
+    dispatcher = Dispatcher(hw, forced=forced, allow_lossy=constraints.allow_lossy_attention)
+    auto = Dispatcher(hw, allow_lossy=constraints.allow_lossy_attention, registry=dispatcher.registry)
+    forced = dispatcher.forced  # normalised (a typo is a ConfigError there)
+    calls = attention_calls(request, hw, dtype, dispatcher)
+    chosen: dict[str, str | None] = {}
+    notes = []
+    for kind in ATTENTION_KINDS:
+        call = calls[kind]
+        if forced is not None:
+            selection, cand = dispatcher.selection_for(forced, call, None, auto=False)
+            if selection is not None:
+                chosen[kind] = selection.backend
+                continue
+            if kind == "self":
+                raise AttentionUnavailableError(f"The attention backend {forced} was asked for but {cand.reason}")
+            notes.append(f"--attention {forced} cannot serve the {kind} attention ({cand.reason.rstrip('.')}).")
+        try:
+            chosen[kind] = auto.select(call).backend
+        except AttentionUnavailableError as err:
+            if kind == "self":
+                raise
+            chosen[kind] = None
+            notes.append(f"no attention backend was found for the {kind} attention here: {err}")
+    return chosen, notes
+
+
+def attention_calls(request: Request, hw: HardwareProbe, dtype, dispatcher) -> dict:
+    """The job's typical call of each kind: DiT self (tokens x tokens), cross (tokens x text), VAE
+    (one head over the pixels of a latent frame, in query blocks as the VAE runs it)."""
+    from wanfit.models.vae import AttentionBlock
+
+    cfg: DiTConfig = request.config
+    h, w = request.latent_hw
+    vae_dim = request.vae.base_dim * request.vae.dim_mult[-1]
+    pixels = h * w
+    return {
+        "self": dispatcher.call_on_probe(dtype, q_len=request.tokens, heads=cfg.num_heads, head_dim=cfg.head_dim),
+        "cross": dispatcher.call_on_probe(
+            dtype, q_len=request.tokens, kv_len=cfg.text_len, heads=cfg.num_heads, head_dim=cfg.head_dim
+        ),
+        "vae": dispatcher.call_on_probe(
+            dtype, q_len=min(pixels, AttentionBlock.query_chunk), kv_len=pixels, heads=1, head_dim=vae_dim
+        ),
+    }
