@@ -203,27 +203,15 @@ def run_wanfit(parts, args, latents, device, plan):
 
 def wanfit_plan(args, device, dit_cfg):
     """The plan wanfit's planner picks for this job on this card, as `wanfit generate` would."""
-    from types import SimpleNamespace
-
-    from wanfit.commands.common import JobShape, device_budget, hardware_from_args
     from wanfit.plan.estimates import Request
-    from wanfit.plan.plan import default_plan
-    from wanfit.plan.planner import plan_run
+    from wanfit.plan.planning import Constraints, plan_for
 
-    if device.type != "cuda":
-        return default_plan(device)
     width, height = (int(v) for v in args.size.split("x"))
-    hardware = hardware_from_args(
-        SimpleNamespace(emulate=None, attention=None, allow_lossy_attention=False, dtype=None)
-    )
-    job = JobShape("1.3B", width, height, args.frames, dit_cfg.num_heads, dit_cfg.head_dim)
     request = Request(
         dit_cfg, height=height, width=width, num_frames=args.frames, guidance=args.guidance != 1.0
     )
-    from wanfit.plan.planner import parse_plan_overrides
-
-    overrides = parse_plan_overrides(args.overrides)
-    return plan_run(device_budget(hardware, job), request, overrides=overrides).plan
+    constraints = Constraints.from_options(device=str(device), settings=args.overrides)
+    return plan_for(request, constraints)
 
 
 def main(argv=None) -> dict:
@@ -252,7 +240,7 @@ def main(argv=None) -> dict:
         "frames": args.frames,
         "steps": args.steps,
         "guidance": args.guidance,
-        "plan": plan.to_dict(),
+        "plan": plan.plan.to_dict(),
     }
     result["wanfit"], ours = run_wanfit(wanfit_parts, args, latents, device, plan)
     result["wanfit"]["s_per_step"] = result["wanfit"]["phases_s"]["denoise_s"] / args.steps

@@ -219,6 +219,7 @@ class WanPipeline:
         height: int = 480,
         width: int = 832,
         num_frames: int = 81,
+        progress: bool = True,
         **overrides,
     ):
         """Load an official release folder or a diffusers-layout folder.
@@ -243,7 +244,9 @@ class WanPipeline:
             if device is not None:
                 constraints = replace(constraints, device=device)
             guidance = overrides.get("guidance_scale", SamplingDefaults.guidance_scale) != 1.0
-            request = model_request(files.root, width=width, height=height, frames=num_frames, guidance=guidance)
+            request = model_request(
+                files.root, width=width, height=height, frames=num_frames, guidance=guidance
+            )
             planned = plan_for(request, constraints, hardware)
         plan = getattr(planned, "plan", planned)
         if not isinstance(plan, Plan):
@@ -251,8 +254,6 @@ class WanPipeline:
         dtype = plan.torch_compute_dtype
         # A streamed (or fp8) DiT is loaded on the host; apply_plan places it block by block.
         streamed = plan.dit_blocks_resident is not None or plan.storage_dtype is not None
-        dit = load_dit(files.dit, device="cpu" if streamed else plan.device, dtype=dtype)
-        vae = load_vae(files.vae, device=plan.device, dtype=dtype)
 
         def text_encoder_loader(plan: Plan = plan):
             encoder = load_text_encoder(
@@ -268,11 +269,24 @@ class WanPipeline:
                 stream_text_encoder(encoder, plan.text_encoder_device, plan.text_encoder_blocks_resident)
             return encoder
 
+        from tqdm.auto import tqdm
+
+        # Transient: the bar clears itself, so an error about a file stands alone on its line.
+        with tqdm(total=3, desc="loading DiT", unit="model", disable=not progress, leave=False) as bar:
+            dit = load_dit(files.dit, device="cpu" if streamed else plan.device, dtype=dtype)
+            bar.set_description("loading VAE")
+            bar.update(1)
+            vae = load_vae(files.vae, device=plan.device, dtype=dtype)
+            bar.set_description("loading text encoder")
+            bar.update(1)
+            text_encoder = text_encoder_loader(plan)
+            bar.update(1)
+
         defaults = SamplingDefaults(**overrides) if overrides else None
         return cls(
             dit,
             vae,
-            text_encoder_loader(),
+            text_encoder,
             plan=planned,
             defaults=defaults,
             scheduler_config=Path(scheduler_config) if scheduler_config else files.scheduler_config,
@@ -435,8 +449,24 @@ class WanPipeline:
         self._place_dit()
         guard = self._oom_guard()
         bar = tqdm(
-            total=len(timesteps), initial=state.step, desc="denoising", unit="step", disable=not progress
+            total=len(timesteps),
+            initial=state.step,
+            desc="denoising",
+            unit="step",
+            disable=not progress,
+            bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.3g}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]",
         )
+        # The bar moves with every DiT block, so a long first step shows progress and an ETA too.
+        blocks = getattr(self.dit, "blocks", None)
+        hooks = []
+        if progress and isinstance(blocks, torch.nn.ModuleList) and len(blocks):
+            passes = 2 if uncond is not None and not self.plan.cfg_batch else 1
+            share = 1.0 / (len(blocks) * passes)
+
+            def advance(*_):
+                bar.update(share)
+
+            hooks = [block.register_forward_hook(advance) for block in blocks]
         try:
             for i in range(state.step, len(timesteps)):
                 t = timesteps[i]
@@ -450,21 +480,33 @@ class WanPipeline:
                         what=f"step {i}",
                     )
                 latents = scheduler.step(noise, t, latents, return_dict=False)[0]
-                bar.update(1)
+                bar.n = i + 1  # exact at each step's end, whatever the blocks added (or a retried step)
+                bar.refresh()
                 if on_step is not None:
                     on_step(DenoiseState(latents, i + 1, schedulers.scheduler_state(scheduler)))
         finally:
+            for hook in hooks:
+                hook.remove()
             bar.close()
         return latents
 
-    def decode(self, latents: torch.Tensor) -> np.ndarray:
+    def decode(self, latents: torch.Tensor, *, progress: bool = False) -> np.ndarray:
+        from tqdm.auto import tqdm
+
         if self.plan.offload_dit_before_decode and isinstance(self.dit, torch.nn.Module):
             from wanfit.runtime.offload import release_dit
 
             release_dit(self.dit)
         z = self.vae.denormalize(latents.to(self.vae.dtype))
-        with torch.no_grad():
-            video = self.vae.decode(z, tile=self.plan.vae_tile)
+        with torch.no_grad(), tqdm(desc="decoding", unit="frame", disable=not progress) as bar:
+
+            def report(done: int, total: int) -> None:
+                bar.total = total
+                bar.n = done
+                bar.refresh()
+
+            extra = {"progress": report} if progress else {}
+            video = self.vae.decode(z, tile=self.plan.vae_tile, **extra)
         return frames_to_uint8(video)
 
     def _end_phase(self, phase: str, started: float) -> None:
@@ -513,7 +555,11 @@ class WanPipeline:
         started = time.perf_counter()
         use_cfg = guidance != 1.0
         self._request = self._planner_request(height, width, num_frames, use_cfg)
-        embeds = self.encode_prompts(prompt, negative_prompt, with_negative=use_cfg)
+        from tqdm.auto import tqdm
+
+        with tqdm(total=1, desc="encoding prompts", unit="batch", disable=not progress) as bar:
+            embeds = self.encode_prompts(prompt, negative_prompt, with_negative=use_cfg)
+            bar.update(1)
         cond, uncond = embeds[0], (embeds[1] if use_cfg else None)
         self._end_phase("text_encoder", started)
 
@@ -542,7 +588,7 @@ class WanPipeline:
         self._record_attention("denoise", ("self", "cross"))
 
         started = time.perf_counter()
-        frames = self._oom_guard().run("vae_decode", lambda: self.decode(final))
+        frames = self._oom_guard().run("vae_decode", lambda: self.decode(final, progress=progress))
         self._end_phase("vae_decode", started)
         self._record_attention("vae_decode", ("vae",))
         return frames

@@ -34,7 +34,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Generate a video from a text prompt. Without --model a built-in tiny random model runs "
         "(it draws noise; it shows the tool works without downloading 17 GB).",
     )
-    p.add_argument("--model", type=user_path, help="model folder: official Wan2.1 release or diffusers layout")
+    p.add_argument(
+        "--model", type=user_path, help="model folder: official Wan2.1 release or diffusers layout"
+    )
     p.add_argument("--prompt", default=None, help=f"what to draw (default: {DEFAULT_PROMPT!r})")
     p.add_argument("--negative-prompt", default=None, help="default: the official negative prompt")
     p.add_argument("--size", default=None, help="WIDTHxHEIGHT, multiples of 16 (default 832x480)")
@@ -333,7 +335,7 @@ def _load_pipeline(args, planned):
         from wanfit.demo import tiny_pipeline
 
         return tiny_pipeline(plan=planned)
-    return WanPipeline.from_pretrained(args.model, plan=planned)
+    return WanPipeline.from_pretrained(args.model, plan=planned, progress=not args.no_progress)
 
 
 def _same_file(a: Path, b: Path) -> bool:

@@ -29,7 +29,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: the best one found)")
     common.add_plan_options(p)
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
-    p.add_argument("--list-settings", action="store_true", help="list every plan setting --set takes, and exit")
+    p.add_argument(
+        "--list-settings", action="store_true", help="list every plan setting --set takes, and exit"
+    )
     common.add_hardware_options(p)
     p.set_defaults(func=run)
 

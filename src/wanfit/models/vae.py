@@ -552,12 +552,14 @@ class WanVAE(nn.Module):
         tile: int | tuple[int, int] | None = None,
         *,
         output_device: torch.device | str | None = None,
+        progress: Callable[[int, int], None] | None = None,
     ) -> torch.Tensor:
         """Raw latent [B, z_dim, T, h, w] -> video [B, 3, 1 + 4(T-1), 8h, 8w] in [-1, 1].
 
         tile: core size (rows, cols) in latent pixels, or one int for both; None decodes whole
         frames. Tiles are exact (see the module docstring), so only memory and time change.
         output_device: where the video is assembled (e.g. "cpu" to keep it off the card).
+        progress(done, total): called after each latent frame of each tile.
         """
         cfg = self.config
         if z.dim() != 5 or z.shape[1] != cfg.z_dim or 0 in z.shape:
@@ -574,12 +576,15 @@ class WanVAE(nn.Module):
             device=output_device or self.device,
         )
         tiles = self.plan_tiles((h, w), tile)
+        total = latent_frames * len(tiles)
+        report = progress or (lambda done, total: None)
         if len(tiles) == 1:  # stream each latent frame straight through
             cache: TimeCache = {}
             emit = self._writer(out, tiles[0])
             for t in range(latent_frames):
                 stem = self.decoder.stem(self.conv2(self._prepare(z[:, :, t : t + 1])), cache)
                 self.decoder.tail(stem, cache, tiles[0], emit)
+                report(t + 1, total)
             return out
 
         # The stem needs whole frames: run it once for all frames (latent resolution, small).
@@ -590,12 +595,13 @@ class WanVAE(nn.Module):
         for t in range(latent_frames):
             stems[:, :, t : t + 1] = self.decoder.stem(self.conv2(self._prepare(z[:, :, t : t + 1])), cache)
         del cache
-        for tile_ in tiles:
+        for i, tile_ in enumerate(tiles):
             top, bottom, left, right = tile_.region(0)
             cache = {}
             emit = self._writer(out, tile_)
             for t in range(latent_frames):
                 self.decoder.tail(stems[:, :, t : t + 1, top:bottom, left:right], cache, tile_, emit)
+                report(i * latent_frames + t + 1, total)
         return out
 
     def plan_tiles(self, latent_hw: tuple[int, int], tile: int | tuple[int, int] | None) -> list[Tile]:

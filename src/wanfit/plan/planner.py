@@ -391,7 +391,9 @@ class PlanResult:
     requested: Request | None = None  # the original request when it was downscaled
     steps: tuple[str, ...] = field(default_factory=tuple)  # what was given up, in order
     frozen: frozenset[str] = frozenset()  # the fields the user set: never given up, also on OOM
-    hardware: object = None  # the HardwareProbe planned for (plan_for sets it; the pipeline's dispatchers use it)
+    hardware: object = (
+        None  # the HardwareProbe planned for (plan_for sets it; the pipeline's dispatchers use it)
+    )
 
     @property
     def peak_bytes(self) -> int:

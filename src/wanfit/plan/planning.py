@@ -152,8 +152,10 @@ def device_probe(hw: HardwareProbe, constraints: Constraints) -> HardwareProbe:
     if device.type not in ("cuda", "mps"):
         raise ConfigError(f"Unsupported {flag} {asked!r}; use cpu, cuda or cuda:N.")
     if hw.device_type != device.type:
-        what = f"--emulate {hw.emulated} describes a {hw.device_type} device" if hw.emulated else (
-            f"this machine has no usable {device.type.upper()} device"
+        what = (
+            f"--emulate {hw.emulated} describes a {hw.device_type} device"
+            if hw.emulated
+            else (f"this machine has no usable {device.type.upper()} device")
         )
         raise ConfigError(f"{flag} {asked} was asked for, but {what}.")
     if device.type == "cuda" and device.index is not None and hw.device_present:
@@ -198,8 +200,12 @@ def select_attention(
                 chosen[kind] = selection.backend
                 continue
             if kind == "self":
-                raise AttentionUnavailableError(f"The attention backend {forced} was asked for but {cand.reason}")
-            notes.append(f"--attention {forced} cannot serve the {kind} attention ({cand.reason.rstrip('.')}).")
+                raise AttentionUnavailableError(
+                    f"The attention backend {forced} was asked for but {cand.reason}"
+                )
+            notes.append(
+                f"--attention {forced} cannot serve the {kind} attention ({cand.reason.rstrip('.')})."
+            )
         try:
             chosen[kind] = auto.select(call).backend
         except AttentionUnavailableError as err:
@@ -220,7 +226,9 @@ def attention_calls(request: Request, hw: HardwareProbe, dtype, dispatcher) -> d
     vae_dim = request.vae.base_dim * request.vae.dim_mult[-1]
     pixels = h * w
     return {
-        "self": dispatcher.call_on_probe(dtype, q_len=request.tokens, heads=cfg.num_heads, head_dim=cfg.head_dim),
+        "self": dispatcher.call_on_probe(
+            dtype, q_len=request.tokens, heads=cfg.num_heads, head_dim=cfg.head_dim
+        ),
         "cross": dispatcher.call_on_probe(
             dtype, q_len=request.tokens, kv_len=cfg.text_len, heads=cfg.num_heads, head_dim=cfg.head_dim
         ),
