@@ -97,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
     hardware = _hardware(args)
     planned = plan_job(args, settings, hardware)
     check_writable(settings.out, overwrite=args.overwrite)
+    announce(planned, settings, args.model)
     ckpt = checkpointing.checkpoint_path(settings.out)
     resuming_own_file = args.resume is not None and _same_file(args.resume, ckpt)
     if settings.checkpoint_every and ckpt.exists() and not (resuming_own_file or args.overwrite):
@@ -321,9 +322,37 @@ def plan_job(args: argparse.Namespace, settings: Settings, hw):
         guidance=settings.guidance != 1.0,
     )
     result = plan_for(request, common.constraints_from_args(args), hw)
-    for note in result.notes if result.requested is not None else ():
-        print(f"wanfit: warning: {note}", file=sys.stderr)
+    for note in result.notes:
+        kind = "warning" if result.requested is not None and note == result.notes[0] else "note"
+        print(f"wanfit: {kind}: {note}", file=sys.stderr)
     return result
+
+
+def announce(result, settings: Settings, model: Path | None) -> None:
+    """One line before the work: the plan's gist and a time estimate; on a CPU, a hint when it is long."""
+    from dataclasses import replace
+
+    from wanfit.pipeline import SamplingDefaults
+    from wanfit.plan.timing import estimate_time, format_duration
+
+    steps = settings.steps or (
+        TINY_DEFAULTS["steps"] if model is None else SamplingDefaults.num_inference_steps
+    )
+    plan, req = result.plan, result.request
+    given_up = f"; gave up: {', '.join(result.steps)}" if result.steps else ""
+    estimate = estimate_time(result, steps)
+    print(
+        f"wanfit: {req.describe()}, {steps} steps on {plan.device} ({plan.compute_dtype}, attention "
+        f"{plan.self_attention or 'auto'}){given_up}; {estimate.describe()}",
+        file=sys.stderr,
+    )
+    if result.device.kind == "cpu" and estimate.seconds > 600:
+        short = replace(result, request=req.resized(320, 192, 17))
+        print(
+            f"wanfit: note: this is a long job for a CPU; --size 320x192 --frames 17 --steps 10 would take "
+            f"about {format_duration(estimate_time(short, 10).seconds)}.",
+            file=sys.stderr,
+        )
 
 
 def _load_pipeline(args, planned):

@@ -1,0 +1,105 @@
+"""A rough time estimate for a planned job, said before the work starts.
+
+FLOPs counted from the request (the DiT's linears and attention per step, the VAE's convolutions per
+output pixel, the text encoder once) over a speed: the card's spec-sheet tensor throughput
+(wanfit.hardware.profiles) or, on a CPU, a matmul timed here for a fraction of a second, times the
+share of it such work reaches. It is a guess within a factor of about two, and says so.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass
+
+from wanfit.plan.planner import PlanResult
+
+# Share of the speed each kind of work reaches. GPU DiT: an H200 runs the 1.3B 480p forward
+# (2.8e14 FLOP) in 0.52 s of 989 TFLOP/s, 0.54. The rest: fitted on this project's CPU runs (tiny
+# models reach about a tenth of the matmul rate) and the H100 VAE decode (1.5 s at 480p x 81).
+EFFICIENCY = {
+    ("cuda", "dit"): 0.5,
+    ("cuda", "vae"): 0.25,
+    ("cpu", "dit"): 0.3,
+    ("cpu", "vae"): 0.1,
+}
+# FLOPs of the Wan2.1 VAE decoder per output pixel (96 base channels; the convolutions of each
+# level times its resolution, 480p), scaled by (base_dim / 96)^2 for other widths.
+VAE_DECODE_FLOP_PER_PIXEL = 1.25e7
+# Fixed cost of one DiT block call beyond its FLOPs (kernel launches, Python): dominates tiny models.
+BLOCK_OVERHEAD_S = {"cuda": 2e-4, "cpu": 3e-3}
+FP32_ON_TENSOR_CARDS = 1 / 8  # fp32 runs without tensor cores: about an eighth of the fp16 rate
+
+
+@dataclass(frozen=True)
+class TimeEstimate:
+    seconds: float
+    denoise_s: float
+    decode_s: float
+    basis: str  # where the speed came from, in words
+
+    def describe(self) -> str:
+        return f"about {format_duration(self.seconds)} ({self.basis}; a rough guess)"
+
+
+def format_duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{max(1, round(seconds))} s"
+    if seconds < 5400:
+        return f"{round(seconds / 60)} min"
+    if seconds < 48 * 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{round(seconds / 86400)} days"
+
+
+@functools.cache
+def measured_cpu_flops() -> float:
+    """This CPU's fp32 matmul rate (FLOP/s), timed for about 0.2 s once per process."""
+    import torch
+
+    a, b = torch.randn(512, 512), torch.randn(512, 512)
+    a @ b
+    n, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < 0.2:
+        a @ b
+        n += 1
+    return 2 * 512**3 * n / elapsed
+
+
+def dit_flops_per_step(result: PlanResult) -> float:
+    """Multiply-adds x 2 of one denoising step: every block's linears and attention, per sample."""
+    req = result.request
+    cfg = req.config
+    n, d, f, t = req.tokens, cfg.dim, cfg.ffn_dim, cfg.text_len
+    linears = 2 * n * (6 * d * d + 2 * d * f) + 2 * t * 2 * d * d
+    attention = 4 * n * n * d + 4 * n * t * d
+    samples = 2 if req.guidance else 1
+    return samples * cfg.num_layers * (linears + attention)
+
+
+def estimate_time(result: PlanResult, steps: int) -> TimeEstimate:
+    """How long the planned job will take, roughly, and on what the guess rests."""
+    from wanfit.hardware.profiles import profile_for_device
+
+    kind = "cpu" if result.device.kind == "cpu" else "cuda"
+    hw = result.hardware
+    if kind == "cpu":
+        speed, basis = measured_cpu_flops(), "this CPU's matmul speed, timed just now"
+    else:
+        name = getattr(hw, "device_name", result.device.name)
+        profile = profile_for_device(name)
+        if profile is None or profile.tflops is None:
+            speed, basis = 100e12, f"no speed on record for {name}: 100 TFLOP/s assumed"
+        else:
+            speed, basis = profile.tflops * 1e12, f"{profile.name}'s spec-sheet speed"
+        if result.plan.compute_dtype == "float32":
+            speed *= FP32_ON_TENSOR_CARDS
+    req = result.request
+    cfg = req.config
+    passes = 2 if req.guidance and not result.plan.cfg_batch else 1
+    overhead = steps * passes * cfg.num_layers * BLOCK_OVERHEAD_S[kind]
+    denoise = steps * dit_flops_per_step(result) / (speed * EFFICIENCY[(kind, "dit")]) + overhead
+    pixels = req.num_frames * req.height * req.width
+    vae_flops = pixels * VAE_DECODE_FLOP_PER_PIXEL * (req.vae.base_dim / 96) ** 2
+    decode = vae_flops / (speed * EFFICIENCY[(kind, "vae")])
+    return TimeEstimate(denoise + decode, denoise, decode, basis)
