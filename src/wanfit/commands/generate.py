@@ -62,7 +62,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--resume", type=user_path, default=None, metavar="FILE", help="finish a run from its resume file"
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--no-progress", action="store_true", help="no progress bars and no plan/time line before the work"
+    )
     add_hardware_options(p)
     add_plan_options(p)
     p.set_defaults(func=run)
@@ -97,7 +99,6 @@ def run(args: argparse.Namespace) -> int:
     hardware = _hardware(args)
     planned = plan_job(args, settings, hardware)
     check_writable(settings.out, overwrite=args.overwrite)
-    announce(planned, settings, args.model)
     ckpt = checkpointing.checkpoint_path(settings.out)
     resuming_own_file = args.resume is not None and _same_file(args.resume, ckpt)
     if settings.checkpoint_every and ckpt.exists() and not (resuming_own_file or args.overwrite):
@@ -110,6 +111,8 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
 
+    if not args.no_progress:
+        announce(planned, settings, args.model)
     pipe = _load_pipeline(args, planned)
     request = resolve_request(pipe, settings, args.model)
     if resume_state is not None:
