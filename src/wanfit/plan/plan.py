@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from wanfit.precision import parse_dtype
 
 
 @dataclass(frozen=True)
@@ -39,11 +39,11 @@ class Plan:
 
     @property
     def torch_compute_dtype(self) -> torch.dtype:
-        return DTYPES[self.compute_dtype]
+        return parse_dtype(self.compute_dtype)
 
     @property
     def torch_text_encoder_dtype(self) -> torch.dtype:
-        return DTYPES[self.text_encoder_dtype]
+        return parse_dtype(self.text_encoder_dtype)
 
     def to_dict(self) -> dict:
         d = asdict(self)
