@@ -7,6 +7,8 @@ covers the caching allocator's fragmentation and the libraries' own workspaces.
 
 The constants in CAPITALS marked "calibrate" count live tensors, read off the model code at its
 peak; benchmarks/bench_memory.py measures the real peaks so they can be refit (goal: within 10%).
+Everything else about the models (parameter counts, the VAE decoder's caches, widths and tile
+margins) is read off the model classes themselves, built on the meta device once per config.
 """
 
 from __future__ import annotations
