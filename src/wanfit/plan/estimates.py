@@ -20,13 +20,13 @@ from functools import cache
 import torch
 from torch import nn
 
+from wanfit.attention.chunked import DEFAULT_BUDGET_BYTES
 from wanfit.models.configs import VAE_STRIDE, WAN21_TEXT_ENCODER, DiTConfig, TextEncoderConfig
 from wanfit.models.vae import WAN21_VAE, AttentionBlock, VAEConfig, WanVAE
 from wanfit.plan.plan import Plan
 from wanfit.precision import dtype_bytes
 
 GIB = 1024**3
-MIB = 1024**2
 
 
 # --- DiT block (wanfit.models.dit.WanBlock; residual stream, norms, modulation, RoPE in fp32) ---
@@ -70,8 +70,8 @@ LINEAR_ATTN_OUTPUT_TENSORS = 2.0
 # PyTorch's math path: fp32 scores, softmax and a compute-dtype copy of the L x L matrix per head.
 # From DESIGN.md: 108 GiB peak for 12 heads x 32760^2 scores (bf16, H200) = 9.0 bytes per score.
 MATH_BYTES_PER_SCORE = 9.0
-# wanfit.attention.chunked: fp32 score blocks held within its budget (DEFAULT_BUDGET_BYTES there).
-CHUNKED_SCORE_BUDGET = 256 * MIB
+# wanfit.attention.chunked: fp32 score blocks held within its budget.
+CHUNKED_SCORE_BUDGET = DEFAULT_BUDGET_BYTES
 
 # --- umT5-XXL text encoder (transformers' UMT5EncoderModel, as wanfit.models.text_encoder uses) ---
 # Live tensors at its peak, in the encoder's dtype, for B prompts of text_len tokens: [B, L, dim]
