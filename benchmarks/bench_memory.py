@@ -73,8 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def make_request(args):
-    from wanfit.models.configs import DIT_PRESETS
-    from wanfit.plan.estimates import UMT5_XXL, Request
+    from wanfit.models.configs import DIT_PRESETS, WAN21_TEXT_ENCODER
+    from wanfit.plan.estimates import Request
 
     config = DIT_PRESETS[args.model_size]
     if args.layers:
@@ -87,7 +87,7 @@ def make_request(args):
         num_frames=args.frames,
         guidance=True,
         model_name=args.model_size,
-        text_encoder=replace(UMT5_XXL, num_layers=args.te_layers),
+        text_encoder=replace(WAN21_TEXT_ENCODER, num_layers=args.te_layers),
     )
 
 

@@ -35,9 +35,10 @@ except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from wanfit.models.vae import WAN21_VAE, WAN_VAE_TINY, VAEConfig, WanVAE  # noqa: E402
+from wanfit.precision import dtype_name as canonical_name  # noqa: E402
+from wanfit.precision import parse_dtype  # noqa: E402
 from wanfit.weights.vae_keys import diffusers_to_official  # noqa: E402
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 GIB = 2**30
 
 
@@ -211,7 +212,7 @@ def run(args) -> dict:
         _free(device)
 
     for dtype_name in dtypes:
-        dtype = DTYPES[dtype_name]
+        dtype = parse_dtype(dtype_name)
         ref, ours = make_models(cfg, dtype, args.seed, with_diffusers)
         z = latent.to(device, dtype)
         rows.baseline = None
@@ -258,9 +259,7 @@ def planner_estimate(cfg: VAEConfig, shape: tuple[int, ...], tile, dtype_name: s
     _, _, frames, h, w = shape
     s = cfg.spatial_stride
     request = Request(WAN_T2V_1_3B, height=h * s, width=w * s, num_frames=cfg.video_frames(frames), vae=cfg)
-    plan = Plan(
-        compute_dtype={"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype_name], vae_tile=tile
-    )
+    plan = Plan(compute_dtype=canonical_name(parse_dtype(dtype_name)), vae_tile=tile)
     return estimate_vae_decode(request, plan, "sdpa_flash", others=False).peak
 
 

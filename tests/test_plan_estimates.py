@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from wanfit.models.configs import WAN_T2V_1_3B, WAN_T2V_14B
+from wanfit.models.configs import WAN21_TEXT_ENCODER, WAN_T2V_1_3B, WAN_T2V_14B
+from wanfit.models.vae import WAN21_VAE, WAN_VAE_TINY
 from wanfit.plan import estimates as E
 from wanfit.plan.plan import Plan
 
@@ -38,13 +39,69 @@ def test_dit_parameter_counts_match_the_checkpoints(config, manifest):
 
 def test_text_encoder_and_vae_counts_match_the_checkpoints():
     t5 = _tensors("official_umt5_xxl_encoder.json")
-    assert E.UMT5_XXL.params() == _count(t5) == 5_680_910_336
-    assert E.UMT5_XXL.layer_params() == _count(t5, lambda k: k.startswith("blocks.0."))
+    sizes = E.text_encoder_sizes(WAN21_TEXT_ENCODER)
+    assert sizes.params == _count(t5) == 5_680_910_336
+    assert sizes.layer == _count(t5, lambda k: k.startswith("blocks.0."))
+    assert sizes.final_norm == _count(t5, lambda k: k == "norm.weight") == 4096
     vae = _tensors("official_wan2.1_vae.json")
     encoder, decoder = E.vae_params()
     assert encoder == _count(vae, lambda k: k.startswith(("encoder.", "conv1.")))
     assert decoder == _count(vae, lambda k: k.startswith(("decoder.", "conv2.")))
     assert encoder + decoder == 126_892_531
+
+
+def _manifest(name: str) -> dict:
+    return json.loads((MANIFESTS / name).read_text())
+
+
+def test_counts_from_the_model_classes_equal_every_manifests_total():
+    """The meta-built models against the totals of the released files, in both layouts."""
+    for name, count in [
+        ("official_wan2.1_t2v_1.3B_dit.json", E.dit_params(WAN_T2V_1_3B)),
+        ("diffusers_wan2.1_t2v_1.3B_transformer.json", E.dit_params(WAN_T2V_1_3B)),
+        ("official_wan2.1_t2v_14B_dit.json", E.dit_params(WAN_T2V_14B)),
+        ("official_wan2.1_vae.json", sum(E.vae_params(WAN21_VAE))),
+        ("diffusers_wan2.1_vae.json", sum(E.vae_params(WAN21_VAE))),
+        ("official_umt5_xxl_encoder.json", E.text_encoder_sizes(WAN21_TEXT_ENCODER).params),
+    ]:
+        manifest = _manifest(name)
+        assert count == manifest["num_params"] == _count(manifest["tensors"]), name
+    # The diffusers text encoder stores its tied token embedding twice (shared and embed_tokens).
+    diffusers_t5 = _manifest("diffusers_umt5_xxl_text_encoder.json")
+    embedding = math.prod(diffusers_t5["tensors"]["shared.weight"])
+    assert E.text_encoder_sizes(WAN21_TEXT_ENCODER).params == diffusers_t5["num_params"] - embedding
+
+
+def test_vae_decoder_facts_come_from_the_decoder():
+    """Tile margins, cached convs and level widths as the decoder module has them."""
+    from wanfit.models.vae import CausalConv3d, Decoder3d
+
+    sizes = E.vae_sizes(WAN21_VAE)
+    assert sizes.tile_margins == (15, 12, 10, 7)  # the release's, num_res_blocks=2
+    shallow = WAN_VAE_TINY.with_overrides(num_res_blocks=1)
+    assert E.vae_sizes(shallow).tile_margins == tuple(Decoder3d(shallow).margins) == (11, 8, 7, 5)
+    assert sizes.level_widths == (384, 384, 192, 96)
+    decoder = Decoder3d(WAN_VAE_TINY)
+    convs = [m for m in decoder.modules() if isinstance(m, CausalConv3d)]
+    listed = [conv for _, conv in decoder.causal_convs()]
+    assert len(listed) == len(convs) and {id(c) for c in listed} == {id(c) for c in convs}
+    # conv1 + 4 in the middle + 2 per residual block (3 per level) + 2 time upsamplings + the head
+    assert len(sizes.cached_convs) == 1 + 4 + 2 * 3 * 4 + 2 + 1
+    assert {frames for _, _, frames in sizes.cached_convs} == {2}
+
+
+def test_release_estimates_are_pinned():
+    """The calibrated model's numbers for the release 1.3B at 832x480x81 (bf16, resident, untiled),
+    as the hand-counted parameter tables gave them before the counts came from the model classes."""
+    phases = E.estimate_phases(REQ, _plan(), "sdpa_flash")
+    got = {name: (p.weights, p.activations, p.workspace, p.cache) for name, p in phases.items()}
+    assert got == {
+        "text_encoder": (14453599334, 142606336, 0, 8388608),
+        "denoise": (3091778662, 3777097728, 0, 75481088),
+        "vae_decode": (3091778662, 1229230080, 9609600, 1888573440),
+    }
+    tiled = E.estimate_vae_decode(REQ, _plan(vae_tile=(16, 16)), "sdpa_flash", others=False)
+    assert (tiled.activations, tiled.cache) == (240630912, 241852992)
 
 
 def _plan(**kw) -> Plan:
@@ -133,7 +190,7 @@ def test_text_encoder_placements():
     on_device = E.estimate_text_encoder(REQ, _plan(), others=False)
     assert on_device.weights == 5_680_910_336 * 2  # 11.4 GB in bf16
     streamed = E.estimate_text_encoder(REQ, _plan(text_encoder_blocks_resident=0), others=False)
-    assert streamed.weights == (4096 + 2 * E.UMT5_XXL.layer_params()) * 2
+    assert streamed.weights == (4096 + 2 * E.text_encoder_sizes(WAN21_TEXT_ENCODER).layer) * 2
     on_cpu = E.estimate_text_encoder(REQ, _plan(text_encoder_device="cpu"), others=False)
     assert on_cpu.weights == 0 and on_cpu.activations == 0
     assert E.host_bytes(REQ, _plan(text_encoder_device="cpu")) > 5_680_910_336 * 2

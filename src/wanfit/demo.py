@@ -10,10 +10,21 @@ import string
 
 import torch
 
-from wanfit.models.configs import WAN_TINY
+from wanfit.models.configs import WAN_TINY, TextEncoderConfig
 
-# The tiny umT5's shape (d_model is the tiny DiT's text_dim).
-TINY_TEXT = dict(d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8)
+
+def tiny_text_encoder_config(vocab_size: int) -> TextEncoderConfig:
+    """The tiny umT5's shape (d_model is the tiny DiT's text_dim) for a tokenizer of `vocab_size`."""
+    return TextEncoderConfig(
+        vocab_size=vocab_size,
+        d_model=WAN_TINY.text_dim,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+    )
 
 
 def tiny_tokenizer():
@@ -57,12 +68,7 @@ def tiny_pipeline(device: str | None = None, seed: int = 0, plan=None):
         torch.manual_seed(seed)
         dit = WanDiT(WAN_TINY)
         vae = WanVAE(WAN_VAE_TINY)
-        text_config = UMT5Config(
-            vocab_size=len(tokenizer),
-            d_model=WAN_TINY.text_dim,
-            relative_attention_max_distance=16,
-            **TINY_TEXT,
-        )
+        text_config = UMT5Config(**tiny_text_encoder_config(len(tokenizer)).umt5_kwargs())
         text_model = UMT5EncoderModel(text_config)
     dtype = plan.torch_compute_dtype
     dit = dit.to(device=plan.device, dtype=dtype).eval().requires_grad_(False)
@@ -85,17 +91,8 @@ def tiny_pipeline(device: str | None = None, seed: int = 0, plan=None):
 def tiny_request(height: int, width: int, num_frames: int, guidance: bool):
     """The planner's Request for the tiny model (its own text encoder and VAE shapes)."""
     from wanfit.models.vae import WAN_VAE_TINY
-    from wanfit.plan.estimates import Request, TextEncoderShape
+    from wanfit.plan.estimates import Request
 
-    text = TextEncoderShape(
-        vocab=len(tiny_tokenizer()),
-        dim=WAN_TINY.text_dim,
-        ffn_dim=TINY_TEXT["d_ff"],
-        num_layers=TINY_TEXT["num_layers"],
-        num_heads=TINY_TEXT["num_heads"],
-        num_buckets=TINY_TEXT["relative_attention_num_buckets"],
-        text_len=WAN_TINY.text_len,
-    )
     return Request(
         WAN_TINY,
         height=height,
@@ -103,6 +100,6 @@ def tiny_request(height: int, width: int, num_frames: int, guidance: bool):
         num_frames=num_frames,
         guidance=guidance,
         model_name="tiny",
-        text_encoder=text,
+        text_encoder=tiny_text_encoder_config(len(tiny_tokenizer())),
         vae=WAN_VAE_TINY,
     )

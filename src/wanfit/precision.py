@@ -14,22 +14,39 @@ import torch
 from wanfit.errors import ConfigError
 from wanfit.hardware.probe import HardwareProbe
 
-_DTYPES: dict[str, torch.dtype] = {
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "half": torch.float16,
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "float": torch.float32,
+# The one dtype table. Canonical names are torch's ("bfloat16"): the Plan, estimates and metadata use
+# them. float64 is known only to read files (loaders compute in fp32 instead); users cannot pick it.
+DTYPES: dict[str, torch.dtype] = {
+    name: getattr(torch, name)
+    for name in ("float32", "bfloat16", "float16", "float64", "float8_e4m3fn", "float8_e5m2")
+    if hasattr(torch, name)
 }
-if hasattr(torch, "float8_e4m3fn"):
-    _DTYPES.update(
-        {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "float8_e4m3fn": torch.float8_e4m3fn}
-    )
-if hasattr(torch, "float8_e5m2"):
-    _DTYPES.update({"fp8_e5m2": torch.float8_e5m2, "float8_e5m2": torch.float8_e5m2})
+FP8_DTYPES = tuple(d for d in DTYPES.values() if d.itemsize == 1)
+# What users type -> the canonical name.
+ALIASES = {
+    "bf16": "bfloat16",
+    "fp16": "float16",
+    "half": "float16",
+    "fp32": "float32",
+    "float": "float32",
+    "fp8": "float8_e4m3fn",
+    "fp8_e4m3": "float8_e4m3fn",
+    "fp8_e5m2": "float8_e5m2",
+}
+# safetensors header dtype names -> the canonical name.
+SAFETENSORS_NAMES = {
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F64": "float64",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+}
+# Every name a user may give -> the canonical name.
+_USER_NAMES = {
+    **{n: n for n in DTYPES if n != "float64"},
+    **{a: n for a, n in ALIASES.items() if n in DTYPES},
+}
 
 COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -39,9 +56,20 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     if isinstance(name, torch.dtype):
         return name
     key = name.strip().lower().removeprefix("torch.")
-    if key not in _DTYPES:
-        raise ConfigError(f"Unknown dtype {name!r}; use one of: {', '.join(sorted(_DTYPES))}.")
-    return _DTYPES[key]
+    if key not in _USER_NAMES:
+        raise ConfigError(f"Unknown dtype {name!r}; use one of: {', '.join(sorted(_USER_NAMES))}.")
+    return DTYPES[_USER_NAMES[key]]
+
+
+def dtype_bytes(dtype: str | torch.dtype) -> int:
+    """Bytes per element: "bfloat16" (or "bf16", torch.bfloat16) -> 2."""
+    return parse_dtype(dtype).itemsize
+
+
+def parse_stored_dtype(stored: str) -> torch.dtype | None:
+    """A tensor's dtype as a file states it ("BF16" in safetensors, "bfloat16" from a pickle), or
+    None when it is no float dtype wanfit reads (integers, packed quantisations)."""
+    return DTYPES.get(SAFETENSORS_NAMES.get(stored, stored))
 
 
 def parse_weight_dtype(dtype: str | torch.dtype, what: str) -> torch.dtype:

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from wanfit.errors import CheckpointError, ConfigError
+from wanfit.models.configs import WAN21_TEXT_ENCODER
 from wanfit.models.text_cache import PromptCache, cache_enabled_by_env, files_fingerprint
 from wanfit.precision import dtype_name
 from wanfit.weights import t5_keys
@@ -44,20 +45,7 @@ OFFICIAL_TOKENIZER = Path("google") / "umt5-xxl"
 TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer_config.json")
 
 # The encoder Wan2.1 ships (transformers' UMT5Config arguments).
-UMT5_XXL = {
-    "vocab_size": 256384,
-    "d_model": 4096,
-    "d_kv": 64,
-    "d_ff": 10240,
-    "num_layers": 24,
-    "num_decoder_layers": 24,
-    "num_heads": 64,
-    "relative_attention_num_buckets": 32,
-    "relative_attention_max_distance": 128,
-    "feed_forward_proj": "gated-gelu",
-    "layer_norm_epsilon": 1e-6,
-    "dropout_rate": 0.0,
-}
+UMT5_XXL = WAN21_TEXT_ENCODER.umt5_kwargs()
 
 _HALF = (torch.float16, torch.bfloat16)
 

@@ -329,10 +329,12 @@ class Decoder3d(nn.Module):
         blocks: list[nn.Module] = []
         self.level_blocks: list[range] = []  # indices into `upsamples`, per level
         self.level_resample: list[int | None] = []
+        self.level_widths: list[int] = []  # the most channels a residual block of each level has
         last = len(cfg.dim_mult) - 1
         for level, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
             if level > 0:
                 in_dim //= 2  # each Resample halved the width
+            self.level_widths.append(max(in_dim, out_dim))
             start = len(blocks)
             for _ in range(cfg.num_res_blocks + 1):
                 blocks.append(ResidualBlock(in_dim, out_dim))
@@ -359,6 +361,19 @@ class Decoder3d(nn.Module):
             margins.insert(0, convs_per_level + math.ceil((margins[0] + 1) / 2))
         margins[0] += 2  # middle[2], the residual block after the attention, runs inside tiles
         return margins
+
+    def causal_convs(self) -> list[tuple[int, CausalConv3d]]:
+        """Every causal conv with the level it runs at (0: latent resolution, the stem included)."""
+
+        def convs(module: nn.Module) -> list[CausalConv3d]:
+            return [m for m in module.modules() if isinstance(m, CausalConv3d)]
+
+        found = [(0, conv) for conv in convs(self.conv1) + convs(self.middle)]
+        for level, (blocks, resample) in enumerate(zip(self.level_blocks, self.level_resample)):
+            indices = [*blocks, *([] if resample is None else [resample])]
+            found += [(level, conv) for i in indices for conv in convs(self.upsamples[i])]
+        found += [(len(self.level_blocks) - 1, conv) for conv in convs(self.head)]
+        return found
 
     def stem(self, z: torch.Tensor, cache: TimeCache) -> torch.Tensor:
         """Everything up to and including the middle attention: the part that needs whole frames."""

@@ -7,26 +7,26 @@ covers the caching allocator's fragmentation and the libraries' own workspaces.
 
 The constants in CAPITALS marked "calibrate" count live tensors, read off the model code at its
 peak; benchmarks/bench_memory.py measures the real peaks so they can be refit (goal: within 10%).
+Everything else about the models (parameter counts, the VAE decoder's caches, widths and tile
+margins) is read off the model classes themselves, built on the meta device once per config.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from functools import cache
 
-from wanfit.models.configs import VAE_STRIDE, DiTConfig
+import torch
+from torch import nn
+
+from wanfit.attention.chunked import DEFAULT_BUDGET_BYTES
+from wanfit.models.configs import VAE_STRIDE, WAN21_TEXT_ENCODER, DiTConfig, TextEncoderConfig
+from wanfit.models.vae import WAN21_VAE, AttentionBlock, VAEConfig, WanVAE
 from wanfit.plan.plan import Plan
+from wanfit.precision import dtype_bytes
 
 GIB = 1024**3
-MIB = 1024**2
-
-DTYPE_BYTES = {
-    "float32": 4,
-    "bfloat16": 2,
-    "float16": 2,
-    "float8_e4m3fn": 1,
-    "float8_e5m2": 1,
-}
 
 
 # --- DiT block (wanfit.models.dit.WanBlock; residual stream, norms, modulation, RoPE in fp32) ---
@@ -67,8 +67,8 @@ LINEAR_ATTN_OUTPUT_TENSORS = 2.0
 # PyTorch's math path: fp32 scores, softmax and a compute-dtype copy of the L x L matrix per head.
 # From DESIGN.md: 108 GiB peak for 12 heads x 32760^2 scores (bf16, H200) = 9.0 bytes per score.
 MATH_BYTES_PER_SCORE = 9.0
-# wanfit.attention.chunked: fp32 score blocks held within its budget (DEFAULT_BUDGET_BYTES there).
-CHUNKED_SCORE_BUDGET = 256 * MIB
+# wanfit.attention.chunked: fp32 score blocks held within its budget.
+CHUNKED_SCORE_BUDGET = DEFAULT_BUDGET_BYTES
 
 # --- umT5-XXL text encoder (transformers' UMT5EncoderModel, as wanfit.models.text_encoder uses) ---
 # Live tensors at its peak, in the encoder's dtype, for B prompts of text_len tokens: [B, L, dim]
@@ -82,8 +82,7 @@ TE_SCORE_TENSORS = 1.1
 TE_FFN_TENSORS = 4.0
 
 # --- VAE decoder (wanfit.models.vae: one frame at a time below the first temporal upsampling) ---
-# A causal conv with a time kernel of 3 keeps its last 2 input frames.
-VAE_CACHE_FRAMES = 2
+# Each causal conv keeps its last input frames (CausalConv3d.past_frames) at its level's resolution.
 # Frames each decoder level handles at once (the stem takes one latent frame; finer levels split).
 VAE_FRAMES_PER_CALL = 1
 # Live one-frame tensors of the widest level (width x area) at the decoder's peak: the block input,
@@ -93,49 +92,40 @@ VAE_FRAMES_PER_CALL = 1
 # (bench_vae untiled, the whole job resident, the whole job under --vram 4GiB) where 8 units gave
 # 2.52 GiB; cuDNN's conv workspaces account for the rest. docs/benchmarks.md.
 VAE_LIVE_UNITS = 13.5
-# Context margins (pixels at each decoder level) a spatial tile computes beyond its core; from
-# Decoder3d._tile_margins for num_res_blocks=2 (coarsest level first).
-VAE_TILE_MARGINS = (15, 12, 10, 7)
-
-
-def dtype_bytes(name: str) -> int:
-    return DTYPE_BYTES[name]
 
 
 # ----------------------------------------------------------------------------- model sizes
+# Counted from the model classes themselves, built on the meta device (no memory), once per config.
 
 
+def _params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _matrix_params(module: nn.Module) -> int:
+    """Elements of the nn.Linear weights: the 2-D matrices that fp8 storage keeps in one byte."""
+    return sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
+
+
+@cache
 def dit_block_params(config: DiTConfig) -> tuple[int, int]:
     """(matrix, other) parameter counts of one DiT block; matrices are what fp8 storage shrinks."""
-    d, f = config.dim, config.ffn_dim
-    matrices = 8 * d * d + 2 * d * f  # q,k,v,o of self- and cross-attention; ffn.0, ffn.2
-    biases = 8 * d + f + d
-    norms = (4 * d if config.qk_norm else 0) + (2 * d if config.cross_attn_norm else 0)
-    modulation = 6 * d
-    return matrices, biases + norms + modulation
+    from wanfit.models.dit import WanBlock
+
+    with torch.device("meta"):
+        block = WanBlock(config)
+    matrices = _matrix_params(block)
+    return matrices, _params(block) - matrices
 
 
+@cache
 def dit_nonblock_params(config: DiTConfig) -> int:
     """Parameters outside the blocks: patch, text and time embeddings, time projection, head."""
-    d = config.dim
-    patch = math.prod(config.patch_size)
-    return (
-        d * config.in_dim * patch
-        + d
-        + config.text_dim * d
-        + d
-        + d * d
-        + d
-        + config.freq_dim * d
-        + d
-        + d * d
-        + d
-        + d * 6 * d
-        + 6 * d
-        + d * config.out_dim * patch
-        + config.out_dim * patch
-        + 2 * d
-    )
+    from wanfit.models.dit import WanDiT
+
+    with torch.device("meta"):
+        dit = WanDiT(config)
+    return _params(dit) - _params(dit.blocks)
 
 
 def dit_params(config: DiTConfig) -> int:
@@ -143,107 +133,57 @@ def dit_params(config: DiTConfig) -> int:
 
 
 @dataclass(frozen=True)
-class TextEncoderShape:
-    """umT5 encoder (official names: token_embedding, blocks.N.{attn, ffn, pos_embedding}, norm)."""
+class TextEncoderSizes:
+    """Parameter counts of a umT5 encoder (transformers' UMT5EncoderModel)."""
 
-    vocab: int = 256384
-    dim: int = 4096
-    ffn_dim: int = 10240
-    num_layers: int = 24
-    num_heads: int = 64
-    num_buckets: int = 32
-    text_len: int = 512
-
-    def layer_params(self) -> int:
-        d = self.dim
-        return 4 * d * d + 2 * d + 3 * d * self.ffn_dim + self.num_buckets * self.num_heads
-
-    def nonblock_params(self) -> int:
-        return self.vocab * self.dim + self.dim
-
-    def params(self) -> int:
-        return self.nonblock_params() + self.num_layers * self.layer_params()
+    params: int  # all of it, the token embedding once
+    layer: int  # one block (each has its own relative position bias)
+    final_norm: int  # what a streamed encoder keeps on the device beside its blocks
 
 
-UMT5_XXL = TextEncoderShape()
+@cache
+def text_encoder_sizes(config: TextEncoderConfig) -> TextEncoderSizes:
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    with torch.device("meta"):
+        model = UMT5EncoderModel(UMT5Config(**config.umt5_kwargs()))
+    encoder = model.get_encoder()
+    return TextEncoderSizes(_params(model), _params(encoder.block[0]), _params(encoder.final_layer_norm))
 
 
 @dataclass(frozen=True)
-class VAEShape:
-    """Wan2.1 VAE topology (field names as wanfit.models.vae.VAEConfig, so either can be passed)."""
+class VAESizes:
+    """What the estimates need of a VAE, read off its modules."""
 
-    base_dim: int = 96
-    z_dim: int = 16
-    dim_mult: tuple[int, ...] = (1, 2, 4, 4)
-    num_res_blocks: int = 2
-    temperal_downsample: tuple[bool, ...] = (False, True, True)
-
-
-WAN21_VAE = VAEShape()
+    encoder: int  # parameters, the quant conv (conv1) included
+    decoder: int  # parameters, the post-quant conv (conv2) included
+    cached_convs: tuple[tuple[int, int, int], ...]  # (level, input channels, frames kept) per causal conv
+    level_widths: tuple[int, ...]  # the widest residual block of each decoder level
+    tile_margins: tuple[int, ...]  # context pixels a decode tile computes beyond its core, per level
 
 
-def _conv3(cin: int, cout: int) -> int:
-    return cin * cout * 27 + cout
+@cache
+def vae_sizes(config: VAEConfig) -> VAESizes:
+    with torch.device("meta"):
+        vae = WanVAE(config)
+    decoder = vae.decoder
+    return VAESizes(
+        encoder=_params(vae.encoder) + _params(vae.conv1),
+        decoder=_params(decoder) + _params(vae.conv2),
+        cached_convs=tuple(
+            (level, conv.in_channels, conv.past_frames)
+            for level, conv in decoder.causal_convs()
+            if conv.past_frames
+        ),
+        level_widths=tuple(decoder.level_widths),
+        tile_margins=tuple(decoder.margins),
+    )
 
 
-def _res_params(cin: int, cout: int) -> int:
-    shortcut = cin * cout + cout if cin != cout else 0
-    return cin + _conv3(cin, cout) + cout + _conv3(cout, cout) + shortcut
-
-
-def _attn_params(d: int) -> int:
-    return d + 3 * d * d + 3 * d + d * d + d
-
-
-def _decoder_walk(vae) -> tuple[int, list[tuple[int, int]], list[int]]:
-    """Walk the decoder: (params, [(level, input channels)] of its cached causal convs, width per level)."""
-    dims = [vae.base_dim * m for m in (vae.dim_mult[-1], *reversed(vae.dim_mult))]
-    temporal_up = tuple(reversed(vae.temperal_downsample))
-    d0 = dims[0]
-    params = _conv3(vae.z_dim, d0) + 2 * _res_params(d0, d0) + _attn_params(d0)
-    caches = [(0, vae.z_dim)] + [(0, d0)] * 4
-    widths = []
-    last = len(vae.dim_mult) - 1
-    for level, (cin, cout) in enumerate(zip(dims[:-1], dims[1:])):
-        if level > 0:
-            cin //= 2
-        widths.append(max(cin, cout))
-        for _ in range(vae.num_res_blocks + 1):
-            params += _res_params(cin, cout)
-            caches += [(level, cin), (level, cout)]
-            cin = cout
-        if level != last:
-            params += cout * (cout // 2) * 9 + cout // 2
-            if temporal_up[level]:
-                params += cout * 2 * cout * 3 + 2 * cout
-                caches.append((level, cout))
-    params += dims[-1] + _conv3(dims[-1], 3)  # head: RMS norm, conv to RGB
-    caches.append((last, dims[-1]))
-    params += vae.z_dim * vae.z_dim + vae.z_dim  # conv2, the 1x1 post-quant conv
-    return params, caches, widths
-
-
-def _encoder_params(vae) -> int:
-    dims = [vae.base_dim * m for m in (1, *vae.dim_mult)]
-    params = _conv3(3, dims[0])
-    last = len(vae.dim_mult) - 1
-    for level, (cin, cout) in enumerate(zip(dims[:-1], dims[1:])):
-        for _ in range(vae.num_res_blocks):
-            params += _res_params(cin, cout)
-            cin = cout
-        if level != last:
-            params += cout * cout * 9 + cout
-            if vae.temperal_downsample[level]:
-                params += cout * cout * 3 + cout
-    d = dims[-1]
-    params += 2 * _res_params(d, d) + _attn_params(d) + d + _conv3(d, 2 * vae.z_dim)
-    params += (2 * vae.z_dim) ** 2 + 2 * vae.z_dim  # conv1, the 1x1 quant conv
-    return params
-
-
-def vae_params(vae=WAN21_VAE) -> tuple[int, int]:
+def vae_params(vae: VAEConfig = WAN21_VAE) -> tuple[int, int]:
     """(encoder incl. quant conv, decoder incl. post-quant conv) parameter counts."""
-    return _encoder_params(vae), _decoder_walk(vae)[0]
+    sizes = vae_sizes(vae)
+    return sizes.encoder, sizes.decoder
 
 
 # ----------------------------------------------------------------------------- the request
@@ -259,8 +199,8 @@ class Request:
     num_frames: int = 81
     guidance: bool = True
     model_name: str = "1.3B"
-    text_encoder: TextEncoderShape = UMT5_XXL
-    vae: VAEShape = WAN21_VAE
+    text_encoder: TextEncoderConfig = WAN21_TEXT_ENCODER
+    vae: VAEConfig = WAN21_VAE
 
     @property
     def latent_frames(self) -> int:
@@ -278,8 +218,6 @@ class Request:
         return (self.latent_frames // pt) * (h // ph) * (w // pw)
 
     def resized(self, width: int, height: int, num_frames: int) -> Request:
-        from dataclasses import replace
-
         return replace(self, width=width, height=height, num_frames=num_frames)
 
     def describe(self) -> str:
@@ -344,8 +282,8 @@ def attention_workspace(
 
 def _dit_block_bytes(config: DiTConfig, compute: int, storage: str | None) -> int:
     matrices, other = dit_block_params(config)
-    if storage is not None and DTYPE_BYTES[storage] < compute:
-        return matrices * DTYPE_BYTES[storage] + other * compute
+    if storage is not None and dtype_bytes(storage) < compute:
+        return matrices * dtype_bytes(storage) + other * compute
     return (matrices + other) * compute
 
 
@@ -355,7 +293,7 @@ def dit_device_weights(config: DiTConfig, plan: Plan) -> int:
     Streaming k blocks: k resident + the block in use + the next one being copied. fp8 storage keeps
     blocks in 1 byte per matrix element and upcasts the block in use to the compute dtype.
     """
-    c = DTYPE_BYTES[plan.compute_dtype]
+    c = dtype_bytes(plan.compute_dtype)
     n = config.num_layers
     block = _dit_block_bytes(config, c, plan.storage_dtype)
     on_device = n if plan.dit_blocks_resident is None else min(n, plan.dit_blocks_resident + 2)
@@ -369,11 +307,11 @@ def dit_host_bytes(config: DiTConfig, plan: Plan) -> int:
         return 0
     n = config.num_layers
     streamed = max(0, n - plan.dit_blocks_resident)
-    return streamed * _dit_block_bytes(config, DTYPE_BYTES[plan.compute_dtype], plan.storage_dtype)
+    return streamed * _dit_block_bytes(config, dtype_bytes(plan.compute_dtype), plan.storage_dtype)
 
 
 def vae_device_weights(request: Request, plan: Plan) -> int:
-    return sum(vae_params(request.vae)) * DTYPE_BYTES[plan.compute_dtype]
+    return sum(vae_params(request.vae)) * dtype_bytes(plan.compute_dtype)
 
 
 def text_encoder_on_device(plan: Plan) -> bool:
@@ -388,24 +326,25 @@ def text_encoder_device_weights(request: Request, plan: Plan, *, during_encode: 
         return 0
     if not during_encode and plan.free_text_encoder:
         return 0
-    te = request.text_encoder
-    b = DTYPE_BYTES[plan.text_encoder_dtype]
+    sizes = text_encoder_sizes(request.text_encoder)
+    b = dtype_bytes(plan.text_encoder_dtype)
     if plan.text_encoder_blocks_resident is None:
-        return te.params() * b
+        return sizes.params * b
     k = plan.text_encoder_blocks_resident
-    layers = min(te.num_layers, k + 2) if during_encode else min(te.num_layers, k)
-    return (te.dim + layers * te.layer_params()) * b
+    num_layers = request.text_encoder.num_layers
+    layers = min(num_layers, k + 2) if during_encode else min(num_layers, k)
+    return (sizes.final_norm + layers * sizes.layer) * b
 
 
 def text_encoder_host_bytes(request: Request, plan: Plan) -> int:
     """Host RAM the text encoder needs: its weights when it runs on the CPU or streams its blocks."""
-    te = request.text_encoder
-    b = DTYPE_BYTES[plan.text_encoder_dtype]
+    sizes = text_encoder_sizes(request.text_encoder)
+    b = dtype_bytes(plan.text_encoder_dtype)
     if plan.device != "cpu" and plan.text_encoder_device == "cpu":
-        return te.params() * b + _text_encoder_activations(request, plan)
+        return sizes.params * b + _text_encoder_activations(request, plan)
     if plan.text_encoder_blocks_resident is not None:
-        resident = min(te.num_layers, plan.text_encoder_blocks_resident)
-        return (te.params() - resident * te.layer_params()) * b
+        resident = min(request.text_encoder.num_layers, plan.text_encoder_blocks_resident)
+        return (sizes.params - resident * sizes.layer) * b
     return 0
 
 
@@ -417,20 +356,19 @@ def host_bytes(request: Request, plan: Plan) -> int:
 
 
 def _text_encoder_activations(request: Request, plan: Plan) -> int:
-    te = request.text_encoder
+    te, text_len = request.text_encoder, request.config.text_len
     batch = 2 if request.guidance else 1
-    tokens = batch * te.text_len
-    b = DTYPE_BYTES[plan.text_encoder_dtype]
-    hidden = TE_HIDDEN_TENSORS * tokens * te.dim * b
-    scores = TE_SCORE_TENSORS * batch * te.num_heads * te.text_len**2 * b
-    ffn = TE_FFN_TENSORS * tokens * te.ffn_dim * b
+    tokens = batch * text_len
+    b = dtype_bytes(plan.text_encoder_dtype)
+    hidden = TE_HIDDEN_TENSORS * tokens * te.d_model * b
+    scores = TE_SCORE_TENSORS * batch * te.num_heads * text_len**2 * b
+    ffn = TE_FFN_TENSORS * tokens * te.d_ff * b
     return int(hidden + max(scores, ffn))
 
 
 def _embeddings_bytes(request: Request, plan: Plan) -> int:
     batch = 2 if request.guidance else 1
-    te = request.text_encoder
-    return batch * te.text_len * te.dim * DTYPE_BYTES[plan.compute_dtype]
+    return batch * request.config.text_len * request.text_encoder.d_model * dtype_bytes(plan.compute_dtype)
 
 
 def estimate_text_encoder(request: Request, plan: Plan, *, others: bool = True) -> PhaseEstimate:
@@ -445,7 +383,7 @@ def estimate_text_encoder(request: Request, plan: Plan, *, others: bool = True) 
     activations = _text_encoder_activations(request, plan) if on_device else 0
     # Half-precision weights computed in fp32 (no native bf16): one block's fp32 copy at a time.
     upcast = plan.text_encoder_dtype != "float32" and plan.compute_dtype != "bfloat16"
-    workspace = 4 * request.text_encoder.layer_params() if on_device and upcast else 0
+    workspace = 4 * text_encoder_sizes(request.text_encoder).layer if on_device and upcast else 0
     return PhaseEstimate(
         "text_encoder",
         weights=weights + dit + vae,
@@ -468,7 +406,7 @@ def dit_activations(request: Request, plan: Plan, backend: str) -> tuple[int, in
     [B, text_len, dim], and RoPE tables (L x head_dim x 4 bytes).
     """
     cfg = request.config
-    c = DTYPE_BYTES[plan.compute_dtype]
+    c = dtype_bytes(plan.compute_dtype)
     batch = 2 if (request.guidance and plan.cfg_batch) else 1
     tokens = request.tokens
     n, d = batch * tokens, cfg.dim
@@ -535,33 +473,33 @@ def _split_core(size: int, tile: int) -> int:
 def _vae_regions(request: Request, plan: Plan) -> list[tuple[int, int]]:
     """(rows, cols) computed at each decoder level (coarsest first) for the largest tile."""
     h, w = request.latent_hw
-    levels = len(request.vae.dim_mult)
+    margins = vae_sizes(request.vae).tile_margins
     if plan.vae_tile is None:
-        return [(h * 2**lv, w * 2**lv) for lv in range(levels)]
+        return [(h * 2**lv, w * 2**lv) for lv in range(len(margins))]
     core_h, core_w = _split_core(h, plan.vae_tile[0]), _split_core(w, plan.vae_tile[1])
     regions = []
-    for lv in range(levels):
-        s, m = 2**lv, VAE_TILE_MARGINS[min(lv, len(VAE_TILE_MARGINS) - 1)]
+    for lv, m in enumerate(margins):
+        s = 2**lv
         regions.append((min(h * s, core_h * s + 2 * m), min(w * s, core_w * s + 2 * m)))
     return regions
 
 
 def estimate_vae_decode(request: Request, plan: Plan, backend: str, *, others: bool = True) -> PhaseEstimate:
-    """Streaming causal decode: per-conv caches of 2 frames, one frame in flight per level.
+    """Streaming causal decode: per-conv caches of past frames, one frame in flight per level.
 
-    cache = sum over cached causal convs of 2 x C_in x (region at its level) x c; activations =
+    cache = sum over causal convs of kept frames (2) x C_in x (region at its level) x c; activations =
     VAE_LIVE_UNITS x the largest one-frame tensor (width x region) + the output video
     [1, 3, F, 8h, 8w] preallocated in the compute dtype; the stem's attention over the h x w pixels
-    of a frame adds its workspace. Tiled: regions are a tile's core plus VAE_TILE_MARGINS, and the
+    of a frame adds its workspace. Tiled: regions are a tile's core plus the decoder's margins, and the
     stems of all frames [1, 384, T, h, w] are kept. (The pipeline converts the video to uint8 on
     the host.) others=False: the VAE's own weights only.
     """
-    c = DTYPE_BYTES[plan.compute_dtype]
+    c = dtype_bytes(plan.compute_dtype)
     vae = request.vae
-    _, caches, widths = _decoder_walk(vae)
+    sizes = vae_sizes(vae)
     regions = _vae_regions(request, plan)
-    cache = sum(VAE_CACHE_FRAMES * ch * regions[lv][0] * regions[lv][1] for lv, ch in caches) * c
-    unit = max(widths[lv] * regions[lv][0] * regions[lv][1] for lv in range(len(regions)))
+    cache = sum(frames * ch * regions[lv][0] * regions[lv][1] for lv, ch, frames in sizes.cached_convs) * c
+    unit = max(width * rows * cols for width, (rows, cols) in zip(sizes.level_widths, regions))
     live = VAE_LIVE_UNITS * VAE_FRAMES_PER_CALL * unit * c
     h, w = request.latent_hw
     video = 3 * request.num_frames * request.height * request.width
@@ -570,7 +508,7 @@ def estimate_vae_decode(request: Request, plan: Plan, backend: str, *, others: b
         stems = vae.base_dim * vae.dim_mult[-1] * request.latent_frames * h * w * c
     d0 = vae.base_dim * vae.dim_mult[-1]
     vae_backend = plan.vae_attention or backend
-    ws = attention_workspace(vae_backend, 1, 1, h * w, h * w, d0, c, 16384)
+    ws = attention_workspace(vae_backend, 1, 1, h * w, h * w, d0, c, AttentionBlock.query_chunk)
     weights = vae_device_weights(request, plan)
     if others and not plan.offload_dit_before_decode:
         weights += dit_device_weights(request.config, plan)

@@ -13,9 +13,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from wanfit.errors import AttentionUnavailableError, ConfigError
+from wanfit.errors import AttentionUnavailableError, CheckpointError, ConfigError
 from wanfit.hardware.probe import HardwareProbe, host_cpu, probe
-from wanfit.models.configs import DIT_PRESETS, DiTConfig
+from wanfit.models.configs import DIT_PRESETS, WAN21_TEXT_ENCODER, DiTConfig
+from wanfit.models.vae import WAN21_VAE
 from wanfit.plan.estimates import Request
 from wanfit.plan.plan import ATTENTION_KINDS, parse_plan_overrides
 from wanfit.plan.planner import PlanResult, budget_from_probe, parse_bytes, plan_run
@@ -81,8 +82,25 @@ def model_request(
         config, name = DIT_PRESETS[str(model)], str(model)
     else:
         from wanfit.weights.dit_loader import folder_dit_config
+        from wanfit.weights.inspect import component_shapes
 
         config, name = folder_dit_config(Path(model))
+        # The text encoder and VAE as the folder's files have them (a small model plans small); a
+        # folder that holds only the DiT's config plans with the released sizes.
+        try:
+            text_encoder, vae = component_shapes(Path(model))
+        except CheckpointError:
+            text_encoder, vae = WAN21_TEXT_ENCODER, WAN21_VAE
+        return Request(
+            config,
+            height=height,
+            width=width,
+            num_frames=frames,
+            guidance=guidance,
+            model_name=name,
+            text_encoder=text_encoder,
+            vae=vae,
+        )
     return Request(config, height=height, width=width, num_frames=frames, guidance=guidance, model_name=name)
 
 

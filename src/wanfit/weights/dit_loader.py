@@ -21,25 +21,10 @@ import torch.nn as nn
 from wanfit.errors import CheckpointError, ConfigError
 from wanfit.models.configs import DiTConfig
 from wanfit.models.dit import WanDiT
-from wanfit.precision import parse_weight_dtype
+from wanfit.precision import FP8_DTYPES, parse_stored_dtype, parse_weight_dtype
 from wanfit.weights import dit_keys
 from wanfit.weights.io import LazyStateDict, read_json, resolve_weight_files, short_list
 
-_STORED_DTYPES = {
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F64": torch.float64,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float64": torch.float64,
-    "float8_e4m3fn": torch.float8_e4m3fn,
-    "float8_e5m2": torch.float8_e5m2,
-}
-_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 _MAX_LISTED = 10
 
 
@@ -64,12 +49,13 @@ class DiTCheckpoint:
 
     def stored_dtype(self, name: str) -> torch.dtype:
         stored = self.tensors.dtype_name(self.keys[name])
-        if stored not in _STORED_DTYPES:
+        dtype = parse_stored_dtype(stored)
+        if dtype is None:
             raise CheckpointError(
                 f"{self.path}: tensor {self.keys[name]!r} is stored as {stored}; wanfit loads float "
                 "weights (fp32, bf16, fp16, fp8), not integer-quantised ones."
             )
-        return _STORED_DTYPES[stored]
+        return dtype
 
     def default_dtype(self) -> torch.dtype:
         """The file's dtype (the one most parameters have); bf16 for fp8 files."""
@@ -79,7 +65,7 @@ class DiTCheckpoint:
             counts[dtype] = counts.get(dtype, 0) + math.prod(self.shape(name))
         if not counts:
             return torch.float32
-        if any(d in _FP8 for d in counts):
+        if any(d in FP8_DTYPES for d in counts):
             return torch.bfloat16
         dtype = max(counts, key=counts.get)
         return torch.float32 if dtype == torch.float64 else dtype

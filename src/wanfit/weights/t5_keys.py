@@ -12,6 +12,7 @@ import re
 from collections.abc import Iterable, Mapping
 
 from wanfit.errors import CheckpointError
+from wanfit.models.configs import TextEncoderConfig
 from wanfit.weights.io import short_list
 
 # Per block: official suffix -> transformers suffix under `encoder.block.N.`.
@@ -84,8 +85,8 @@ def detect_t5_format(names: Iterable[str]) -> str:
 def umt5_config_from_shapes(shapes: Mapping[str, tuple[int, ...]]) -> dict:
     """UMT5Config arguments implied by the shapes of a state dict in transformers names.
 
-    Relative-attention max distance (128) and the norm epsilon (1e-6) are not visible in the
-    shapes; they are umT5's fixed values.
+    Relative-attention max distance and the norm epsilon are not visible in the shapes: they are
+    umT5's (TextEncoderConfig's defaults).
     """
     embedding = next((shapes[n] for n in EMBEDDING_NAMES if n in shapes), None)
     block_ids = {int(m.group(1)) for n in shapes if (m := _HF_BLOCK.fullmatch(n))}
@@ -108,17 +109,12 @@ def umt5_config_from_shapes(shapes: Mapping[str, tuple[int, ...]]) -> dict:
         raise CheckpointError(
             f"The umT5 query projection ({inner_dim} rows) does not split into {num_heads} heads."
         )
-    return {
-        "vocab_size": vocab_size,
-        "d_model": d_model,
-        "d_kv": inner_dim // num_heads,
-        "d_ff": shapes[needed[2]][0],
-        "num_layers": max(block_ids) + 1,
-        "num_decoder_layers": max(block_ids) + 1,
-        "num_heads": num_heads,
-        "relative_attention_num_buckets": num_buckets,
-        "relative_attention_max_distance": 128,
-        "feed_forward_proj": "gated-gelu",
-        "layer_norm_epsilon": 1e-6,
-        "dropout_rate": 0.0,
-    }
+    return TextEncoderConfig(
+        vocab_size=vocab_size,
+        d_model=d_model,
+        d_kv=inner_dim // num_heads,
+        d_ff=shapes[needed[2]][0],
+        num_layers=max(block_ids) + 1,
+        num_heads=num_heads,
+        relative_attention_num_buckets=num_buckets,
+    ).umt5_kwargs()

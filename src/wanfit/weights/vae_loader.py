@@ -20,16 +20,12 @@ import torch.nn as nn
 
 from wanfit.errors import CheckpointError, ConfigError
 from wanfit.models.vae import WAN21_VAE, VAEConfig, WanVAE
-from wanfit.precision import parse_weight_dtype
+from wanfit.precision import FP8_DTYPES, parse_stored_dtype, parse_weight_dtype
 from wanfit.weights import vae_keys
 from wanfit.weights.io import LazyStateDict, read_json, resolve_weight_files, short_list, strip_prefix
 
 OFFICIAL_FILE = "Wan2.1_VAE.pth"
 _PREFIXES = ("vae.", "first_stage_model.", "model.")
-_DTYPES = {
-    "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
-}  # fmt: skip
 _MAX_LISTED = 8
 
 
@@ -159,7 +155,7 @@ def check_checkpoint(checkpoint: VAECheckpoint, cfg: VAEConfig) -> None:
     """Raise one CheckpointError naming every missing, unexpected or mis-shaped (or non-float) tensor."""
     for key in checkpoint.keys.values():  # headers only; an integer tensor would otherwise be cast silently
         stored = checkpoint.tensors.dtype_name(key)
-        if stored not in _DTYPES:
+        if parse_stored_dtype(stored) in (None, *FP8_DTYPES):
             raise CheckpointError(
                 f"{checkpoint.path}: tensor {key!r} is stored as {stored}; the Wan2.1 VAE has float "
                 "weights (fp32, bf16, fp16)."
@@ -227,7 +223,7 @@ def _file_dtype(checkpoint: VAECheckpoint) -> torch.dtype:
     """The dtype most of the file's parameters are stored in (fp64 and unknown -> fp32)."""
     counts: dict[torch.dtype, int] = {}
     for name, key in checkpoint.keys.items():
-        dtype = _DTYPES.get(checkpoint.tensors.dtype_name(key), torch.float32)
+        dtype = parse_stored_dtype(checkpoint.tensors.dtype_name(key)) or torch.float32
         size = 1
         for d in checkpoint.shape(name):
             size *= d
