@@ -9,9 +9,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 from wanfit import __version__
-from wanfit.errors import WanfitError
+from wanfit.errors import WanfitError, WanfitWarning
 
 # Subcommand modules, in the order `wanfit --help` lists them.
 COMMANDS: list[str] = ["generate", "plan", "doctor", "bench"]
@@ -29,7 +30,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _format_warning(message, category, filename, lineno, line=None, _default=warnings.formatwarning):
+    """wanfit's own warnings as one line, `wanfit: warning: ...`; others as Python formats them.
+
+    (formatwarning, not showwarning: a caller that records warnings, like pytest, still gets them.)"""
+    from wanfit.attention.dispatch import AttentionFallbackWarning
+
+    if issubclass(category, (WanfitWarning, AttentionFallbackWarning)):
+        return f"wanfit: warning: {str(message).removeprefix('wanfit: ')}\n"
+    return _default(message, category, filename, lineno, line)
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.formatwarning = _format_warning
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

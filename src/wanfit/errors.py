@@ -23,3 +23,7 @@ class PlanError(WanfitError):
 
 class OutputError(WanfitError):
     """The output could not be written (disk full, permissions changed mid-run)."""
+
+
+class WanfitWarning(UserWarning):
+    """Something the user should know, said in one sentence (the CLI prints it as `wanfit: warning:`)."""

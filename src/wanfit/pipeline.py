@@ -391,6 +391,7 @@ class WanPipeline:
     ) -> tuple[torch.Tensor, ...]:
         prompts = [prompt, negative_prompt] if with_negative else [prompt]
         text_len = getattr(getattr(self.dit, "config", None), "text_len", 512)
+        self._warn_if_truncated(prompts, text_len)
         if getattr(self.text_encoder, "model", True) is None and self.text_encoder_loader is not None:
             # An earlier call freed it (the plan said so): load it again, placed as the plan says.
             self.text_encoder = self.text_encoder_loader(self.plan)
@@ -403,6 +404,26 @@ class WanPipeline:
         if self.plan.free_text_encoder and hasattr(self.text_encoder, "release"):
             self.text_encoder.release()
         return tuple(embeds[i : i + 1] for i in range(len(prompts)))
+
+    def _warn_if_truncated(self, prompts: list[str], text_len: int) -> None:
+        """The DiT reads text_len tokens (512 for Wan2.1): say so when a prompt the user gave is longer."""
+        import warnings
+
+        from wanfit.errors import WanfitWarning
+
+        count = getattr(self.text_encoder, "token_count", None)
+        for text in prompts:
+            if count is None or text == self.defaults.negative_prompt:
+                continue
+            tokens = count(text)
+            if tokens > text_len:
+                start = text[:40] + ("..." if len(text) > 40 else "")
+                warnings.warn(
+                    f"the prompt {start!r} is {tokens} tokens long; the model reads the first {text_len} "
+                    "and ignores the rest.",
+                    WanfitWarning,
+                    stacklevel=3,
+                )
 
     def make_scheduler(self, shift: float | None):
         """A diffusers folder's own scheduler (its shift unless one is given), else our official UniPC."""

@@ -174,6 +174,12 @@ class WanTextEncoder(nn.Module):
 
     # -- internals --
 
+    def token_count(self, prompt: str) -> int:
+        """Tokens of a prompt as the encoder would see it untruncated (the end-of-text token included)."""
+        return len(
+            self.tokenizer(clean_prompt(prompt), add_special_tokens=True, truncation=False)["input_ids"]
+        )
+
     def _precision_name(self) -> str:
         return f"compute={dtype_name(self.compute_dtype)}"
 
