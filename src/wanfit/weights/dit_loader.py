@@ -339,7 +339,7 @@ def folder_dit_config(folder: Path):
     folder = Path(folder)
     if not folder.is_dir():
         find_model_files(folder)  # says what is wrong: missing, or a file rather than a folder
-    values = read_config_json(folder / "transformer") or read_config_json(folder)
+    values = read_config_json(folder / DIFFUSERS_DIT) or read_config_json(folder)
     if values is not None:
         config = DiTConfig.from_dict(values)
     else:
