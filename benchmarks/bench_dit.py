@@ -198,17 +198,17 @@ def run(args: argparse.Namespace) -> dict:
     except Exception as err:
         result["wanfit"] = {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc(limit=3)}
     if args.compile and "wanfit" in outputs:
-        from wanfit.runtime.compile import compile_blocks
+        from wanfit.runtime.compile import compile_blocks, forward_with
 
         try:
-            compile_blocks(model)
+            compiled = compile_blocks(model.blocks)
             t0 = time.perf_counter()
             with torch.no_grad():
-                model(x32, timestep, context)
+                forward_with(model, compiled, x32, timestep, context)
             torch.cuda.synchronize(device)
             result["compile_first_call_s"] = time.perf_counter() - t0
             result["wanfit_compiled"], outputs["wanfit_compiled"] = time_forward(
-                lambda: model(x32, timestep, context), device, args.warmup, args.runs
+                lambda: forward_with(model, compiled, x32, timestep, context), device, args.warmup, args.runs
             )
         except Exception as err:
             result["wanfit_compiled"] = {

@@ -192,23 +192,24 @@ def _dit_inputs(req, batch: int):
 def measure_dit(args, req, rows: list[dict]) -> None:
     import torch
 
-    from wanfit.runtime.offload import configure_dit, release_dit
+    from wanfit.runtime.placement import DiTPlacement
 
     dit = _random_dit(req.config)
+    placement = DiTPlacement(dit)
     by_name = {r["plan"]: r for r in rows if r["phase"] == "denoise"}
     for name, fields, batch in dit_plans():
         row = by_name[name]
         try:
-            configure_dit(dit, make_plan(**fields))
+            placement.place(make_plan(**fields))
             x, t, context = _dit_inputs(req, batch)
             with torch.no_grad():
-                ms, peak = _cuda_time(lambda x=x, t=t, c=context: dit(x, t, c), args.repeats)
+                ms, peak = _cuda_time(lambda x=x, t=t, c=context: placement(x, t, c), args.repeats)
             row.update(measured=peak, ms=ms, ms_per_sample=ms / batch)
         except Exception as err:  # one plan failing must not lose the others
             row["error"] = f"{type(err).__name__}: {err}"[:300]
         finally:
             x = t = context = None
-            release_dit(dit)
+            placement.release()
             torch.cuda.empty_cache()
     if not args.skip_diffusers:
         measure_diffusers(args, req, dit, rows)

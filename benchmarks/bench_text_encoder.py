@@ -107,7 +107,8 @@ class Timer:
 
 
 def bench_mode(name: str, config: dict, args) -> dict:
-    from wanfit.models.text_encoder import WanTextEncoder, build_umt5
+    from wanfit.models.text_encoder import WanTextEncoder
+    from wanfit.weights.text_encoder_loader import build_umt5
 
     weights_dtype, compute_dtype = MODES[name]
     cuda = args.device.startswith("cuda")

@@ -27,6 +27,12 @@ except ImportError:
 from wanfit.models.configs import DIT_PRESETS  # noqa: E402
 from wanfit.models.dit import WanDiT  # noqa: E402
 from wanfit.models.vae import WAN21_VAE, WanVAE  # noqa: E402
+from wanfit.weights.file_names import (  # noqa: E402
+    DIFFUSERS_WEIGHTS,
+    OFFICIAL_T5,
+    OFFICIAL_TOKENIZER,
+    OFFICIAL_VAE,
+)
 
 
 def _has_block(name: str, layers: int) -> bool:
@@ -72,7 +78,7 @@ def main(argv=None) -> None:
 
     save_file(
         {k: v.contiguous().cpu() for k, v in dit.state_dict().items()},
-        str(out / "diffusion_pytorch_model.safetensors"),
+        str(out / f"{DIFFUSERS_WEIGHTS}.safetensors"),
     )
     (out / "config.json").write_text(
         json.dumps({"_class_name": "WanModel", "model_type": "t2v", **config.to_dict()})
@@ -82,7 +88,7 @@ def main(argv=None) -> None:
     with torch.device(device):
         vae = WanVAE(WAN21_VAE)
     random_(vae)
-    torch.save({k: v.cpu() for k, v in vae.state_dict().items()}, out / "Wan2.1_VAE.pth")
+    torch.save({k: v.cpu() for k, v in vae.state_dict().items()}, out / OFFICIAL_VAE)
     del vae
 
     from transformers import UMT5Config, UMT5EncoderModel
@@ -103,11 +109,9 @@ def main(argv=None) -> None:
     official_names = json.loads(manifest.read_text())["tensors"]
     to_official = official_to_transformers(n for n in official_names if _has_block(n, args.text_layers))
     state = t5.state_dict()
-    torch.save(
-        {off: state[hf].cpu() for hf, off in to_official.items()}, out / "models_t5_umt5-xxl-enc-bf16.pth"
-    )
+    torch.save({off: state[hf].cpu() for hf, off in to_official.items()}, out / OFFICIAL_T5)
     del t5
-    tiny_tokenizer().save_pretrained(str(out / "google" / "umt5-xxl"))
+    tiny_tokenizer().save_pretrained(str(out / OFFICIAL_TOKENIZER))
     print(f"wrote {out} in {time.perf_counter() - started:.0f} s")
 
 

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from wanfit.models.dit import run_in_chunks
 from wanfit.plan.plan import Plan
 from wanfit.runtime.chunking import apply_chunking
-from wanfit.runtime.offload import BlockStreamer, configure_dit, release_dit, resident_indices
+from wanfit.runtime.offload import BlockStreamer, resident_indices
+from wanfit.runtime.placement import DiTPlacement
 
 
 class ToyBlock(nn.Module):
@@ -132,22 +133,24 @@ def test_a_failed_call_leaves_nothing_behind():
     assert streamer.max_streamed_on_device <= 2
 
 
-def test_configure_dit_places_streams_and_sets_chunking():
+def test_the_dit_placement_streams_and_sets_chunking():
     model = _model()
     reference = copy.deepcopy(model)
     x, ctx = torch.randn(1, 7, 16), torch.randn(1, 2, 16)
-    streamer = configure_dit(
-        model, Plan(device="cpu", dit_blocks_resident=2, ffn_chunk=64, attention_chunk=32)
-    )
+    placement = DiTPlacement(model)
+    placement.place(Plan(device="cpu", dit_blocks_resident=2, ffn_chunk=64, attention_chunk=32))
+    streamer = placement.streamer
     assert isinstance(streamer, BlockStreamer) and streamer.resident == [1, 4]
     assert all(b.ffn_chunk == 64 and b.attention_chunk == 32 for b in model.blocks)
-    assert configure_dit(model, Plan(device="cpu", dit_blocks_resident=2)) is streamer  # idempotent
+    placement.place(Plan(device="cpu", dit_blocks_resident=2))
+    assert placement.streamer is streamer  # the same placement: only the chunking changed
     assert model.blocks[0].ffn_chunk is None
     with torch.no_grad():
         assert torch.equal(model(x, ctx), reference(x, ctx))
-    assert configure_dit(model, Plan(device="cpu")) is None  # back to resident
-    assert model.blocks[0].fc1.weight.numel() == 16 * 32
-    release_dit(model)
+    placement.place(Plan(device="cpu"))  # back to resident
+    assert placement.streamer is None and model.blocks[0].fc1.weight.numel() == 16 * 32
+    placement.release()
+    assert placement.layout is None
     with torch.no_grad():
         assert torch.equal(model(x, ctx), reference(x, ctx))
 

@@ -16,6 +16,7 @@ from wanfit.errors import CheckpointError, ConfigError
 from wanfit.models import text_encoder as te
 from wanfit.models.text_cache import PromptCache
 from wanfit.weights import t5_keys
+from wanfit.weights import text_encoder_loader as loader
 
 MANIFESTS = Path(__file__).parent / "data" / "manifests"
 PROMPTS = [
@@ -157,7 +158,7 @@ def test_every_layout_matches_the_diffusers_pipeline(tiny, reference, where):
         "single file": tiny.single,
     }[where]
     tokenizer = tiny.tokenizer if where == "single file" else None
-    encoder = te.load_text_encoder(path, tokenizer=tokenizer, prompt_cache=False)
+    encoder = loader.load_text_encoder(path, tokenizer=tokenizer, prompt_cache=False)
     got = encoder.encode(PROMPTS, max_length=MAX_LEN)
     want = reference(PROMPTS)
     err = rel_l2(got, want)
@@ -168,7 +169,7 @@ def test_every_layout_matches_the_diffusers_pipeline(tiny, reference, where):
 
 
 def test_rows_past_each_prompt_are_exactly_zero(tiny):
-    encoder = te.load_text_encoder(tiny.diffusers, prompt_cache=False)
+    encoder = loader.load_text_encoder(tiny.diffusers, prompt_cache=False)
     out = encoder.encode(PROMPTS, max_length=MAX_LEN)
     masks = token_lengths(tiny, PROMPTS)
     lengths = [sum(m) for m in masks]
@@ -180,7 +181,7 @@ def test_rows_past_each_prompt_are_exactly_zero(tiny):
 
 
 def test_a_batch_equals_its_prompts_one_by_one(tiny):
-    encoder = te.load_text_encoder(tiny.official, prompt_cache=False)
+    encoder = loader.load_text_encoder(tiny.official, prompt_cache=False)
     batch = encoder.encode(PROMPTS, max_length=MAX_LEN)
     for i, prompt in enumerate(PROMPTS):
         torch.testing.assert_close(
@@ -189,7 +190,7 @@ def test_a_batch_equals_its_prompts_one_by_one(tiny):
 
 
 def test_default_length_is_512_and_output_dtype_can_be_chosen(tiny, reference):
-    encoder = te.load_text_encoder(tiny.diffusers, prompt_cache=False)
+    encoder = loader.load_text_encoder(tiny.diffusers, prompt_cache=False)
     out = encoder.encode(PROMPTS[0])
     assert out.shape == (1, 512, 32)
     assert rel_l2(out, reference(PROMPTS[:1], max_length=512)) <= 1e-4
@@ -201,7 +202,7 @@ def test_bf16_weights_computed_in_fp32_block_by_block(tiny, tmp_path):
     from transformers import UMT5Config, UMT5EncoderModel
 
     tiny_text.save_official_layout(tiny.model, tiny.tokenizer, tmp_path, dtype=torch.bfloat16)
-    encoder = te.load_text_encoder(tmp_path, compute_dtype=torch.float32, prompt_cache=False)
+    encoder = loader.load_text_encoder(tmp_path, compute_dtype=torch.float32, prompt_cache=False)
     assert encoder.storage_dtype == torch.bfloat16
     got = encoder.encode(PROMPTS, max_length=MAX_LEN)
     assert got.dtype == torch.float32
@@ -213,7 +214,7 @@ def test_bf16_weights_computed_in_fp32_block_by_block(tiny, tmp_path):
     print(f"text encoder, bf16 weights / fp32 compute vs fp32 model on the same weights: {err:.2e}")
     assert err <= 1e-6
     assert {p.dtype for p in encoder.model.parameters()} == {torch.bfloat16}  # weights restored
-    plain_bf16 = te.load_text_encoder(tmp_path, prompt_cache=False).encode(PROMPTS, max_length=MAX_LEN)
+    plain_bf16 = loader.load_text_encoder(tmp_path, prompt_cache=False).encode(PROMPTS, max_length=MAX_LEN)
     assert plain_bf16.dtype == torch.bfloat16
     assert rel_l2(plain_bf16, want) > err  # bf16 arithmetic is measurably coarser
 
@@ -244,7 +245,7 @@ def test_fp16_overflow_is_caught_and_redone_in_fp32(tiny, tmp_path):
     from transformers import UMT5Config, UMT5EncoderModel
 
     tiny_text.save_official_layout(_overflowing_model(), tiny.tokenizer, tmp_path)
-    encoder = te.load_text_encoder(tmp_path, dtype=torch.float16, prompt_cache=False)
+    encoder = loader.load_text_encoder(tmp_path, dtype=torch.float16, prompt_cache=False)
     # What fp16 does unguarded: transformers' own forward on the same fp16 weights.
     batch = encoder.tokenizer(
         [te.clean_prompt(p) for p in PROMPTS], padding="max_length", max_length=MAX_LEN, truncation=True,
@@ -272,7 +273,7 @@ def test_fp16_overflow_is_caught_and_redone_in_fp32(tiny, tmp_path):
 
 
 def test_fp16_without_overflow_stays_fp16(tiny, reference, recwarn):
-    encoder = te.load_text_encoder(tiny.official, dtype=torch.float16, prompt_cache=False)
+    encoder = loader.load_text_encoder(tiny.official, dtype=torch.float16, prompt_cache=False)
     got = encoder.encode(PROMPTS, max_length=MAX_LEN)
     assert not [w for w in recwarn if "overflowed" in str(w.message)]
     assert got.dtype == torch.float16 and encoder.compute_dtype == torch.float16
@@ -317,13 +318,13 @@ def test_loader_builds_umt5_xxl_from_the_official_layout_on_meta():
         k: torch.empty(s, dtype=torch.bfloat16, device="meta")
         for k, s in _manifest("official_umt5_xxl_encoder").items()
     }
-    model = te.build_umt5(state, device="meta")
+    model = loader.build_umt5(state, device="meta")
     assert (model.config.d_model, model.config.num_layers, model.config.num_heads) == (4096, 24, 64)
     assert model.shared.weight.dtype == torch.bfloat16
     assert sum(p.numel() for p in model.parameters()) == 5680910336  # the official file's count
     del state["blocks.23.ffn.fc2.weight"]
     with pytest.raises(CheckpointError, match=r"missing: encoder\.block\.23\.layer\.1\.DenseReluDense\.wo"):
-        te.build_umt5(state, device="meta")
+        loader.build_umt5(state, device="meta")
 
 
 # -- prompt cache --------------------------------------------------------------------------------
@@ -340,7 +341,7 @@ def _count_forwards(encoder) -> list[int]:
 
 def test_prompt_cache_hits_skip_the_encoder(tiny, tmp_path):
     cache_dir = tmp_path / "prompts"
-    encoder = te.load_text_encoder(tiny.diffusers, prompt_cache=cache_dir)
+    encoder = loader.load_text_encoder(tiny.diffusers, prompt_cache=cache_dir)
     calls = _count_forwards(encoder)
     negative = tiny_text.CORPUS[12]
     first = encoder.encode(["A cat walks", negative], max_length=MAX_LEN)
@@ -356,7 +357,7 @@ def test_prompt_cache_hits_skip_the_encoder(tiny, tmp_path):
     assert len([p for p in entries if p.suffix == ".safetensors"]) == 4
     assert not [p for p in entries if p.name.startswith(".tmp-")]
 
-    fresh = te.load_text_encoder(tiny.diffusers, prompt_cache=cache_dir)  # same files: same fingerprint
+    fresh = loader.load_text_encoder(tiny.diffusers, prompt_cache=cache_dir)  # same files: same fingerprint
     fresh_calls = _count_forwards(fresh)
     torch.testing.assert_close(
         fresh.encode(["A cat walks", negative], max_length=MAX_LEN), first, rtol=0, atol=0
@@ -374,7 +375,7 @@ def test_prompt_cache_keys_on_weights_and_precision(tiny, tmp_path):
     cache_dir = tmp_path / "prompts"
 
     def calls_for(**kwargs) -> list[int]:
-        encoder = te.load_text_encoder(tiny.diffusers, prompt_cache=cache_dir, **kwargs)
+        encoder = loader.load_text_encoder(tiny.diffusers, prompt_cache=cache_dir, **kwargs)
         calls = _count_forwards(encoder)
         encoder.encode("A cat walks", max_length=MAX_LEN)
         return calls
@@ -384,7 +385,7 @@ def test_prompt_cache_keys_on_weights_and_precision(tiny, tmp_path):
     assert calls_for(dtype=torch.bfloat16, compute_dtype=torch.float32) == [1]  # other compute dtype
     assert calls_for(dtype=torch.float32) == [1]  # other storage dtype
     assert calls_for(dtype=torch.float32) == []
-    tokenizer = te.load_text_encoder(tiny.diffusers, prompt_cache=False).tokenizer
+    tokenizer = loader.load_text_encoder(tiny.diffusers, prompt_cache=False).tokenizer
     for seed, expected in ((5, [1]), (5, []), (6, [1])):  # encoders built in memory: weights sampled
         in_memory = te.WanTextEncoder(tiny_text.make_umt5(seed=seed), tokenizer, cache=PromptCache(cache_dir))
         calls = _count_forwards(in_memory)
@@ -393,20 +394,20 @@ def test_prompt_cache_keys_on_weights_and_precision(tiny, tmp_path):
 
 
 def test_prompt_cache_can_be_turned_off(tiny, monkeypatch, tmp_path):
-    assert te.load_text_encoder(tiny.diffusers, prompt_cache=False).cache is None
+    assert loader.load_text_encoder(tiny.diffusers, prompt_cache=False).cache is None
     monkeypatch.setenv("WANFIT_PROMPT_CACHE", "0")
-    encoder = te.load_text_encoder(tiny.diffusers)
+    encoder = loader.load_text_encoder(tiny.diffusers)
     assert encoder.cache is None
     calls = _count_forwards(encoder)
     encoder.encode("A cat walks", max_length=8)
     encoder.encode("A cat walks", max_length=8)
     assert calls == [1, 1]
     monkeypatch.delenv("WANFIT_PROMPT_CACHE")
-    assert te.load_text_encoder(tiny.diffusers).cache.directory == tmp_path / "cache" / "prompts"
+    assert loader.load_text_encoder(tiny.diffusers).cache.directory == tmp_path / "cache" / "prompts"
 
 
 def test_a_damaged_cache_entry_is_a_miss(tiny, tmp_path):
-    encoder = te.load_text_encoder(tiny.diffusers, prompt_cache=tmp_path)
+    encoder = loader.load_text_encoder(tiny.diffusers, prompt_cache=tmp_path)
     first = encoder.encode("A cat walks", max_length=MAX_LEN)
     (entry,) = tmp_path.rglob("*.safetensors")
     entry.write_bytes(b"not a safetensors file")
@@ -421,10 +422,10 @@ def test_a_damaged_cache_entry_is_a_miss(tiny, tmp_path):
 def test_missing_tokenizer_says_where_it_looked(tiny, tmp_path):
     shutil.copy(tiny.official / tiny_text.OFFICIAL_FILE, tmp_path / tiny_text.OFFICIAL_FILE)
     with pytest.raises(CheckpointError, match=r"No tokenizer found.*google/umt5-xxl"):
-        te.load_text_encoder(tmp_path, prompt_cache=False)
+        loader.load_text_encoder(tmp_path, prompt_cache=False)
     with pytest.raises(CheckpointError, match="not a tokenizer folder"):
-        te.load_text_encoder(tmp_path, tokenizer=tmp_path, prompt_cache=False)
-    encoder = te.load_text_encoder(tmp_path, tokenizer=tiny.tokenizer, prompt_cache=False)
+        loader.load_text_encoder(tmp_path, tokenizer=tmp_path, prompt_cache=False)
+    encoder = loader.load_text_encoder(tmp_path, tokenizer=tiny.tokenizer, prompt_cache=False)
     assert encoder.encode("A cat", max_length=8).shape == (1, 8, 32)
 
 
@@ -456,27 +457,27 @@ def _official_file_with(tiny, tmp_path, edit) -> Path:
 def test_weights_that_do_not_fit_name_what_is_wrong(tiny, tmp_path, edit, message):
     path = _official_file_with(tiny, tmp_path, edit)
     with pytest.raises(CheckpointError, match=message):
-        te.load_text_encoder(path, prompt_cache=False)
+        loader.load_text_encoder(path, prompt_cache=False)
 
 
 def test_other_mistakes_are_clear_errors(tiny, tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
-        te.load_text_encoder(tmp_path / "nowhere")
+        loader.load_text_encoder(tmp_path / "nowhere")
     with pytest.raises(CheckpointError, match="holds no umT5 text encoder"):
-        te.load_text_encoder(tmp_path)
+        loader.load_text_encoder(tmp_path)
     folder = tmp_path / "te"
     shutil.copytree(tiny.diffusers / "text_encoder", folder)
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "model_type": "t5"}))
     with pytest.raises(CheckpointError, match="'t5' model, not the umT5"):
-        te.load_text_encoder(folder, tokenizer=tiny.tokenizer)
+        loader.load_text_encoder(folder, tokenizer=tiny.tokenizer)
     small = tiny_text.make_umt5(vocab_size=200)
     tiny_text.save_official_layout(small, tiny.tokenizer, tmp_path / "small")
     with pytest.raises(CheckpointError, match="256 tokens but the text encoder only 200"):
-        te.load_text_encoder(tmp_path / "small")
+        loader.load_text_encoder(tmp_path / "small")
     torch.save({"weight": torch.zeros(3)}, tmp_path / "x.pth")
     with pytest.raises(CheckpointError, match="not a umT5 text encoder"):
-        te.load_text_encoder(tmp_path / "x.pth", tokenizer=tiny.tokenizer)
+        loader.load_text_encoder(tmp_path / "x.pth", tokenizer=tiny.tokenizer)
 
 
 # -- the GPU benchmark's CPU side ----------------------------------------------------------------

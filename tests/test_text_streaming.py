@@ -6,7 +6,8 @@ import torch
 
 from tests.helpers import tiny_text
 from wanfit.models.text_encoder import WanTextEncoder
-from wanfit.runtime.offload import stream_text_encoder
+from wanfit.plan.plan import Plan
+from wanfit.runtime.placement import TextEncoderPlacement
 
 
 @pytest.fixture(scope="module")
@@ -26,9 +27,13 @@ def test_streamed_encoder_gives_the_same_context_and_frees_its_blocks(tokenizer,
     streamed = WanTextEncoder(
         tiny_text.make_umt5(0).to(torch.bfloat16), tokenizer, cache=None, compute_dtype=compute
     )
-    stream_text_encoder(streamed, "cpu", resident=1)
+    TextEncoderPlacement(streamed).apply(Plan(text_encoder_blocks_resident=1, text_encoder_dtype="bfloat16"))
+    # The placement set the plan's compute dtype, the CPU policy (fp32 over bf16 weights); bf16
+    # compute is a GPU plan's, so the dtype under test is set back by hand.
+    assert streamed.compute_dtype == torch.float32
+    streamed.compute_dtype = compute
     assert torch.equal(streamed.encode(prompts, max_length=16), expected)
-    blocks = streamed.model.encoder.block
+    blocks = streamed.blocks
     # Block 0 is resident (k=1 keeps an evenly spread one); every other block's weights were released
     # after use: with the fp32 upcast too (its restore hook must run before the streamer frees them).
     sizes = [sum(p.numel() for p in block.parameters()) for block in blocks]
@@ -37,15 +42,14 @@ def test_streamed_encoder_gives_the_same_context_and_frees_its_blocks(tokenizer,
 
 def test_the_pipeline_moves_the_text_encoder_when_the_plan_changes(tokenizer):
     from wanfit.pipeline import WanPipeline
-    from wanfit.plan.plan import Plan
 
     te = WanTextEncoder(tiny_text.make_umt5(0).to(torch.bfloat16), tokenizer, cache=None)
     expected = te.encode(["a fox"], max_length=16)
     pipe = WanPipeline(torch.nn.Module(), None, te, plan=Plan())
     pipe.apply_plan(Plan(text_encoder_blocks_resident=1))  # the OOM guard's notch: stream umT5
-    assert te._wanfit_streamer is not None and te.compute_dtype == torch.float32
+    assert pipe.placement.text_encoder.streamer is not None and te.compute_dtype == torch.float32
     streamed = te.encode(["a fox"], max_length=16)  # fp32 compute now, over the same bf16 weights
     torch.testing.assert_close(streamed, expected.float(), atol=3e-2, rtol=3e-2)
     pipe.apply_plan(Plan(text_encoder_device="cpu"))  # and the next: whole on the CPU, unstreamed
-    assert getattr(te, "_wanfit_streamer", None) is None
+    assert pipe.placement.text_encoder.streamer is None
     assert all(p.numel() > 0 for p in te.model.parameters())

@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "load_dit": ("wanfit.weights.dit_loader", "load_dit"),
     "load_vae": ("wanfit.weights.vae_loader", "load_vae"),
-    "load_text_encoder": ("wanfit.models.text_encoder", "load_text_encoder"),
+    "load_text_encoder": ("wanfit.weights.text_encoder_loader", "load_text_encoder"),
     "WanPipeline": ("wanfit.pipeline", "WanPipeline"),
     "plan_for": ("wanfit.plan.planning", "plan_for"),
     "model_request": ("wanfit.plan.planning", "model_request"),

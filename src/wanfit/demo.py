@@ -50,11 +50,7 @@ def tiny_pipeline(device: str | None = None, seed: int = 0, plan=None):
 
     plan: a PlanResult or Plan to obey; None plans the default tiny job for this machine (or `device`).
     """
-    from transformers import UMT5Config, UMT5EncoderModel
-
-    from wanfit.models.dit import WanDiT
     from wanfit.models.text_encoder import WanTextEncoder
-    from wanfit.models.vae import WAN_VAE_TINY, WanVAE
     from wanfit.pipeline import SamplingDefaults, WanPipeline
 
     if plan is None:
@@ -63,19 +59,19 @@ def tiny_pipeline(device: str | None = None, seed: int = 0, plan=None):
         plan = plan_for(tiny_request(192, 320, 17, True), Constraints(device=device))
     planned = plan
     plan = getattr(plan, "plan", plan)
-    tokenizer = tiny_tokenizer()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        dit = WanDiT(WAN_TINY)
-        vae = WanVAE(WAN_VAE_TINY)
-        text_config = UMT5Config(**tiny_text_encoder_config(len(tokenizer)).umt5_kwargs())
-        text_model = UMT5EncoderModel(text_config)
+    dit, vae, text_model, tokenizer = _tiny_models(seed)
     dtype = plan.torch_compute_dtype
     dit = dit.to(device=plan.device, dtype=dtype).eval().requires_grad_(False)
     vae = vae.to(device=plan.device, dtype=dtype).eval().requires_grad_(False)
     text_model = text_model.to(device=plan.text_encoder_device).eval()
     text_encoder = WanTextEncoder(text_model, tokenizer, cache=None)
     defaults = SamplingDefaults(num_inference_steps=10)
+
+    def text_encoder_loader(plan):
+        """The tiny text encoder, rebuilt in a moment if a plan freed it (the pipeline places it)."""
+        text_model, tokenizer = _tiny_models(seed)[2:]
+        return WanTextEncoder(text_model.to(plan.text_encoder_device).eval(), tokenizer, cache=None)
+
     return WanPipeline(
         dit,
         vae,
@@ -83,9 +79,25 @@ def tiny_pipeline(device: str | None = None, seed: int = 0, plan=None):
         plan=planned,
         defaults=defaults,
         name="built-in tiny random model",
-        # The tiny text encoder is rebuilt in a moment if a plan freed it.
-        text_encoder_loader=lambda plan: tiny_pipeline(plan.text_encoder_device, seed, plan).text_encoder,
+        text_encoder_loader=text_encoder_loader,
     )
+
+
+def _tiny_models(seed: int):
+    """The tiny DiT, VAE and umT5 (random, from one seed) and the tokenizer, on the host."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from wanfit.models.dit import WanDiT
+    from wanfit.models.vae import WAN_VAE_TINY, WanVAE
+
+    tokenizer = tiny_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        dit = WanDiT(WAN_TINY)
+        vae = WanVAE(WAN_VAE_TINY)
+        text_config = UMT5Config(**tiny_text_encoder_config(len(tokenizer)).umt5_kwargs())
+        text_model = UMT5EncoderModel(text_config)
+    return dit, vae, text_model, tokenizer
 
 
 def tiny_request(height: int, width: int, num_frames: int, guidance: bool):

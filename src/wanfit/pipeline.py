@@ -13,6 +13,7 @@ import torch
 from wanfit.errors import ConfigError
 from wanfit.models.configs import VAE_STRIDE, latent_shape  # noqa: F401  (latent_shape: public here too)
 from wanfit.plan.plan import ATTENTION_KINDS, Plan
+from wanfit.runtime.placement import DiTLayout, Placements, TextEncoderLayout, TextEncoderPlacement
 from wanfit.sampling import schedulers
 
 # The official default negative prompt (Wan2.1's shared config), used when none is given.
@@ -50,16 +51,6 @@ def validate_request(
         raise ConfigError(f"The number of steps must be at least 1, got {num_inference_steps}.")
     if guidance_scale < 0:
         raise ConfigError(f"The guidance scale must not be negative, got {guidance_scale}.")
-
-
-def text_encoder_compute_dtype(plan: Plan) -> torch.dtype:
-    """umT5's compute dtype: fp32 over fp32 weights, else the text encoder's policy (never fp16)."""
-    from wanfit.models.text_encoder import text_encoder_precision
-
-    if plan.text_encoder_dtype == "float32":
-        return torch.float32
-    device_type = torch.device(plan.text_encoder_device).type
-    return text_encoder_precision(plan.torch_compute_dtype, device_type).compute
 
 
 def initial_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -114,8 +105,8 @@ class WanPipeline:
     ):
         """plan: a PlanResult from wanfit.plan.planning.plan_for (its frozen fields and hardware are
         kept for re-planning), a bare Plan (obeyed as it is), or None: everything resident with this
-        machine's dtypes. text_encoder_loader(plan): loads the text encoder again, placed as `plan` says,
-        after a plan freed it."""
+        machine's dtypes. text_encoder_loader(plan): loads the text encoder again for `plan` (on the
+        host if the plan streams it), after a plan freed it; the pipeline places it."""
         from wanfit.plan.planner import PlanResult
 
         self.dit = dit
@@ -138,12 +129,10 @@ class WanPipeline:
         self.attention_record: dict[str, dict] = {}  # phase -> kind -> what served it (last run)
         self._request = None  # the planner's view of the current call (for step_down)
         self.dispatchers = self._make_dispatchers()
-        if isinstance(getattr(text_encoder, "model", None), torch.nn.Module):
-            # Loaded as this plan says (from_pretrained, demo); apply_plan moves it when the plan changes.
-            text_encoder._wanfit_placement = (
-                self.plan.text_encoder_device,
-                self.plan.text_encoder_blocks_resident,
-            )
+        # Where each model lives and its run-time state; the DiT is placed when denoising starts.
+        self.placement = Placements.of(dit, vae, text_encoder)
+        self.placement.text_encoder.apply(self.plan)  # loaded for this plan (from_pretrained): streamed if so
+        self.placement.vae.apply(self.plan)
 
     def _hardware(self):
         if self.hardware is None:
@@ -252,28 +241,23 @@ class WanPipeline:
         if not isinstance(plan, Plan):
             raise ConfigError(f"plan must be 'auto', a Plan or a PlanResult, not {plan!r}.")
         dtype = plan.torch_compute_dtype
-        # A streamed (or fp8) DiT is loaded on the host; apply_plan places it block by block.
-        streamed = plan.dit_blocks_resident is not None or plan.storage_dtype is not None
 
+        # Streamed models are loaded on the host; their placements stream them block by block.
         def text_encoder_loader(plan: Plan = plan):
-            encoder = load_text_encoder(
+            layout = TextEncoderLayout.from_plan(plan)
+            return load_text_encoder(
                 files.text_encoder,
                 tokenizer=files.tokenizer,
-                device="cpu" if plan.text_encoder_blocks_resident is not None else plan.text_encoder_device,
+                device=layout.load_device,
                 dtype=plan.torch_text_encoder_dtype,
-                compute_dtype=text_encoder_compute_dtype(plan),
+                compute_dtype=layout.compute_dtype,
             )
-            if plan.text_encoder_blocks_resident is not None:
-                from wanfit.runtime.offload import stream_text_encoder
-
-                stream_text_encoder(encoder, plan.text_encoder_device, plan.text_encoder_blocks_resident)
-            return encoder
 
         from tqdm.auto import tqdm
 
         # Transient: the bar clears itself, so an error about a file stands alone on its line.
         with tqdm(total=3, desc="loading DiT", unit="model", disable=not progress, leave=False) as bar:
-            dit = load_dit(files.dit, device="cpu" if streamed else plan.device, dtype=dtype)
+            dit = load_dit(files.dit, device=DiTLayout.from_plan(plan).load_device, dtype=dtype)
             bar.set_description("loading VAE")
             bar.update(1)
             vae = load_vae(files.vae, device=plan.device, dtype=dtype)
@@ -297,44 +281,11 @@ class WanPipeline:
     # -- plan ----------------------------------------------------------------------------------
 
     def apply_plan(self, plan: Plan) -> None:
-        """Switch to `plan`, also mid-run: the DiT's placement and chunking follow it at once; the
-        other settings (cfg_batch, vae_tile, ...) are read at each call."""
+        """Switch to `plan`, also mid-run: the placements move, stream, compile and chunk what it
+        changes (a DiT released to the host stays there until the next denoising); the other
+        settings (cfg_batch, ...) are read at each call."""
         self.plan = plan
-        self._place_text_encoder()
-        self._place_dit()
-
-    def _place_text_encoder(self) -> None:
-        """Follow the plan's text-encoder placement (device, streaming) if it changed."""
-        model = getattr(self.text_encoder, "model", None)
-        if not isinstance(model, torch.nn.Module):
-            return  # released, or not a WanTextEncoder
-        from wanfit.runtime.offload import stream_text_encoder
-
-        key = (self.plan.text_encoder_device, self.plan.text_encoder_blocks_resident)
-        if getattr(self.text_encoder, "_wanfit_placement", None) == key:
-            return
-        streamer = getattr(self.text_encoder, "_wanfit_streamer", None)
-        if streamer is not None:
-            streamer.detach("cpu")
-            self.text_encoder._wanfit_streamer = None
-        if self.plan.text_encoder_blocks_resident is not None:
-            model.to("cpu")
-            stream_text_encoder(
-                self.text_encoder, self.plan.text_encoder_device, self.plan.text_encoder_blocks_resident
-            )
-        else:
-            model.to(self.plan.text_encoder_device)
-        self.text_encoder.compute_dtype = text_encoder_compute_dtype(self.plan)
-        self.text_encoder._wanfit_placement = key
-
-    def _place_dit(self) -> None:
-        if isinstance(getattr(self.dit, "blocks", None), torch.nn.ModuleList):
-            from wanfit.runtime.compile import set_compiled
-            from wanfit.runtime.offload import configure_dit
-
-            streamer = configure_dit(self.dit, self.plan)
-            # Compiled blocks would trace the streamer's hooks: compile only a resident DiT.
-            set_compiled(self.dit, self.plan.compile_dit and streamer is None)
+        self.placement.apply(plan)
 
     def _next_plan(self, plan: Plan, phase: str) -> Plan | None:
         """The planner's next notch for `phase`, with the request and the user's frozen settings of
@@ -395,6 +346,8 @@ class WanPipeline:
         if getattr(self.text_encoder, "model", True) is None and self.text_encoder_loader is not None:
             # An earlier call freed it (the plan said so): load it again, placed as the plan says.
             self.text_encoder = self.text_encoder_loader(self.plan)
+            self.placement.text_encoder = TextEncoderPlacement(self.text_encoder)
+        self.placement.text_encoder.apply(self.plan)  # also follows a plan set directly
         # Out of memory: stream the encoder or move it to the CPU (the planner's next notch) and retry.
         embeds = self._oom_guard().run(
             "text_encoder", lambda: self.text_encoder.encode(prompts, max_length=text_len)
@@ -439,17 +392,18 @@ class WanPipeline:
         """One guided DiT prediction: cond and uncond in one batch or one after the other, per the plan."""
         dtype = self.plan.torch_compute_dtype
         x = latents.to(dtype)
+        dit = self.placement.dit  # the DiT as placed (compiled blocks when the plan compiles)
         if uncond is None:
             self.dit_calls += 1
-            return self.dit(x, t.expand(1), cond).float()
+            return dit(x, t.expand(1), cond).float()
         if self.plan.cfg_batch:
             self.dit_calls += 1
-            both = self.dit(torch.cat([x, x]), t.expand(2), torch.cat([cond, uncond])).float()
+            both = dit(torch.cat([x, x]), t.expand(2), torch.cat([cond, uncond])).float()
             noise_cond, noise_uncond = both.chunk(2)
         else:
             self.dit_calls += 2
-            noise_cond = self.dit(x, t.expand(1), cond).float()
-            noise_uncond = self.dit(x, t.expand(1), uncond).float()
+            noise_cond = dit(x, t.expand(1), cond).float()
+            noise_uncond = dit(x, t.expand(1), uncond).float()
         return noise_uncond + guidance * (noise_cond - noise_uncond)
 
     def denoise(
@@ -467,7 +421,7 @@ class WanPipeline:
         from tqdm.auto import tqdm
 
         latents = state.latents
-        self._place_dit()
+        self.placement.dit.place(self.plan)
         guard = self._oom_guard()
         bar = tqdm(
             total=len(timesteps),
@@ -514,10 +468,9 @@ class WanPipeline:
     def decode(self, latents: torch.Tensor, *, progress: bool = False) -> np.ndarray:
         from tqdm.auto import tqdm
 
-        if self.plan.offload_dit_before_decode and isinstance(self.dit, torch.nn.Module):
-            from wanfit.runtime.offload import release_dit
-
-            release_dit(self.dit)
+        if self.plan.offload_dit_before_decode:
+            self.placement.dit.release()
+        self.placement.vae.apply(self.plan)
         z = self.vae.denormalize(latents.to(self.vae.dtype))
         with torch.no_grad(), tqdm(desc="decoding", unit="frame", disable=not progress) as bar:
 
@@ -527,7 +480,7 @@ class WanPipeline:
                 bar.refresh()
 
             extra = {"progress": report} if progress else {}
-            video = self.vae.decode(z, tile=self.plan.vae_tile, **extra)
+            video = self.vae.decode(z, tile=self.placement.vae.tile, **extra)
         return frames_to_uint8(video)
 
     def _end_phase(self, phase: str, started: float) -> None:

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from tests.helpers import tiny_text
-from wanfit.weights.model_dir import OFFICIAL_T5, OFFICIAL_TOKENIZER, OFFICIAL_VAE
+from wanfit.weights.file_names import OFFICIAL_T5, OFFICIAL_TOKENIZER, OFFICIAL_VAE
 
 DIT_FILE = "diffusion_pytorch_model.safetensors"
 

@@ -1,9 +1,9 @@
 """Chunking switches the runtime sets on DiT blocks (the plan's attention_chunk and ffn_chunk).
 
-`apply_chunking(dit.blocks, attention_chunk=..., ffn_chunk=...)` sets, on every block (and on its
-`self_attn` child when it has one):
+`apply_chunking(dit.blocks, attention_chunk=..., ffn_chunk=...)` sets, on every block:
     block.ffn_chunk: int | None        tokens per FFN call (None: the whole sequence at once)
-    block.attention_chunk: int | None  query rows per self-attention call (None: all at once)
+    block.self_attn.attention_chunk    query rows per self-attention call (None: all at once); on the
+                                       block itself when it has no `self_attn` child
 The blocks honour them with wanfit.models.dit.run_in_chunks: the result is the same; only the
 largest intermediate (FFN hidden, attention workspace) shrinks.
 """
@@ -16,6 +16,5 @@ import torch.nn as nn
 def apply_chunking(blocks: nn.ModuleList, *, attention_chunk: int | None, ffn_chunk: int | None) -> None:
     for block in blocks:
         block.ffn_chunk = ffn_chunk
-        block.attention_chunk = attention_chunk
-        if isinstance(getattr(block, "self_attn", None), nn.Module):
-            block.self_attn.attention_chunk = attention_chunk
+        attention = block.self_attn if isinstance(getattr(block, "self_attn", None), nn.Module) else block
+        attention.attention_chunk = attention_chunk

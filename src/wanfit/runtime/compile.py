@@ -4,25 +4,36 @@ Inductor fuses each block's LayerNorms, modulation, RMSNorms, RoPE and gated res
 kernels; eager PyTorch runs each as separate passes over a [L, dim] fp32 tensor. Attention stays
 outside the compiled graph (wanfit.attention is opaque to dynamo), so the dispatcher still
 chooses the kernel. All blocks share one graph, so the compile cost is paid once per shape.
+
+The blocks themselves are never changed: `compile_blocks` returns one compiled callable per block,
+and `forward_with` runs the DiT through them. Dropping the callables
+is all it takes to run eagerly again (the placement does that when the plan streams the DiT).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
+import torch.nn as nn
 
 
-def compile_blocks(dit: torch.nn.Module, *, mode: str | None = None) -> torch.nn.Module:
-    """Compile every block of `dit.blocks` in place (static shapes) and return `dit`."""
-    for block in dit.blocks:
-        block.compile(dynamic=False, mode=mode)
-    return dit
+def compile_blocks(blocks: Sequence[nn.Module], *, dynamic: bool = False, **options) -> list[Callable]:
+    """A torch.compile'd callable per block (static shapes by default); `options` go to torch.compile.
+
+    The blocks' bound `__call__` is compiled, not the module: torch.compile(module) marks the module
+    itself, and nothing of the runtime's may stay on a model.
+    """
+    return [torch.compile(block.__call__, dynamic=dynamic, **options) for block in blocks]
 
 
-def set_compiled(dit: torch.nn.Module, enabled: bool) -> None:
-    """Compile the blocks, or return them to eager (e.g. when the plan steps down to streaming)."""
-    compiled = getattr(dit.blocks[0], "_compiled_call_impl", None) is not None if len(dit.blocks) else False
-    if enabled and not compiled:
-        compile_blocks(dit)
-    elif not enabled and compiled:
-        for block in dit.blocks:
-            block._compiled_call_impl = None
+def forward_with(
+    dit: nn.Module, blocks: Sequence[Callable], x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor
+) -> torch.Tensor:
+    """`dit(x, timestep, context)` with its blocks run through `blocks` (WanDiT's embed / unembed around
+    them, each called as WanDiT.run_blocks calls its blocks)."""
+    inputs = dit.embed(x, timestep, context)
+    tokens = inputs.tokens
+    for block in blocks:
+        tokens = block(tokens, inputs.e, inputs.context, inputs.rope)
+    return dit.unembed(tokens, inputs)

@@ -14,17 +14,14 @@ upcast copy of the block in use with fp8). The host thread waits for the block b
 finish on the GPU before it allocates the next copy, so the GPU never holds more than that.
 
 On a CPU "device" (tests) the same bookkeeping runs with plain copies, so the order of fetches and
-releases and the results can be checked anywhere.
+releases and the results can be checked anywhere. Which model streams, and how many blocks stay
+resident, is the Plan's; runtime/placement.py builds and holds the streamers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 import torch.nn as nn
-
-from wanfit.runtime.chunking import apply_chunking
 
 FP8 = getattr(torch, "float8_e4m3fn", None)
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -52,22 +49,25 @@ class _Slot:
         self.stored: torch.Tensor | None = None
         self.scale: torch.Tensor | None = None
 
+    def get(self) -> torch.Tensor:
+        return getattr(self.module, self.name)
+
     def set(self, tensor: torch.Tensor) -> None:
         if self.is_param:
-            self.module._parameters[self.name].data = tensor
+            self.get().data = tensor
         else:
-            self.module._buffers[self.name] = tensor
+            setattr(self.module, self.name, tensor)  # a registered buffer stays one
 
 
 def _slots(block: nn.Module) -> list[_Slot]:
     seen, out = set(), []
     for module in block.modules():
-        for name, p in module._parameters.items():
-            if p is not None and id(p) not in seen:
+        for name, p in module.named_parameters(recurse=False):
+            if id(p) not in seen:
                 seen.add(id(p))
                 out.append(_Slot(module, name, True, p.dtype))
-        for name, b in module._buffers.items():
-            if b is not None and id(b) not in seen:
+        for name, b in module.named_buffers(recurse=False):
+            if id(b) not in seen:
                 seen.add(id(b))
                 out.append(_Slot(module, name, False, b.dtype))
     return out
@@ -137,10 +137,7 @@ class BlockStreamer:
             streamed = i in self._next
             where = host if streamed else self.device
             for slot in slots:
-                current = (
-                    slot.module._parameters[slot.name] if slot.is_param else slot.module._buffers[slot.name]
-                )
-                self._store(slot, current, where)
+                self._store(slot, slot.get(), where)
                 if not streamed and slot.scale is None:
                     slot.set(slot.stored)  # resident and not quantized: the stored copy is the weight
                 else:
@@ -264,77 +261,3 @@ class BlockStreamer:
                     t = (t.to(torch.float32) * slot.scale.to(device)).to(slot.dtype)
                 slot.set(t)
                 slot.stored = slot.scale = None
-
-
-# ----------------------------------------------------------------------------- the DiT under a plan
-
-
-def _non_block_modules(model: nn.Module, blocks: nn.Module) -> Iterable[nn.Module]:
-    return (child for child in model.children() if child is not blocks)
-
-
-def _move_own_tensors(model: nn.Module, device: torch.device) -> None:
-    for p in model._parameters.values():
-        if p is not None:
-            p.data = p.data.to(device)
-    for name, b in model._buffers.items():
-        if b is not None:
-            model._buffers[name] = b.to(device)
-
-
-def configure_dit(dit: nn.Module, plan, *, pin_memory: bool | None = None) -> BlockStreamer | None:
-    """Place `dit` (a model with an nn.ModuleList `blocks`) as the plan says and set its chunking.
-
-    Whole model on plan.device when plan.dit_blocks_resident is None and storage is not fp8; else the
-    non-block modules go to the device and the blocks are streamed (k resident; all resident with
-    fp8 storage alone). Idempotent: a second call with the same placement only resets chunking.
-    Dtypes are left as loaded. Returns the BlockStreamer, if any (also at dit._wanfit_streamer).
-    """
-    device = torch.device(plan.device)
-    fp8 = plan.storage_dtype is not None and plan.storage_dtype.startswith("float8")
-    key = (str(device), plan.dit_blocks_resident, fp8)
-    streamer = getattr(dit, "_wanfit_streamer", None)
-    if getattr(dit, "_wanfit_placement", None) != key:
-        if streamer is not None:
-            streamer.detach("cpu")
-            streamer = None
-        for child in _non_block_modules(dit, dit.blocks):
-            child.to(device)
-        _move_own_tensors(dit, device)
-        if plan.dit_blocks_resident is None and not fp8:
-            dit.blocks.to(device)
-        else:
-            n = len(dit.blocks)
-            k = n if plan.dit_blocks_resident is None else plan.dit_blocks_resident
-            streamer = BlockStreamer(dit.blocks, device, resident=k, fp8=fp8, pin_memory=pin_memory)
-        dit._wanfit_streamer = streamer
-        dit._wanfit_placement = key
-    elif streamer is not None:
-        streamer.reset()
-    apply_chunking(dit.blocks, attention_chunk=plan.attention_chunk, ffn_chunk=plan.ffn_chunk)
-    return streamer
-
-
-def release_dit(dit: nn.Module) -> None:
-    """Move the whole DiT to host memory (before the VAE decode); configure_dit places it again."""
-    streamer = getattr(dit, "_wanfit_streamer", None)
-    if streamer is not None:
-        streamer.detach("cpu")
-    dit._wanfit_streamer = None
-    dit._wanfit_placement = None
-    dit.to("cpu")
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def stream_text_encoder(text_encoder, device: str | torch.device, resident: int) -> BlockStreamer:
-    """Stream umT5's blocks through `device` (k resident); the embedding stays on the host.
-
-    The token embedding (1 GB in bf16) is a lookup: it runs on the host and only the hidden states
-    move; the final norm sits on the device, so the encoder's output comes back from there.
-    """
-    encoder = text_encoder.model.encoder
-    streamer = BlockStreamer(encoder.block, device, resident=resident, move_inputs=True)
-    encoder.final_layer_norm.to(device)
-    text_encoder._wanfit_streamer = streamer
-    return streamer

@@ -23,6 +23,7 @@ from wanfit.models.configs import DiTConfig
 from wanfit.models.dit import WanDiT
 from wanfit.precision import FP8_DTYPES, parse_stored_dtype, parse_weight_dtype
 from wanfit.weights import dit_keys
+from wanfit.weights.file_names import DIFFUSERS_DIT, DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS
 from wanfit.weights.io import LazyStateDict, read_json, resolve_weight_files, short_list
 
 _MAX_LISTED = 10
@@ -131,9 +132,9 @@ def load_dit(
 def inspect_dit(path: str | os.PathLike) -> DiTCheckpoint:
     """Open a DiT checkpoint lazily: find its files, strip prefixes, detect the layout, map the keys."""
     path = Path(path)
-    if path.is_dir() and (path / "transformer").is_dir() and not list(path.glob("diffusion_pytorch_model*")):
-        path = path / "transformer"  # a diffusers pipeline folder
-    files = resolve_weight_files(path, stems=("diffusion_pytorch_model", "model"))
+    if path.is_dir() and (path / DIFFUSERS_DIT).is_dir() and not list(path.glob(f"{DIFFUSERS_WEIGHTS}*")):
+        path = path / DIFFUSERS_DIT  # a diffusers pipeline folder
+    files = resolve_weight_files(path, stems=(DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS))
     return map_dit_keys(LazyStateDict(files), path, read_config_json(path))
 
 
@@ -338,7 +339,7 @@ def folder_dit_config(folder: Path):
     folder = Path(folder)
     if not folder.is_dir():
         find_model_files(folder)  # says what is wrong: missing, or a file rather than a folder
-    values = read_config_json(folder / "transformer") or read_config_json(folder)
+    values = read_config_json(folder / DIFFUSERS_DIT) or read_config_json(folder)
     if values is not None:
         config = DiTConfig.from_dict(values)
     else:

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from wanfit.errors import CheckpointError
+from wanfit.weights.file_names import DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 
@@ -151,7 +152,7 @@ def shard_files_from_index(index_path: Path) -> list[Path]:
 
 
 def find_weight_files(
-    folder: Path, stems: Sequence[str] = ("diffusion_pytorch_model", "model")
+    folder: Path, stems: Sequence[str] = (DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS)
 ) -> list[Path]:
     """The weight files of a model folder: an index's shards, or the one file named by a stem."""
     folder = Path(folder)
@@ -179,9 +180,7 @@ def find_weight_files(
     raise CheckpointError(f"No weight files (*.safetensors) found in {folder}.")
 
 
-def resolve_weight_files(
-    path: str | os.PathLike, stems: Sequence[str] = ("diffusion_pytorch_model",)
-) -> list[Path]:
+def resolve_weight_files(path: str | os.PathLike, stems: Sequence[str] = (DIFFUSERS_WEIGHTS,)) -> list[Path]:
     """A file, a shard index or a folder -> the list of weight files to read."""
     path = Path(path)
     if not path.exists():

@@ -6,10 +6,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from wanfit.errors import CheckpointError
-
-OFFICIAL_VAE = "Wan2.1_VAE.pth"
-OFFICIAL_T5 = "models_t5_umt5-xxl-enc-bf16.pth"
-OFFICIAL_TOKENIZER = Path("google") / "umt5-xxl"
+from wanfit.weights.file_names import (
+    DIFFUSERS_DIT,
+    DIFFUSERS_INDEX,
+    DIFFUSERS_SCHEDULER_CONFIG,
+    DIFFUSERS_TEXT_ENCODER,
+    DIFFUSERS_TOKENIZER,
+    DIFFUSERS_VAE,
+    DIFFUSERS_WEIGHTS,
+    OFFICIAL_T5,
+    OFFICIAL_TOKENIZER,
+    OFFICIAL_VAE,
+)
 
 
 @dataclass(frozen=True)
@@ -32,25 +40,27 @@ def find_model_files(root: str | Path) -> ModelFiles:
         raise CheckpointError(f"Model folder not found: {root}.")
     if not root.is_dir():
         raise CheckpointError(f"--model must be a model folder, but {root} is a file.")
-    if (root / "transformer").is_dir() or (root / "model_index.json").is_file():
-        parts = {name: root / name for name in ("transformer", "vae", "text_encoder", "tokenizer")}
+    if (root / DIFFUSERS_DIT).is_dir() or (root / DIFFUSERS_INDEX).is_file():
+        names = (DIFFUSERS_DIT, DIFFUSERS_VAE, DIFFUSERS_TEXT_ENCODER, DIFFUSERS_TOKENIZER)
+        parts = {name: root / name for name in names}
         missing = [f"{name}/" for name, path in parts.items() if not path.is_dir()]
         if missing:
             raise CheckpointError(f"The diffusers-layout folder {root} lacks {', '.join(missing)}.")
-        scheduler = root / "scheduler" / "scheduler_config.json"
+        scheduler = root / DIFFUSERS_SCHEDULER_CONFIG
         return ModelFiles(
             layout="diffusers",
             root=root,
-            dit=parts["transformer"],
-            vae=parts["vae"],
-            text_encoder=parts["text_encoder"],
-            tokenizer=parts["tokenizer"],
+            dit=parts[DIFFUSERS_DIT],
+            vae=parts[DIFFUSERS_VAE],
+            text_encoder=parts[DIFFUSERS_TEXT_ENCODER],
+            tokenizer=parts[DIFFUSERS_TOKENIZER],
             scheduler_config=scheduler if scheduler.is_file() else None,
         )
-    has_dit = any(root.glob("diffusion_pytorch_model*.safetensors"))
+    dit_files = f"{DIFFUSERS_WEIGHTS}*.safetensors"
+    has_dit = any(root.glob(dit_files))
     if has_dit or (root / OFFICIAL_VAE).exists():
         wanted = {
-            "diffusion_pytorch_model*.safetensors": has_dit,
+            dit_files: has_dit,
             OFFICIAL_VAE: (root / OFFICIAL_VAE).is_file(),
             OFFICIAL_T5: (root / OFFICIAL_T5).is_file(),
             f"{OFFICIAL_TOKENIZER}/": (root / OFFICIAL_TOKENIZER).is_dir(),
@@ -67,7 +77,7 @@ def find_model_files(root: str | Path) -> ModelFiles:
             tokenizer=root / OFFICIAL_TOKENIZER,
         )
     raise CheckpointError(
-        f"{root} is neither an official Wan2.1 release folder (diffusion_pytorch_model*.safetensors, "
+        f"{root} is neither an official Wan2.1 release folder ({DIFFUSERS_WEIGHTS}*.safetensors, "
         f"{OFFICIAL_VAE}, {OFFICIAL_T5}, {OFFICIAL_TOKENIZER}/) nor a diffusers-layout folder "
-        "(transformer/, vae/, text_encoder/, tokenizer/)."
+        f"({DIFFUSERS_DIT}/, {DIFFUSERS_VAE}/, {DIFFUSERS_TEXT_ENCODER}/, {DIFFUSERS_TOKENIZER}/)."
     )

@@ -22,9 +22,9 @@ from wanfit.errors import CheckpointError, ConfigError
 from wanfit.models.vae import WAN21_VAE, VAEConfig, WanVAE
 from wanfit.precision import FP8_DTYPES, parse_stored_dtype, parse_weight_dtype
 from wanfit.weights import vae_keys
+from wanfit.weights.file_names import DIFFUSERS_VAE, DIFFUSERS_WEIGHTS, OFFICIAL_VAE
 from wanfit.weights.io import LazyStateDict, read_json, resolve_weight_files, short_list, strip_prefix
 
-OFFICIAL_FILE = "Wan2.1_VAE.pth"
 _PREFIXES = ("vae.", "first_stage_model.", "model.")
 _MAX_LISTED = 8
 
@@ -80,11 +80,11 @@ def load_vae(
 def inspect_vae(path: str | os.PathLike) -> VAECheckpoint:
     """Find the weight files, detect the naming and map every key to its official name."""
     path = Path(path)
-    if path.is_dir() and (path / "vae").is_dir():
-        path = path / "vae"  # a diffusers pipeline folder
-    elif path.is_dir() and (path / OFFICIAL_FILE).is_file():
-        path = path / OFFICIAL_FILE  # an official model folder
-    files = resolve_weight_files(path, stems=("diffusion_pytorch_model",))
+    if path.is_dir() and (path / DIFFUSERS_VAE).is_dir():
+        path = path / DIFFUSERS_VAE  # a diffusers pipeline folder
+    elif path.is_dir() and (path / OFFICIAL_VAE).is_file():
+        path = path / OFFICIAL_VAE  # an official model folder
+    files = resolve_weight_files(path, stems=(DIFFUSERS_WEIGHTS,))
     tensors = LazyStateDict(files)
     file_keys = list(tensors)
     prefix = strip_prefix(file_keys, _PREFIXES)

@@ -1,0 +1,308 @@
+"""Where each model lives under a Plan, and the run-time state that goes with it, in one place.
+
+One placement object per component, owned by the pipeline:
+    DiTPlacement          device; blocks streamed (k resident) or not; fp8 storage; compiled blocks; chunking
+    TextEncoderPlacement  device; blocks streamed or not; compute dtype
+    VAEPlacement          device; decode tiling
+Each holds a frozen layout derived from a Plan (what it has put in place) and the live objects that
+go with it: the BlockStreamer, the compiled block callables. `apply(plan)` moves, streams, compiles
+and chunks only what differs between the layout in place and the plan's. Nothing is written onto the
+modules but their weights, the streamer's hooks and the settings the models declare (chunk sizes).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from wanfit.runtime.chunking import apply_chunking
+from wanfit.runtime.compile import compile_blocks, forward_with
+from wanfit.runtime.offload import BlockStreamer
+
+HOST = "cpu"
+
+
+def _device_name(device: str | torch.device) -> str:
+    return str(torch.device(device))
+
+
+# ----------------------------------------------------------------------------------- the DiT
+
+
+@dataclass(frozen=True)
+class DiTLayout:
+    """Where the DiT lives under a plan."""
+
+    device: str
+    blocks_resident: int | None  # None: every block on the device; k: blocks streamed, k kept there
+    fp8: bool  # blocks stored as scaled float8, upcast per call (through the streamer)
+    compiled: bool  # blocks run through torch.compile'd callables
+    attention_chunk: int | None
+    ffn_chunk: int | None
+
+    @classmethod
+    def from_plan(cls, plan) -> DiTLayout:
+        fp8 = plan.storage_dtype is not None and plan.storage_dtype.startswith("float8")
+        streamed = plan.dit_blocks_resident is not None or fp8
+        return cls(
+            device=_device_name(plan.device),
+            blocks_resident=plan.dit_blocks_resident,
+            fp8=fp8,
+            # Compiled blocks would trace the streamer's hooks: compile only a resident DiT.
+            compiled=plan.compile_dit and not streamed,
+            attention_chunk=plan.attention_chunk,
+            ffn_chunk=plan.ffn_chunk,
+        )
+
+    @property
+    def streamed(self) -> bool:
+        return self.blocks_resident is not None or self.fp8
+
+    @property
+    def load_device(self) -> str:
+        """Where a loader should put the weights: the host for a streamed DiT (placed block by block)."""
+        return HOST if self.streamed else self.device
+
+    @property
+    def where(self) -> tuple:
+        return self.device, self.blocks_resident, self.fp8
+
+
+class DiTPlacement:
+    """The DiT's placement: a model with an nn.ModuleList `blocks` (anything else is only called).
+
+    The DiT is placed when a denoising phase starts (`place`) and may be released to the host before
+    the VAE decode (`release`); in between, `apply` follows plan changes. Call the placement, not the
+    model, to run the DiT as placed: `placement(x, timestep, context)`.
+    compile_options: passed to torch.compile for each block (e.g. a test's backend).
+    """
+
+    def __init__(
+        self, dit: nn.Module, *, pin_memory: bool | None = None, compile_options: dict | None = None
+    ):
+        self.dit = dit
+        self.pin_memory = pin_memory
+        self.compile_options = {"dynamic": False, **(compile_options or {})}
+        self.layout: DiTLayout | None = None  # None: not placed (as loaded, or released to the host)
+        self.streamer: BlockStreamer | None = None
+        self.compiled_blocks: list[Callable] | None = None
+
+    @property
+    def placeable(self) -> bool:
+        return isinstance(getattr(self.dit, "blocks", None), nn.ModuleList)
+
+    def place(self, plan) -> None:
+        """Put the DiT where `plan` says, changing only what differs from the layout in place."""
+        if not self.placeable:
+            return
+        old, new = self.layout, DiTLayout.from_plan(plan)
+        if old is None or old.where != new.where:
+            self._move(new)
+        elif self.streamer is not None:
+            self.streamer.reset()  # drop the copies a call that raised left behind, and the prefetch
+        if old is None or (old.attention_chunk, old.ffn_chunk) != (new.attention_chunk, new.ffn_chunk):
+            apply_chunking(self.dit.blocks, attention_chunk=new.attention_chunk, ffn_chunk=new.ffn_chunk)
+        if new.compiled and self.compiled_blocks is None:
+            self.compiled_blocks = compile_blocks(self.dit.blocks, **self.compile_options)
+        elif not new.compiled:
+            self.compiled_blocks = None  # the blocks themselves were never changed: eager again
+        self.layout = new
+
+    def apply(self, plan) -> None:
+        """Follow a plan change mid-run; a DiT not placed stays on the host until `place`."""
+        if self.layout is not None:
+            self.place(plan)
+
+    def release(self) -> None:
+        """Move the whole DiT to host memory (before the VAE decode); `place` puts it back."""
+        self._unstream()
+        if isinstance(self.dit, nn.Module):
+            self.dit.to(HOST)
+        self.layout = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def __call__(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """The DiT's forward as placed (through the compiled blocks when compiled)."""
+        if self.compiled_blocks is None:
+            return self.dit(x, timestep, context)
+        return forward_with(self.dit, self.compiled_blocks, x, timestep, context)
+
+    def _move(self, layout: DiTLayout) -> None:
+        self._unstream()
+        device = torch.device(layout.device)
+        blocks = self.dit.blocks
+        for child in self.dit.children():
+            if child is not blocks:
+                child.to(device)
+        _move_own_tensors(self.dit, device)
+        if not layout.streamed:
+            blocks.to(device)
+            return
+        k = len(blocks) if layout.blocks_resident is None else layout.blocks_resident
+        self.streamer = BlockStreamer(blocks, device, resident=k, fp8=layout.fp8, pin_memory=self.pin_memory)
+
+    def _unstream(self) -> None:
+        if self.streamer is not None:
+            self.streamer.detach(HOST)
+            self.streamer = None
+
+
+def _move_own_tensors(model: nn.Module, device: torch.device) -> None:
+    """The parameters and buffers of `model` itself (not of its children)."""
+    for p in model.parameters(recurse=False):
+        p.data = p.data.to(device)
+    for name, b in model.named_buffers(recurse=False):
+        setattr(model, name, b.to(device))
+
+
+# ------------------------------------------------------------------------------ the text encoder
+
+
+def text_encoder_compute_dtype(plan, storage_dtype: torch.dtype | None = None) -> torch.dtype:
+    """umT5's compute dtype over weights stored in `storage_dtype` (default: the plan's): the text
+    encoder's policy when the weights are already in that dtype, else fp32 (never fp16)."""
+    from wanfit.models.text_encoder import text_encoder_precision
+
+    storage = storage_dtype or plan.torch_text_encoder_dtype
+    device_type = torch.device(plan.text_encoder_device).type
+    policy = text_encoder_precision(plan.torch_compute_dtype, device_type).compute
+    return policy if policy == storage else torch.float32
+
+
+@dataclass(frozen=True)
+class TextEncoderLayout:
+    """Where umT5 lives under a plan, and what it computes in."""
+
+    device: str
+    blocks_resident: int | None  # None: the whole encoder on the device; k: blocks streamed, k kept
+    compute_dtype: torch.dtype
+
+    @classmethod
+    def from_plan(cls, plan, storage_dtype: torch.dtype | None = None) -> TextEncoderLayout:
+        return cls(
+            device=_device_name(plan.text_encoder_device),
+            blocks_resident=plan.text_encoder_blocks_resident,
+            compute_dtype=text_encoder_compute_dtype(plan, storage_dtype),
+        )
+
+    @property
+    def load_device(self) -> str:
+        """Where a loader should put the weights: the host for a streamed encoder."""
+        return HOST if self.blocks_resident is not None else self.device
+
+
+class TextEncoderPlacement:
+    """A WanTextEncoder's placement (anything else, or a released encoder, is left alone).
+
+    Streamed: the blocks go through the device (k resident), the final norm sits there, and the
+    token embedding (a 1 GB lookup in bf16) stays on the host, so only the hidden states move.
+    The encoder's weights are referenced weakly: releasing them (WanTextEncoder.release) frees the
+    streamer's host copies too, and a reloaded model is placed afresh.
+    """
+
+    def __init__(self, text_encoder):
+        self.text_encoder = text_encoder
+        self._layout: TextEncoderLayout | None = None
+        # Weak references (a callable giving the object or None): the model the layout was applied
+        # to, and its streamer.
+        self._model: Callable[[], nn.Module | None] = lambda: None
+        self._streamer: Callable[[], BlockStreamer | None] = lambda: None
+
+    @property
+    def layout(self) -> TextEncoderLayout | None:
+        """The layout in place; None before the first apply, and once the weights were released."""
+        model = self._model()
+        return (
+            self._layout if model is not None and model is getattr(self.text_encoder, "model", None) else None
+        )
+
+    @property
+    def streamer(self) -> BlockStreamer | None:
+        return self._streamer()
+
+    @property
+    def placeable(self) -> bool:
+        return isinstance(getattr(self.text_encoder, "model", None), nn.Module)
+
+    def apply(self, plan) -> None:
+        """Put the encoder where `plan` says, changing only what differs from the layout in place."""
+        if not self.placeable:
+            return
+        te, model, old = self.text_encoder, self.text_encoder.model, self.layout
+        new = TextEncoderLayout.from_plan(plan, te.storage_dtype)
+        if old == new:
+            return
+        if old is None or (old.device, old.blocks_resident) != (new.device, new.blocks_resident):
+            streamer = self.streamer if old is not None else None
+            if streamer is not None:
+                streamer.detach(HOST)
+            if new.blocks_resident is None:
+                model.to(new.device)
+                streamer = None
+            else:
+                model.to(HOST)
+                streamer = BlockStreamer(
+                    te.blocks, new.device, resident=new.blocks_resident, move_inputs=True
+                )
+                te.final_norm.to(new.device)
+            # The streamer lives as long as the blocks it hooks; the placement only looks at it.
+            self._streamer = weakref.ref(streamer) if streamer is not None else (lambda: None)
+        te.compute_dtype = new.compute_dtype
+        self._layout, self._model = new, weakref.ref(model)
+
+
+# ------------------------------------------------------------------------------------------ the VAE
+
+
+@dataclass(frozen=True)
+class VAELayout:
+    device: str
+    tile: tuple[int, int] | None  # decode tile core in latent pixels, None: untiled
+
+    @classmethod
+    def from_plan(cls, plan) -> VAELayout:
+        return cls(device=_device_name(plan.device), tile=plan.vae_tile)
+
+
+class VAEPlacement:
+    """The VAE's placement: its device (a module is moved there) and how its decode is tiled."""
+
+    def __init__(self, vae):
+        self.vae = vae
+        self.layout: VAELayout | None = None
+
+    def apply(self, plan) -> None:
+        new = VAELayout.from_plan(plan)
+        if isinstance(self.vae, nn.Module) and (self.layout is None or self.layout.device != new.device):
+            self.vae.to(new.device)
+        self.layout = new
+
+    @property
+    def tile(self) -> tuple[int, int] | None:
+        return self.layout.tile if self.layout is not None else None
+
+
+# ------------------------------------------------------------------------------------ all three
+
+
+@dataclass
+class Placements:
+    """The pipeline's three placements; `apply(plan)` follows a plan change in each."""
+
+    dit: DiTPlacement
+    text_encoder: TextEncoderPlacement
+    vae: VAEPlacement
+
+    @classmethod
+    def of(cls, dit, vae, text_encoder) -> Placements:
+        return cls(DiTPlacement(dit), TextEncoderPlacement(text_encoder), VAEPlacement(vae))
+
+    def apply(self, plan) -> None:
+        self.text_encoder.apply(plan)
+        self.dit.apply(plan)
+        self.vae.apply(plan)

@@ -1,0 +1,33 @@
+"""The file and folder names Wan2.1 is shipped under: the one table the loaders and the folder finder read.
+
+Official release folder (Wan-AI/Wan2.1-T2V-*):
+    diffusion_pytorch_model.safetensors (or -0000N-of-0000M shards + .index.json), config.json,
+    Wan2.1_VAE.pth, models_t5_umt5-xxl-enc-bf16.pth, google/umt5-xxl/ (the tokenizer)
+diffusers folder (Wan-AI/Wan2.1-T2V-*-Diffusers):
+    model_index.json, transformer/, vae/ (diffusion_pytorch_model.*), text_encoder/ (model.*),
+    tokenizer/, scheduler/scheduler_config.json
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# Official release files.
+OFFICIAL_VAE = "Wan2.1_VAE.pth"
+OFFICIAL_T5 = "models_t5_umt5-xxl-enc-bf16.pth"
+OFFICIAL_TOKENIZER = Path("google") / "umt5-xxl"
+
+# Stems of safetensors weight files: <stem>.safetensors, <stem>.safetensors.index.json, <stem>-*-of-*.
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"  # the official DiT, and diffusers' transformer/ and vae/
+TRANSFORMERS_WEIGHTS = "model"  # transformers' models: diffusers' text_encoder/
+
+# diffusers-layout parts.
+DIFFUSERS_INDEX = "model_index.json"
+DIFFUSERS_DIT = "transformer"
+DIFFUSERS_VAE = "vae"
+DIFFUSERS_TEXT_ENCODER = "text_encoder"
+DIFFUSERS_TOKENIZER = "tokenizer"
+DIFFUSERS_SCHEDULER_CONFIG = Path("scheduler") / "scheduler_config.json"
+
+# A tokenizer folder holds at least one of these.
+TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer_config.json")
