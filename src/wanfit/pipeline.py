@@ -404,13 +404,53 @@ class WanPipeline:
             self.text_encoder.release()
         return tuple(embeds[i : i + 1] for i in range(len(prompts)))
 
-    def make_scheduler(self, shift: float | None):
-        """A diffusers folder's own scheduler (its shift unless one is given), else our official UniPC."""
-        if self.scheduler_config is not None:
+    def make_scheduler(self, shift: float | None, sampler: str | None = None):
+        """The sampler asked for; else a diffusers folder's own scheduler (its shift unless one is given),
+        else our official UniPC."""
+        if sampler is None and self.scheduler_config is not None:
             return schedulers.make_scheduler(config_path=self.scheduler_config, shift=shift)
         return schedulers.make_scheduler(
-            self.defaults.scheduler, shift=self.defaults.shift if shift is None else shift
+            sampler or self.defaults.scheduler, shift=self.defaults.shift if shift is None else shift
         )
+
+    # -- LoRAs ---------------------------------------------------------------------------------
+
+    def load_lora(self, path, strength: float = 1.0, *, skip_unknown: bool = False, mode: str | None = None):
+        """Add a LoRA file (any format of wanfit.weights.lora_keys) at `strength`; several add up.
+
+        mode: "merge" or "runtime" (default: wanfit.runtime.lora.choose_mode for this plan). Returns the
+        converted LoraWeights; its `notes` say what was skipped.
+        """
+        from wanfit.runtime.lora import apply_loras, choose_mode, lora_state
+        from wanfit.weights.lora_keys import LoraWeights, load_lora
+
+        lora = path
+        if not isinstance(path, LoraWeights):
+            shapes, name = self.dit_parameter_shapes()
+            lora = load_lora(path, shapes, skip_unknown=skip_unknown, model_name=name)
+        state = lora_state(self.dit)
+        apply_loras(self.dit, [*state.loras, (lora, float(strength))], mode or choose_mode(self.plan))
+        return lora
+
+    def unload_loras(self) -> None:
+        """Remove every LoRA: the DiT's weights are the base weights again, bit for bit."""
+        from wanfit.runtime.lora import remove_loras
+
+        remove_loras(self.dit)
+
+    @property
+    def loras(self) -> list[dict]:
+        """The applied LoRAs (file name, content hash, strength, path), for metadata and resume files."""
+        state = getattr(self.dit, "_wanfit_loras", None)
+        return [lora.record(strength) for lora, strength in state.loras] if state else []
+
+    def dit_parameter_shapes(self) -> tuple[dict[str, tuple[int, ...]], str]:
+        """(official parameter name -> shape, a name for messages) of this pipeline's DiT."""
+        from wanfit.runtime.lora import parameter_shapes
+        from wanfit.weights.dit_keys import describe_size
+
+        config = self.dit.config
+        return parameter_shapes(config), describe_size(config.dim, config.num_layers, config.in_dim)
 
     def predict_noise(
         self, latents: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond, guidance: float
@@ -535,7 +575,9 @@ class WanPipeline:
         progress: bool = True,
         resume: DenoiseState | None = None,
         on_step: Callable[[DenoiseState], None] | None = None,
+        sampler: str | None = None,
     ) -> np.ndarray:
+        """sampler: one of wanfit.sampling.schedulers.SCHEDULERS (default: the folder's or the official)."""
         steps = self.defaults.num_inference_steps if num_inference_steps is None else num_inference_steps
         guidance = self.defaults.guidance_scale if guidance_scale is None else guidance_scale
         validate_request(height, width, num_frames, steps, guidance)
@@ -563,8 +605,8 @@ class WanPipeline:
         cond, uncond = embeds[0], (embeds[1] if use_cfg else None)
         self._end_phase("text_encoder", started)
 
-        scheduler = self.make_scheduler(shift)
-        folder_scheduler = self.scheduler_config is not None
+        scheduler = self.make_scheduler(shift, sampler)
+        folder_scheduler = sampler is None and self.scheduler_config is not None
         timesteps = schedulers.set_timesteps(scheduler, steps, official=not folder_scheduler, device=device)
 
         in_channels = getattr(getattr(self.dit, "config", None), "in_dim", 16)
@@ -578,6 +620,8 @@ class WanPipeline:
             elif tuple(latents.shape) != shape:
                 raise ConfigError(f"The given latents have shape {tuple(latents.shape)}, expected {shape}.")
             state = DenoiseState(latents.to(device=device, dtype=torch.float32), 0)
+            if hasattr(scheduler, "seed_noise"):  # a sampler that re-noises: its noise follows the seed
+                scheduler.seed_noise(0 if seed is None else seed, shape)
         state.latents = state.latents.to(device=device, dtype=torch.float32)
 
         started = time.perf_counter()
