@@ -65,5 +65,9 @@ class DistilledFlowScheduler(FlowMatchLCMScheduler):
 
     def step(self, model_output, timestep, sample, generator=None, return_dict=True):
         return super().step(
-            model_output, timestep, sample, generator=generator or self.noise_generator, return_dict=return_dict
+            model_output,
+            timestep,
+            sample,
+            generator=generator or self.noise_generator,
+            return_dict=return_dict,
         )

@@ -30,12 +30,16 @@ PRESETS = {
     for p in (
         # LightX2V configs/distill/wan21/wan_t2v_distill_lora_4step_cfg.json: denoising_step_list
         # [1000, 750, 500, 250], sample_shift 5, enable_cfg false, LoRA strength 1.0.
-        Preset("lightx2v-4step", "distilled", 4, 5.0, 1.0, 1.0, "LightX2V wan_t2v_distill_lora_4step_cfg.json"),
+        Preset(
+            "lightx2v-4step", "distilled", 4, 5.0, 1.0, 1.0, "LightX2V wan_t2v_distill_lora_4step_cfg.json"
+        ),
         # Kijai's CausVid LoRA notes: CFG 1, strength about 0.5 with the flowmatch_causvid schedule, 4-9 steps.
         Preset("causvid", "causvid", 8, 1.0, 1.0, 0.5, "Kijai's CausVid LoRA (flowmatch_causvid, CFG 1)"),
         # The self-forcing (lightx2v cfg/step-distill) LoRA as ComfyUI users run it: LCM sampler with the
         # simple schedule (the same steps and re-noising as 'distilled'), 4 steps, shift 8, CFG 1, strength 1.
-        Preset("self-forcing", "distilled", 4, 8.0, 1.0, 1.0, "Kijai's lightx2v self-forcing LoRA (LCM, shift 8)"),
+        Preset(
+            "self-forcing", "distilled", 4, 8.0, 1.0, 1.0, "Kijai's lightx2v self-forcing LoRA (LCM, shift 8)"
+        ),
     )
 }
 
