@@ -444,6 +444,12 @@ class WanPipeline:
         state = getattr(self.dit, "_wanfit_loras", None)
         return [lora.record(strength) for lora, strength in state.loras] if state else []
 
+    @property
+    def lora_mode(self) -> str | None:
+        """How the LoRAs are applied ("merge" or "runtime"), None without LoRAs."""
+        state = getattr(self.dit, "_wanfit_loras", None)
+        return state.mode if state and state.loras else None
+
     def dit_parameter_shapes(self) -> tuple[dict[str, tuple[int, ...]], str]:
         """(official parameter name -> shape, a name for messages) of this pipeline's DiT."""
         from wanfit.runtime.lora import parameter_shapes

@@ -233,6 +233,9 @@ def convert(
         if dit_keys.is_image_to_video_name(official):
             lora.skipped_i2v.extend(entry.keys)
             continue
+        if not any(n in model_shapes for n in (official, f"{official}.weight", f"{official}.bias")):
+            lora.unknown.extend(entry.keys)  # no such module in this model (a typo, VACE, another model)
+            continue
         t = entry.tensors
         if ("down" in t) != ("up" in t):
             have, lack = (
