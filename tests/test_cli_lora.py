@@ -128,3 +128,16 @@ def test_every_user_error_is_one_sentence_and_writes_nothing(tmp_path, capsys, l
         capsys, *RUN, "--steps", "2", "--lora", str(odd_file), "--lora-skip-unknown", "--out", str(out)
     )
     assert code == 0 and "wanfit: note: odd.safetensors: skipped 1 unknown keys" in err
+
+
+def test_plan_shows_the_preset_and_plans_one_pass_per_step(capsys):
+    from wanfit.cli import main
+
+    assert main(["plan", "--json", "--emulate", "t4", "--preset", "lightx2v-4step"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["preset"]["sampler"] == "distilled" and shown["preset"]["steps"] == 4
+    assert shown["request"]["guidance"] is False  # guidance 1: no unconditional pass
+    assert main(["plan", "--json", "--emulate", "t4", "--preset", "lightx2v-4step", "--guidance", "5"]) == 0
+    assert json.loads(capsys.readouterr().out)["request"]["guidance"] is True  # a flag wins
+    assert main(["plan", "--emulate", "t4", "--preset", "causvid"]) == 0
+    assert "preset causvid: sampler causvid, 8 steps" in capsys.readouterr().out

@@ -43,6 +43,26 @@ def add_lora_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_preset_option(parser: argparse.ArgumentParser) -> None:
+    """`wanfit plan --preset NAME`: plan with the preset's guidance and show its settings."""
+    from wanfit.sampling.presets import PRESETS
+
+    parser.add_argument(
+        "--preset", default=None, metavar="NAME", help=f"plan for a few-step recipe ({', '.join(PRESETS)})"
+    )
+
+
+def plan_preset(args: argparse.Namespace):
+    """The --preset of `wanfit plan` (or None); fills --guidance when it was not given."""
+    from wanfit.pipeline import SamplingDefaults
+    from wanfit.sampling.presets import get_preset
+
+    preset = get_preset(args.preset) if args.preset is not None else None
+    if args.guidance is None:
+        args.guidance = preset.guidance if preset else SamplingDefaults().guidance_scale
+    return preset
+
+
 def apply_preset(args: argparse.Namespace):
     """Fill the settings the user left unset from --preset; returns the Preset or None."""
     from wanfit.sampling.presets import get_preset
