@@ -146,6 +146,13 @@ def bench_dit(name: str, args, device, dtype) -> dict:
     return result  # the DiT is freed with this frame
 
 
+def job(args, latents, steps: int, guidance: float) -> dict:
+    """The call arguments both pipelines share."""
+    width, height = (int(v) for v in args.size.split("x"))
+    return dict(negative_prompt="blurry, static", height=height, width=width, num_frames=args.frames,
+                num_inference_steps=steps, guidance_scale=guidance, latents=latents.clone())  # fmt: skip
+
+
 def run_wanfit_job(parts, args, latents, device, *, steps, guidance, sampler, shift, lora=None) -> dict:
     from wanfit.pipeline import WanPipeline
     from wanfit.plan.plan import default_plan
@@ -155,26 +162,11 @@ def run_wanfit_job(parts, args, latents, device, *, steps, guidance, sampler, sh
     if args.tiny:
         plan = plan.__class__.from_dict({**plan.to_dict(), "free_text_encoder": False})
     pipe = WanPipeline(dit, vae, text_encoder, plan=plan)
-    width, height = (int(v) for v in args.size.split("x"))
     load_s = 0.0
     if lora is not None:
         load_s, _ = timed(lambda: pipe.load_lora(lora, 1.0), device)
-    total, _ = timed(
-        lambda: pipe(
-            PROMPT,
-            negative_prompt="blurry, static",
-            height=height,
-            width=width,
-            num_frames=args.frames,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            shift=shift,
-            sampler=sampler,
-            latents=latents.clone(),
-            progress=False,
-        ),
-        device,
-    )
+    kwargs = job(args, latents, steps, guidance)
+    total, _ = timed(lambda: pipe(PROMPT, shift=shift, sampler=sampler, progress=False, **kwargs), device)
     if lora is not None:
         pipe.unload_loras()
     return {"total_s": total, "lora_load_s": load_s, "steps": steps, "dit_calls": pipe.dit_calls,
@@ -189,24 +181,14 @@ def run_diffusers_job(parts, args, latents, device, *, steps, guidance, schedule
         tokenizer=tokenizer, text_encoder=t5, transformer=ref_dit, vae=ref_vae, scheduler=scheduler
     )
     pipe.set_progress_bar_config(disable=True)
-    width, height = (int(v) for v in args.size.split("x"))
     load_s = 0.0
     if lora_state is not None:
         load_s, _ = timed(lambda: pipe.load_lora_weights(dict(lora_state), adapter_name="distill"), device)
+    kwargs = job(args, latents, steps, guidance)
 
     def call():
         with torch.no_grad():
-            return pipe(
-                PROMPT,
-                negative_prompt="blurry, static",
-                height=height,
-                width=width,
-                num_frames=args.frames,
-                num_inference_steps=steps,
-                guidance_scale=guidance,
-                latents=latents.clone(),
-                output_type="pt",
-            )
+            return pipe(PROMPT, output_type="pt", **kwargs)
 
     total, _ = timed(call, device)
     if lora_state is not None:

@@ -6,21 +6,12 @@ import json
 import pytest
 import torch
 
-import wanfit.attention as wa
 from tests.helpers import tiny_lora
-from tests.test_cli_generate import files_in, generate, one_error_line
+from tests.test_cli_generate import _isolated, files_in, generate, one_error_line  # noqa: F401
 from wanfit.models.configs import WAN_T2V_14B, WAN_TINY
 from wanfit.video import read_video
 
 RUN = ["generate", "--size", "48x32", "--frames", "5", "--seed", "3", "--no-progress"]
-
-
-@pytest.fixture(autouse=True)
-def _isolated(monkeypatch):
-    for var in ("WANFIT_EMULATE", "WANFIT_ATTENTION"):
-        monkeypatch.delenv(var, raising=False)
-    yield
-    wa.reset()
 
 
 @pytest.fixture(scope="module")

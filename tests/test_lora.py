@@ -5,38 +5,29 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import tiny_lora, tiny_pipeline, tiny_text
+from tests import test_pipeline
+from tests.helpers import tiny_lora, tiny_pipeline
+from tests.test_pipeline import FRAMES, HEIGHT, NEGATIVE, STEPS, WIDTH
 from wanfit.errors import CheckpointError
-from wanfit.pipeline import WanPipeline, latent_shape
+from wanfit.pipeline import WanPipeline
 from wanfit.runtime.lora import parameter_shapes
 from wanfit.weights import lora_keys
 
-HEIGHT, WIDTH, FRAMES, STEPS = 32, 48, 5, 4
 STRENGTH = 0.7
+folders, latents = (
+    test_pipeline.folders,
+    test_pipeline.latents,
+)  # its fixtures: a tiny diffusers pipeline, latents
 DIM = tiny_pipeline.PIPELINE_DIT["num_attention_heads"] * tiny_pipeline.PIPELINE_DIT["attention_head_dim"]
 FFN, LAYERS = tiny_pipeline.PIPELINE_DIT["ffn_dim"], tiny_pipeline.PIPELINE_DIT["num_layers"]
 JOB = dict(
-    negative_prompt="blurry, static",
+    negative_prompt=NEGATIVE,
     height=HEIGHT,
     width=WIDTH,
     num_frames=FRAMES,
     num_inference_steps=STEPS,
     guidance_scale=5.0,
 )
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lora")
-    tokenizer_dir = tiny_text.train_tokenizer(root / "tok")
-    reference = tiny_pipeline.make_diffusers_pipeline(tokenizer_dir)
-    reference.save_pretrained(str(root / "diffusers"))
-    return reference, root
-
-
-@pytest.fixture(scope="module")
-def latents():
-    return torch.randn(latent_shape(1, 16, HEIGHT, WIDTH, FRAMES), generator=torch.Generator().manual_seed(5))
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +59,7 @@ def formats():
 
 @pytest.mark.parametrize("name", list(formats()))
 def test_each_format_gives_the_frames_diffusers_gives(folders, latents, base_frames, tmp_path, name):
-    reference, root = folders
+    reference, diffusers_dir, _ = folders
     ours_state, theirs_state = formats()[name]
     ours_file = tiny_lora.save(ours_state, tmp_path / "ours.safetensors")
     theirs_file = tiny_lora.save(theirs_state, tmp_path / "theirs.safetensors")
@@ -80,7 +71,7 @@ def test_each_format_gives_the_frames_diffusers_gives(folders, latents, base_fra
     finally:
         reference.delete_adapters("test")
 
-    pipe = WanPipeline.from_pretrained(root / "diffusers", device="cpu")
+    pipe = WanPipeline.from_pretrained(diffusers_dir, device="cpu")
     lora = pipe.load_lora(ours_file, strength=STRENGTH)
     assert lora.format == name.split("-lora_A")[0]
     frames = pipe("a fox", latents=latents.clone(), progress=False, **JOB)
@@ -129,12 +120,19 @@ def test_alpha_scales_and_no_alpha_means_scale_one():
     torch.testing.assert_close(with_alpha.low_rank[module].delta(), 0.5 * up @ down)
 
 
+def tiny_state_with(module: str, extra: dict | None = None) -> dict:
+    """A ComfyUI LoRA for the tiny DiT, plus a rank-4 pair for `module` and `extra` keys."""
+    state = tiny_lora.comfy(tiny_lora.random_factors(2, 64, 128))
+    state[f"diffusion_model.{module}.lora_down.weight"] = torch.zeros(4, 64)
+    state[f"diffusion_model.{module}.lora_up.weight"] = torch.zeros(64, 4)
+    return state | (extra or {})
+
+
 def test_image_to_video_keys_are_skipped_with_a_note():
     shapes = tiny_shapes()
-    state = tiny_lora.comfy(tiny_lora.random_factors(2, 64, 128))
-    state["diffusion_model.blocks.0.cross_attn.k_img.lora_down.weight"] = torch.zeros(4, 64)
-    state["diffusion_model.blocks.0.cross_attn.k_img.lora_up.weight"] = torch.zeros(64, 4)
-    state["diffusion_model.img_emb.proj.1.diff_b"] = torch.zeros(64)
+    state = tiny_state_with(
+        "blocks.0.cross_attn.k_img", {"diffusion_model.img_emb.proj.1.diff_b": torch.zeros(64)}
+    )
     lora = lora_keys.convert(state, shapes)
     lora_keys.check_fits(lora, shapes)
     assert len(lora.skipped_i2v) == 3 and "image-to-video" in lora.notes[0]
@@ -143,10 +141,7 @@ def test_image_to_video_keys_are_skipped_with_a_note():
 
 def test_unknown_keys_are_an_error_listing_them_unless_skipped():
     shapes = tiny_shapes()
-    state = tiny_lora.comfy(tiny_lora.random_factors(2, 64, 128))
-    state["diffusion_model.blocks.0.self_attn.qq.lora_down.weight"] = torch.zeros(4, 64)
-    state["diffusion_model.blocks.0.self_attn.qq.lora_up.weight"] = torch.zeros(64, 4)
-    state["something_else"] = torch.zeros(3)
+    state = tiny_state_with("blocks.0.self_attn.qq", {"something_else": torch.zeros(3)})
     with pytest.raises(CheckpointError, match=r"3 keys that fit no weight.*something_else") as err:
         lora_keys.check_fits(lora_keys.convert(state, shapes), shapes)
     assert "blocks.0.self_attn.qq" in str(err.value) and str(err.value).endswith(".")

@@ -25,18 +25,8 @@ TINY_DEFAULTS = {"size": "320x192", "frames": 17, "steps": 10}
 MODEL_DEFAULTS = {"size": "832x480", "frames": 81, "steps": None}
 DEFAULT_PROMPT = "a red fox running through fresh snow, cinematic lighting"
 # Settings a resumed run takes from its resume file (together they fix the frames).
-RESUMED = (
-    "prompt",
-    "negative_prompt",
-    "size",
-    "frames",
-    "steps",
-    "guidance",
-    "shift",
-    "seed",
-    "model",
-    "sampler",
-)
+RESUMED = ("prompt", "negative_prompt", "size", "frames", "steps", "guidance", "shift", "seed", "model")
+RESUMED += ("sampler",)  # absent from older resume files: None, the model's default
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
