@@ -154,14 +154,13 @@ def job(args, latents, steps: int, guidance: float) -> dict:
 
 
 def run_wanfit_job(parts, args, latents, device, *, steps, guidance, sampler, shift, lora=None) -> dict:
+    from dataclasses import replace
+
     from wanfit.pipeline import WanPipeline
-    from wanfit.plan.plan import default_plan
 
     dit, vae, text_encoder = parts
-    plan = default_plan(device)
-    if args.tiny:
-        plan = plan.__class__.from_dict({**plan.to_dict(), "free_text_encoder": False})
-    pipe = WanPipeline(dit, vae, text_encoder, plan=plan)
+    pipe = WanPipeline(dit, vae, text_encoder)  # everything resident, this machine's dtypes
+    pipe.plan = replace(pipe.plan, free_text_encoder=False)  # both jobs use the same text encoder
     load_s = 0.0
     if lora is not None:
         load_s, _ = timed(lambda: pipe.load_lora(lora, 1.0), device)
