@@ -185,3 +185,19 @@ def test_a_placement_change_after_a_merge_keeps_the_lora():
     configure_dit(dit, Plan(device="cpu"), pin_memory=False)
     base = copy.deepcopy(tiny_dit())
     torch.testing.assert_close(forward(dit), forward(base), rtol=0, atol=0)
+
+
+def test_releasing_the_dit_drops_the_branch_copies_and_the_next_call_makes_them_again():
+    from wanfit.runtime.lora import lora_state, release_device_copies
+
+    lora = make_lora()
+    dit = tiny_dit()
+    apply_loras(dit, [(lora, 0.8)], "runtime")
+    expected = forward(dit)
+    branches = lora_state(dit).branches
+    assert len(branches) == WAN_TINY.num_layers * 10 and all(b._cached is not None for b in branches)
+    release_device_copies(dit)
+    assert all(b._cached is None for b in branches)
+    torch.testing.assert_close(forward(dit), expected, rtol=0, atol=0)
+    remove_loras(dit)
+    assert lora_state(dit).branches == []

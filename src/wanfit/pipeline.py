@@ -540,9 +540,11 @@ class WanPipeline:
         from tqdm.auto import tqdm
 
         if self.plan.offload_dit_before_decode and isinstance(self.dit, torch.nn.Module):
+            from wanfit.runtime.lora import release_device_copies
             from wanfit.runtime.offload import release_dit
 
             release_dit(self.dit)
+            release_device_copies(self.dit)  # a LoRA branch's factors would stay on the card
         z = self.vae.denormalize(latents.to(self.vae.dtype))
         with torch.no_grad(), tqdm(desc="decoding", unit="frame", disable=not progress) as bar:
 

@@ -58,6 +58,9 @@ class LowRankBranch:
             self._cached = ((device, dtype), self.down.to(device, dtype), self.up.to(device, dtype))
         return self._cached[1], self._cached[2]
 
+    def release(self) -> None:
+        self._cached = None
+
     def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         x = args[0]
         down, up = self.factors(x.device, x.dtype)
@@ -72,6 +75,7 @@ class LoraState:
     mode: str = "merge"
     originals: dict[str, _Original] = field(default_factory=dict)
     hooks: list = field(default_factory=list)
+    branches: list[LowRankBranch] = field(default_factory=list)
 
 
 def parameter_shapes(config) -> dict[str, tuple[int, ...]]:
@@ -125,6 +129,7 @@ def apply_loras(dit: nn.Module, loras: list[tuple[LoraWeights, float]], mode: st
         down = torch.cat([u.down.float().flatten(1) for _, u in updates])
         up = torch.cat([strength * u.scale * u.up.float().flatten(1) for strength, u in updates], dim=1)
         branch = LowRankBranch(down, up)
+        state.branches.append(branch)
         state.hooks.append(dit.get_submodule(module_name).register_forward_hook(branch))
     _reset_streamer(dit)
 
@@ -136,10 +141,18 @@ def remove_loras(dit: nn.Module) -> None:
     state.loras, state.originals = [], {}
 
 
+def release_device_copies(dit: nn.Module) -> None:
+    """Drop the runtime branches' device copies of their factors (the DiT left the device); the next
+    call copies them again."""
+    for branch in lora_state(dit).branches:
+        branch.release()
+
+
 def _restore(dit: nn.Module, state: LoraState) -> None:
     for hook in state.hooks:
         hook.remove()
     state.hooks.clear()
+    state.branches.clear()
     for name, original in state.originals.items():
         _write_original(dit, name, original)
     _reset_streamer(dit)
