@@ -1,8 +1,8 @@
 """Saving and loading a denoising run's progress (`--checkpoint-every`, `--resume`).
 
 A resume file holds the latents after a step, the scheduler's multistep state and every setting that
-shapes the frames (prompt, negative prompt, seed, size, frames, steps, guidance, shift, model), plus
-where the output goes. It is a plain torch.save file of tensors and simple values, read back with
+shapes the frames (prompt, negative prompt, seed, size, frames, steps, guidance, shift, model; the
+sampler and the LoRAs by content hash and strength when the run had them), plus where the output goes. It is a plain torch.save file of tensors and simple values, read back with
 weights_only=True, so a resume file can never run code.
 """
 
@@ -87,6 +87,29 @@ def load(path: Path) -> tuple[DenoiseState, dict]:
             f"{path} is a damaged wanfit resume file (step {step!r}); it cannot be resumed."
         )
     return DenoiseState(latents, step, scheduler), request
+
+
+def saved_lora_requests(request: dict) -> list[tuple[Path, float]]:
+    """The saved run's LoRAs as (path, strength), for a resume that names none."""
+    return [(Path(r["path"]), float(r["strength"])) for r in request.get("loras") or []]
+
+
+def check_same_loras(request: dict, loras: list[dict], path: Path) -> None:
+    """Refuse to resume with other LoRAs (by content hash) or strengths than the saved run had."""
+
+    def key(records):
+        return sorted((r["sha256"], float(r["strength"])) for r in records)
+
+    def describe(records):
+        names = ", ".join(f"{r['name']}:{float(r['strength']):g}" for r in records)
+        return f"LoRAs {names}" if records else "no LoRA"
+
+    saved = request.get("loras") or []
+    if key(saved) != key(loras):
+        raise CheckpointError(
+            f"{path} holds a run with {describe(saved)}, not {describe(loras)}; resume it with the same "
+            "--lora files and strengths, or start a new run."
+        )
 
 
 def to_device(state: DenoiseState, device: str | torch.device) -> DenoiseState:

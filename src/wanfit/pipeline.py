@@ -133,6 +133,9 @@ class WanPipeline:
         self.placement = Placements.of(dit, vae, text_encoder)
         self.placement.text_encoder.apply(self.plan)  # loaded for this plan (from_pretrained): streamed if so
         self.placement.vae.apply(self.plan)
+        from wanfit.runtime.lora import DiTLoras
+
+        self.lora = DiTLoras(dit, self.placement.dit)  # the LoRAs applied (none yet)
 
     def _hardware(self):
         if self.hardware is None:
@@ -378,13 +381,54 @@ class WanPipeline:
                     stacklevel=3,
                 )
 
-    def make_scheduler(self, shift: float | None):
-        """A diffusers folder's own scheduler (its shift unless one is given), else our official UniPC."""
-        if self.scheduler_config is not None:
+    def make_scheduler(self, shift: float | None, sampler: str | None = None):
+        """The sampler asked for; else a diffusers folder's own scheduler (its shift unless one is given),
+        else our official UniPC."""
+        if sampler is None and self.scheduler_config is not None:
             return schedulers.make_scheduler(config_path=self.scheduler_config, shift=shift)
         return schedulers.make_scheduler(
-            self.defaults.scheduler, shift=self.defaults.shift if shift is None else shift
+            sampler or self.defaults.scheduler, shift=self.defaults.shift if shift is None else shift
         )
+
+    # -- LoRAs ---------------------------------------------------------------------------------
+
+    def load_lora(self, path, strength: float = 1.0, *, skip_unknown: bool = False, mode: str | None = None):
+        """Add a LoRA file (any format of wanfit.weights.lora_keys) at `strength`; several add up.
+
+        mode: "merge" or "runtime" (default: wanfit.runtime.lora.choose_mode for this plan). Returns the
+        converted LoraWeights; its `notes` say what was skipped.
+        """
+        from wanfit.runtime.lora import choose_mode
+        from wanfit.weights.lora_keys import LoraWeights, load_lora
+
+        lora = path
+        if not isinstance(path, LoraWeights):
+            shapes, name = self.dit_parameter_shapes()
+            lora = load_lora(path, shapes, skip_unknown=skip_unknown, model_name=name)
+        self.lora.apply([*self.lora.loras, (lora, float(strength))], mode or choose_mode(self.plan))
+        return lora
+
+    def unload_loras(self) -> None:
+        """Remove every LoRA: the DiT's weights are the base weights again, bit for bit."""
+        self.lora.remove()
+
+    @property
+    def loras(self) -> list[dict]:
+        """The applied LoRAs (file name, content hash, strength, path), for metadata and resume files."""
+        return [lora.record(strength) for lora, strength in self.lora.loras]
+
+    @property
+    def lora_mode(self) -> str | None:
+        """How the LoRAs are applied ("merge" or "runtime"), None without LoRAs."""
+        return self.lora.mode if self.lora.loras else None
+
+    def dit_parameter_shapes(self) -> tuple[dict[str, tuple[int, ...]], str]:
+        """(official parameter name -> shape, a name for messages) of this pipeline's DiT."""
+        from wanfit.runtime.lora import parameter_shapes
+        from wanfit.weights.dit_keys import describe_size
+
+        config = self.dit.config
+        return parameter_shapes(config), describe_size(config.dim, config.num_layers, config.in_dim)
 
     def predict_noise(
         self, latents: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond, guidance: float
@@ -470,6 +514,7 @@ class WanPipeline:
 
         if self.plan.offload_dit_before_decode:
             self.placement.dit.release()
+            self.lora.release_device_copies()  # a LoRA branch's factors would stay on the card
         self.placement.vae.apply(self.plan)
         z = self.vae.denormalize(latents.to(self.vae.dtype))
         with torch.no_grad(), tqdm(desc="decoding", unit="frame", disable=not progress) as bar:
@@ -509,7 +554,9 @@ class WanPipeline:
         progress: bool = True,
         resume: DenoiseState | None = None,
         on_step: Callable[[DenoiseState], None] | None = None,
+        sampler: str | None = None,
     ) -> np.ndarray:
+        """sampler: one of wanfit.sampling.schedulers.SCHEDULERS (default: the folder's or the official)."""
         steps = self.defaults.num_inference_steps if num_inference_steps is None else num_inference_steps
         guidance = self.defaults.guidance_scale if guidance_scale is None else guidance_scale
         validate_request(height, width, num_frames, steps, guidance)
@@ -537,8 +584,8 @@ class WanPipeline:
         cond, uncond = embeds[0], (embeds[1] if use_cfg else None)
         self._end_phase("text_encoder", started)
 
-        scheduler = self.make_scheduler(shift)
-        folder_scheduler = self.scheduler_config is not None
+        scheduler = self.make_scheduler(shift, sampler)
+        folder_scheduler = sampler is None and self.scheduler_config is not None
         timesteps = schedulers.set_timesteps(scheduler, steps, official=not folder_scheduler, device=device)
 
         in_channels = getattr(getattr(self.dit, "config", None), "in_dim", 16)
@@ -552,6 +599,8 @@ class WanPipeline:
             elif tuple(latents.shape) != shape:
                 raise ConfigError(f"The given latents have shape {tuple(latents.shape)}, expected {shape}.")
             state = DenoiseState(latents.to(device=device, dtype=torch.float32), 0)
+            if hasattr(scheduler, "seed_noise"):  # a sampler that re-noises: its noise follows the seed
+                scheduler.seed_noise(0 if seed is None else seed, shape)
         state.latents = state.latents.to(device=device, dtype=torch.float32)
 
         started = time.perf_counter()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from wanfit.commands import common
 from wanfit.commands.common import add_hardware_options, add_plan_options, parse_size, user_path
+from wanfit.commands.lora_options import add_lora_options
 from wanfit.errors import ConfigError, OutputError
 
 # Without --model the built-in tiny random model runs, at a size a CPU finishes in seconds.
@@ -25,6 +26,7 @@ MODEL_DEFAULTS = {"size": "832x480", "frames": 81, "steps": None}
 DEFAULT_PROMPT = "a red fox running through fresh snow, cinematic lighting"
 # Settings a resumed run takes from its resume file (together they fix the frames).
 RESUMED = ("prompt", "negative_prompt", "size", "frames", "steps", "guidance", "shift", "seed", "model")
+RESUMED += ("sampler",)  # absent from older resume files: None, the model's default
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -65,6 +67,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--no-progress", action="store_true", help="no progress bars and no plan/time line before the work"
     )
+    add_lora_options(p)
     add_hardware_options(p)
     add_plan_options(p)
     p.set_defaults(func=run)
@@ -85,17 +88,27 @@ class Settings:
     seed: int
     checkpoint_every: int
     out: Path
+    sampler: str | None = None
+    preset: str | None = None
 
 
 def run(args: argparse.Namespace) -> int:
     from wanfit import checkpointing
+    from wanfit.commands.lora_options import apply_preset, lora_requests, read_loras
     from wanfit.video import check_writable, write_video
 
-    resume_state = None
+    preset = apply_preset(args)
+    resume_state = saved = None
     if args.resume is not None:
         resume_state, saved = checkpointing.load(args.resume)
         apply_resume_file(args, saved)
     settings = check_settings(args)
+    requests = lora_requests(args, preset)
+    if saved is not None and not args.lora:
+        requests = checkpointing.saved_lora_requests(saved)  # the resumed run's own LoRAs
+    loras = read_loras(requests, _dit_config(args), args.lora_skip_unknown)
+    if saved is not None:
+        checkpointing.check_same_loras(saved, [lora.record(s) for lora, s in loras], args.resume)
     hardware = _hardware(args)
     planned = plan_job(args, settings, hardware)
     check_writable(settings.out, overwrite=args.overwrite)
@@ -114,6 +127,10 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_progress:
         announce(planned, settings, args.model)
     pipe = _load_pipeline(args, planned)
+    for lora, strength in loras:
+        pipe.load_lora(lora, strength)
+        for note in lora.notes:
+            print(f"wanfit: note: {note}.", file=sys.stderr)
     request = resolve_request(pipe, settings, args.model)
     if resume_state is not None:
         resume_state = _check_resume(pipe, resume_state, request, args.resume)
@@ -143,12 +160,14 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             resume=resume_state,
             on_step=on_step,
+            sampler=request["sampler"],
         )
         metadata = {
             **request,
             **pipe.run_record(),
             "device": hardware.device_name,
             "emulated": hardware.emulated,
+            "lora_mode": pipe.lora_mode,
         }
         try:
             write_video(frames_out, settings.out, metadata=metadata)
@@ -198,7 +217,7 @@ def _kept(ckpt: Path | None, resumed_from: Path | None) -> str:
 def apply_resume_file(args: argparse.Namespace, saved: dict) -> None:
     """Take the saved run's settings; a flag that would change its frames is an error, not a surprise."""
     for key in RESUMED:
-        given, value = getattr(args, key), saved[key]
+        given, value = getattr(args, key), saved.get(key)
         if given is not None and not _same_setting(key, given, value):
             given = str(given) if isinstance(given, Path) else given
             raise ConfigError(
@@ -206,7 +225,7 @@ def apply_resume_file(args: argparse.Namespace, saved: dict) -> None:
                 f"{given!r}; drop --{key.replace('_', '-')} or start a new run."
             )
     for key in RESUMED:
-        value = saved[key]
+        value = saved.get(key)
         setattr(args, key, Path(value) if key == "model" and value is not None else value)
     if args.out is None:
         args.out = Path(saved["out"])
@@ -224,6 +243,7 @@ def _same_setting(flag: str, given, saved) -> bool:
 
 def check_settings(args: argparse.Namespace) -> Settings:
     """Every user setting checked, one clear sentence for the first that is wrong; nothing loaded yet."""
+    from wanfit.commands.lora_options import check_sampler
     from wanfit.pipeline import validate_request
     from wanfit.video import safe_filename
 
@@ -235,6 +255,7 @@ def check_settings(args: argparse.Namespace) -> Settings:
         if value is not None and not math.isfinite(value):
             raise ConfigError(f"{flag} must be a finite number, got {value}.")
     validate_request(height, width, frames, 1 if steps is None else steps, args.guidance or 0.0)
+    check_sampler(args.sampler, steps)
     if args.shift is not None and args.shift <= 0:
         raise ConfigError(f"The flow shift must be positive, got {args.shift}.")
     every = args.checkpoint_every or 0
@@ -257,12 +278,14 @@ def check_settings(args: argparse.Namespace) -> Settings:
         seed,
         every,
         out,
+        args.sampler,
+        args.preset,
     )
 
 
 def resolve_request(pipe, settings: Settings, model: Path | None) -> dict:
     """The settings with the model's defaults filled in: stored in the output's metadata and resume file."""
-    scheduler = pipe.make_scheduler(settings.shift)
+    scheduler = pipe.make_scheduler(settings.shift, settings.sampler)
     shift = scheduler.config.get("flow_shift", scheduler.config.get("shift"))
     return {
         "prompt": settings.prompt,
@@ -278,6 +301,10 @@ def resolve_request(pipe, settings: Settings, model: Path | None) -> dict:
         "model": None if model is None else str(Path(model).resolve()),
         "out": str(Path(settings.out).resolve()),
         "checkpoint_every": settings.checkpoint_every,
+        "sampler": settings.sampler,
+        "scheduler": type(scheduler).__name__,
+        "preset": settings.preset,
+        "loras": pipe.loras,
     }
 
 
@@ -368,6 +395,14 @@ def _load_pipeline(args, planned):
 
         return tiny_pipeline(plan=planned)
     return WanPipeline.from_pretrained(args.model, plan=planned, progress=not args.no_progress)
+
+
+def _dit_config(args: argparse.Namespace):
+    """The DiT's config (the built-in tiny one, or the folder's config.json / headers): no weights read."""
+    from wanfit.models.configs import WAN_TINY
+    from wanfit.weights.dit_loader import folder_dit_config
+
+    return WAN_TINY if args.model is None else folder_dit_config(Path(args.model))[0]
 
 
 def _same_file(a: Path, b: Path) -> bool:

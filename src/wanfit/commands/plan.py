@@ -7,6 +7,7 @@ import json
 import sys
 
 from wanfit.commands import common
+from wanfit.commands.lora_options import add_preset_option, plan_preset
 from wanfit.errors import ConfigError, PlanError
 
 
@@ -24,9 +25,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--size", default="832x480", help="WIDTHxHEIGHT, multiples of 16 (default 832x480)")
     p.add_argument("--frames", type=int, default=81, help="4k+1 frames (default 81)")
     p.add_argument(
-        "--guidance", type=float, default=6.0, help="classifier-free guidance (1 = off; default 6)"
+        "--guidance", type=float, default=None, help="classifier-free guidance (1 = off; default 6)"
     )
     p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: the best one found)")
+    add_preset_option(p)
     common.add_plan_options(p)
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument(
@@ -58,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
     if args.list_settings:
         print(settings_help())
         return 0
+    preset = plan_preset(args)
     request = request_from_args(args)
     constraints = common.constraints_from_args(args)
     hardware = common.hardware_from_args(args)
@@ -74,7 +77,11 @@ def run(args: argparse.Namespace) -> int:
     if result.requested is not None:
         print(f"wanfit: warning: {result.notes[0]}", file=sys.stderr)
     if args.json:
-        print(json.dumps(result.to_dict(), indent=2))
+        print(json.dumps({**result.to_dict(), **({"preset": preset.to_dict()} if preset else {})}, indent=2))
     else:
         print(result.summary())
+        if preset:
+            p = preset
+            print(f"preset {p.name}: sampler {p.sampler}, {p.steps} steps, shift {p.shift:g}, guidance "
+                  f"{p.guidance:g} (one DiT pass per step), LoRA strength {p.lora_strength:g}; from {p.source}")  # fmt: skip
     return 0

@@ -238,6 +238,25 @@ class BlockStreamer:
         if self.record:
             self.events.append((what, i))
 
+    # -- the stored copies (LoRA merges write here: a parameter of a streamed block is a placeholder)
+
+    def find_slot(self, module: nn.Module, name: str) -> tuple[int, _Slot] | None:
+        """(block index, slot) of `module`'s tensor `name` if this streamer holds it, else None."""
+        for i, slots in enumerate(self._slots):
+            for slot in slots:
+                if slot.module is module and slot.name == name:
+                    return i, slot
+        return None
+
+    def replace_stored(self, i: int, slot: _Slot, tensor: torch.Tensor) -> None:
+        """Store a new value for a slot of block i as placement does (fp8 re-quantised, host copies pinned);
+        prefetched device copies are dropped so that the next call uses it."""
+        streamed = i in self._next
+        self._store(slot, tensor, torch.device("cpu") if streamed else self.device)
+        if not streamed and slot.scale is None:
+            slot.set(slot.stored)
+        self.reset()
+
     # -- teardown
 
     def reset(self) -> None:

@@ -18,7 +18,8 @@ import torch
 
 from wanfit.errors import CheckpointError, ConfigError
 
-SCHEDULERS = ("unipc", "euler")
+# unipc: the official sampler; euler: flow-match Euler; distilled, causvid: few-step (sampling.few_step).
+SCHEDULERS = ("unipc", "euler", "distilled", "causvid")
 NUM_TRAIN_TIMESTEPS = 1000
 
 
@@ -28,10 +29,27 @@ def official_sigmas(num_steps: int) -> np.ndarray:
     return np.linspace(sigma_max, 0.0, num_steps + 1)[:-1].copy()
 
 
+def sampler_sigmas(name: str, num_steps: int) -> np.ndarray:
+    """The unshifted sigma table a sampler of ours runs (the scheduler applies the shift)."""
+    from wanfit.sampling import few_step
+
+    if name == "distilled":
+        return few_step.distilled_sigmas(num_steps)
+    if name == "causvid":
+        return few_step.causvid_sigmas(num_steps)
+    return official_sigmas(num_steps)
+
+
 def make_scheduler(name: str = "unipc", *, shift: float, config_path: str | Path | None = None):
     """A diffusers scheduler object for `name`, or the one a diffusers folder's config names."""
     if config_path is not None:
         return _scheduler_from_config(Path(config_path), shift)
+    scheduler = _make(name, shift)
+    scheduler.wanfit_sampler = name  # which sigma table set_timesteps feeds it
+    return scheduler
+
+
+def _make(name: str, shift: float):
     from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
     if name == "unipc":
@@ -46,8 +64,12 @@ def make_scheduler(name: str = "unipc", *, shift: float, config_path: str | Path
             lower_order_final=True,
             final_sigmas_type="zero",
         )
-    if name == "euler":
+    if name in ("euler", "causvid"):
         return FlowMatchEulerDiscreteScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=shift)
+    if name == "distilled":
+        from wanfit.sampling.few_step import DistilledFlowScheduler
+
+        return DistilledFlowScheduler(shift=shift)
     raise ConfigError(f"Unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}.")
 
 
@@ -73,13 +95,14 @@ def set_timesteps(
 ) -> torch.Tensor:
     """Set the scheduler's steps and return its timesteps.
 
-    `official=True` feeds the official sigma table (for our own UniPC/Euler); `False` lets a
+    `official=True` feeds our sigma table (official for UniPC/Euler, see sampler_sigmas); `False` lets a
     diffusers config compute its own, exactly as diffusers' WanPipeline does.
     """
     if num_steps < 1:
         raise ConfigError(f"The number of steps must be at least 1, got {num_steps}.")
     if official:
-        scheduler.set_timesteps(sigmas=official_sigmas(num_steps), device=device)
+        sigmas = sampler_sigmas(getattr(scheduler, "wanfit_sampler", "unipc"), num_steps)
+        scheduler.set_timesteps(sigmas=sigmas, device=device)
     else:
         scheduler.set_timesteps(num_steps, device=device)
     if hasattr(scheduler, "set_begin_index"):
@@ -95,6 +118,7 @@ _STATE_ATTRS = (
     "last_sample",
     "_step_index",
     "this_order",
+    "noise_generator_state",  # the distilled sampler's fresh-noise generator
 )
 
 

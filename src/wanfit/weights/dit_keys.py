@@ -22,12 +22,19 @@ _TOP_LEVEL = {
     "time_projection.1": "condition_embedder.time_proj",
     "head.head": "proj_out",
     "head.modulation": "scale_shift_table",
-    # Image-to-video models only: mapped so that such checkpoints can be recognised in either layout.
+}
+# Image-to-video models only: mapped so that such checkpoints (and LoRAs) can be recognised in either layout.
+_I2V_TOP_LEVEL = {
     "img_emb.proj.0": "condition_embedder.image_embedder.norm1",
     "img_emb.proj.1": "condition_embedder.image_embedder.ff.net.0.proj",
     "img_emb.proj.3": "condition_embedder.image_embedder.ff.net.2",
     "img_emb.proj.4": "condition_embedder.image_embedder.norm2",
     "img_emb.emb_pos": "condition_embedder.image_embedder.pos_embed",
+}
+_I2V_IN_BLOCK = {
+    "cross_attn.k_img": "attn2.add_k_proj",
+    "cross_attn.v_img": "attn2.add_v_proj",
+    "cross_attn.norm_k_img": "attn2.norm_added_k",
 }
 
 # Official -> diffusers, inside `blocks.N.`. Note the cross-attention norm: official norm3, diffusers norm2.
@@ -36,9 +43,6 @@ _IN_BLOCK = {
     "norm3": "norm2",
     "ffn.0": "ffn.net.0.proj",
     "ffn.2": "ffn.net.2",
-    "cross_attn.k_img": "attn2.add_k_proj",
-    "cross_attn.v_img": "attn2.add_v_proj",
-    "cross_attn.norm_k_img": "attn2.norm_added_k",
 }
 for _official, _diffusers in (("self_attn", "attn1"), ("cross_attn", "attn2")):
     _IN_BLOCK.update(
@@ -51,6 +55,13 @@ for _official, _diffusers in (("self_attn", "attn1"), ("cross_attn", "attn2")):
             f"{_official}.norm_k": f"{_diffusers}.norm_k",
         }
     )
+
+_TOP_LEVEL.update(_I2V_TOP_LEVEL)
+_IN_BLOCK.update(_I2V_IN_BLOCK)
+
+# Every official module (or bare parameter) path, I2V ones included: outside the blocks, and inside `blocks.N.`.
+TOP_LEVEL_MODULES = tuple(_TOP_LEVEL)
+BLOCK_MODULES = tuple(_IN_BLOCK)
 
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
@@ -120,6 +131,13 @@ def official_to_diffusers(state_dict: dict) -> dict:
             raise CheckpointError(f"Unknown official Wan DiT key: {key}.")
         out[name] = value
     return out
+
+
+def is_image_to_video_name(name: str) -> bool:
+    """True for an official name that only image-to-video models have (k_img, v_img, img_emb, ...)."""
+    match = _BLOCK_KEY.match(name)
+    inner, table = (match.group(2), _I2V_IN_BLOCK) if match else (name, _I2V_TOP_LEVEL)
+    return any(inner == src or inner.startswith(src + ".") for src in table)
 
 
 def find_prefix(keys: Collection[str]) -> str:

@@ -1,0 +1,283 @@
+"""LoRAs on the GPU: merge time, the runtime branch's cost per DiT forward, and the 4-step job.
+
+    python3 benchmarks/bench_lora.py --out $OUT/lora.json                       # 1.3B and 14B DiT, 1.3B job
+    python3 benchmarks/bench_lora.py --models 14B --layers 10 --skip-job        # quicker
+    python3 benchmarks/bench_lora.py --tiny                                     # CPU, tiny: logic only
+
+Random real-shape weights. The LoRA is shaped like LightX2V's step-distill LoRA (rank 64 on every
+block Linear, with bias diffs, norm3 and modulation diffs, and the text/time embeddings and head).
+Per model: the merge time (fp32 math, rounded to bf16, on the GPU) and the unload time; one DiT
+forward at the job's token count without a LoRA, merged, and with the runtime low-rank branch.
+The job (1.3B, all of DiT, VAE and umT5 on the GPU): the 50-step CFG run (UniPC, guidance 5, no LoRA)
+against the 4-step distilled run with the LoRA (guidance 1), wanfit and diffusers; diffusers loads the
+same LoRA file through load_lora_weights and runs its FlowMatchLCMScheduler (its own 4-step schedule:
+the same number of DiT passes). Prints JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+try:
+    import wanfit  # noqa: F401
+except ImportError:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+PROMPT = "a red fox running through fresh snow at dawn, cinematic lighting"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="1.3B,14B", help="DiT sizes for merge/forward timing")
+    p.add_argument("--rank", type=int, default=64)
+    p.add_argument("--size", default="832x480")
+    p.add_argument("--frames", type=int, default=81)
+    p.add_argument("--layers", type=int, default=None, help="DiT blocks (default: all)")
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--full-steps", type=int, default=50, help="steps of the CFG baseline job")
+    p.add_argument("--skip-job", action="store_true")
+    p.add_argument("--skip-diffusers", action="store_true")
+    p.add_argument("--tiny", action="store_true", help="CPU, tiny models: checks the script only")
+    p.add_argument("--out", default=None)
+    return p.parse_args(argv)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device):
+    sync(device)
+    start = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - start, out
+
+
+def lightx2v_like_lora(cfg, rank: int, seed: int = 0) -> dict:
+    """A ComfyUI-format state dict shaped like LightX2V's rank-64 step-distill LoRA for `cfg`."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, std=0.01):
+        return (torch.randn(*shape, generator=gen) * std).to(torch.bfloat16)
+
+    linears = {
+        **{f"{a}.{p}": (cfg.dim, cfg.dim) for a in ("self_attn", "cross_attn") for p in "qkvo"},
+        "ffn.0": (cfg.ffn_dim, cfg.dim),
+        "ffn.2": (cfg.dim, cfg.ffn_dim),
+    }
+    state = {}
+
+    def low_rank(module, rows, cols, bias=True, alpha=False):
+        state[f"diffusion_model.{module}.lora_down.weight"] = rand(rank, cols)
+        state[f"diffusion_model.{module}.lora_up.weight"] = rand(rows, rank)
+        if alpha:  # diffusers reads alphas inside the blocks only
+            state[f"diffusion_model.{module}.alpha"] = torch.tensor(float(rank))
+        if bias:
+            state[f"diffusion_model.{module}.diff_b"] = rand(rows)
+
+    for i in range(cfg.num_layers):
+        for name, (rows, cols) in linears.items():
+            low_rank(f"blocks.{i}.{name}", rows, cols, alpha=True)
+        state[f"diffusion_model.blocks.{i}.norm3.diff"] = rand(cfg.dim)
+        state[f"diffusion_model.blocks.{i}.norm3.diff_b"] = rand(cfg.dim)
+        state[f"diffusion_model.blocks.{i}.modulation.diff"] = rand(1, 6, cfg.dim)
+    low_rank("text_embedding.0", cfg.dim, cfg.text_dim)
+    low_rank("text_embedding.2", cfg.dim, cfg.dim)
+    low_rank("time_embedding.0", cfg.dim, cfg.freq_dim)
+    low_rank("time_projection.1", 6 * cfg.dim, cfg.dim)
+    low_rank("head.head", cfg.out_dim * 4, cfg.dim)
+    return state
+
+
+def converted(state: dict, cfg):
+    from wanfit.runtime.lora import parameter_shapes
+    from wanfit.weights.lora_keys import check_fits, convert
+
+    shapes = parameter_shapes(cfg)
+    lora = convert(state, shapes)
+    check_fits(lora, shapes)
+    return lora
+
+
+def bench_dit(name: str, args, device, dtype) -> dict:
+    """Merge and unload time, and one forward: base, merged, runtime branch."""
+    from bench_dit import latent_shape, random_weights_wanfit, time_forward
+
+    from wanfit.models.configs import DIT_PRESETS
+    from wanfit.runtime.lora import DiTLoras
+
+    cfg = DIT_PRESETS[name]
+    if args.layers:
+        cfg = cfg.with_overrides(num_layers=args.layers)
+    dit = random_weights_wanfit(cfg, device, dtype, seed=0)
+    lora = converted(lightx2v_like_lora(cfg, args.rank), cfg)
+    loras = DiTLoras(dit)
+    frames, height, width = latent_shape(args.size, args.frames)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(1, cfg.in_dim, frames, height, width, generator=gen).to(device, dtype)
+    t = torch.tensor([900.0], device=device)
+    context = torch.randn(1, 512, cfg.text_dim, generator=gen).to(device, dtype)
+
+    def forward():
+        return dit(x, t, context)
+
+    result = {"config": cfg.to_dict(), "rank": args.rank, "lora_modules": len(lora.low_rank)}
+    result["base"], _ = time_forward(forward, device, warmup=1, runs=args.runs)
+    result["merge_s"], _ = timed(lambda: loras.apply([(lora, 1.0)], "merge"), device)
+    result["merged"], _ = time_forward(forward, device, warmup=1, runs=args.runs)
+    result["unload_s"], _ = timed(lambda: loras.remove(), device)
+    result["runtime_apply_s"], _ = timed(lambda: loras.apply([(lora, 1.0)], "runtime"), device)
+    result["runtime_branch"], _ = time_forward(forward, device, warmup=1, runs=args.runs)
+    loras.remove()
+    base = result["base"]["median_ms"]
+    result["runtime_branch_cost_pct"] = 100 * (result["runtime_branch"]["median_ms"] - base) / base
+    result["merged_cost_pct"] = 100 * (result["merged"]["median_ms"] - base) / base
+    for key in ("base", "merged", "runtime_branch"):
+        result[key].pop("runs_ms", None)
+    return result  # the DiT is freed with this frame
+
+
+def job(args, latents, steps: int, guidance: float) -> dict:
+    """The call arguments both pipelines share."""
+    width, height = (int(v) for v in args.size.split("x"))
+    return dict(negative_prompt="blurry, static", height=height, width=width, num_frames=args.frames,
+                num_inference_steps=steps, guidance_scale=guidance, latents=latents.clone())  # fmt: skip
+
+
+def run_wanfit_job(parts, args, latents, device, *, steps, guidance, sampler, shift, lora=None) -> dict:
+    from dataclasses import replace
+
+    from wanfit.pipeline import WanPipeline
+
+    dit, vae, text_encoder = parts
+    pipe = WanPipeline(dit, vae, text_encoder)  # everything resident, this machine's dtypes
+    pipe.plan = replace(pipe.plan, free_text_encoder=False)  # both jobs use the same text encoder
+    load_s = 0.0
+    if lora is not None:
+        load_s, _ = timed(lambda: pipe.load_lora(lora, 1.0), device)
+    kwargs = job(args, latents, steps, guidance)
+    total, _ = timed(lambda: pipe(PROMPT, shift=shift, sampler=sampler, progress=False, **kwargs), device)
+    if lora is not None:
+        pipe.unload_loras()
+    return {"total_s": total, "lora_load_s": load_s, "steps": steps, "dit_calls": pipe.dit_calls,
+            "phases_s": dict(pipe.timings)}  # fmt: skip
+
+
+def run_diffusers_job(parts, args, latents, device, *, steps, guidance, scheduler, lora_state=None) -> dict:
+    from diffusers import WanPipeline
+
+    ref_dit, ref_vae, t5, tokenizer = parts
+    pipe = WanPipeline(
+        tokenizer=tokenizer, text_encoder=t5, transformer=ref_dit, vae=ref_vae, scheduler=scheduler
+    )
+    pipe.set_progress_bar_config(disable=True)
+    load_s = 0.0
+    if lora_state is not None:
+        load_s, _ = timed(lambda: pipe.load_lora_weights(dict(lora_state), adapter_name="distill"), device)
+    kwargs = job(args, latents, steps, guidance)
+
+    def call():
+        with torch.no_grad():
+            return pipe(PROMPT, output_type="pt", **kwargs)
+
+    total, _ = timed(call, device)
+    if lora_state is not None:
+        pipe.delete_adapters("distill")
+    return {"total_s": total, "lora_load_s": load_s, "steps": steps}
+
+
+def bench_job(args, device) -> dict:
+    from bench_pipeline import build_models
+    from diffusers import FlowMatchLCMScheduler, UniPCMultistepScheduler
+
+    from wanfit.pipeline import latent_shape
+    from wanfit.sampling.presets import get_preset
+
+    preset = get_preset("lightx2v-4step")
+    model_args = SimpleNamespace(dry_run=args.tiny, layers=args.layers, text_layers=None)
+    diffusers_parts, wanfit_parts, cfg = build_models(model_args, device)
+    lora_state = lightx2v_like_lora(cfg, args.rank)
+    lora = converted(lora_state, cfg)
+    width, height = (int(v) for v in args.size.split("x"))
+    latents = torch.randn(
+        latent_shape(1, 16, height, width, args.frames), generator=torch.Generator().manual_seed(3)
+    )
+    latents = latents.to(device)
+    full = dict(steps=args.full_steps, guidance=5.0)
+    fast = dict(steps=preset.steps, guidance=preset.guidance)
+    result = {"preset": preset.to_dict()}
+    # diffusers first: wanfit's DiT shares diffusers' tensors, and a merge writes into them (undone after).
+    if not args.skip_diffusers:
+        unipc = UniPCMultistepScheduler(
+            prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=8.0
+        )
+        result["diffusers_full"] = run_diffusers_job(
+            diffusers_parts, args, latents, device, scheduler=unipc, **full
+        )
+        lcm = FlowMatchLCMScheduler(shift=preset.shift)
+        result["diffusers_4step_lora"] = run_diffusers_job(
+            diffusers_parts, args, latents, device, scheduler=lcm, lora_state=lora_state, **fast
+        )
+        result["diffusers_speedup"] = (
+            result["diffusers_full"]["total_s"] / result["diffusers_4step_lora"]["total_s"]
+        )
+    result["wanfit_full"] = run_wanfit_job(
+        wanfit_parts, args, latents, device, sampler="unipc", shift=8.0, **full
+    )
+    result["wanfit_4step_lora"] = run_wanfit_job(
+        wanfit_parts, args, latents, device, sampler=preset.sampler, shift=preset.shift, lora=lora, **fast
+    )
+    result["wanfit_speedup"] = result["wanfit_full"]["total_s"] / result["wanfit_4step_lora"]["total_s"]
+    return result
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.tiny:
+        device, dtype = torch.device("cpu"), torch.float32
+        args.models, args.size, args.frames, args.full_steps, args.rank, args.runs = (
+            "tiny",
+            "64x48",
+            5,
+            3,
+            4,
+            1,
+        )
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("No CUDA device: use --tiny to check the script.")
+        device, dtype = torch.device("cuda"), torch.bfloat16
+    result = {
+        "benchmark": "bench_lora",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "size": args.size,
+        "frames": args.frames,
+        "dit": {},
+    }
+    for name in args.models.split(","):
+        result["dit"][name] = bench_dit(name, args, device, dtype)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if not args.skip_job:
+        result["job"] = bench_job(args, device)
+    text = json.dumps(result, indent=2, default=str)
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+    return result
+
+
+if __name__ == "__main__":
+    main()

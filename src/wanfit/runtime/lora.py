@@ -1,0 +1,230 @@
+"""Applying LoRAs to a DiT: merged into the weights, or as a low-rank branch beside each Linear.
+
+merge    W' = W + sum_i strength_i * delta_i, computed in fp32 from the base weight and rounded once to
+         the storage dtype (fp8 storage: re-quantised with a fresh scale). Writes go where the runtime
+         keeps the weight: the parameter, or the block streamer's stored (host or fp8) copy, so a merge
+         is neither lost when a streamer copies the weights nor undone by a prefetched copy.
+runtime  y = x W^T + (x A^T) B^T beside each Linear of the blocks, B carrying strength * alpha / rank
+         (several LoRAs: their factors stacked, one branch); the weights stay as stored. Used for
+         streamed or fp8-stored blocks, where a merge would rewrite host copies. Everything that is no
+         block Linear (diffs, norms, modulation, embeddings) is merged in either mode.
+Every touched tensor's stored form is kept on the host the first time, so `remove_loras` restores
+the base weights bit for bit and a new LoRA set is always computed from the base. The pipeline owns
+the state (DiTLoras); nothing is stored on the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from wanfit.weights.lora_keys import LoraWeights, LowRank
+
+MODES = ("merge", "runtime")
+
+
+def choose_mode(plan) -> str:
+    """merge for a resident DiT in bf16/fp16/fp32; the runtime branch for streamed or fp8-stored blocks."""
+    streamed = plan.dit_blocks_resident is not None
+    fp8 = plan.storage_dtype is not None and plan.storage_dtype.startswith("float8")
+    return "runtime" if streamed or fp8 else "merge"
+
+
+@dataclass
+class _Original:
+    """A parameter's stored form before any LoRA: the tensor (and fp8 scale) as the runtime kept it."""
+
+    tensor: torch.Tensor
+    scale: torch.Tensor | None
+    dtype: torch.dtype  # the parameter's compute dtype (an fp8 copy upcasts to it)
+
+    def value(self, device: torch.device | str) -> torch.Tensor:
+        """The base weight in fp32 on `device`."""
+        t = self.tensor.to(device, torch.float32)
+        return t * self.scale.to(device) if self.scale is not None else t
+
+
+class LowRankBranch:
+    """A forward hook adding (x A^T) B^T to a Linear's output; factors cached per device and dtype."""
+
+    def __init__(self, down: torch.Tensor, up: torch.Tensor):
+        self.down, self.up = down, up  # fp32 masters on the host: [R, in], [out, R] (scales folded into up)
+        self._cached: tuple | None = None
+
+    def factors(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._cached is None or self._cached[0] != (device, dtype):
+            self._cached = ((device, dtype), self.down.to(device, dtype), self.up.to(device, dtype))
+        return self._cached[1], self._cached[2]
+
+    def release(self) -> None:
+        self._cached = None
+
+    def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        x = args[0]
+        down, up = self.factors(x.device, x.dtype)
+        return output + F.linear(F.linear(x, down), up).to(output.dtype)
+
+
+def parameter_shapes(config) -> dict[str, tuple[int, ...]]:
+    """Official parameter name -> shape of a WanDiT with this config (built on the meta device)."""
+    from wanfit.models.dit import WanDiT
+
+    with torch.device("meta"):
+        return {name: tuple(p.shape) for name, p in WanDiT(config).named_parameters()}
+
+
+class DiTLoras:
+    """The LoRAs applied to one DiT, owned by its pipeline (nothing is stored on the model).
+
+    placement: the DiT's runtime placement (wanfit.runtime.placement.DiTPlacement) or None for a bare
+    model; its streamer, when there is one, holds the stored copies a merge must write into.
+    """
+
+    def __init__(self, dit: nn.Module, placement=None):
+        self.dit = dit
+        self.placement = placement
+        self.loras: list[tuple[LoraWeights, float]] = []
+        self.mode: str = "merge"
+        self.originals: dict[str, _Original] = {}
+        self.hooks: list = []
+        self.branches: list[LowRankBranch] = []
+
+    @property
+    def streamer(self):
+        return getattr(self.placement, "streamer", None)
+
+    def apply(self, loras: list[tuple[LoraWeights, float]], mode: str) -> None:
+        """Make `loras` (each with its strength) the DiT's LoRA set, computed from the base weights."""
+        # Checked before anything changes: a bad mode must not leave the DiT half patched.
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+        dit = self.dit
+        self._restore()
+        self.loras, self.mode = list(loras), mode
+        branch_modules = _block_linears(dit) if mode == "runtime" else set()
+
+        merged: dict[str, list[tuple[float, object]]] = {}  # parameter -> [(strength, delta or LowRank)]
+        branches: dict[str, list[tuple[float, object]]] = {}  # Linear module -> [(strength, LowRank)]
+        for lora, strength in loras:
+            for module, update in lora.low_rank.items():
+                target = branches if module in branch_modules else merged
+                key = module if module in branch_modules else f"{module}.weight"
+                target.setdefault(key, []).append((strength, update))
+            for name, delta in lora.diffs.items():
+                merged.setdefault(name, []).append((strength, delta))
+
+        originals = {}
+        for name, updates in merged.items():
+            original = originals[name] = self.originals.get(name) or _snapshot(dit, self.streamer, name)
+            device = _compute_device(dit, self.streamer, name)
+            value = original.value(device)
+            for strength, update in updates:
+                delta = (
+                    update.delta(device) if isinstance(update, LowRank) else update.to(device, torch.float32)
+                )
+                value = value + strength * delta.reshape(value.shape)
+            _write(dit, self.streamer, name, value, original.dtype)
+        self.originals = originals  # tensors no LoRA touches any more were restored by _restore
+
+        for module_name, updates in branches.items():
+            down = torch.cat([u.down.float().flatten(1) for _, u in updates])
+            up = torch.cat([strength * u.scale * u.up.float().flatten(1) for strength, u in updates], dim=1)
+            branch = LowRankBranch(down, up)
+            self.branches.append(branch)
+            self.hooks.append(dit.get_submodule(module_name).register_forward_hook(branch))
+        self._reset_streamer()
+
+    def remove(self) -> None:
+        """Back to the exact base weights: every touched tensor restored, every branch removed."""
+        self._restore()
+        self.loras, self.originals = [], {}
+
+    def release_device_copies(self) -> None:
+        """Drop the runtime branches' device copies of their factors (the DiT left the device); the
+        next call copies them again."""
+        for branch in self.branches:
+            branch.release()
+
+    def _restore(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks.clear()
+        self.branches.clear()
+        for name, original in self.originals.items():
+            _write_original(self.dit, self.streamer, name, original)
+        self._reset_streamer()
+
+    def _reset_streamer(self) -> None:
+        if self.streamer is not None:
+            self.streamer.reset()  # a prefetched device copy may predate the change
+
+
+def _block_linears(dit: nn.Module) -> set[str]:
+    return {
+        f"blocks.{i}.{name}"
+        for i, block in enumerate(dit.blocks)
+        for name, module in block.named_modules()
+        if isinstance(module, nn.Linear)
+    }
+
+
+# --- where a parameter's value lives --------------------------------------------------------------
+
+
+def _locate(dit: nn.Module, streamer, name: str):
+    """(module, leaf, streamer, (block index, slot) or None) for the parameter `name`."""
+    module_name, _, leaf = name.rpartition(".")
+    module = dit.get_submodule(module_name)
+    found = streamer.find_slot(module, leaf) if streamer is not None else None
+    return module, leaf, streamer, found
+
+
+def _snapshot(dit: nn.Module, streamer, name: str) -> _Original:
+    module, leaf, _, found = _locate(dit, streamer, name)
+    param = module._parameters[leaf]
+    if found is not None:
+        _, slot = found
+        scale = None if slot.scale is None else slot.scale.detach().to("cpu", copy=True)
+        return _Original(slot.stored.detach().to("cpu", copy=True), scale, slot.dtype)
+    return _Original(param.detach().to("cpu", copy=True), None, param.dtype)
+
+
+def _compute_device(dit: nn.Module, streamer, name: str) -> torch.device:
+    """Where to compute a merge: the run's device (a streamed block's stored copy lives on the host)."""
+    module, leaf, streamer, _ = _locate(dit, streamer, name)
+    return streamer.device if streamer is not None else module._parameters[leaf].device
+
+
+def _write(dit: nn.Module, streamer, name: str, value: torch.Tensor, dtype: torch.dtype) -> None:
+    """Store an fp32 value for parameter `name`, rounded (or re-quantised) as the runtime stores it."""
+    module, leaf, streamer, found = _locate(dit, streamer, name)
+    if found is not None:
+        streamer.replace_stored(*found, value.to(dtype))
+    else:
+        param = module._parameters[leaf]
+        param.data.copy_(value.to(param.dtype))
+
+
+def _write_original(dit: nn.Module, streamer, name: str, original: _Original) -> None:
+    """Put the base value back; bit for bit when the placement is the one the snapshot was taken in."""
+    module, leaf, streamer, found = _locate(dit, streamer, name)
+    if found is not None:
+        _, slot = found
+        same_form = (slot.scale is None) == (
+            original.scale is None
+        ) and slot.stored.dtype == original.tensor.dtype
+        if same_form and slot.stored.shape == original.tensor.shape:
+            slot.stored.copy_(original.tensor)
+            if slot.scale is not None:
+                slot.scale.copy_(original.scale)
+        else:  # the plan changed storage since (e.g. fp8 after an out-of-memory step-down)
+            streamer.replace_stored(*found, original.value(streamer.device).to(original.dtype))
+        return
+    param = module._parameters[leaf]
+    if original.scale is None and original.tensor.dtype == param.dtype:
+        param.data.copy_(original.tensor)
+    else:
+        param.data.copy_(original.value(param.device).to(param.dtype))

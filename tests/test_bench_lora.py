@@ -1,0 +1,19 @@
+"""The LoRA benchmark's CPU-side logic (--tiny: tiny models on the CPU)."""
+
+import json
+
+from benchmarks.bench_lora import main
+
+
+def test_tiny_run_writes_json_with_every_measurement(tmp_path):
+    out = tmp_path / "bench_lora.json"
+    result = main(["--tiny", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["dit"].keys() == result["dit"].keys() == {"tiny"}
+    dit = saved["dit"]["tiny"]
+    assert dit["rank"] == 4 and dit["lora_modules"] > 20
+    assert dit["merge_s"] > 0 and dit["base"]["median_ms"] > 0 and dit["runtime_branch"]["median_ms"] > 0
+    job = saved["job"]
+    assert job["wanfit_4step_lora"]["dit_calls"] == 4  # guidance 1: one DiT pass per step
+    assert job["wanfit_full"]["dit_calls"] == 3 and job["diffusers_4step_lora"]["lora_load_s"] > 0
+    assert job["wanfit_speedup"] > 0 and job["diffusers_speedup"] > 0

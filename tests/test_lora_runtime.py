@@ -1,0 +1,229 @@
+"""Applying LoRAs to a DiT: merge vs runtime branch, unload, streamed and fp8 blocks, several LoRAs."""
+
+import copy
+
+import pytest
+import torch
+
+from tests.helpers import tiny_lora
+from wanfit.models.configs import WAN_TINY
+from wanfit.models.dit import WanDiT
+from wanfit.plan.plan import Plan
+from wanfit.runtime.lora import DiTLoras, choose_mode, parameter_shapes
+from wanfit.runtime.placement import DiTPlacement
+from wanfit.weights import lora_keys
+
+# Each DiT with its placement and LoRA state, as a pipeline holds them (by id: the tests' DiTs live on).
+_RIGS: dict[int, tuple[DiTPlacement, DiTLoras]] = {}
+
+
+def rig(dit) -> tuple[DiTPlacement, DiTLoras]:
+    if id(dit) not in _RIGS or _RIGS[id(dit)][0].dit is not dit:
+        placement = DiTPlacement(dit, pin_memory=False)
+        _RIGS[id(dit)] = (placement, DiTLoras(dit, placement))
+    return _RIGS[id(dit)]
+
+
+def apply_loras(dit, loras, mode):
+    rig(dit)[1].apply(loras, mode)
+
+
+def remove_loras(dit):
+    rig(dit)[1].remove()
+
+
+def place(dit, plan):
+    """Place the DiT as `plan` says (the pipeline's move at a phase start or a step-down); its streamer."""
+    placement = rig(dit)[0]
+    placement.place(plan)
+    return placement.streamer
+
+
+def tiny_dit(dtype=torch.float32):
+    torch.manual_seed(0)
+    return WanDiT(WAN_TINY).to(dtype).eval().requires_grad_(False)
+
+
+def inputs():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(1, WAN_TINY.in_dim, 2, 4, 6, generator=gen)
+    return x, torch.tensor([700.0]), torch.randn(1, 16, WAN_TINY.text_dim, generator=gen)
+
+
+def make_lora(seed=3, alpha=2.0, biases=True, extra=None):
+    """A ComfyUI-style LoRA over every block Linear, with bias and norm/modulation/embedding diffs."""
+    shapes = parameter_shapes(WAN_TINY)
+    factors = tiny_lora.random_factors(WAN_TINY.num_layers, WAN_TINY.dim, WAN_TINY.ffn_dim, seed=seed)
+    state = tiny_lora.comfy(factors, alpha=alpha, biases=tiny_lora.random_biases(factors) if biases else None)
+    gen = torch.Generator().manual_seed(seed + 100)
+    state["diffusion_model.blocks.0.norm3.diff"] = 0.2 * torch.randn(WAN_TINY.dim, generator=gen)
+    state["diffusion_model.blocks.1.modulation.diff"] = 0.2 * torch.randn(1, 6, WAN_TINY.dim, generator=gen)
+    state["diffusion_model.text_embedding.0.lora_down.weight"] = 0.3 * torch.randn(
+        4, WAN_TINY.text_dim, generator=gen
+    )
+    state["diffusion_model.text_embedding.0.lora_up.weight"] = 0.3 * torch.randn(
+        WAN_TINY.dim, 4, generator=gen
+    )
+    state.update(extra or {})
+    lora = lora_keys.convert(state, shapes)
+    lora_keys.check_fits(lora, shapes)
+    return lora
+
+
+def forward(dit):
+    with torch.no_grad():
+        return dit(*inputs())
+
+
+def state_of(dit):
+    return {k: v.clone() for k, v in dit.state_dict().items()}
+
+
+def test_merge_and_runtime_branch_give_the_same_output():
+    lora = make_lora()
+    merged, branched = tiny_dit(), tiny_dit()
+    base = forward(merged)
+    apply_loras(merged, [(lora, 0.8)], "merge")
+    apply_loras(branched, [(lora, 0.8)], "runtime")
+    a, b = forward(merged), forward(branched)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert (a - base).abs().mean() > 100 * (a - b).abs().mean()  # the LoRA acts far beyond the tolerance
+    # The runtime branch leaves the block Linears as stored: only diffs and non-block weights merged.
+    assert torch.equal(branched.blocks[0].self_attn.q.weight, tiny_dit().blocks[0].self_attn.q.weight)
+    assert not torch.equal(merged.blocks[0].self_attn.q.weight, tiny_dit().blocks[0].self_attn.q.weight)
+
+
+def test_merge_is_fp32_math_rounded_once_to_the_storage_dtype():
+    lora = make_lora()
+    dit = tiny_dit(torch.bfloat16)
+    base = dit.blocks[1].ffn[2].weight.clone()
+    apply_loras(dit, [(lora, 0.5)], "merge")
+    expected = (base.float() + 0.5 * lora.low_rank["blocks.1.ffn.2"].delta()).to(torch.bfloat16)
+    assert torch.equal(dit.blocks[1].ffn[2].weight, expected)
+    bias = dit.blocks[1].ffn[2].bias
+    assert bias.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("mode", ["merge", "runtime"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_unload_restores_the_base_weights_bit_for_bit(mode, dtype):
+    dit = tiny_dit(dtype)
+    before, out_before = state_of(dit), forward(dit)
+    apply_loras(dit, [(make_lora(), 1.0)], mode)
+    apply_loras(dit, [(make_lora(), 1.0), (make_lora(seed=4), -0.5)], mode)  # a second set: from the base
+    assert not torch.equal(forward(dit), out_before)
+    remove_loras(dit)
+    after = state_of(dit)
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert torch.equal(forward(dit), out_before)  # no branch left behind
+
+
+def test_two_loras_add():
+    one, two = make_lora(seed=3), make_lora(seed=5, biases=False)
+    dit = tiny_dit()
+    base = state_of(dit)
+    apply_loras(dit, [(one, 0.7), (two, -0.4)], "merge")
+    for module in ("blocks.0.self_attn.q", "blocks.1.ffn.0"):
+        expected = (
+            base[f"{module}.weight"] + 0.7 * one.low_rank[module].delta() - 0.4 * two.low_rank[module].delta()
+        )
+        torch.testing.assert_close(dit.get_parameter(f"{module}.weight"), expected, rtol=0, atol=1e-6)
+    expected_norm = (
+        base["blocks.0.norm3.weight"]
+        + 0.7 * one.diffs["blocks.0.norm3.weight"]
+        - 0.4 * two.diffs["blocks.0.norm3.weight"]
+    )
+    torch.testing.assert_close(dit.blocks[0].norm3.weight, expected_norm, rtol=0, atol=1e-6)
+    # The order does not matter, and the runtime branch stacks them into the same output.
+    swapped, branched = tiny_dit(), tiny_dit()
+    apply_loras(swapped, [(two, -0.4), (one, 0.7)], "merge")
+    apply_loras(branched, [(one, 0.7), (two, -0.4)], "runtime")
+    torch.testing.assert_close(forward(swapped), forward(dit), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(forward(branched), forward(dit), rtol=1e-5, atol=1e-5)
+
+
+def streamed_plan(**kw):
+    return Plan(device="cpu", dit_blocks_resident=0, **kw)
+
+
+@pytest.mark.parametrize("mode", ["merge", "runtime"])
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_streamed_plus_lora_equals_resident_plus_lora(mode, when):
+    """Merged before the streamer copied the weights, or written into its host copies after."""
+    lora = make_lora()
+    resident = tiny_dit()
+    apply_loras(resident, [(lora, 0.8)], "merge")
+    expected = forward(resident)
+
+    dit = tiny_dit()
+    if when == "before":
+        apply_loras(dit, [(lora, 0.8)], mode)
+    streamer = place(dit, streamed_plan())
+    assert dit.blocks[0].self_attn.q.weight.numel() == 0  # a placeholder: the weights live in the streamer
+    forward(dit)  # the streamer now holds a prefetched copy of block 0
+    if when == "after":
+        apply_loras(dit, [(lora, 0.8)], mode)
+    torch.testing.assert_close(forward(dit), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(forward(dit), expected, rtol=1e-5, atol=1e-5)  # and again (prefetch path)
+    remove_loras(dit)
+    place(dit, Plan(device="cpu"))  # back to resident
+    assert streamer is not None and rig(dit)[0].streamer is None
+    base = state_of(tiny_dit())
+    assert all(torch.equal(v, base[k]) for k, v in state_of(dit).items())
+
+
+def test_fp8_blocks_with_a_lora_and_exact_unload():
+    """fp8 storage: the branch beside the fp8 weights, or a merge re-quantised; unload restores the bits."""
+    lora = make_lora()
+    reference = tiny_dit(torch.bfloat16)
+    apply_loras(reference, [(lora, 0.8)], "merge")
+    expected = forward(reference).float()
+    plan = Plan(device="cpu", compute_dtype="bfloat16", storage_dtype="float8_e4m3fn")
+    assert choose_mode(plan) == "runtime" and choose_mode(Plan()) == "merge"
+    for mode in ("runtime", "merge"):
+        dit = tiny_dit(torch.bfloat16)
+        streamer = place(dit, plan)
+        stored = [
+            (s.stored.clone(), None if s.scale is None else s.scale.clone()) for s in streamer._slots[0]
+        ]
+        apply_loras(dit, [(lora, 0.8)], mode)
+        error = (forward(dit).float() - expected).abs().mean() / expected.abs().mean()
+        assert error < 0.08, (mode, float(error))  # fp8's own error on the tiny model
+        remove_loras(dit)
+        for slot, (tensor, scale) in zip(streamer._slots[0], stored):
+            assert torch.equal(slot.stored.view(torch.uint8) if slot.stored.dtype.itemsize == 1 else slot.stored,
+                               tensor.view(torch.uint8) if tensor.dtype.itemsize == 1 else tensor)  # fmt: skip
+            assert (slot.scale is None and scale is None) or torch.equal(slot.scale, scale)
+
+
+def test_a_placement_change_after_a_merge_keeps_the_lora():
+    """The OOM guard may re-place the DiT mid-run: merged weights travel with it."""
+    lora = make_lora()
+    expected_dit = tiny_dit()
+    apply_loras(expected_dit, [(lora, 1.0)], "merge")
+    expected = forward(expected_dit)
+    dit = tiny_dit()
+    apply_loras(dit, [(lora, 1.0)], "merge")
+    place(dit, Plan(device="cpu"))
+    place(dit, streamed_plan())  # stepped down to streaming
+    torch.testing.assert_close(forward(dit), expected, rtol=1e-6, atol=1e-6)
+    remove_loras(dit)
+    place(dit, Plan(device="cpu"))
+    base = copy.deepcopy(tiny_dit())
+    torch.testing.assert_close(forward(dit), forward(base), rtol=0, atol=0)
+
+
+def test_releasing_the_dit_drops_the_branch_copies_and_the_next_call_makes_them_again():
+    lora = make_lora()
+    dit = tiny_dit()
+    loras = rig(dit)[1]
+    apply_loras(dit, [(lora, 0.8)], "runtime")
+    expected = forward(dit)
+    branches = list(loras.branches)
+    assert len(branches) == WAN_TINY.num_layers * 10 and all(b._cached is not None for b in branches)
+    loras.release_device_copies()
+    assert all(b._cached is None for b in branches)
+    torch.testing.assert_close(forward(dit), expected, rtol=0, atol=0)
+    remove_loras(dit)
+    assert loras.branches == []
+    assert not any(k.startswith("_wanfit") for m in dit.modules() for k in vars(m))
