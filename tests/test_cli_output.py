@@ -283,6 +283,8 @@ def test_the_python_api_refuses_the_seeds_the_cli_refuses(capsys, tmp_path):
         with pytest.raises(ConfigError) as err:
             pipe("a fox", height=32, width=48, num_frames=5, num_inference_steps=1, seed=seed, progress=False)
         assert str(err.value) == f"The seed must be a whole number from 0 to 2**63-1, got {seed!r}."
+    kwargs = dict(height=32, width=48, num_frames=5, num_inference_steps=1, progress=False)
+    assert np.array_equal(pipe("a fox", seed=np.int64(3), **kwargs), pipe("a fox", seed=3, **kwargs))
     line = refused(capsys, "--seed", "-1", "--out", str(tmp_path / "v.mp4"))
     assert line == "wanfit: error: The seed must be a whole number from 0 to 2**63-1, got -1."
     assert files_in(tmp_path) == []

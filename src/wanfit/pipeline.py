@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -60,7 +61,7 @@ def validate_request(
     if guidance_scale < 0:
         raise ConfigError(f"The guidance scale must not be negative, got {guidance_scale}.")
     if seed is not None and (
-        isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT
+        isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < SEED_LIMIT
     ):
         raise ConfigError(f"The seed must be a whole number from 0 to 2**63-1, got {seed!r}.")
 
@@ -574,7 +575,7 @@ class WanPipeline:
             schedulers.restore_scheduler_state(scheduler, resume.scheduler_state)
         else:
             if latents is None:
-                latents = initial_noise(shape, 0 if seed is None else seed)
+                latents = initial_noise(shape, 0 if seed is None else int(seed))
             elif tuple(latents.shape) != shape:
                 raise ConfigError(f"The given latents have shape {tuple(latents.shape)}, expected {shape}.")
             state = DenoiseState(latents.to(device=device, dtype=torch.float32), 0)
