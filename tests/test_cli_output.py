@@ -193,15 +193,44 @@ def test_a_downscaled_output_says_its_real_size_everywhere(capsys, tmp_path):
         }
 
 
+def test_allow_downscale_under_a_small_vram_says_the_real_size(capsys, tmp_path):
+    # The case (--vram 30MiB --allow-downscale at 320x192 wrote 272x160 but said 320x192), on a
+    # smaller job; the budget is the first the planner downscales under, found by asking it.
+    from wanfit.errors import PlanError
+    from wanfit.plan.planning import Constraints, model_request, plan_for
+
+    request = model_request(None, width=96, height=64, frames=9)
+    for mib in range(1, 64):
+        try:
+            result = plan_for(request, Constraints(vram=mib * 2**20, device="cpu", allow_downscale=True))
+        except PlanError:
+            continue
+        break
+    assert result.requested is not None, "the first budget that fits should be a downscaled one"
+    width, height, frames = result.plan.output_size
+    out = tmp_path / "v.mp4"
+    code, stdout, err = run(capsys, "--size", "96x64", "--frames", "9", "--vram", f"{mib}MiB", "--allow-downscale",
+                            "--out", str(out))  # fmt: skip
+    assert code == 0 and "DOWNSCALED" in err
+    assert f"wrote {out} ({frames} frames, {width}x{height}; downscaled from 9 frames at 96x64: " in stdout
+    assert "does not fit the memory budget (--vram" in stdout
+    assert read_video(out).shape == (frames, height, width, 3)
+    for meta in (read_mp4_comment(out), json.loads((tmp_path / "v.json").read_text())):
+        assert (meta["size"], meta["frames"]) == (f"{width}x{height}", frames)
+        assert (
+            meta["downscaled"]["from_size"] == "96x64" and "--allow-downscale" in meta["downscaled"]["reason"]
+        )
+
+
 def test_the_planners_downscale_names_the_budget():
     frames = np.zeros((5, 32, 48, 3), np.uint8)
     request = {"size": "96x64", "frames": 9}
-    budget = SimpleNamespace(device_bytes=6 * 2**20, source="--vram")
+    budget = SimpleNamespace(device_bytes=6 * 2**20, source="--vram 0.01 GiB")
     planned = SimpleNamespace(requested=object(), budget=budget)  # what plan_for returns after downscaling
     assert what_was_written(frames, request, planned)["downscaled"] == {
         "from_size": "96x64",
         "from_frames": 9,
-        "reason": "the requested size does not fit in 0.01 GiB (--vram; --allow-downscale)",
+        "reason": "the requested size does not fit the memory budget (--vram 0.01 GiB) and --allow-downscale was given",
     }
     assert what_was_written(frames, {"size": "48x32", "frames": 5}, planned) == {"size": "48x32", "frames": 5}
 

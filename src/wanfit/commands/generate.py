@@ -218,12 +218,9 @@ def describe_written(written: dict) -> str:
 
 def _downscale_reason(planned) -> str:
     """Why the plan's output_size differs from the request: the planner under --allow-downscale, or --set."""
-    from wanfit.plan.planner import fmt_bytes
-
     if planned.requested is None:
         return "asked for with --set output_size"
-    budget = planned.budget
-    return f"the requested size does not fit in {fmt_bytes(budget.device_bytes)} ({budget.source}; --allow-downscale)"
+    return f"the requested size does not fit the memory budget ({planned.budget.source}) and --allow-downscale was given"
 
 
 def _kept(ckpt: Path | None, resumed_from: Path | None) -> str:
