@@ -1,4 +1,4 @@
-"""`wanfit generate`: text to an mp4 (or a folder of PNGs).
+"""`wanfit generate`: text to a video (mp4, webm, gif) or a folder of PNG frames.
 
 Every setting is checked before any model is loaded, so a typo costs a second, not a model load.
 The output appears complete or not at all (wanfit.video writes a temporary and renames it). With
