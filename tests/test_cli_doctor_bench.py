@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 import wanfit.attention as wa
 from benchmarks.bench_attention import main as bench_script
@@ -73,7 +74,10 @@ def test_bench_attention_on_cpu_times_usable_backends_and_saves_the_ranking(caps
                  "--warmup", "0", "--runs", "1", "--json", "--out", str(out))  # fmt: skip
     assert json.loads(out.read_text()) == data
     rows = {r["name"]: r for r in data["results"]}
-    assert data["selected"] == "sdpa_math" and rows["sdpa_math"]["selected"]
+    fastest = min(("sdpa_math", "chunked"), key=lambda n: rows[n]["ms"])  # the only two a CPU runs
+    assert (
+        data["selected"] == fastest and rows[fastest]["selected"] and data["ranking"] == "measured just now"
+    )
     for name in ("sdpa_math", "chunked"):
         assert rows[name]["status"] == "ok" and rows[name]["ms"] > 0 and rows[name]["tflops"] > 0
         assert rows[name]["max_abs_diff"] < 1e-5
@@ -103,3 +107,57 @@ def test_benchmark_script_wraps_the_command(capsys, tmp_path):
     printed = capsys.readouterr().out.strip().splitlines()
     assert printed[-1].startswith("selected backend: sdpa_math (float32)")
     assert json.loads(out.read_text())["shape"]["q_len"] == 24
+
+
+def test_bench_attention_selects_by_what_it_measured(capsys, monkeypatch):
+    # The CPU numbers: math 135 ms, chunked 85 ms; sdpa_math used to stay selected.
+    from wanfit.commands import bench
+
+    times = iter([135.0, 85.0])  # in rank order: sdpa_math, then chunked
+    monkeypatch.setattr(bench, "_time_ms", lambda fn, runs, on_gpu: (fn(), next(times))[1])
+    data = _json(capsys, "bench", "attention", "--seq", "32", "--heads", "1", "--head-dim", "8", "--warmup", "0",
+                 "--runs", "1", "--json")  # fmt: skip
+    rows = {r["name"]: r for r in data["results"]}
+    assert (rows["sdpa_math"]["ms"], rows["chunked"]["ms"]) == (135.0, 85.0)
+    assert data["selected"] == "chunked" and rows["chunked"]["selected"] and not rows["sdpa_math"]["selected"]
+    d = wa.Dispatcher(probe())  # a later run ranks by the stored times
+    assert d.order.index("chunked") < d.order.index("sdpa_math")
+    assert d.select(d.call_on_probe(torch.float32, 32, heads=1, head_dim=8)).backend == "chunked"
+
+
+@pytest.mark.parametrize(
+    "flags,expected",
+    [
+        (["--seq", "0"], "--seq must be a positive integer, not 0."),
+        (["--runs", "0"], "--runs must be a positive integer, not 0."),
+        (["--kv-seq", "0"], "--kv-seq must be a positive integer, not 0."),
+        (["--warmup", "-1"], "--warmup must be 0 or a positive integer, not -1."),
+    ],
+)
+def test_bench_attention_refuses_zero_lengths_and_runs(capsys, monkeypatch, flags, expected):
+    from wanfit.commands import bench
+
+    monkeypatch.setattr(bench, "_time_ms", lambda *a: pytest.fail("a refused setting was timed"))
+    assert main(["bench", "attention", *flags]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"wanfit: error: {expected}\n" and captured.out == ""
+    assert load_measured(probe()) == {}  # nothing saved
+
+
+def test_a_faster_fallback_is_ranked_after_fused_kernels_and_the_bench_says_why():
+    from wanfit.attention.backends import builtin_backends
+    from wanfit.attention.ranking import rank
+    from wanfit.commands.bench import _ranking_notes
+
+    order = rank(builtin_backends(), {"chunked": 85.0, "sdpa_math": 135.0, "sdpa_efficient": 200.0}, False)
+    assert order.index("sdpa_efficient") < order.index("chunked") < order.index("sdpa_math")
+    assert rank(builtin_backends(), {}, False)[-3:] == ["sdpa_math", "chunked", "sage"]
+    fallbacks = ["sdpa_math", "chunked"]
+    notes = _ranking_notes(
+        "sdpa_efficient", {"chunked": 85.0, "sdpa_math": 135.0, "sdpa_efficient": 200.0}, fallbacks
+    )
+    assert len(notes) == 2 and notes[0].startswith(
+        "sdpa_math measured faster than sdpa_efficient at this shape"
+    )
+    assert "the fallbacks rank after every fused kernel" in notes[0]
+    assert _ranking_notes("chunked", {"chunked": 85.0, "sdpa_math": 135.0}, fallbacks) == []

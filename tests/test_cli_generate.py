@@ -141,7 +141,7 @@ def test_same_seed_same_frames_other_seed_other_frames(capsys, tmp_path, referen
         (["--guidance", "-1"], "guidance scale must not be negative"),
         (["--guidance", "nan"], "--guidance must be a finite number"),
         (["--shift", "0"], "flow shift must be positive"),
-        (["--seed", "-1"], "--seed must be between 0"),
+        (["--seed", "-1"], "The seed must be a whole number from 0 to 2**63-1, got -1"),
         (["--checkpoint-every", "-2"], "--checkpoint-every must be 0"),
         (["--attention", "flashy"], "Unknown attention backend 'flashy'"),
         (["--attention", "flash_attn2"], "attention backend flash_attn2 was asked for but"),
@@ -282,6 +282,7 @@ def test_a_failed_write_keeps_the_denoised_latents_for_resume(capsys, tmp_path, 
     assert files_in(tmp_path) == [
         "frames",
         "frames.json",
+        "frames/.wanfit",  # the marker: a folder --overwrite may replace
         *sorted(f"frames/frame_{i:04d}.png" for i in range(5)),
     ]
 
@@ -398,7 +399,7 @@ def test_bad_resume_files_are_refused(capsys, tmp_path):
         "noise.ckpt": "is not a readable wanfit resume file (truncated or corrupt?)",
         "foreign.ckpt": "is not a wanfit resume file",
         "partial.ckpt": "is an incomplete wanfit resume file",
-        "evil.ckpt": "holds Python objects besides tensors",
+        "evil.ckpt": "holds code or objects other than tensors (builtins.exec) and was not loaded",
     }
     for name, expected in cases.items():
         code, stdout, err = generate(capsys, "generate", "--resume", str(tmp_path / name))

@@ -6,6 +6,8 @@ The folder is the built-in tiny model saved in the official release layout; each
 
 import json
 import os
+import pickle
+import shlex
 import shutil
 
 import pytest
@@ -16,6 +18,7 @@ import wanfit.attention as wa
 from tests.helpers.tiny_model_dir import DIT_FILE, save_demo_official_layout
 from wanfit.cli import main
 from wanfit.models.configs import WAN_T2V_1_3B, WAN_T2V_14B
+from wanfit.weights.io import load_error_detail
 from wanfit.weights.model_dir import OFFICIAL_T5, OFFICIAL_VAE
 
 RUN = ["generate", "--size", "48x32", "--frames", "5", "--steps", "2", "--no-progress"]
@@ -188,7 +191,65 @@ def test_a_pth_that_would_run_code_is_refused_and_the_code_never_runs(capsys, br
     state = torch.load(vae, weights_only=True)
     torch.save({**state, "payload": RunsCode(marker)}, vae)
     line = refused(capsys, broken, tmp_path)
-    assert f"{vae} holds Python objects besides tensors" in line and "will not run code" in line
+    assert f"{vae} holds code or objects other than tensors (builtins.exec) and was not loaded" in line
     assert not marker.exists()
     torch.load(vae, weights_only=False)  # the payload is live: an unsafe load would have run it
     assert marker.read_text() == "ran"
+
+
+class CallsSystem:
+    """Unpickling this calls os.system (touches a marker file): the issue's malicious .pth."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {shlex.quote(self.marker)}",)
+
+
+@pytest.mark.parametrize("name", [OFFICIAL_VAE, OFFICIAL_T5])
+@pytest.mark.parametrize("how", ["torch.save", "pickle.dump"])
+def test_a_pth_that_would_call_os_system_says_so_and_never_runs(capsys, broken, tmp_path, name, how):
+    marker = tmp_path / "system_ran"
+    path = broken / name
+    state = torch.load(path, weights_only=True)
+    if how == "torch.save":  # a zip archive, as torch saves today
+        torch.save({**state, "payload": CallsSystem(marker)}, path)
+    else:  # a bare pickle (protocol 4 and its FRAME opcode, which weights_only also refuses)
+        with open(path, "wb") as f:
+            pickle.dump({"payload": CallsSystem(marker)}, f)
+    line = refused(capsys, broken, tmp_path)
+    system = f"{os.system.__module__}.system"  # posix.system on Linux and macOS
+    assert line == (
+        f"wanfit: error: {path} holds code or objects other than tensors ({system}) and was not loaded: "
+        "wanfit reads only tensors from a checkpoint and never runs code in it."
+    )
+    assert "truncated or corrupt" not in line
+    assert not marker.exists()
+    with open(path, "rb") as f:  # the payload is live: an unsafe load runs the command
+        torch.load(f, weights_only=False) if how == "torch.save" else pickle.load(f)
+    assert marker.exists()
+
+
+def test_a_truncated_pth_is_named_in_a_whole_sentence(capsys, broken, tmp_path):
+    vae = broken / OFFICIAL_VAE
+    truncate(vae, 0.05)  # the zip's central directory is gone: torch's long "...likely corrupted..." message
+    line = refused(capsys, broken, tmp_path)
+    assert line.startswith(
+        f"wanfit: error: {vae} is not a readable PyTorch checkpoint (truncated or corrupt?)"
+    )
+    assert "failed finding central directory." in line and not line.endswith("checkpoint file is.")
+
+
+def test_error_details_are_cut_at_a_sentence_never_inside_one():
+    long = (
+        "PytorchStreamReader failed reading zip archive: failed finding central directory. This is an internal "
+        "miniz error. If you are seeing this error, there is a high likelihood that your checkpoint file is "
+        "corrupted. This can happen if the checkpoint was not saved properly."
+    )
+    assert load_error_detail(RuntimeError(long)) == (
+        ": PytorchStreamReader failed reading zip archive: failed finding central directory"
+    )
+    assert load_error_detail(RuntimeError("x" * 300)) == ""  # no sentence short enough to quote
+    assert load_error_detail(OSError(22, "Invalid argument")) == ": Invalid argument"
+    assert load_error_detail(RuntimeError("Weights only load failed. Re-running with ...")) == ""

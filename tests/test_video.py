@@ -2,7 +2,16 @@ import numpy as np
 import pytest
 
 from wanfit.errors import ConfigError
-from wanfit.video import atomic_path, check_writable, read_mp4_comment, read_video, safe_filename, write_video
+from wanfit.video import (
+    atomic_path,
+    check_writable,
+    output_format,
+    read_mp4_comment,
+    read_video,
+    safe_filename,
+    sidecar_path,
+    write_video,
+)
 
 
 def smooth_frames(f=9, h=48, w=80):
@@ -17,7 +26,7 @@ def test_mp4_round_trip_keeps_count_size_and_metadata(tmp_path):
     back = read_video(path)
     assert back.shape == frames.shape
     assert np.abs(back.astype(int) - frames).mean() < 6  # lossy H.264, smooth content
-    assert read_mp4_comment(path) == {"prompt": "a fox; x=1 #2", "seed": 7}
+    assert read_mp4_comment(path) == {"prompt": "a fox; x=1 #2", "seed": 7, "tool": "wanfit"}
     assert (tmp_path / "v.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v.json", "v.mp4"]  # no temporary left
 
@@ -80,3 +89,25 @@ def test_a_missing_ffmpeg_is_said_before_any_work(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="imageio-ffmpeg"):
         check_writable(tmp_path / "v.mp4", overwrite=False)
     check_writable(tmp_path / "frames", overwrite=False)  # PNG frames need no ffmpeg
+
+
+def test_the_extension_names_the_format_and_the_sidecar(tmp_path):
+    for name, fmt, sidecar in (("v.mp4", "mp4", "v.json"), ("v.WEBM", "webm", "v.json"), ("g.gif", "gif", "g.json"),
+                               ("frames", "png", "frames.json")):  # fmt: skip
+        assert output_format(tmp_path / name) == fmt and sidecar_path(tmp_path / name) == tmp_path / sidecar
+    for name in ("v.avi", "v.png", "run.v2"):
+        with pytest.raises(
+            ConfigError, match="wanfit cannot write .* files .*; it writes mp4, webm and gif files"
+        ):
+            output_format(name)
+
+
+def test_webm_and_gif_round_trip(tmp_path):
+    frames = smooth_frames(5)
+    webm = write_video(frames, tmp_path / "v.webm", metadata={"seed": 1})
+    gif = write_video(frames, tmp_path / "g.gif")
+    assert read_video(webm).shape == frames.shape and read_mp4_comment(webm) == {"seed": 1, "tool": "wanfit"}
+    assert np.abs(read_video(webm).astype(int) - frames).mean() < 8  # lossy VP9, smooth content
+    back = read_video(gif).astype(float)  # 256 colours, dithered: right on average, not per pixel
+    assert back.shape == frames.shape and np.abs(back.mean((1, 2)) - frames.mean((1, 2))).max() < 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.gif", "v.json", "v.webm"]  # no temporary left

@@ -1,7 +1,10 @@
 """wanfit: run Wan2.1 text-to-video on whatever machine you have.
 
 Public API (imported lazily so `import wanfit` stays cheap):
-    load_dit, load_vae, load_text_encoder, WanPipeline, plan_for, model_request, Constraints
+    load_dit, load_vae, load_text_encoder, WanPipeline, save_video, plan_for, model_request, Constraints
+
+    pipe = wanfit.WanPipeline.from_pretrained("builtin")  # or a model folder; "builtin" needs none
+    wanfit.save_video(pipe("a fox", height=192, width=320, num_frames=17), "fox.mp4")
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ _LAZY = {
     "plan_for": ("wanfit.plan.planning", "plan_for"),
     "model_request": ("wanfit.plan.planning", "model_request"),
     "Constraints": ("wanfit.plan.planning", "Constraints"),
+    "save_video": ("wanfit.video", "save_video"),
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -16,7 +16,7 @@ from wanfit.errors import CheckpointError
 from wanfit.pipeline import DenoiseState
 from wanfit.sampling.schedulers import _STATE_ATTRS as SCHEDULER_STATE_KEYS
 from wanfit.video import atomic_path
-from wanfit.weights.io import load_error_detail
+from wanfit.weights.io import load_tensors_only
 
 FORMAT = "wanfit-resume-1"
 # Settings a resumed run takes from the file: together they fix the frames.
@@ -61,17 +61,7 @@ def load(path: Path) -> tuple[DenoiseState, dict]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"Resume file not found: {path}.")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch/pickle raise many types for a bad file; none may escape as a traceback
-        if "Unsupported global" in str(err):  # weights_only refused a class or function
-            raise CheckpointError(
-                f"{path} holds Python objects besides tensors; a wanfit resume file never does, and "
-                "wanfit will not run code from it."
-            ) from err
-        raise CheckpointError(
-            f"{path} is not a readable wanfit resume file (truncated or corrupt?){load_error_detail(err)}."
-        ) from err
+    payload = load_tensors_only(path, what="wanfit resume file", mmap=False)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a wanfit resume file (written by --checkpoint-every).")
     request, latents = payload.get("request"), payload.get("latents")

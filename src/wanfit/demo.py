@@ -49,6 +49,7 @@ def tiny_pipeline(device: str | None = None, seed: int = 0, plan=None):
     """A WanPipeline of tiny random models (DiT, VAE, umT5), the same on every machine for a seed.
 
     plan: a PlanResult or Plan to obey; None plans the default tiny job for this machine (or `device`).
+    The public way in: WanPipeline.from_pretrained("builtin").
     """
     from wanfit.models.text_encoder import WanTextEncoder
     from wanfit.pipeline import SamplingDefaults, WanPipeline

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import numbers
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -37,10 +38,18 @@ class SamplingDefaults:
     negative_prompt: str = OFFICIAL_NEGATIVE_PROMPT
 
 
+SEED_LIMIT = 2**63  # seeds are 0 <= seed < 2**63 (torch.Generator.manual_seed's range, non-negative)
+
+
 def validate_request(
-    height: int, width: int, num_frames: int, num_inference_steps: int, guidance_scale: float
+    height: int,
+    width: int,
+    num_frames: int,
+    num_inference_steps: int,
+    guidance_scale: float,
+    seed: int | None = None,
 ) -> None:
-    """One clear sentence for each setting no model can run."""
+    """One clear sentence for each setting no model can run (the CLI and the Python API both ask here)."""
     if height <= 0 or width <= 0 or height % SIZE_MULTIPLE or width % SIZE_MULTIPLE:
         raise ConfigError(
             f"Width and height must be positive multiples of {SIZE_MULTIPLE}, got {width}x{height}."
@@ -51,6 +60,10 @@ def validate_request(
         raise ConfigError(f"The number of steps must be at least 1, got {num_inference_steps}.")
     if guidance_scale < 0:
         raise ConfigError(f"The guidance scale must not be negative, got {guidance_scale}.")
+    if seed is not None and (
+        isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < SEED_LIMIT
+    ):
+        raise ConfigError(f"The seed must be a whole number from 0 to 2**63-1, got {seed!r}.")
 
 
 def initial_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -214,22 +227,25 @@ class WanPipeline:
         progress: bool = True,
         **overrides,
     ):
-        """Load an official release folder or a diffusers-layout folder.
+        """Load an official release folder or a diffusers-layout folder; `~` and $VARS are expanded.
 
         plan: "auto" (the default) plans for this machine (or `hardware`: a probe or an --emulate card
         name) and a job of height x width x num_frames, as `wanfit plan` would, under `constraints`
         (wanfit.plan.planning.Constraints); or a PlanResult / Plan to obey. scheduler_config: a
         diffusers scheduler_config.json to use instead of the folder's own (or, for an official folder,
         instead of the official UniPC); overrides: SamplingDefaults fields.
+        model_dir "builtin" is the built-in tiny random model that `wanfit generate` runs without
+        --model: no download, noise for frames (a folder of that name: "./builtin").
         """
         from wanfit import load_dit, load_text_encoder, load_vae
+        from wanfit.paths import user_path
+        from wanfit.plan.planning import BUILTIN
         from wanfit.weights.model_dir import find_model_files
 
-        files = find_model_files(model_dir)
+        builtin = isinstance(model_dir, str) and model_dir == BUILTIN
+        files = None if builtin else find_model_files(model_dir)
         planned = plan
         if isinstance(plan, str) and plan == "auto":
-            from dataclasses import replace
-
             from wanfit.plan.planning import Constraints, model_request, plan_for
 
             constraints = constraints or Constraints()
@@ -237,9 +253,20 @@ class WanPipeline:
                 constraints = replace(constraints, device=device)
             guidance = overrides.get("guidance_scale", SamplingDefaults.guidance_scale) != 1.0
             request = model_request(
-                files.root, width=width, height=height, frames=num_frames, guidance=guidance
+                BUILTIN if builtin else files.root,
+                width=width,
+                height=height,
+                frames=num_frames,
+                guidance=guidance,
             )
             planned = plan_for(request, constraints, hardware)
+        if builtin:
+            from wanfit.demo import tiny_pipeline
+
+            pipe = tiny_pipeline(device, plan=planned)
+            pipe.defaults = replace(pipe.defaults, **overrides)
+            pipe.scheduler_config = user_path(scheduler_config) if scheduler_config else None
+            return pipe
         plan = getattr(planned, "plan", planned)
         if not isinstance(plan, Plan):
             raise ConfigError(f"plan must be 'auto', a Plan or a PlanResult, not {plan!r}.")
@@ -276,7 +303,7 @@ class WanPipeline:
             text_encoder,
             plan=planned,
             defaults=defaults,
-            scheduler_config=Path(scheduler_config) if scheduler_config else files.scheduler_config,
+            scheduler_config=user_path(scheduler_config) if scheduler_config else files.scheduler_config,
             name=str(files.root),
             text_encoder_loader=text_encoder_loader,
         )
@@ -559,7 +586,7 @@ class WanPipeline:
         """sampler: one of wanfit.sampling.schedulers.SCHEDULERS (default: the folder's or the official)."""
         steps = self.defaults.num_inference_steps if num_inference_steps is None else num_inference_steps
         guidance = self.defaults.guidance_scale if guidance_scale is None else guidance_scale
-        validate_request(height, width, num_frames, steps, guidance)
+        validate_request(height, width, num_frames, steps, guidance, seed)
         if negative_prompt is None:
             negative_prompt = self.defaults.negative_prompt
         if self.plan.output_size is not None and resume is None and latents is None:
@@ -595,7 +622,7 @@ class WanPipeline:
             schedulers.restore_scheduler_state(scheduler, resume.scheduler_state)
         else:
             if latents is None:
-                latents = initial_noise(shape, 0 if seed is None else seed)
+                latents = initial_noise(shape, 0 if seed is None else int(seed))
             elif tuple(latents.shape) != shape:
                 raise ConfigError(f"The given latents have shape {tuple(latents.shape)}, expected {shape}.")
             state = DenoiseState(latents.to(device=device, dtype=torch.float32), 0)

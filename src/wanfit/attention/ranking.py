@@ -1,6 +1,11 @@
 """Ranking of backends: measured speed on this card when `wanfit bench attention` stored it, else
-the default table. Exact fused kernels first (by speed), then math, then chunked; lossy kernels last
-unless the user allows them, in which case they rank by speed with the fused ones.
+the default table. Exact fused kernels first (by speed), then the fallbacks (registry role
+"fallback": math and chunked; by measured speed too, registration order when unmeasured); lossy
+kernels last unless the user allows them, in which case they rank by speed with the fused ones.
+
+The fallbacks stay behind every fused kernel whatever they measured: a bench times one shape, and
+math's time and memory grow with the square of the sequence, chunked's with its block count, while
+a fused kernel holds its lead at the lengths a video job has.
 """
 
 from __future__ import annotations
@@ -70,19 +75,20 @@ def save_measured(hw: HardwareProbe, ms: dict[str, float], meta: dict, path: Pat
 
 
 def rank(backends: Iterable[AttentionBackend], measured: dict[str, float], allow_lossy: bool) -> list[str]:
-    """Backend names, best first. Fallbacks (their registry role) keep registration order at the end."""
+    """Backend names, best first: within each tier the measured ones by their time, then the rest by
+    the default table; unmeasured fallbacks (their registry role) in registration order."""
     backends = list(backends)
     fallbacks = [b.name for b in backends if b.role == "fallback"]
 
     def key(b: AttentionBackend) -> tuple:
         if not b.exact and not allow_lossy:
-            tier = len(fallbacks) + 1
+            tier = 2
         elif b.role == "fallback":
-            tier = 1 + fallbacks.index(b.name)
+            tier = 1
         else:
             tier = 0
         if b.name in measured:
-            return (tier, 0, measured[b.name])
-        return (tier, 1, b.default_ms)
+            return (tier, 0, measured[b.name], 0)
+        return (tier, 1, b.default_ms if tier != 1 else 0.0, fallbacks.index(b.name) if tier == 1 else 0)
 
     return [b.name for b in sorted(backends, key=key)]

@@ -1,7 +1,8 @@
 """`wanfit bench attention`: time every usable attention backend on this device.
 
 Prints ms, TFLOP/s (4*B*H*Lq*Lk*D / t) and peak memory per backend, and stores the measured
-ranking in the cache (wanfit.attention.ranking) so the dispatcher ranks by it on this card.
+ranking in the cache (wanfit.attention.ranking) so the dispatcher ranks by it on this card; the
+backend marked selected is the one it picks with these times.
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ import statistics
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 
 import torch
 
+from wanfit.attention.dispatch import Dispatcher
 from wanfit.attention.ranking import device_key, save_measured
 from wanfit.commands import common
 from wanfit.commands.common import add_hardware_options
@@ -91,7 +92,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="timed runs per backend, median reported (default 7 GPU, 3 CPU)",
     )
     a.add_argument("--json", action="store_true", help="print JSON instead of the table")
-    a.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    a.add_argument("--out", type=common.user_path, default=None, help="also write the JSON here")
     a.add_argument("--no-save", action="store_true", help="do not store the ranking in the cache")
     p.set_defaults(func=lambda args: _run_target(args, p))
 
@@ -118,6 +119,18 @@ def run_attention(args: argparse.Namespace) -> int:
 
 def bench_attention(setup: HardwareSetup, args: argparse.Namespace) -> dict:
     """Time the backends; returns the JSON-ready result (and saves the ranking unless told not to)."""
+    for flag, value in (
+        ("--seq", args.seq),
+        ("--kv-seq", args.kv_seq),
+        ("--heads", args.heads),
+        ("--head-dim", args.head_dim),
+        ("--batch", args.batch),
+        ("--runs", args.runs),
+    ):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be a positive integer, not {value}.")
+    if args.warmup is not None and args.warmup < 0:
+        raise ConfigError(f"--warmup must be 0 or a positive integer, not {args.warmup}.")
     hw, d = setup.probe, setup.dispatcher
     device = d.probe_device()
     if device is None:
@@ -126,19 +139,10 @@ def bench_attention(setup: HardwareSetup, args: argparse.Namespace) -> dict:
             "drop --emulate to time this machine."
         )
     on_gpu = device.type == "cuda"
-    seq = args.seq or (DEFAULT_JOB.tokens if on_gpu else CPU_DEFAULT_SEQ)
-    kv_seq = args.kv_seq or seq
-    for flag, value in (
-        ("--seq", seq),
-        ("--kv-seq", kv_seq),
-        ("--heads", args.heads),
-        ("--head-dim", args.head_dim),
-        ("--batch", args.batch),
-    ):
-        if value < 1:
-            raise ConfigError(f"{flag} must be a positive integer, not {value}.")
+    seq = args.seq if args.seq is not None else (DEFAULT_JOB.tokens if on_gpu else CPU_DEFAULT_SEQ)
+    kv_seq = args.kv_seq if args.kv_seq is not None else seq
     warmup = args.warmup if args.warmup is not None else (2 if on_gpu else 1)
-    runs = max(1, args.runs if args.runs is not None else (7 if on_gpu else 3))
+    runs = args.runs if args.runs is not None else (7 if on_gpu else 3)
     dtype = setup.precision.compute
     call = d.call_on_probe(dtype, seq, kv_seq, heads=args.heads, head_dim=args.head_dim, batch=args.batch)
 
@@ -148,11 +152,6 @@ def bench_attention(setup: HardwareSetup, args: argparse.Namespace) -> dict:
         raise ConfigError(
             f"Unknown attention backend {unknown[0]!r}; choose from: {', '.join(d.registry.names())}."
         )
-    try:
-        selected = d.select(call, device).backend
-    except AttentionUnavailableError:
-        selected = None
-
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(args.batch, seq, args.heads, args.head_dim, generator=gen).to(device, dtype)
     k = torch.randn(args.batch, kv_seq, args.heads, args.head_dim, generator=gen).to(device, dtype)
@@ -166,7 +165,7 @@ def bench_attention(setup: HardwareSetup, args: argparse.Namespace) -> dict:
         selection, cand = d.selection_for(name, call, device, auto=auto)
         row = {
             "name": name,
-            "selected": name == selected,
+            "selected": False,
             "kernel_dtype": None,
             "inner": None,
             "ms": None,
@@ -238,15 +237,44 @@ def bench_attention(setup: HardwareSetup, args: argparse.Namespace) -> dict:
         "warmup": warmup,
         "runs": runs,
         "timing": "CUDA events, median" if on_gpu else "perf_counter, median",
-        "selected": selected,
+        "selected": None,
+        "ranking": d.ranking_source,
         "results": rows,
         "saved_to": None,
+        "notes": [],
     }
     measured = {r["name"]: r["ms"] for r in rows if r["status"] == "ok"}
+    chooser = d
     if measured and not hw.emulated and not args.no_save:
         meta = {"date": result["date"], "dtype": result["dtype"], "shape": result["shape"]}
         result["saved_to"] = str(save_measured(hw, measured, meta))
+        # From now on the dispatcher ranks by these times: mark what it selects with them.
+        chooser = Dispatcher(hw, forced=d.forced, allow_lossy=d.allow_lossy, registry=d.registry,
+                             math_budget_bytes=d.math_budget_bytes, chunk_budget_bytes=d.chunk_budget_bytes,
+                             measured_ms=measured, smoke_tests=d.smoke_tests)  # fmt: skip
+        result["ranking"] = "measured just now"
+    try:
+        result["selected"] = chooser.select(call, device).backend
+    except AttentionUnavailableError:
+        pass
+    for row in rows:
+        row["selected"] = row["name"] == result["selected"]
+    fallbacks = [b.name for b in d.registry if b.role == "fallback"]
+    result["notes"] = _ranking_notes(result["selected"], measured, fallbacks)
     return result
+
+
+def _ranking_notes(selected: str | None, measured: dict[str, float], fallbacks: list[str]) -> list[str]:
+    """Why a fallback that measured faster than the selected fused kernel is still not selected."""
+    if selected is None or selected in fallbacks or selected not in measured:
+        return []
+    faster = [n for n in fallbacks if n in measured and measured[n] < measured[selected]]
+    return [
+        f"{name} measured faster than {selected} at this shape ({measured[name]:.2f} vs "
+        f"{measured[selected]:.2f} ms), but the fallbacks rank after every fused kernel: their cost "
+        "grows faster with the sequence length, and one shape does not tell a whole job's."
+        for name in faster
+    ]
 
 
 def _time_ms(fn, runs: int, on_gpu: bool) -> float:
@@ -307,7 +335,11 @@ def format_table(result: dict) -> str:
                 f"  {name:<24}{'':<10}{'':>10}{'':>10}{'':>11}{'':>11}  {r['status']}: {r['reason']}"
             )
     lines.append("")
-    lines.append("  * selected for this call.  max|diff| is against the first backend that ran.")
+    lines.append(
+        f"  * selected for this call (ranking: {result['ranking']}).  max|diff| is against the first "
+        "backend that ran."
+    )
+    lines += [f"  {note}" for note in result["notes"]]
     if result["emulated"]:
         lines.append("  Speed is not emulated: times are this card's; the ranking was not saved.")
     elif result["saved_to"]:

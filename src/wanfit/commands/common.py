@@ -8,20 +8,13 @@ from __future__ import annotations
 
 import argparse
 import os
-from pathlib import Path
 
 from wanfit.attention import ATTENTION_ENV, BACKEND_NAMES
 from wanfit.errors import ConfigError
 from wanfit.hardware.probe import EMULATE_ENV, HardwareProbe
 from wanfit.hardware.profiles import PROFILES
+from wanfit.paths import user_path  # noqa: F401  (the commands' argparse type)
 from wanfit.plan.planning import Constraints, resolve_hardware
-
-
-def user_path(text: str | os.PathLike | None) -> Path | None:
-    """A path as the user typed it: ~ and $VARIABLES expanded."""
-    if text is None:
-        return None
-    return Path(os.path.expandvars(os.path.expanduser(str(text))))
 
 
 def parse_size(text: str) -> tuple[int, int]:

@@ -1,4 +1,4 @@
-"""`wanfit generate`: text to an mp4 (or a folder of PNGs).
+"""`wanfit generate`: text to a video (mp4, webm, gif) or a folder of PNG frames.
 
 Every setting is checked before any model is loaded, so a typo costs a second, not a model load.
 The output appears complete or not at all (wanfit.video writes a temporary and renames it). With
@@ -51,8 +51,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--shift", type=float, default=None, help="flow shift (default 8, or the folder's scheduler)"
     )
     p.add_argument("--seed", type=int, default=None, help="noise seed (default 0)")
-    p.add_argument("--out", type=user_path, default=None, help="FILE.mp4, or a folder name for PNG frames")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument(
+        "--out",
+        type=user_path,
+        default=None,
+        help="FILE.mp4, FILE.webm or FILE.gif, or a name without an extension for a folder of PNG frames",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an existing output (only one wanfit wrote)"
+    )
     p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: the best one found)")
     p.add_argument(
         "--checkpoint-every",
@@ -110,8 +117,8 @@ def run(args: argparse.Namespace) -> int:
     if saved is not None:
         checkpointing.check_same_loras(saved, [lora.record(s) for lora, s in loras], args.resume)
     hardware = _hardware(args)
+    check_writable(settings.out, overwrite=args.overwrite, protected=[args.model] if args.model else [])
     planned = plan_job(args, settings, hardware)
-    check_writable(settings.out, overwrite=args.overwrite)
     ckpt = checkpointing.checkpoint_path(settings.out)
     resuming_own_file = args.resume is not None and _same_file(args.resume, ckpt)
     if settings.checkpoint_every and ckpt.exists() and not (resuming_own_file or args.overwrite):
@@ -162,8 +169,10 @@ def run(args: argparse.Namespace) -> int:
             on_step=on_step,
             sampler=request["sampler"],
         )
+        written = what_was_written(frames_out, request, planned)
         metadata = {
             **request,
+            **written,  # the real size and frame count, which a downscaled plan changes
             **pipe.run_record(),
             "device": hardware.device_name,
             "emulated": hardware.emulated,
@@ -193,7 +202,7 @@ def run(args: argparse.Namespace) -> int:
         raise
     if every or resuming_own_file:
         ckpt.unlink(missing_ok=True)
-    print(f"wrote {settings.out} ({frames_out.shape[0]} frames, {settings.width}x{settings.height})")
+    print(f"wrote {settings.out} ({describe_written(written)})")
     if args.model is None:
         print(
             "note: this was the built-in tiny random model, so the video is noise. "
@@ -201,6 +210,36 @@ def run(args: argparse.Namespace) -> int:
         )
     print(json.dumps({"timings": pipe.timings}))
     return 0
+
+
+def what_was_written(frames, request: dict, planned) -> dict:
+    """The size and frame count of the frames written, and, when they are not the request's, why."""
+    count, height, width = frames.shape[:3]
+    written = {"size": f"{width}x{height}", "frames": int(count)}
+    if (written["size"], written["frames"]) != (request["size"], request["frames"]):
+        written["downscaled"] = {
+            "from_size": request["size"],
+            "from_frames": request["frames"],
+            "reason": _downscale_reason(planned),
+        }
+    return written
+
+
+def describe_written(written: dict) -> str:
+    """'5 frames, 48x32', with where it was downscaled from and why."""
+    count = written["frames"]
+    text = f"{count} frame{'' if count == 1 else 's'}, {written['size']}"
+    down = written.get("downscaled")
+    if down:
+        text += f"; downscaled from {down['from_frames']} frames at {down['from_size']}: {down['reason']}"
+    return text
+
+
+def _downscale_reason(planned) -> str:
+    """Why the plan's output_size differs from the request: the planner under --allow-downscale, or --set."""
+    if planned.requested is None:
+        return "asked for with --set output_size"
+    return f"the requested size does not fit the memory budget ({planned.budget.source}) and --allow-downscale was given"
 
 
 def _kept(ckpt: Path | None, resumed_from: Path | None) -> str:
@@ -254,16 +293,14 @@ def check_settings(args: argparse.Namespace) -> Settings:
     for flag, value in (("--guidance", args.guidance), ("--shift", args.shift)):
         if value is not None and not math.isfinite(value):
             raise ConfigError(f"{flag} must be a finite number, got {value}.")
-    validate_request(height, width, frames, 1 if steps is None else steps, args.guidance or 0.0)
+    seed = 0 if args.seed is None else args.seed
+    validate_request(height, width, frames, 1 if steps is None else steps, args.guidance or 0.0, seed)
     check_sampler(args.sampler, steps)
     if args.shift is not None and args.shift <= 0:
         raise ConfigError(f"The flow shift must be positive, got {args.shift}.")
     every = args.checkpoint_every or 0
     if every < 0:
         raise ConfigError("--checkpoint-every must be 0 (off) or a positive number of steps.")
-    seed = 0 if args.seed is None else args.seed
-    if not 0 <= seed < 2**63:
-        raise ConfigError(f"--seed must be between 0 and 2**63-1, got {seed}.")
     prompt = DEFAULT_PROMPT if args.prompt is None else args.prompt
     out = args.out or Path(f"{safe_filename(prompt)}_{seed}.mp4")
     return Settings(

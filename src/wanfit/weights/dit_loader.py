@@ -21,6 +21,7 @@ import torch.nn as nn
 from wanfit.errors import CheckpointError, ConfigError
 from wanfit.models.configs import DiTConfig
 from wanfit.models.dit import WanDiT
+from wanfit.paths import user_path
 from wanfit.precision import FP8_DTYPES, parse_stored_dtype, parse_weight_dtype
 from wanfit.weights import dit_keys
 from wanfit.weights.file_names import DIFFUSERS_DIT, DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS
@@ -131,7 +132,7 @@ def load_dit(
 
 def inspect_dit(path: str | os.PathLike) -> DiTCheckpoint:
     """Open a DiT checkpoint lazily: find its files, strip prefixes, detect the layout, map the keys."""
-    path = Path(path)
+    path = user_path(path)
     if path.is_dir() and (path / DIFFUSERS_DIT).is_dir() and not list(path.glob(f"{DIFFUSERS_WEIGHTS}*")):
         path = path / DIFFUSERS_DIT  # a diffusers pipeline folder
     files = resolve_weight_files(path, stems=(DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS))
@@ -336,7 +337,7 @@ def folder_dit_config(folder: Path):
     from wanfit.models.configs import DIT_PRESETS, DiTConfig
     from wanfit.weights.model_dir import find_model_files
 
-    folder = Path(folder)
+    folder = user_path(folder)
     if not folder.is_dir():
         find_model_files(folder)  # says what is wrong: missing, or a file rather than a folder
     values = read_config_json(folder / DIFFUSERS_DIT) or read_config_json(folder)

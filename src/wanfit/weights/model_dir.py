@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from wanfit.errors import CheckpointError
+from wanfit.paths import user_path
 from wanfit.weights.file_names import (
     DIFFUSERS_DIT,
     DIFFUSERS_INDEX,
@@ -35,7 +36,7 @@ class ModelFiles:
 
 def find_model_files(root: str | Path) -> ModelFiles:
     """Detect the layout of a downloaded model folder and name its parts, or say what is missing."""
-    root = Path(root)
+    root = user_path(root)
     if not root.exists():
         raise CheckpointError(f"Model folder not found: {root}.")
     if not root.is_dir():

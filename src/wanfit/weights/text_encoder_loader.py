@@ -19,6 +19,7 @@ from torch import nn
 from wanfit.errors import CheckpointError
 from wanfit.models.text_cache import PromptCache, cache_enabled_by_env, files_fingerprint
 from wanfit.models.text_encoder import WanTextEncoder
+from wanfit.paths import user_path
 from wanfit.weights import t5_keys
 from wanfit.weights.file_names import (
     DIFFUSERS_TEXT_ENCODER,
@@ -57,7 +58,7 @@ def load_text_encoder(
     encoder runs in (default: the storage dtype; fp32 over half weights runs block by block).
     prompt_cache: True (default folder, unless WANFIT_PROMPT_CACHE=0), False, or a cache folder.
     """
-    weight_files, config_file, tokenizer_dirs = _locate(Path(path))
+    weight_files, config_file, tokenizer_dirs = _locate(user_path(path))
     state = LazyStateDict(weight_files)
     config = _umt5_config(config_file) if config_file is not None else None
     model = build_umt5(state, config, device=device, dtype=dtype, source=str(path))
@@ -73,7 +74,7 @@ def load_text_encoder(
         fingerprint = files_fingerprint(files + [p for p in tokenizer_dir.iterdir() if p.is_file()])
     cache = None
     if prompt_cache is not False and cache_enabled_by_env():
-        cache = PromptCache(None if prompt_cache is True else prompt_cache)
+        cache = PromptCache(None if prompt_cache is True else user_path(prompt_cache))
     return WanTextEncoder(model, tok, compute_dtype=compute_dtype, cache=cache, fingerprint=fingerprint)
 
 
@@ -215,7 +216,7 @@ def _load_tokenizer(tokenizer: Any, candidates: list[Path]) -> tuple[Any, Path |
     if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
         return tokenizer, None
     if tokenizer is not None:
-        folder = Path(tokenizer)
+        folder = user_path(tokenizer)
         if not _is_tokenizer_dir(folder):
             raise CheckpointError(
                 f"{folder} is not a tokenizer folder (it needs one of {', '.join(TOKENIZER_FILES)})."

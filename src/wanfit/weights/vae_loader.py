@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from wanfit.errors import CheckpointError, ConfigError
 from wanfit.models.vae import WAN21_VAE, VAEConfig, WanVAE
+from wanfit.paths import user_path
 from wanfit.precision import FP8_DTYPES, parse_stored_dtype, parse_weight_dtype
 from wanfit.weights import vae_keys
 from wanfit.weights.file_names import DIFFUSERS_VAE, DIFFUSERS_WEIGHTS, OFFICIAL_VAE
@@ -79,7 +80,7 @@ def load_vae(
 
 def inspect_vae(path: str | os.PathLike) -> VAECheckpoint:
     """Find the weight files, detect the naming and map every key to its official name."""
-    path = Path(path)
+    path = user_path(path)
     if path.is_dir() and (path / DIFFUSERS_VAE).is_dir():
         path = path / DIFFUSERS_VAE  # a diffusers pipeline folder
     elif path.is_dir() and (path / OFFICIAL_VAE).is_file():
