@@ -81,14 +81,16 @@ def model_request(
     if str(model) in DIT_PRESETS:
         config, name = DIT_PRESETS[str(model)], str(model)
     else:
+        from wanfit.paths import user_path
         from wanfit.weights.dit_loader import folder_dit_config
         from wanfit.weights.inspect import component_shapes
 
-        config, name = folder_dit_config(Path(model))
+        model = user_path(model)
+        config, name = folder_dit_config(model)
         # The text encoder and VAE as the folder's files have them (a small model plans small); a
         # folder that holds only the DiT's config plans with the released sizes.
         try:
-            text_encoder, vae = component_shapes(Path(model))
+            text_encoder, vae = component_shapes(model)
         except CheckpointError:
             text_encoder, vae = WAN21_TEXT_ENCODER, WAN21_VAE
         return Request(
