@@ -1,9 +1,10 @@
 """Saving and loading a denoising run's progress (`--checkpoint-every`, `--resume`).
 
-A resume file holds the latents after a step, the scheduler's multistep state and every setting that
-shapes the frames (prompt, negative prompt, seed, size, frames, steps, guidance, shift, model; the
-sampler and the LoRAs by content hash and strength when the run had them), plus where the output goes. It is a plain torch.save file of tensors and simple values, read back with
-weights_only=True, so a resume file can never run code.
+A resume file holds the latents after a step, the scheduler's multistep state, a step cache's
+per-stream state (--cache runs) and every setting that shapes the frames (prompt, negative prompt,
+seed, size, frames, steps, guidance, shift, model, cache; the sampler and the LoRAs by content hash
+and strength when the run had them), plus where the output goes. It is a plain torch.save file of
+tensors and simple values, read back with weights_only=True, so a resume file can never run code.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from wanfit.errors import CheckpointError
 from wanfit.pipeline import DenoiseState
 from wanfit.sampling.schedulers import _STATE_ATTRS as SCHEDULER_STATE_KEYS
+from wanfit.sampling.step_cache import StepCacheState
 from wanfit.video import atomic_path
 from wanfit.weights.io import load_tensors_only
 
@@ -52,6 +54,8 @@ def save(path: Path, state: DenoiseState, request: dict) -> None:
         "latents": state.latents.detach().cpu(),
         "scheduler": {k: move(v, "cpu") for k, v in state.scheduler_state.items()},
     }
+    if state.step_cache is not None:
+        payload["step_cache"] = state.step_cache.to("cpu").to_dict()
     with atomic_path(Path(path)) as tmp:
         torch.save(payload, tmp)
 
@@ -76,7 +80,10 @@ def load(path: Path) -> tuple[DenoiseState, dict]:
         raise CheckpointError(
             f"{path} is a damaged wanfit resume file (step {step!r}); it cannot be resumed."
         )
-    return DenoiseState(latents, step, scheduler), request
+    step_cache = payload.get("step_cache")
+    if step_cache is not None:
+        step_cache = StepCacheState.from_dict(step_cache, str(path))
+    return DenoiseState(latents, step, scheduler, step_cache), request
 
 
 def saved_lora_requests(request: dict) -> list[tuple[Path, float]]:
@@ -105,7 +112,10 @@ def check_same_loras(request: dict, loras: list[dict], path: Path) -> None:
 def to_device(state: DenoiseState, device: str | torch.device) -> DenoiseState:
     """The state with its latents and every scheduler tensor on `device` (the run's device)."""
     return DenoiseState(
-        state.latents.to(device), state.step, {k: move(v, device) for k, v in state.scheduler_state.items()}
+        state.latents.to(device),
+        state.step,
+        {k: move(v, device) for k, v in state.scheduler_state.items()},
+        None if state.step_cache is None else state.step_cache.to(device),
     )
 
 

@@ -81,7 +81,13 @@ def tiny_pipeline(device: str | None = None, seed: int = 0, plan=None):
         defaults=defaults,
         name="built-in tiny random model",
         text_encoder_loader=text_encoder_loader,
+        model_key=tiny_model_key(seed),
     )
+
+
+def tiny_model_key(seed: int = 0) -> str:
+    """Where step-cache calibrations of the tiny model with this seed are stored."""
+    return f"builtin-tiny-seed{seed}"
 
 
 def _tiny_models(seed: int):

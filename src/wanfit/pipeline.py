@@ -16,6 +16,7 @@ from wanfit.models.configs import VAE_STRIDE, latent_shape  # noqa: F401  (laten
 from wanfit.plan.plan import ATTENTION_KINDS, Plan
 from wanfit.runtime.placement import DiTLayout, Placements, TextEncoderLayout, TextEncoderPlacement
 from wanfit.sampling import schedulers
+from wanfit.sampling.step_cache import StepCache, StepCacheState
 
 # The official default negative prompt (Wan2.1's shared config), used when none is given.
 OFFICIAL_NEGATIVE_PROMPT = (
@@ -87,6 +88,7 @@ class DenoiseState:
     latents: torch.Tensor
     step: int
     scheduler_state: dict = field(default_factory=dict)
+    step_cache: StepCacheState | None = None  # the step cache's per-stream state (--cache runs)
 
 
 def resident_plan(hw, dit=None) -> Plan:
@@ -115,11 +117,13 @@ class WanPipeline:
         scheduler_config: Path | None = None,
         name: str = "wan2.1",
         text_encoder_loader: Callable[[Plan], object] | None = None,
+        model_key: str | None = None,
     ):
         """plan: a PlanResult from wanfit.plan.planning.plan_for (its frozen fields and hardware are
         kept for re-planning), a bare Plan (obeyed as it is), or None: everything resident with this
         machine's dtypes. text_encoder_loader(plan): loads the text encoder again for `plan` (on the
-        host if the plan streams it), after a plan freed it; the pipeline places it."""
+        host if the plan streams it), after a plan freed it; the pipeline places it. model_key: where
+        this DiT's step-cache calibrations are stored (wanfit.sampling.step_cache.tables)."""
         from wanfit.plan.planner import PlanResult
 
         self.dit = dit
@@ -134,6 +138,8 @@ class WanPipeline:
         self.scheduler_config = scheduler_config
         self.name = name
         self.text_encoder_loader = text_encoder_loader
+        self.model_key = model_key
+        self.step_cache_report: dict | None = None  # the last run's step cache and its skipped steps
         self.dit_calls = 0  # forward passes of the DiT in the last run (tests read it)
         self.timings: dict[str, float] = {}
         # (plan, phase) -> the next lighter plan or None, for the OOM guard; default: the planner's.
@@ -209,6 +215,7 @@ class WanPipeline:
             },
             "timings": self.timings,
             "oom_steps": [list(step) for step in self.oom_steps],
+            "step_cache": self.step_cache_report,
         }
 
     @classmethod
@@ -240,6 +247,7 @@ class WanPipeline:
         from wanfit import load_dit, load_text_encoder, load_vae
         from wanfit.paths import user_path
         from wanfit.plan.planning import BUILTIN
+        from wanfit.sampling.step_cache.tables import dit_model_key
         from wanfit.weights.model_dir import find_model_files
 
         builtin = isinstance(model_dir, str) and model_dir == BUILTIN
@@ -306,6 +314,7 @@ class WanPipeline:
             scheduler_config=user_path(scheduler_config) if scheduler_config else files.scheduler_config,
             name=str(files.root),
             text_encoder_loader=text_encoder_loader,
+            model_key=dit_model_key(files.dit),
         )
 
     # -- plan ----------------------------------------------------------------------------------
@@ -458,24 +467,61 @@ class WanPipeline:
         return parameter_shapes(config), describe_size(config.dim, config.num_layers, config.in_dim)
 
     def predict_noise(
-        self, latents: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond, guidance: float
+        self,
+        latents: torch.Tensor,
+        t: torch.Tensor,
+        cond: torch.Tensor,
+        uncond,
+        guidance: float,
+        cache: StepCache | None = None,
+        step: int = 0,
     ):
-        """One guided DiT prediction: cond and uncond in one batch or one after the other, per the plan."""
+        """One guided DiT prediction: cond and uncond in one batch or one after the other, per the plan.
+
+        With a step cache (at denoising step `step`), each batch row is a stream, "cond" or "uncond",
+        whose DiT work the cache may skip.
+        """
         dtype = self.plan.torch_compute_dtype
         x = latents.to(dtype)
-        dit = self.placement.dit  # the DiT as placed (compiled blocks when the plan compiles)
+        placed = self.placement.dit  # the DiT as placed (compiled blocks when the plan compiles)
+
+        def dit(x, t, context, streams):
+            return placed(x, t, context) if cache is None else cache.forward(placed, x, t, context, streams)
+
+        if cache is not None:
+            cache.begin_step(step)
         if uncond is None:
             self.dit_calls += 1
-            return dit(x, t.expand(1), cond).float()
-        if self.plan.cfg_batch:
+            noise = dit(x, t.expand(1), cond, ("cond",)).float()
+        elif self.plan.cfg_batch:
             self.dit_calls += 1
-            both = dit(torch.cat([x, x]), t.expand(2), torch.cat([cond, uncond])).float()
+            both = dit(torch.cat([x, x]), t.expand(2), torch.cat([cond, uncond]), ("cond", "uncond")).float()
             noise_cond, noise_uncond = both.chunk(2)
         else:
             self.dit_calls += 2
-            noise_cond = dit(x, t.expand(1), cond).float()
-            noise_uncond = dit(x, t.expand(1), uncond).float()
-        return noise_uncond + guidance * (noise_cond - noise_uncond)
+            noise_cond = dit(x, t.expand(1), cond, ("cond",)).float()
+            noise_uncond = dit(x, t.expand(1), uncond, ("uncond",)).float()
+        if uncond is not None:
+            noise = noise_uncond + guidance * (noise_cond - noise_uncond)
+        if cache is not None:
+            cache.end_step()
+        return noise
+
+    def make_step_cache(self, steps: int, state: StepCacheState | None = None) -> StepCache | None:
+        """The plan's step cache for a run of `steps` (None: no cache); ConfigError where it cannot apply."""
+        if self.plan.cache is None:
+            if state is not None:
+                raise ConfigError(
+                    f"The resume file was written with --cache {state.spec}; resume with the same --cache."
+                )
+            return None
+        from wanfit.models.configs import DiTConfig
+        from wanfit.sampling.step_cache import build
+
+        config = getattr(self.dit, "config", None)
+        if not isinstance(config, DiTConfig) or not hasattr(self.dit, "run_blocks"):
+            raise ConfigError("A step cache needs wanfit's WanDiT (embed / run_blocks / unembed).")
+        return build(self.plan.cache, config, steps, model_key=self.model_key, state=state)
 
     def denoise(
         self,
@@ -488,10 +534,16 @@ class WanPipeline:
         *,
         progress: bool = True,
         on_step: Callable[[DenoiseState], None] | None = None,
+        step_cache: StepCache | None = None,
     ) -> torch.Tensor:
+        """Sample from state.step to the end; step_cache: one to use instead of the plan's (calibration)."""
         from tqdm.auto import tqdm
 
         latents = state.latents
+        cache = (
+            step_cache if step_cache is not None else self.make_step_cache(len(timesteps), state.step_cache)
+        )
+        self.step_cache_report = None
         self.placement.dit.place(self.plan)
         guard = self._oom_guard()
         bar = tqdm(
@@ -520,8 +572,8 @@ class WanPipeline:
                     # Out of memory: step the plan down and predict this step again from the same latents.
                     noise = guard.run(
                         "denoise",
-                        lambda x=latents, t=t: self.predict_noise(
-                            x, t.to(x.device).float(), cond, uncond, guidance
+                        lambda x=latents, t=t, i=i: self.predict_noise(
+                            x, t.to(x.device).float(), cond, uncond, guidance, cache, i
                         ),
                         what=f"step {i}",
                     )
@@ -529,11 +581,14 @@ class WanPipeline:
                 bar.n = i + 1  # exact at each step's end, whatever the blocks added (or a retried step)
                 bar.refresh()
                 if on_step is not None:
-                    on_step(DenoiseState(latents, i + 1, schedulers.scheduler_state(scheduler)))
+                    snapshot = cache.snapshot() if cache is not None else None
+                    on_step(DenoiseState(latents, i + 1, schedulers.scheduler_state(scheduler), snapshot))
         finally:
             for hook in hooks:
                 hook.remove()
             bar.close()
+        if cache is not None:
+            self.step_cache_report = cache.report()
         return latents
 
     def decode(self, latents: torch.Tensor, *, progress: bool = False) -> np.ndarray:
@@ -582,6 +637,7 @@ class WanPipeline:
         resume: DenoiseState | None = None,
         on_step: Callable[[DenoiseState], None] | None = None,
         sampler: str | None = None,
+        step_cache: StepCache | None = None,
     ) -> np.ndarray:
         """sampler: one of wanfit.sampling.schedulers.SCHEDULERS (default: the folder's or the official)."""
         steps = self.defaults.num_inference_steps if num_inference_steps is None else num_inference_steps
@@ -632,7 +688,15 @@ class WanPipeline:
 
         started = time.perf_counter()
         final = self.denoise(
-            state, scheduler, timesteps, cond, uncond, guidance, progress=progress, on_step=on_step
+            state,
+            scheduler,
+            timesteps,
+            cond,
+            uncond,
+            guidance,
+            progress=progress,
+            on_step=on_step,
+            step_cache=step_cache,
         )
         self._end_phase("denoise", started)
         self._record_attention("denoise", ("self", "cross"))

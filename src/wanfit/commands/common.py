@@ -50,7 +50,7 @@ def add_hardware_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_plan_options(parser: argparse.ArgumentParser) -> None:
-    """--vram, --allow-downscale, --fp8, --set: shared by plan and generate."""
+    """--vram, --allow-downscale, --fp8, --cache, --set: shared by plan and generate."""
     group = parser.add_argument_group("memory plan")
     group.add_argument("--vram", default=None, metavar="SIZE", help="memory budget, e.g. 4GiB, 6000MiB, 12GB")
     group.add_argument(
@@ -58,6 +58,13 @@ def add_plan_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--fp8", action="store_true", help="store DiT weights in fp8 (half the bytes, upcast per block)"
+    )
+    group.add_argument(
+        "--cache",
+        default=None,
+        metavar="NAME[:THRESHOLD]",
+        help="skip DiT work between similar steps (lossy): teacache, magcache, easycache or firstblock, "
+        "e.g. magcache or teacache:0.08 (docs/step_cache.md); the same as --set cache=...",
     )
     group.add_argument(
         "--set",
@@ -75,6 +82,14 @@ def hardware_from_args(args: argparse.Namespace) -> HardwareProbe:
     return resolve_hardware(getattr(args, "emulate", None))
 
 
+def plan_settings(args: argparse.Namespace) -> list[str]:
+    """The --set NAME=VALUE items, with --cache as one more (cache=...)."""
+    settings = list(getattr(args, "overrides", ()) or ())
+    if getattr(args, "cache", None) is not None:
+        settings.append(f"cache={args.cache}")
+    return settings
+
+
 def constraints_from_args(args: argparse.Namespace) -> Constraints:
     """The user's settings as the planner's Constraints (each checked, one sentence if wrong)."""
     attention = getattr(args, "attention", None) or os.environ.get(ATTENTION_ENV) or None
@@ -85,6 +100,6 @@ def constraints_from_args(args: argparse.Namespace) -> Constraints:
         allow_lossy_attention=getattr(args, "allow_lossy_attention", False),
         fp8=getattr(args, "fp8", False),
         device=getattr(args, "device", None),
-        settings=getattr(args, "overrides", ()) or (),
+        settings=plan_settings(args),
         allow_downscale=getattr(args, "allow_downscale", False),
     )

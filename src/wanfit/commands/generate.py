@@ -119,6 +119,8 @@ def run(args: argparse.Namespace) -> int:
     hardware = _hardware(args)
     check_writable(settings.out, overwrite=args.overwrite, protected=[args.model] if args.model else [])
     planned = plan_job(args, settings, hardware)
+    if planned.plan.cache is not None:
+        check_cache(planned, args, settings)
     ckpt = checkpointing.checkpoint_path(settings.out)
     resuming_own_file = args.resume is not None and _same_file(args.resume, ckpt)
     if settings.checkpoint_every and ckpt.exists() and not (resuming_own_file or args.overwrite):
@@ -141,6 +143,13 @@ def run(args: argparse.Namespace) -> int:
     request = resolve_request(pipe, settings, args.model)
     if resume_state is not None:
         resume_state = _check_resume(pipe, resume_state, request, args.resume)
+        if pipe.plan.cache is not None and resume_state.step_cache is None and resume_state.step:
+            print(
+                f"wanfit: warning: the resume file holds no step-cache state; --cache {pipe.plan.cache} "
+                "starts afresh at the next step (computed in full), so the frames may differ slightly "
+                "from an uninterrupted run.",
+                file=sys.stderr,
+            )
 
     steps = request["steps"]
     every = settings.checkpoint_every
@@ -208,6 +217,10 @@ def run(args: argparse.Namespace) -> int:
             "note: this was the built-in tiny random model, so the video is noise. "
             "Point --model at a downloaded Wan2.1 folder for real videos (see README)."
         )
+    if pipe.step_cache_report is not None:
+        skipped = pipe.step_cache_report["skipped"].items()
+        counts = ", ".join(f"{len(done)} of {steps} {name} steps" for name, done in skipped)
+        print(f"step cache {pipe.plan.cache}: skipped {counts}")
     print(json.dumps({"timings": pipe.timings}))
     return 0
 
@@ -266,10 +279,24 @@ def apply_resume_file(args: argparse.Namespace, saved: dict) -> None:
     for key in RESUMED:
         value = saved.get(key)
         setattr(args, key, Path(value) if key == "model" and value is not None else value)
+    _resume_cache(args, saved.get("cache"))
     if args.out is None:
         args.out = Path(saved["out"])
     if args.checkpoint_every is None:
         args.checkpoint_every = saved.get("checkpoint_every")
+
+
+def _resume_cache(args: argparse.Namespace, saved: str | None) -> None:
+    """The saved run's step cache (files from before --cache hold none), or the same one again."""
+    from wanfit.sampling.step_cache import canonical_spec
+
+    given = canonical_spec(args.cache)
+    if args.cache is not None and given != saved:
+        raise ConfigError(
+            f"--resume continues the saved run, whose step cache is {saved or 'off'}, not {given or 'off'}; "
+            "drop --cache or start a new run."
+        )
+    args.cache = saved
 
 
 def _same_setting(flag: str, given, saved) -> bool:
@@ -342,6 +369,7 @@ def resolve_request(pipe, settings: Settings, model: Path | None) -> dict:
         "scheduler": type(scheduler).__name__,
         "preset": settings.preset,
         "loras": pipe.loras,
+        "cache": pipe.plan.cache,  # a step cache changes the frames: it is part of the request
     }
 
 
@@ -393,6 +421,24 @@ def plan_job(args: argparse.Namespace, settings: Settings, hw):
         kind = "warning" if result.requested is not None and note == result.notes[0] else "note"
         print(f"wanfit: {kind}: {note}", file=sys.stderr)
     return result
+
+
+def check_cache(planned, args: argparse.Namespace, settings: Settings) -> None:
+    """The plan's step cache checked against this model and step count before any weights load."""
+    from wanfit.pipeline import SamplingDefaults
+    from wanfit.sampling.step_cache import build
+
+    if args.model is None:
+        from wanfit.demo import tiny_model_key
+
+        key = tiny_model_key()
+    else:
+        from wanfit.sampling.step_cache.tables import dit_model_key
+        from wanfit.weights.model_dir import find_model_files
+
+        key = dit_model_key(find_model_files(args.model).dit)
+    steps = settings.steps or SamplingDefaults.num_inference_steps  # (the tiny model's are set by now)
+    build(planned.plan.cache, planned.request.config, steps, model_key=key)
 
 
 def announce(result, settings: Settings, model: Path | None) -> None:

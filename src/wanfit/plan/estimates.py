@@ -453,14 +453,36 @@ def estimate_denoise(request: Request, plan: Plan, backend: str, *, others: bool
     te = text_encoder_device_weights(request, plan, during_encode=False) if others else 0
     vae = vae_device_weights(request, plan) if others else 0
     act, ws, stage = dit_activations(request, plan, backend)
-    cache = int(LATENT_COPIES * _latent_bytes(request)) + _embeddings_bytes(request, plan)
+    step_cache = step_cache_bytes(request, plan)
+    cache = int(LATENT_COPIES * _latent_bytes(request)) + _embeddings_bytes(request, plan) + step_cache
     return PhaseEstimate(
         "denoise",
         weights=dit + te + vae,
         activations=act,
         workspace=ws,
         cache=cache,
-        detail={"dit": dit, "text_encoder": te, "vae": vae, f"peak_stage_{stage}": act + ws},
+        detail={
+            "dit": dit,
+            "text_encoder": te,
+            "vae": vae,
+            f"peak_stage_{stage}": act + ws,
+            "step_cache": step_cache,
+        },
+    )
+
+
+def step_cache_bytes(request: Request, plan: Plan) -> int:
+    """What a step cache keeps between steps: fp32 residuals [tokens, dim] (and latent copies) per stream."""
+    if plan.cache is None:
+        return 0
+    from wanfit.sampling.step_cache import held_bytes
+
+    return held_bytes(
+        plan.cache,
+        tokens=request.tokens,
+        dim=request.config.dim,
+        latent_elements=_latent_bytes(request) // 4,
+        streams=2 if request.guidance else 1,
     )
 
 

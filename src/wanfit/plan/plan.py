@@ -128,6 +128,19 @@ class Plan:
             none="as asked",
         ),
     )
+    # A step cache (wanfit.sampling.step_cache): "NAME[:THRESHOLD][,OPTION=VALUE...]". Lossy, opt-in.
+    cache: str | None = field(
+        default=None,
+        metadata=_setting(
+            "cache", "skip DiT work between similar steps (lossy), e.g. magcache", optional=True, none="off"
+        ),
+    )
+
+    def __post_init__(self):
+        if self.cache is not None:  # one spelling in plans and metadata: 'MagCache:0.10' -> 'magcache:0.1'
+            from wanfit.sampling.step_cache import canonical_spec
+
+            object.__setattr__(self, "cache", canonical_spec(self.cache))
 
     @property
     def torch_compute_dtype(self) -> torch.dtype:
@@ -188,6 +201,10 @@ def _accepts(name: str) -> str:
         return f"auto or one of {', '.join(default_registry().names())}"
     if kind == "device":
         return "cpu, cuda, cuda:N or mps"
+    if kind == "cache":
+        from wanfit.sampling.step_cache import POLICIES
+
+        return f"NAME[:THRESHOLD] with NAME one of {', '.join(POLICIES)}{none}"
     return "a value"
 
 
@@ -248,6 +265,10 @@ def parse_setting(name: str, text: str):
         if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", low):
             raise bad()
         return low
+    if kind == "cache":
+        from wanfit.sampling.step_cache import canonical_spec
+
+        return canonical_spec(raw)  # its own sentence for a bad policy, threshold or option
     return raw
 
 

@@ -132,6 +132,23 @@ class DiTPlacement:
             return self.dit(x, timestep, context)
         return forward_with(self.dit, self.compiled_blocks, x, timestep, context)
 
+    # The forward's parts as placed, for a step cache (wanfit.sampling.step_cache) that runs some blocks.
+
+    def embed(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor):
+        return self.dit.embed(x, timestep, context)
+
+    def run_blocks(self, inputs, tokens: torch.Tensor | None = None, start: int = 0, end: int | None = None):
+        """WanDiT.run_blocks through the compiled blocks when compiled."""
+        if self.compiled_blocks is None:
+            return self.dit.run_blocks(inputs, tokens, start, end)
+        tokens = inputs.tokens if tokens is None else tokens
+        for block in self.compiled_blocks[start:end]:
+            tokens = block(tokens, inputs.e, inputs.context, inputs.rope)
+        return tokens
+
+    def unembed(self, tokens: torch.Tensor, inputs) -> torch.Tensor:
+        return self.dit.unembed(tokens, inputs)
+
     def _move(self, layout: DiTLayout) -> None:
         self._unstream()
         device = torch.device(layout.device)
