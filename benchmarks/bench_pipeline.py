@@ -195,6 +195,8 @@ def run_wanfit(parts, args, latents, device, plan):
     # The pipeline resets the peak counter per phase: the run's peak is the largest phase peak.
     phase_peaks = [v for k, v in pipe.timings.items() if k.endswith("_peak_gib")]
     result = {"total_s": total, "peak_gib": max(phase_peaks, default=None), "phases_s": dict(pipe.timings)}
+    if pipe.step_cache_report is not None:
+        result["step_cache"] = pipe.step_cache_report
     if per_step:
         result["first_step_end_s"] = step_times[0] - start
         result["median_step_s"] = sorted(per_step)[len(per_step) // 2]
