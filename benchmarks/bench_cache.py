@@ -27,7 +27,6 @@ import json
 import statistics
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -115,6 +114,11 @@ def step_cost(pipe, args, device, specs: dict) -> dict:
     return out
 
 
+def replace_overrides(args: argparse.Namespace, *more: str) -> argparse.Namespace:
+    """args with more --set items."""
+    return argparse.Namespace(**{**vars(args), "overrides": [*args.overrides, *more]})
+
+
 def diffusers_job(parts, args, latents, device, cache_config=None) -> dict:
     """(c): diffusers' whole job, with its cache hook if given; DiT forwards counted on block 0."""
     ref_dit = parts[0]
@@ -148,7 +152,9 @@ def main(argv=None) -> dict:
 
     diffusers_parts, wanfit_parts, dit_cfg = build_models(args, device)
     # Several jobs share one text encoder: keep it (the same for every run, so they compare).
-    plan = replace(wanfit_plan(args, device, dit_cfg), free_text_encoder=False)
+    args.overrides = [*args.overrides, "free_text_encoder=false"]
+    plan = wanfit_plan(args, device, dit_cfg)
+    cached_plan = wanfit_plan(replace_overrides(args, f"cache={MAGCACHE}"), device, dit_cfg)
     result = {
         "benchmark": "bench_cache",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -158,7 +164,7 @@ def main(argv=None) -> dict:
         "steps": args.steps,
         "guidance": args.guidance,
         "layers": dit_cfg.num_layers,
-        "plan": plan.to_dict(),
+        "plan": plan.plan.to_dict(),
         "random_weights": True,
     }
     pipe = WanPipeline(*wanfit_parts, plan=plan)
@@ -173,7 +179,7 @@ def main(argv=None) -> dict:
     latents = latents.to(device)
     job = {}
     job["none"], plain = run_wanfit(wanfit_parts, args, latents, device, plan)
-    job["magcache"], cached = run_wanfit(wanfit_parts, args, latents, device, replace(plan, cache=MAGCACHE))
+    job["magcache"], cached = run_wanfit(wanfit_parts, args, latents, device, cached_plan)
     job["magcache"]["speedup_total"] = job["none"]["total_s"] / job["magcache"]["total_s"]
     job["magcache"]["speedup_denoise"] = (
         job["none"]["phases_s"]["denoise_s"] / job["magcache"]["phases_s"]["denoise_s"]
