@@ -428,28 +428,35 @@ def trajectory(steps: int):
         yield x + 0.15 * i * drift, torch.tensor([t], dtype=torch.float32), context
 
 
-def test_firstblock_skips_what_diffusers_first_block_cache_skips():
-    from diffusers.hooks import FirstBlockCacheConfig
-
-    reference, dit = diffusers_and_wanfit()
-    reference.enable_cache(FirstBlockCacheConfig(threshold=0.2))
-    rest_calls = []
-    reference.blocks[1].attn1.register_forward_pre_hook(lambda *a: rest_calls.append(1))
-    cache = build("firstblock:0.2", dit.config, STEPS)
-    theirs = []
+def lockstep(cache, dit, reference, watched) -> list[int]:
+    """The trajectory through our cache and through diffusers' hooked model, outputs compared at each
+    step; returns the steps where diffusers did not run `watched` (a block's attention): its skips."""
+    calls, skipped = [], []
+    hook = watched.register_forward_pre_hook(lambda *a: calls.append(1))
     with torch.no_grad():
         for i, (x, t, context) in enumerate(trajectory(STEPS)):
             cache.begin_step(i)
             ours = cache.forward(dit, x, t, context, ("cond",))
             cache.end_step()
-            before = len(rest_calls)
+            before = len(calls)
             with reference.cache_context("cond"):
                 out = reference(
                     hidden_states=x, timestep=t, encoder_hidden_states=context, return_dict=False
                 )[0]
-            if len(rest_calls) == before:
-                theirs.append(i)
+            if len(calls) == before:
+                skipped.append(i)
             assert torch.allclose(ours, out, atol=1e-4, rtol=1e-4)
+    hook.remove()
+    return skipped
+
+
+def test_firstblock_skips_what_diffusers_first_block_cache_skips():
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    reference, dit = diffusers_and_wanfit()
+    reference.enable_cache(FirstBlockCacheConfig(threshold=0.2))
+    cache = build("firstblock:0.2", dit.config, STEPS)
+    theirs = lockstep(cache, dit, reference, reference.blocks[1].attn1)  # block 1 runs unless skipped
     assert cache.skipped()["cond"] == theirs and 0 < len(theirs) < STEPS - 1
 
 
@@ -468,23 +475,8 @@ def test_magcache_skips_what_diffusers_mag_cache_skips():
             mag_ratios=list(published.cond),
         )  # fmt: skip
     )
-    rest_calls = []
-    reference.blocks[0].attn1.register_forward_pre_hook(lambda *a: rest_calls.append(1))
     cache = build("magcache:0.05,K=2,retention=0.25,ratios=1.3B", dit.config, STEPS)
-    theirs = []
-    with torch.no_grad():
-        for i, (x, t, context) in enumerate(trajectory(STEPS)):
-            cache.begin_step(i)
-            ours = cache.forward(dit, x, t, context, ("cond",))
-            cache.end_step()
-            before = len(rest_calls)
-            with reference.cache_context("cond"):
-                out = reference(
-                    hidden_states=x, timestep=t, encoder_hidden_states=context, return_dict=False
-                )[0]
-            if len(rest_calls) == before:
-                theirs.append(i)
-            assert torch.allclose(ours, out, atol=1e-4, rtol=1e-4)
+    theirs = lockstep(cache, dit, reference, reference.blocks[0].attn1)  # MagCache skips every block
     assert cache.skipped()["cond"] == theirs and 0 < len(theirs) < STEPS - 1
 
 

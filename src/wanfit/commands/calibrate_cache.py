@@ -57,19 +57,7 @@ def run(args: argparse.Namespace) -> int:
     request = generate.resolve_request(pipe, settings, args.model)
     steps = request["steps"]
     cache = calibrator(steps)
-    pipe(
-        request["prompt"],
-        negative_prompt=request["negative_prompt"],
-        height=settings.height,
-        width=settings.width,
-        num_frames=settings.frames,
-        num_inference_steps=steps,
-        guidance_scale=request["guidance"],
-        shift=request["shift"],
-        seed=settings.seed,
-        progress=not args.no_progress,
-        step_cache=cache,
-    )
+    generate.run_pipeline(pipe, request, settings, progress=not args.no_progress, step_cache=cache)
     ratios = cache.policy.measured(cache)
     about = {
         k: request[k] for k in ("model", "size", "frames", "steps", "guidance", "shift", "seed", "prompt")

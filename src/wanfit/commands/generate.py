@@ -163,20 +163,8 @@ def run(args: argparse.Namespace) -> int:
             saved_step[0] = state.step
 
     try:
-        frames_out = pipe(
-            request["prompt"],
-            negative_prompt=request["negative_prompt"],
-            height=settings.height,
-            width=settings.width,
-            num_frames=settings.frames,
-            num_inference_steps=steps,
-            guidance_scale=request["guidance"],
-            shift=request["shift"],
-            seed=settings.seed,
-            progress=not args.no_progress,
-            resume=resume_state,
-            on_step=on_step,
-            sampler=request["sampler"],
+        frames_out = run_pipeline(
+            pipe, request, settings, progress=not args.no_progress, resume=resume_state, on_step=on_step
         )
         written = what_was_written(frames_out, request, planned)
         metadata = {
@@ -371,6 +359,23 @@ def resolve_request(pipe, settings: Settings, model: Path | None) -> dict:
         "loras": pipe.loras,
         "cache": pipe.plan.cache,  # a step cache changes the frames: it is part of the request
     }
+
+
+def run_pipeline(pipe, request: dict, settings: Settings, **options):
+    """The pipeline on a resolved request (generate's run, calibrate-cache's); options: progress, ..."""
+    return pipe(
+        request["prompt"],
+        negative_prompt=request["negative_prompt"],
+        height=settings.height,
+        width=settings.width,
+        num_frames=settings.frames,
+        num_inference_steps=request["steps"],
+        guidance_scale=request["guidance"],
+        shift=request["shift"],
+        seed=settings.seed,
+        sampler=request["sampler"],
+        **options,
+    )
 
 
 def _check_resume(pipe, state, request: dict, path: Path):
