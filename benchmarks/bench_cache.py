@@ -79,7 +79,10 @@ def sync(device: torch.device) -> None:
 
 def step_cost(pipe, args, device, specs: dict) -> dict:
     """(a): median seconds of one computed step per policy (threshold 0) and without a cache."""
+    from dataclasses import replace
+
     from wanfit.pipeline import latent_shape
+    from wanfit.plan.estimates import Request, step_cache_bytes
     from wanfit.sampling.step_cache import build
 
     width, height = (int(v) for v in args.size.split("x"))
@@ -92,6 +95,12 @@ def step_cost(pipe, args, device, specs: dict) -> dict:
     # Steps from 10 on: past every policy's always-computed first steps, so each one decides.
     first = 10
     out = {}
+    with torch.no_grad():  # warm the kernels up before the first (uncached) timing
+        for _ in range(args.warmup):
+            pipe.predict_noise(latents, t, cond, uncond, args.guidance)
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     for name, spec in {"none": None, **specs}.items():
         cache = None if spec is None else build(spec, cfg, args.steps)
         times = []
@@ -106,6 +115,16 @@ def step_cost(pipe, args, device, specs: dict) -> dict:
                 times.append(time.perf_counter() - start)
         timed = times[args.warmup :]
         out[name] = {"median_s": statistics.median(timed), "min_s": min(timed), "runs_s": timed}
+        if device.type == "cuda":  # the step's peak, with the cache's residuals held
+            out[name]["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            torch.cuda.reset_peak_memory_stats(device)
+        if spec is not None:  # what the planner counts for them
+            request = Request(
+                cfg, height=height, width=width, num_frames=args.frames, guidance=args.guidance != 1.0
+            )
+            out[name]["held_gib_estimated"] = (
+                step_cache_bytes(request, replace(pipe.plan, cache=spec)) / 2**30
+            )
         if cache is not None:
             assert not any(cache.skipped().values()), "threshold 0 must compute every step"
     base = out["none"]["median_s"]
