@@ -37,7 +37,7 @@ try:
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from bench_pipeline import build_models, run_diffusers, run_wanfit, wanfit_plan  # noqa: E402
+from bench_pipeline import build_models, job_header, run_diffusers, run_wanfit, wanfit_plan  # noqa: E402
 
 # Each policy at threshold 0, with the published tables named (they also serve a --layers model).
 BOOKKEEPING = {
@@ -175,13 +175,7 @@ def main(argv=None) -> dict:
     plan = wanfit_plan(args, device, dit_cfg)
     cached_plan = wanfit_plan(replace_overrides(args, f"cache={MAGCACHE}"), device, dit_cfg)
     result = {
-        "benchmark": "bench_cache",
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__,
-        "size": args.size,
-        "frames": args.frames,
-        "steps": args.steps,
-        "guidance": args.guidance,
+        **job_header("bench_cache", args, device),
         "layers": dit_cfg.num_layers,
         "plan": plan.plan.to_dict(),
         "random_weights": True,

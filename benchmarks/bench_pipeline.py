@@ -216,6 +216,19 @@ def wanfit_plan(args, device, dit_cfg):
     return plan_for(request, constraints)
 
 
+def job_header(benchmark: str, args, device) -> dict:
+    """The first keys of a job benchmark's JSON: what ran where."""
+    return {
+        "benchmark": benchmark,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "size": args.size,
+        "frames": args.frames,
+        "steps": args.steps,
+        "guidance": args.guidance,
+    }
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.dry_run:
@@ -234,16 +247,7 @@ def main(argv=None) -> dict:
     )
     latents = latents.to(device)
     plan = wanfit_plan(args, device, dit_cfg)
-    result = {
-        "benchmark": "bench_pipeline",
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__,
-        "size": args.size,
-        "frames": args.frames,
-        "steps": args.steps,
-        "guidance": args.guidance,
-        "plan": plan.plan.to_dict(),
-    }
+    result = {**job_header("bench_pipeline", args, device), "plan": plan.plan.to_dict()}
     result["wanfit"], ours = run_wanfit(wanfit_parts, args, latents, device, plan)
     result["wanfit"]["s_per_step"] = result["wanfit"]["phases_s"]["denoise_s"] / args.steps
     if not args.skip_diffusers:
