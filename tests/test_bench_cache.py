@@ -8,7 +8,9 @@ from benchmarks.bench_cache import BOOKKEEPING, main
 def test_tiny_run_reports_step_costs_and_the_cached_job(tmp_path, capsys):
     out = tmp_path / "bench_cache.json"
     result = main(["--tiny", "--skip-diffusers", "--out", str(out)])
-    assert json.loads(out.read_text()) == json.loads(capsys.readouterr().out) == json.loads(json.dumps(result))
+    assert (
+        json.loads(out.read_text()) == json.loads(capsys.readouterr().out) == json.loads(json.dumps(result))
+    )
     costs = result["step_cost"]
     assert set(costs) == {"none", *BOOKKEEPING} and all(c["median_s"] > 0 for c in costs.values())
     assert all("overhead_pct" in costs[name] for name in BOOKKEEPING)

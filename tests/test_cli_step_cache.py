@@ -8,8 +8,11 @@ import pytest
 import torch
 
 import wanfit.attention as wa
+from tests.helpers import tiny_lora
+from tests.test_cli_generate import generate as run
+from tests.test_cli_generate import one_error_line
 from wanfit import checkpointing
-from wanfit.cli import main
+from wanfit.models.configs import WAN_TINY
 from wanfit.pipeline import WanPipeline
 from wanfit.video import read_video
 
@@ -26,18 +29,6 @@ def _isolated(monkeypatch, tmp_path):
     torch.manual_seed(0)
     yield
     wa.reset()
-
-
-def run(capsys, *argv):
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def one_error_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("wanfit: error: ") and lines[0].endswith("."), err
-    return lines[0]
 
 
 def test_a_cached_run_names_the_policy_and_its_skipped_steps(capsys, tmp_path):
@@ -76,6 +67,13 @@ def test_caches_that_cannot_run_are_refused_before_any_work(capsys, tmp_path, ar
     assert code == 2 and stdout == ""
     assert message in one_error_line(err)
     assert list(tmp_path.glob("v*")) == []
+
+
+def test_a_few_step_preset_with_a_cache_is_refused(capsys, tmp_path):
+    argv = ["generate", "--size", "48x32", "--frames", "5", "--preset", "lightx2v-4step", "--no-progress"]
+    code, _, err = run(capsys, *argv, "--cache", FIRSTBLOCK, "--out", str(tmp_path / "v.mp4"))
+    assert code == 2 and "needs at least 10 steps, got 4" in one_error_line(err)
+    assert not list(tmp_path.glob("v*"))
 
 
 def test_calibrate_cache_then_magcache_finds_the_ratios(capsys, tmp_path):
@@ -151,3 +149,32 @@ def test_plan_shows_the_cache_and_counts_its_memory(capsys):
     assert cached["phases"]["denoise"]["cache"] - plain["phases"]["denoise"]["cache"] == residuals
     code, stdout, _ = run(capsys, "plan", "--vram", "80GiB", "--set", "cache=teacache:0.1")
     assert code == 0 and "  cache: teacache:0.1" in stdout
+
+
+def test_a_lora_gets_its_own_calibration(capsys, tmp_path):
+    factors = tiny_lora.random_factors(WAN_TINY.num_layers, WAN_TINY.dim, WAN_TINY.ffn_dim, seed=3, size=0.5)
+    lora = tiny_lora.save(tiny_lora.comfy(factors, alpha=2.0), tmp_path / "style.safetensors")
+    calibrate = [
+        "calibrate-cache",
+        "--size",
+        "48x32",
+        "--frames",
+        "5",
+        "--steps",
+        str(STEPS),
+        "--no-progress",
+    ]
+    assert run(capsys, *calibrate, "--lora", f"{lora}:0.8")[0] == 0
+    stored = list((tmp_path / "cache" / "step_cache").iterdir())
+    assert [p.name.startswith("builtin-tiny-seed0-lora-") for p in stored] == [True]
+    saved = json.loads(next(stored[0].iterdir()).read_text())
+    assert saved["measured"]["loras"][0]["strength"] == 0.8
+
+    out = tmp_path / "v.mp4"
+    assert run(capsys, *RUN, "--lora", f"{lora}:0.8", "--cache", "magcache:0.3", "--out", str(out))[0] == 0
+    assert json.loads(out.with_suffix(".json").read_text())["step_cache"]["settings"]["ratios"].startswith(
+        str(stored[0])
+    )
+    for other in (["--lora", f"{lora}:0.5"], []):  # another strength, or no LoRA: not this calibration
+        code, _, err = run(capsys, *RUN, *other, "--cache", "magcache:0.3", "--out", str(tmp_path / "w.mp4"))
+        assert code == 2 and "calibrate-cache" in one_error_line(err)

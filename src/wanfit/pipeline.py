@@ -521,7 +521,14 @@ class WanPipeline:
         config = getattr(self.dit, "config", None)
         if not isinstance(config, DiTConfig) or not hasattr(self.dit, "run_blocks"):
             raise ConfigError("A step cache needs wanfit's WanDiT (embed / run_blocks / unembed).")
-        return build(self.plan.cache, config, steps, model_key=self.model_key, state=state)
+        return build(self.plan.cache, config, steps, model_key=self.step_cache_key, state=state)
+
+    @property
+    def step_cache_key(self) -> str | None:
+        """Where step-cache calibrations of this DiT, with the LoRAs applied now, are stored."""
+        from wanfit.sampling.step_cache.tables import calibration_key
+
+        return calibration_key(self.model_key, self.loras)
 
     def denoise(
         self,

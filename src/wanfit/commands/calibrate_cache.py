@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from wanfit.commands.common import add_hardware_options, add_plan_options, user_path
+from wanfit.commands.lora_options import add_lora_options
 from wanfit.errors import ConfigError
 
 
@@ -38,6 +39,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None, help="noise seed (default 0)")
     p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: the best one found)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_lora_options(p)  # a LoRA changes the ratios: they are stored for the model with its LoRAs
     add_hardware_options(p)
     add_plan_options(p)
     p.set_defaults(func=run)
@@ -45,15 +47,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from wanfit.commands import generate
+    from wanfit.commands.lora_options import apply_loras, apply_preset, lora_requests, read_loras
     from wanfit.sampling.step_cache import calibrator
     from wanfit.sampling.step_cache.tables import save_ratios
 
     if args.cache is not None or any(item.strip().startswith("cache=") for item in args.overrides):
         raise ConfigError("calibrate-cache measures every step without a cache; drop --cache.")
     args.out, args.checkpoint_every = Path("calibration.mp4"), None  # nothing is written there
+    preset = apply_preset(args)
     settings = generate.check_settings(args)
+    loras = read_loras(lora_requests(args, preset), generate._dit_config(args), args.lora_skip_unknown)
     planned = generate.plan_job(args, settings, generate._hardware(args))
     pipe = generate._load_pipeline(args, planned)
+    apply_loras(pipe, loras)
     request = generate.resolve_request(pipe, settings, args.model)
     steps = request["steps"]
     cache = calibrator(steps)
@@ -62,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
     about = {
         k: request[k] for k in ("model", "size", "frames", "steps", "guidance", "shift", "seed", "prompt")
     }
-    path = save_ratios(pipe.model_key, ratios, about)
+    about["loras"] = pipe.loras
+    path = save_ratios(pipe.step_cache_key, ratios, about)
     streams = "cond and uncond" if ratios.uncond is not None else "cond (guidance off)"
     print(
         f"wrote {path}: MagCache ratios of {steps} steps, {streams}; --cache magcache uses them for this model"

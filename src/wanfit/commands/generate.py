@@ -101,7 +101,7 @@ class Settings:
 
 def run(args: argparse.Namespace) -> int:
     from wanfit import checkpointing
-    from wanfit.commands.lora_options import apply_preset, lora_requests, read_loras
+    from wanfit.commands.lora_options import apply_loras, apply_preset, lora_requests, read_loras
     from wanfit.video import check_writable, write_video
 
     preset = apply_preset(args)
@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     check_writable(settings.out, overwrite=args.overwrite, protected=[args.model] if args.model else [])
     planned = plan_job(args, settings, hardware)
     if planned.plan.cache is not None:
-        check_cache(planned, args, settings)
+        check_cache(planned, args, settings, [lora.record(s) for lora, s in loras])
     ckpt = checkpointing.checkpoint_path(settings.out)
     resuming_own_file = args.resume is not None and _same_file(args.resume, ckpt)
     if settings.checkpoint_every and ckpt.exists() and not (resuming_own_file or args.overwrite):
@@ -136,10 +136,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_progress:
         announce(planned, settings, args.model)
     pipe = _load_pipeline(args, planned)
-    for lora, strength in loras:
-        pipe.load_lora(lora, strength)
-        for note in lora.notes:
-            print(f"wanfit: note: {note}.", file=sys.stderr)
+    apply_loras(pipe, loras)
     request = resolve_request(pipe, settings, args.model)
     if resume_state is not None:
         resume_state = _check_resume(pipe, resume_state, request, args.resume)
@@ -428,10 +425,12 @@ def plan_job(args: argparse.Namespace, settings: Settings, hw):
     return result
 
 
-def check_cache(planned, args: argparse.Namespace, settings: Settings) -> None:
-    """The plan's step cache checked against this model and step count before any weights load."""
+def check_cache(planned, args: argparse.Namespace, settings: Settings, loras: list[dict]) -> None:
+    """The plan's step cache checked against this model, its LoRAs (records) and the step count,
+    before any weights load."""
     from wanfit.pipeline import SamplingDefaults
     from wanfit.sampling.step_cache import build
+    from wanfit.sampling.step_cache.tables import calibration_key
 
     if args.model is None:
         from wanfit.demo import tiny_model_key
@@ -442,6 +441,7 @@ def check_cache(planned, args: argparse.Namespace, settings: Settings) -> None:
         from wanfit.weights.model_dir import find_model_files
 
         key = dit_model_key(find_model_files(args.model).dit)
+    key = calibration_key(key, loras)
     steps = settings.steps or SamplingDefaults.num_inference_steps  # (the tiny model's are set by now)
     build(planned.plan.cache, planned.request.config, steps, model_key=key)
 

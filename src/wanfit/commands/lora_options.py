@@ -111,6 +111,16 @@ def lora_requests(args: argparse.Namespace, preset) -> list[tuple[Path, float]]:
     return [parse_lora(text, default) for text in args.lora]
 
 
+def apply_loras(pipe, loras: list) -> None:
+    """Apply what read_loras returned to a loaded pipeline; say each LoRA's notes."""
+    import sys
+
+    for lora, strength in loras:
+        pipe.load_lora(lora, strength)
+        for note in lora.notes:
+            print(f"wanfit: note: {note}.", file=sys.stderr)
+
+
 def read_loras(requests: list[tuple[Path, float]], config, skip_unknown: bool) -> list:
     """[(LoraWeights, strength)], each file converted and checked against a DiT of `config` (no weights)."""
     from wanfit.runtime.lora import parameter_shapes

@@ -13,6 +13,7 @@ step count and stores them here, where `--cache magcache` looks first.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -193,6 +194,15 @@ def find_calibration(model_key: str | None, steps: int) -> MagRatios | None:
         if p.stem.removeprefix("magcache-").isdigit()
     )
     return load_ratios(found[-1][1]) if found else None
+
+
+def calibration_key(model_key: str | None, loras: list[dict]) -> str | None:
+    """The store's key for a DiT with LoRAs applied (their records: sha256, strength), which change
+    its ratios; the model's own key without LoRAs; None: no store."""
+    if model_key is None or not loras:
+        return model_key
+    applied = sorted([r["sha256"], float(r["strength"])] for r in loras)
+    return f"{model_key}-lora-{hashlib.sha256(json.dumps(applied).encode()).hexdigest()[:16]}"
 
 
 def dit_model_key(dit_dir: Path) -> str:
