@@ -589,3 +589,25 @@ def test_the_denoise_estimate_counts_the_residuals_a_cache_keeps():
         held_bytes("easycache", tokens=request.tokens, dim=1536, latent_elements=latent // 4, streams=2)
         == 8 * latent
     )
+
+
+def test_the_cache_runs_the_blocks_as_placed(pipe):
+    """Compiled blocks are callables beside the model: the cache must run those, not the eager ones."""
+    placement = pipe.placement.dit
+    placement.place(pipe.plan)
+    used = []
+
+    def counted(index, block):
+        return lambda *args: (used.append(index), block(*args))[1]
+
+    placement.compiled_blocks = [counted(i, b) for i, b in enumerate(pipe.dit.blocks)]
+    try:
+        cache = build("firstblock:0", pipe.dit.config, STEPS)
+        x, context = torch.randn(1, 16, 3, 6, 8), pipe.embeds[0]
+        with torch.no_grad():
+            cache.begin_step(0)
+            out = cache.forward(placement, x, torch.tensor([900.0]), context, ("cond",))
+        assert used == list(range(len(pipe.dit.blocks)))  # block 0, then the rest: all through the placement
+        assert torch.equal(out, pipe.dit(x, torch.tensor([900.0]), context))
+    finally:
+        placement.compiled_blocks = None
