@@ -41,9 +41,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--prompt", default=None, help=f"what to draw (default: {DEFAULT_PROMPT!r})")
     p.add_argument("--negative-prompt", default=None, help="default: the official negative prompt")
-    p.add_argument("--size", default=None, help="WIDTHxHEIGHT, multiples of 16 (default 832x480)")
-    p.add_argument("--frames", type=int, default=None, help="4k+1 frames (default 81)")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default 50)")
+    p.add_argument(
+        "--size",
+        default=None,
+        help=f"WIDTHxHEIGHT, multiples of 16 (default {TINY_DEFAULTS['size']} for the built-in model, "
+        f"{MODEL_DEFAULTS['size']} with --model)",
+    )
+    p.add_argument(
+        "--frames",
+        type=int,
+        default=None,
+        help=f"4k+1 frames (default {TINY_DEFAULTS['frames']} built-in, {MODEL_DEFAULTS['frames']} with --model)",
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help=f"denoising steps (default {TINY_DEFAULTS['steps']} built-in, 50 with --model, or the preset's)",
+    )
     p.add_argument(
         "--guidance", type=float, default=None, help="classifier-free guidance (default 6; 1 = off)"
     )
