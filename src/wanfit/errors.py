@@ -23,3 +23,7 @@ class PlanError(WanfitError):
 
 class OutputError(WanfitError):
     """The output could not be written (disk full, permissions changed mid-run)."""
+
+
+class ParallelError(WanfitError):
+    """A run on several processes cannot start, or one of its processes failed or vanished."""
