@@ -7,6 +7,7 @@ import json
 import sys
 
 from wanfit.commands import common
+from wanfit.commands.parallel import add_parallel_options, parallel_constraints
 from wanfit.errors import ConfigError, PlanError
 
 
@@ -28,6 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: the best one found)")
     common.add_plan_options(p)
+    add_parallel_options(p)
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument(
         "--list-settings", action="store_true", help="list every plan setting --set takes, and exit"
@@ -52,6 +54,7 @@ def request_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    from wanfit.plan.parallel import with_parallel_notes
     from wanfit.plan.plan import settings_help
     from wanfit.plan.planning import plan_for
 
@@ -59,10 +62,10 @@ def run(args: argparse.Namespace) -> int:
         print(settings_help())
         return 0
     request = request_from_args(args)
-    constraints = common.constraints_from_args(args)
+    constraints = parallel_constraints(args, request, common.constraints_from_args(args))
     hardware = common.hardware_from_args(args)
     try:
-        result = plan_for(request, constraints, hardware)
+        result = with_parallel_notes(plan_for(request, constraints, hardware), args.gpus)
     except PlanError as err:
         if args.json:
             out = {"feasible": False, "error": str(err), "device": hardware.to_dict()}
