@@ -399,9 +399,6 @@ def plan_job(args: argparse.Namespace, settings: Settings, hw, current=None):
     In a run on several processes (current): the plan is for one GPU, and every process runs rank 0's
     (its collectives must match), on its own GPU.
     """
-    from dataclasses import replace
-
-    from wanfit.plan.plan import Plan
     from wanfit.plan.planning import plan_for
 
     request = _job_request(args, settings)
@@ -410,9 +407,8 @@ def plan_job(args: argparse.Namespace, settings: Settings, hw, current=None):
         args, request, common.constraints_from_args(args), world_size=world_size
     )
     result = plan_for(request, constraints, hw)
-    if current is not None and current.is_parallel:
-        shared = Plan.from_dict(json.loads(current.share("plan", result.plan.to_json)))
-        result = replace(result, plan=current.local_plan(shared))
+    if current is not None:
+        result = current.common_plan(result)
     for note in result.notes if current is None or current.is_output_rank else ():
         kind = "warning" if result.requested is not None and note == result.notes[0] else "note"
         print(f"wanfit: {kind}: {note}", file=sys.stderr)

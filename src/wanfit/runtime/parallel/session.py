@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import os
 import sys
 import threading
@@ -150,6 +151,17 @@ class Session:
                 raise SystemExit(self.stop_code)
             time.sleep(0.05)
         return self.store.get(key).decode()
+
+    def common_plan(self, planned):
+        """Rank 0's plan, on this process's GPU, for every process (their collectives must match):
+        `planned` is this process's own Plan or planner result (PlanResult), returned with that plan."""
+        if not self.is_parallel:
+            return planned
+        from wanfit.plan.plan import Plan
+
+        own = getattr(planned, "plan", planned)
+        plan = self.local_plan(Plan.from_dict(json.loads(self.share("plan", own.to_json))))
+        return plan if planned is own else replace(planned, plan=plan)
 
     def local_plan(self, plan):
         """Rank 0's plan for this process: the same, on this process's GPU."""
