@@ -61,10 +61,11 @@ ROPE_TABLE_BYTES_PER_TOKEN_PER_HEAD_DIM = 4
 LATENT_COPIES = 8.0
 
 # --- several processes (Plan.cfg_parallel, Plan.ulysses; wanfit.runtime.parallel) ---
-# Under Ulysses each process runs the blocks on its share of the tokens; at the self-attention call it
-# holds, besides its share's q, k, v, the exchanged whole-sequence q, k, v of its heads (the same bytes
-# again) and one contiguous send buffer. calibrate (on several GPUs: benchmarks/bench_parallel.py).
-ULYSSES_EXCHANGE_TENSORS = 4.0
+# Under Ulysses each process runs the blocks on its share of the tokens; during the exchange before the
+# self-attention it holds, besides its share's q, k, v, their send buffer and the exchanged
+# whole-sequence q, k, v of its heads (the same bytes again each). calibrate (on several GPUs:
+# benchmarks/bench_parallel.py).
+ULYSSES_EXCHANGE_TENSORS = 6.0
 
 # --- attention workspace per backend memory class (each backend's `memory` in the registry) ---
 # "linear" (fused kernels: flash, cuDNN, memory-efficient, sage, xformers): O(L): an output in

@@ -1,7 +1,7 @@
 """The parallel degrees of a run: how many processes (one per GPU) and how they share the work.
 
 CFG-parallel (degree 2, with guidance only) costs one exchange of a latent-sized prediction per step;
-Ulysses costs four all-to-alls per block (q, k and v before the self-attention, its output after)
+Ulysses costs two all-to-alls per block (q, k and v together before the self-attention, its output after)
 and divides each process's activations by its degree, which must divide the head count. With G GPUs
 the planner uses as many as it can, CFG-parallel first: the largest cfg x ulysses <= G, cfg 2 on a
 tie. The rest of the plan (placement, chunking, tiling) is per GPU: the planner plans one process,

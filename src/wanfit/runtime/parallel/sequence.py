@@ -62,20 +62,26 @@ class Ulysses:
             dist.all_to_all_single(out, send, recv_sizes, send_sizes, group=self.group)
         return out
 
-    def heads_from_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, share, H, D] on each process -> [B, L, H/U, D]: every token, this process's heads."""
-        b, share, heads, d = x.shape
+    def heads_from_tokens(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """[B, share, H, D] tensors (q, k, v) -> [B, L, H/U, D] each: every token, this process's heads.
+
+        One all-to-all for all of them, through one send buffer [U, share, n, B, h, D] (the block for
+        process j, its heads, first): a copy per tensor, as a contiguous() of each would be.
+        """
+        b, share, heads, d = xs[0].shape
         if heads % self.size:
             raise ParallelError(
                 f"Ulysses over {self.size} processes needs a head count it divides, not {heads}."
             )
-        h = heads // self.size
-        # [U, share, B, h, D]: the block for process j (its heads) first, tokens next.
-        send = x.unflatten(2, (self.size, h)).permute(2, 1, 0, 3, 4).contiguous()
-        unit = b * h * d
+        h, n = heads // self.size, len(xs)
+        send = xs[0].new_empty(self.size, share, n, b, h, d)
+        for i, x in enumerate(xs):
+            send[:, :, i].copy_(x.unflatten(2, (self.size, h)).permute(2, 1, 0, 3, 4))
+        unit = n * b * h * d
         out = self._exchange(send.view(-1), [share * unit] * self.size, [s * unit for s in self.shares])
-        # Blocks arrive in rank order, i.e. in token order: [L, B, h, D].
-        return out.view(sum(self.shares), b, h, d).permute(1, 0, 2, 3)
+        # Blocks arrive in rank order, i.e. in token order: [L, n, B, h, D].
+        out = out.view(sum(self.shares), n, b, h, d)
+        return tuple(out[:, i].permute(1, 0, 2, 3) for i in range(n))
 
     def tokens_from_heads(self, y: torch.Tensor) -> torch.Tensor:
         """[B, L, H/U, D] -> [B, share, H, D]: the inverse of heads_from_tokens."""
@@ -117,7 +123,7 @@ class UlyssesAttention:
 
         inner = self.inner if self.inner is not None else get_dispatcher()
         ulysses = self.ulysses
-        q, k, v = ulysses.heads_from_tokens(q), ulysses.heads_from_tokens(k), ulysses.heads_from_tokens(v)
+        q, k, v = ulysses.heads_from_tokens(q, k, v)
         out = run_in_chunks(lambda rows: inner(rows, k, v, scale=scale), q, self.query_chunk)
         return ulysses.tokens_from_heads(out)
 

@@ -80,9 +80,13 @@ _current: Session | None = None  # this process's session (there is one per proc
 def transport(what: str) -> Iterator[None]:
     """Around a collective: a transport failure (a peer gone, a timeout) becomes one clear ParallelError,
     or KeyboardInterrupt when the peer left because Ctrl-C reached every process."""
+    from wanfit.runtime.oom import is_out_of_memory
+
     try:
         yield
     except RuntimeError as err:
+        if is_out_of_memory(err):  # a collective's buffers: the OOM guard's business
+            raise
         if _current is not None and _current.interrupted():
             raise KeyboardInterrupt from err
         raise ParallelError(
