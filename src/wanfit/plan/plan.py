@@ -132,10 +132,11 @@ class Plan:
     # cond and uncond on two groups of processes (CFG-parallel, 2), and the processes sharing each DiT
     # forward by token (Ulysses). Every other field is per process (per GPU).
     cfg_parallel: int = field(
-        default=1, metadata=_setting("int", "CFG-parallel degree (1, or 2 with guidance)", minimum=1)
+        default=1, metadata=_setting("int", "CFG-parallel degree, 1 or 2 (set by --parallel)", minimum=1)
     )
     ulysses: int = field(
-        default=1, metadata=_setting("int", "Ulysses degree (a divisor of the head count)", minimum=1)
+        default=1,
+        metadata=_setting("int", "Ulysses degree, a divisor of the heads (set by --parallel)", minimum=1),
     )
 
     @property
