@@ -60,6 +60,7 @@ def test_a_cached_run_names_the_policy_and_its_skipped_steps(capsys, tmp_path):
         (["--cache", FIRSTBLOCK, "--steps", "4"], "needs at least 10 steps"),
         (["--cache", "easycache", "--steps", "11"], "can skip no step"),
         (["--set", "cache=firstblock,K=2"], "takes the options none"),
+        (["--cache", FIRSTBLOCK, "--gpus", "2", "--device", "cpu"], "runs on one GPU for now"),
     ],
 )
 def test_caches_that_cannot_run_are_refused_before_any_work(capsys, tmp_path, argv, message):

@@ -572,6 +572,8 @@ def test_settings_without_anything_to_skip_are_refused():
     with pytest.raises(ConfigError, match="retention="):
         build("magcache,retention=1,ratios=1.3B", WAN_TINY, 20)
     assert build("teacache", WAN_T2V_14B, 50).policy.fit == "14B"
+    with pytest.raises(ConfigError, match="runs on one GPU for now"):
+        build("magcache", WAN_T2V_1_3B, 50, world_size=2)
 
 
 def test_the_denoise_estimate_counts_the_residuals_a_cache_keeps():

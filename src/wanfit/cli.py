@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = _format_warning
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for a command that restarts itself
     if not getattr(args, "func", None):
         parser.print_help()
         return 0

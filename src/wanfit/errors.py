@@ -25,5 +25,9 @@ class OutputError(WanfitError):
     """The output could not be written (disk full, permissions changed mid-run)."""
 
 
+class ParallelError(WanfitError):
+    """A run on several processes cannot start, or one of its processes failed or vanished."""
+
+
 class WanfitWarning(UserWarning):
     """Something the user should know, said in one sentence (the CLI prints it as `wanfit: warning:`)."""

@@ -104,7 +104,8 @@ def resident_plan(hw, dit=None) -> Plan:
 
 
 class WanPipeline:
-    """Wan2.1 text-to-video: `pipe(prompt) -> uint8 frames [F, H, W, 3]`."""
+    """Wan2.1 text-to-video: `pipe(prompt) -> uint8 frames [F, H, W, 3]` (None on the ranks other than
+    0 of a run on several processes)."""
 
     def __init__(
         self,
@@ -147,6 +148,9 @@ class WanPipeline:
         self.oom_steps: list[tuple[str, str, str]] = []  # what the OOM guard gave up in the last run
         self.attention_record: dict[str, dict] = {}  # phase -> kind -> what served it (last run)
         self._request = None  # the planner's view of the current call (for step_down)
+        # A run on several processes: wanfit.runtime.parallel.DiTParallel (set by the caller), which
+        # spreads each DiT prediction over them; rank 0 alone decodes and returns frames.
+        self.parallel = None
         self.dispatchers = self._make_dispatchers()
         # Where each model lives and its run-time state; the DiT is placed when denoising starts.
         self.placement = Placements.of(dit, vae, text_encoder)
@@ -329,6 +333,8 @@ class WanPipeline:
     def _next_plan(self, plan: Plan, phase: str) -> Plan | None:
         """The planner's next notch for `phase`, with the request and the user's frozen settings of
         this plan; PlanError naming the setting when only a user-set one could give."""
+        if self.parallel is not None and phase == "denoise":
+            raise self.parallel.out_of_memory(phase)
         if self.step_down is not None:
             return self.step_down(plan, phase)
         from wanfit.errors import PlanError
@@ -404,6 +410,8 @@ class WanPipeline:
         from wanfit.errors import WanfitWarning
 
         count = getattr(self.text_encoder, "token_count", None)
+        if self.parallel is not None and not self.parallel.is_output_rank:
+            return  # said once, by rank 0
         for text in prompts:
             if count is None or text == self.defaults.negative_prompt:
                 continue
@@ -476,14 +484,17 @@ class WanPipeline:
         cache: StepCache | None = None,
         step: int = 0,
     ):
-        """One guided DiT prediction: cond and uncond in one batch or one after the other, per the plan.
+        """One guided DiT prediction: cond and uncond in one batch or one after the other, per the plan
+        (or, CFG-parallel, on two groups of processes).
 
-        With a step cache (at denoising step `step`), each batch row is a stream, "cond" or "uncond",
-        whose DiT work the cache may skip.
+        With a step cache (one process only; at denoising step `step`), each batch row is a stream,
+        "cond" or "uncond", whose DiT work the cache may skip.
         """
         dtype = self.plan.torch_compute_dtype
         x = latents.to(dtype)
-        placed = self.placement.dit  # the DiT as placed (compiled blocks when the plan compiles)
+        parallel = self.parallel
+        # The DiT as placed (compiled blocks when the plan compiles), or sharded over several processes.
+        placed = self.placement.dit if parallel is None else parallel.bind(self.dit)
 
         def dit(x, t, context, streams):
             return placed(x, t, context) if cache is None else cache.forward(placed, x, t, context, streams)
@@ -493,6 +504,9 @@ class WanPipeline:
         if uncond is None:
             self.dit_calls += 1
             noise = dit(x, t.expand(1), cond, ("cond",)).float()
+        elif parallel is not None and parallel.cfg_parallel:
+            self.dit_calls += 1
+            noise_cond, noise_uncond = parallel.guided_pair(self.dit, x, t, cond, uncond)
         elif self.plan.cfg_batch:
             self.dit_calls += 1
             both = dit(torch.cat([x, x]), t.expand(2), torch.cat([cond, uncond]), ("cond", "uncond")).float()
@@ -521,7 +535,10 @@ class WanPipeline:
         config = getattr(self.dit, "config", None)
         if not isinstance(config, DiTConfig) or not hasattr(self.dit, "run_blocks"):
             raise ConfigError("A step cache needs wanfit's WanDiT (embed / run_blocks / unembed).")
-        return build(self.plan.cache, config, steps, model_key=self.step_cache_key, state=state)
+        world_size = max(self.plan.world_size, 2 if self.parallel is not None else 1)
+        return build(
+            self.plan.cache, config, steps, model_key=self.step_cache_key, state=state, world_size=world_size
+        )
 
     @property
     def step_cache_key(self) -> str | None:
@@ -565,7 +582,9 @@ class WanPipeline:
         blocks = getattr(self.dit, "blocks", None)
         hooks = []
         if progress and isinstance(blocks, torch.nn.ModuleList) and len(blocks):
-            passes = 2 if uncond is not None and not self.plan.cfg_batch else 1
+            passes = (
+                2 if uncond is not None and not self.plan.cfg_batch and self.plan.cfg_parallel == 1 else 1
+            )
             share = 1.0 / (len(blocks) * passes)
 
             def advance(*_):
@@ -645,8 +664,9 @@ class WanPipeline:
         on_step: Callable[[DenoiseState], None] | None = None,
         sampler: str | None = None,
         step_cache: StepCache | None = None,
-    ) -> np.ndarray:
-        """sampler: one of wanfit.sampling.schedulers.SCHEDULERS (default: the folder's or the official)."""
+    ) -> np.ndarray | None:
+        """sampler: one of wanfit.sampling.schedulers.SCHEDULERS (default: the folder's or the official).
+        None on the processes other than rank 0 of a run on several processes (rank 0 has the frames)."""
         steps = self.defaults.num_inference_steps if num_inference_steps is None else num_inference_steps
         guidance = self.defaults.guidance_scale if guidance_scale is None else guidance_scale
         validate_request(height, width, num_frames, steps, guidance, seed)
@@ -656,6 +676,8 @@ class WanPipeline:
             width, height, num_frames = self.plan.output_size  # the planner downscaled (said loudly)
         self.dit_calls = 0
         self.oom_steps.clear()
+        if self.parallel is not None:
+            progress = progress and self.parallel.is_output_rank  # one set of bars for the run
         self.attention_record = {}
         for dispatcher in self.dispatchers.values():
             dispatcher.reset_report()
@@ -692,6 +714,8 @@ class WanPipeline:
             if hasattr(scheduler, "seed_noise"):  # a sampler that re-noises: its noise follows the seed
                 scheduler.seed_noise(0 if seed is None else seed, shape)
         state.latents = state.latents.to(device=device, dtype=torch.float32)
+        if self.parallel is not None:
+            state.latents = self.parallel.same_latents(state.latents)
 
         started = time.perf_counter()
         final = self.denoise(
@@ -707,6 +731,8 @@ class WanPipeline:
         )
         self._end_phase("denoise", started)
         self._record_attention("denoise", ("self", "cross"))
+        if self.parallel is not None and not self.parallel.is_output_rank:
+            return None  # rank 0 decodes and writes
 
         started = time.perf_counter()
         frames = self._oom_guard().run("vae_decode", lambda: self.decode(final, progress=progress))

@@ -18,6 +18,7 @@ from pathlib import Path
 from wanfit.commands import common
 from wanfit.commands.common import add_hardware_options, add_plan_options, parse_size, user_path
 from wanfit.commands.lora_options import add_lora_options
+from wanfit.commands.parallel import add_parallel_options, parallel_constraints
 from wanfit.errors import ConfigError, OutputError
 
 # Without --model the built-in tiny random model runs, at a size a CPU finishes in seconds.
@@ -41,9 +42,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--prompt", default=None, help=f"what to draw (default: {DEFAULT_PROMPT!r})")
     p.add_argument("--negative-prompt", default=None, help="default: the official negative prompt")
-    p.add_argument("--size", default=None, help="WIDTHxHEIGHT, multiples of 16 (default 832x480)")
-    p.add_argument("--frames", type=int, default=None, help="4k+1 frames (default 81)")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default 50)")
+    p.add_argument(
+        "--size",
+        default=None,
+        help=f"WIDTHxHEIGHT, multiples of 16 (default {TINY_DEFAULTS['size']} for the built-in model, "
+        f"{MODEL_DEFAULTS['size']} with --model)",
+    )
+    p.add_argument(
+        "--frames",
+        type=int,
+        default=None,
+        help=f"4k+1 frames (default {TINY_DEFAULTS['frames']} built-in, {MODEL_DEFAULTS['frames']} with --model)",
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help=f"denoising steps (default {TINY_DEFAULTS['steps']} built-in, 50 with --model, or the preset's)",
+    )
     p.add_argument(
         "--guidance", type=float, default=None, help="classifier-free guidance (default 6; 1 = off)"
     )
@@ -77,6 +93,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_lora_options(p)
     add_hardware_options(p)
     add_plan_options(p)
+    add_parallel_options(p)
     p.set_defaults(func=run)
 
 
@@ -100,44 +117,61 @@ class Settings:
 
 
 def run(args: argparse.Namespace) -> int:
+    """One process, or (--gpus, --parallel, a parallel resume file) the processes of a run on several
+    GPUs, started here or by torchrun: each runs _run in a parallel session (wanfit.runtime.parallel)."""
+    from wanfit.runtime.parallel import session, world_size_from_env
+
+    if world_size_from_env() == 1 and (args.gpus is not None or args.parallel is not None or args.resume):
+        code = _launch(args)
+        if code is not None:
+            return code
+    with session(_session_device(args)) as current:
+        return _run(args, current)
+
+
+def _run(args: argparse.Namespace, current) -> int:
+    import torch
+
     from wanfit import checkpointing
     from wanfit.commands.lora_options import apply_loras, apply_preset, lora_requests, read_loras
-    from wanfit.video import check_writable, write_video
+    from wanfit.plan.parallel import format_parallel
+    from wanfit.runtime.parallel import dit_parallel
+    from wanfit.video import write_video
 
     preset = apply_preset(args)
-    resume_state = saved = None
-    if args.resume is not None:
-        resume_state, saved = checkpointing.load(args.resume)
-        apply_resume_file(args, saved)
-    settings = check_settings(args)
+    settings, resume_state, _, saved = _settings(args, current.world_size)
     requests = lora_requests(args, preset)
     if saved is not None and not args.lora:
         requests = checkpointing.saved_lora_requests(saved)  # the resumed run's own LoRAs
     loras = read_loras(requests, _dit_config(args), args.lora_skip_unknown)
     if saved is not None:
         checkpointing.check_same_loras(saved, [lora.record(s) for lora, s in loras], args.resume)
+    if current.is_parallel and args.device is not None and torch.device(args.device).index is not None:
+        raise ConfigError(
+            f"--device {args.device} names one GPU, but each process of a run on several uses the GPU of "
+            "its local rank; give --device cuda or cpu."
+        )
     hardware = _hardware(args)
-    check_writable(settings.out, overwrite=args.overwrite, protected=[args.model] if args.model else [])
-    planned = plan_job(args, settings, hardware)
+    planned = plan_job(args, settings, hardware, current)
     if planned.plan.cache is not None:
         check_cache(planned, args, settings, [lora.record(s) for lora, s in loras])
-    ckpt = checkpointing.checkpoint_path(settings.out)
-    resuming_own_file = args.resume is not None and _same_file(args.resume, ckpt)
-    if settings.checkpoint_every and ckpt.exists() and not (resuming_own_file or args.overwrite):
-        raise ConfigError(
-            f"{ckpt} holds an unfinished run; continue it with --resume {ckpt}, or pass --overwrite to start again."
-        )
-    if not settings.prompt.strip():
+    ckpt, resuming_own_file = _check_output(args, settings)
+    if not settings.prompt.strip() and current.is_output_rank:
         print(
             "wanfit: warning: the prompt is empty; the video follows the negative prompt alone.",
             file=sys.stderr,
         )
 
-    if not args.no_progress:
+    if not args.no_progress and current.is_output_rank:
         announce(planned, settings, args.model)
     pipe = _load_pipeline(args, planned)
-    apply_loras(pipe, loras)
+    apply_loras(pipe, loras, notes=current.is_output_rank)
+    pipe.parallel = dit_parallel(current, pipe.plan)
     request = resolve_request(pipe, settings, args.model)
+    request["world_size"] = current.world_size  # with the degrees: in the sidecar and the resume file
+    request["parallel"] = (
+        format_parallel(pipe.plan.cfg_parallel, pipe.plan.ulysses) if pipe.plan.world_size > 1 else None
+    )
     if resume_state is not None:
         resume_state = _check_resume(pipe, resume_state, request, args.resume)
         if pipe.plan.cache is not None and resume_state.step_cache is None and resume_state.step:
@@ -149,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
             )
 
     steps = request["steps"]
-    every = settings.checkpoint_every
+    every = settings.checkpoint_every if current.is_output_rank else 0  # rank 0 keeps the resume file
     last = [resume_state]  # the last finished step, kept for a save on Ctrl-C or a crash
     saved_step = [None if resume_state is None else resume_state.step]
 
@@ -163,11 +197,14 @@ def run(args: argparse.Namespace) -> int:
         frames_out = run_pipeline(
             pipe, request, settings, progress=not args.no_progress, resume=resume_state, on_step=on_step
         )
+        if not current.is_output_rank:
+            return 0  # rank 0 decodes and writes
         written = what_was_written(frames_out, request, planned)
         metadata = {
             **request,
             **written,  # the real size and frame count, which a downscaled plan changes
             **pipe.run_record(),
+            "distributed_backend": current.backend,
             "device": hardware.device_name,
             "emulated": hardware.emulated,
             "lora_mode": pipe.lora_mode,
@@ -249,6 +286,53 @@ def _kept(ckpt: Path | None, resumed_from: Path | None) -> str:
 
 
 # --- settings ------------------------------------------------------------------------------------
+
+
+def _settings(args: argparse.Namespace, world_size: int | None):
+    """(settings, resume state, the resume file's process count, its saved settings): every check
+    before the hardware.
+
+    world_size: the processes of this run (None: not known yet, i.e. this process may start them).
+    """
+    from wanfit import checkpointing
+
+    resume_state = saved_world = saved = None
+    if args.resume is not None:
+        resume_state, saved = checkpointing.load(args.resume)
+        apply_resume_file(args, saved)
+        saved_world = _resume_processes(args, saved, world_size)
+    return check_settings(args), resume_state, saved_world, saved
+
+
+def _check_output(args: argparse.Namespace, settings: Settings) -> tuple[Path, bool]:
+    """The output and its resume file can be written; (resume file, whether this run resumes it)."""
+    from wanfit import checkpointing
+    from wanfit.video import check_writable
+
+    check_writable(settings.out, overwrite=args.overwrite, protected=[args.model] if args.model else [])
+    ckpt = checkpointing.checkpoint_path(settings.out)
+    resuming_own_file = args.resume is not None and _same_file(args.resume, ckpt)
+    if settings.checkpoint_every and ckpt.exists() and not (resuming_own_file or args.overwrite):
+        raise ConfigError(
+            f"{ckpt} holds an unfinished run; continue it with --resume {ckpt}, or pass --overwrite to start again."
+        )
+    return ckpt, resuming_own_file
+
+
+def _resume_processes(args: argparse.Namespace, saved: dict, world_size: int | None) -> int:
+    """The saved run's process count; its degrees unless --gpus/--parallel are given; CheckpointError
+    when this run has another count (the frames depend on how the work was shared)."""
+    from wanfit.errors import CheckpointError
+
+    saved_world = int(saved.get("world_size") or 1)
+    if args.gpus is None and args.parallel is None:
+        args.parallel = saved.get("parallel")
+    if world_size is not None and world_size != saved_world:
+        raise CheckpointError(
+            f"{args.resume} was written by a run of {saved_world} process(es) and this one has {world_size}; "
+            f"resume it with {saved_world} (`wanfit generate --resume {args.resume}` starts them itself)."
+        )
+    return saved_world
 
 
 def apply_resume_file(args: argparse.Namespace, saved: dict) -> None:
@@ -407,27 +491,84 @@ def _hardware(args: argparse.Namespace):
     return hw
 
 
-def plan_job(args: argparse.Namespace, settings: Settings, hw):
-    """The planner's fastest plan that fits this machine (or --vram) for this job; PlanError if none."""
-    from wanfit.plan.planning import model_request, plan_for
+def _job_request(args: argparse.Namespace, settings: Settings):
+    from wanfit.plan.planning import model_request
 
-    request = model_request(
+    return model_request(
         args.model,
         width=settings.width,
         height=settings.height,
         frames=settings.frames,
         guidance=settings.guidance != 1.0,
     )
-    result = plan_for(request, common.constraints_from_args(args), hw)
-    for note in result.notes:
+
+
+def plan_job(args: argparse.Namespace, settings: Settings, hw, current=None):
+    """The planner's fastest plan that fits this machine (or --vram) for this job; PlanError if none.
+
+    In a run on several processes (current): the plan is for one GPU, and every process runs rank 0's
+    (its collectives must match), on its own GPU.
+    """
+    from wanfit.plan.planning import plan_for
+
+    request = _job_request(args, settings)
+    world_size = current.world_size if current is not None else None
+    constraints = parallel_constraints(
+        args, request, common.constraints_from_args(args), world_size=world_size
+    )
+    result = plan_for(request, constraints, hw)
+    if current is not None:
+        result = current.common_plan(result)
+    for note in result.notes if current is None or current.is_output_rank else ():
         kind = "warning" if result.requested is not None and note == result.notes[0] else "note"
         print(f"wanfit: {kind}: {note}", file=sys.stderr)
     return result
 
 
+def _launch(args: argparse.Namespace) -> int | None:
+    """Start the processes of a run on several GPUs here (None: the run needs one process)."""
+    import torch
+
+    from wanfit.errors import CheckpointError
+    from wanfit.plan.parallel import format_parallel, parallel_degrees
+    from wanfit.runtime.parallel.launch import launch
+
+    settings, _, saved_world, _ = _settings(args, None)
+    _check_output(args, settings)
+    cfg, ulysses = parallel_degrees(_job_request(args, settings), gpus=args.gpus, spec=args.parallel)
+    world = cfg * ulysses
+    cache = common.constraints_from_args(args).overrides.get("cache")
+    if cache is not None and world > 1:
+        from wanfit.sampling.step_cache import refuse_parallel
+
+        refuse_parallel(cache, world)
+    if saved_world is not None and saved_world != world:
+        raise CheckpointError(
+            f"{args.resume} was written by a run of {saved_world} process(es) and --gpus/--parallel ask "
+            f"for {world}; resume it with {saved_world}."
+        )
+    if world == 1:
+        return None
+    on_cpu = _session_device(args) == "cpu"
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if not on_cpu and count < world:
+        raise ConfigError(
+            f"{format_parallel(cfg, ulysses)} needs {world} GPUs and this machine has {count}"
+            + ("" if count else " (--device cpu runs the processes on the CPU, to try it out)")
+            + "."
+        )
+    argv = getattr(args, "argv", None) or sys.argv[1:]
+    return launch([*argv, "--parallel", format_parallel(cfg, ulysses)], world, on_cpu=on_cpu)
+
+
+def _session_device(args: argparse.Namespace) -> str | None:
+    """'cpu' when --device asks for it (gloo processes on the CPU), else None (CUDA when present)."""
+    return "cpu" if (args.device or "").split(":")[0] == "cpu" else None
+
+
 def check_cache(planned, args: argparse.Namespace, settings: Settings, loras: list[dict]) -> None:
-    """The plan's step cache checked against this model, its LoRAs (records) and the step count,
-    before any weights load."""
+    """The plan's step cache checked against this model, its LoRAs (records), the step count and
+    the processes, before any weights load."""
     from wanfit.pipeline import SamplingDefaults
     from wanfit.sampling.step_cache import build
     from wanfit.sampling.step_cache.tables import calibration_key
@@ -443,7 +584,8 @@ def check_cache(planned, args: argparse.Namespace, settings: Settings, loras: li
         key = dit_model_key(find_model_files(args.model).dit)
     key = calibration_key(key, loras)
     steps = settings.steps or SamplingDefaults.num_inference_steps  # (the tiny model's are set by now)
-    build(planned.plan.cache, planned.request.config, steps, model_key=key)
+    plan = planned.plan
+    build(plan.cache, planned.request.config, steps, model_key=key, world_size=plan.world_size)
 
 
 def announce(result, settings: Settings, model: Path | None) -> None:
@@ -459,9 +601,15 @@ def announce(result, settings: Settings, model: Path | None) -> None:
     plan, req = result.plan, result.request
     given_up = f"; gave up: {', '.join(result.steps)}" if result.steps else ""
     estimate = estimate_time(result, steps)
+    where = plan.device
+    if plan.world_size > 1:
+        from wanfit.plan.parallel import format_parallel
+
+        where = f"{plan.world_size} processes ({format_parallel(plan.cfg_parallel, plan.ulysses)}), each on {plan.device}"
     print(
-        f"wanfit: {req.describe()}, {steps} steps on {plan.device} ({plan.compute_dtype}, attention "
-        f"{plan.self_attention or 'auto'}){given_up}; {estimate.describe()}",
+        f"wanfit: {req.describe()}, {steps} steps on {where} ({plan.compute_dtype}, attention "
+        f"{plan.self_attention or 'auto'}){given_up}; {estimate.describe()}"
+        + (" for one process doing it all" if plan.world_size > 1 else ""),
         file=sys.stderr,
     )
     if result.device.kind == "cpu" and estimate.seconds > 600:

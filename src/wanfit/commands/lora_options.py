@@ -111,13 +111,13 @@ def lora_requests(args: argparse.Namespace, preset) -> list[tuple[Path, float]]:
     return [parse_lora(text, default) for text in args.lora]
 
 
-def apply_loras(pipe, loras: list) -> None:
-    """Apply what read_loras returned to a loaded pipeline; say each LoRA's notes."""
+def apply_loras(pipe, loras: list, *, notes: bool = True) -> None:
+    """Apply what read_loras returned to a loaded pipeline; say each LoRA's notes (if `notes`)."""
     import sys
 
     for lora, strength in loras:
         pipe.load_lora(lora, strength)
-        for note in lora.notes:
+        for note in lora.notes if notes else ():
             print(f"wanfit: note: {note}.", file=sys.stderr)
 
 

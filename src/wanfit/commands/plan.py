@@ -8,6 +8,7 @@ import sys
 
 from wanfit.commands import common
 from wanfit.commands.lora_options import add_preset_option, plan_preset
+from wanfit.commands.parallel import add_parallel_options, parallel_constraints
 from wanfit.errors import ConfigError, PlanError
 
 
@@ -30,6 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: the best one found)")
     add_preset_option(p)
     common.add_plan_options(p)
+    add_parallel_options(p)
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument(
         "--list-settings", action="store_true", help="list every plan setting --set takes, and exit"
@@ -54,6 +56,7 @@ def request_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    from wanfit.plan.parallel import with_parallel_notes
     from wanfit.plan.plan import settings_help
     from wanfit.plan.planning import plan_for
 
@@ -62,10 +65,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     preset = plan_preset(args)
     request = request_from_args(args)
-    constraints = common.constraints_from_args(args)
+    constraints = parallel_constraints(args, request, common.constraints_from_args(args))
     hardware = common.hardware_from_args(args)
     try:
-        result = plan_for(request, constraints, hardware)
+        result = with_parallel_notes(plan_for(request, constraints, hardware), args.gpus)
     except PlanError as err:
         if args.json:
             out = {"feasible": False, "error": str(err), "device": hardware.to_dict()}

@@ -60,6 +60,13 @@ ROPE_TABLE_BYTES_PER_TOKEN_PER_HEAD_DIM = 4
 # cond/uncond/guided predictions, UniPC's two stored model outputs and last sample. calibrate.
 LATENT_COPIES = 8.0
 
+# --- several processes (Plan.cfg_parallel, Plan.ulysses; wanfit.runtime.parallel) ---
+# Under Ulysses each process runs the blocks on its share of the tokens; during the exchange before the
+# self-attention it holds, besides its share's q, k, v, their send buffer and the exchanged
+# whole-sequence q, k, v of its heads (the same bytes again each). calibrate (on several GPUs:
+# benchmarks/bench_parallel.py).
+ULYSSES_EXCHANGE_TENSORS = 6.0
+
 # --- attention workspace per backend memory class (each backend's `memory` in the registry) ---
 # "linear" (fused kernels: flash, cuDNN, memory-efficient, sage, xformers): O(L): an output in
 # head-major layout plus its token-major copy (compute dtype), and the fp32 log-sum-exp per row. calibrate.
@@ -394,8 +401,19 @@ def estimate_text_encoder(request: Request, plan: Plan, *, others: bool = True) 
     )
 
 
+def rank_batch(request: Request, plan: Plan) -> int:
+    """Samples in one DiT forward of one process: 2 with batched guidance, 1 under CFG-parallel."""
+    return 2 if request.guidance and plan.cfg_batch and plan.cfg_parallel == 1 else 1
+
+
+def rank_tokens(request: Request, plan: Plan) -> int:
+    """Tokens one process runs the blocks on: the largest Ulysses share (all of them without Ulysses)."""
+    return -(-request.tokens // plan.ulysses)
+
+
 def dit_activations(request: Request, plan: Plan, backend: str) -> tuple[int, int, str]:
-    """(activations, workspace, stage) at the peak of one DiT forward, B = 2 with batched CFG.
+    """(activations, workspace, stage) at the peak of one DiT forward on one process, B = 2 with batched
+    CFG (1 under CFG-parallel), over its Ulysses share of the L tokens (all of them without Ulysses).
 
     Per block, with n = B*L tokens, d = dim, c = compute-dtype bytes, k = c if c < 4 else 0 (casts):
       RoPE stage      n*d*(6*4 + 1*c + 3*k)
@@ -403,25 +421,30 @@ def dit_activations(request: Request, plan: Plan, backend: str) -> tuple[int, in
       cross stage     n*d*(3*4 + 2*c) + workspace(cross-attention over text_len keys)
       FFN stage       n*d*(2*4 + 1*c + 2*k) + 2*c*B*T*ffn_dim   (T = ffn_chunk or L; + n*d*c output)
     (the counts are the CAPITAL constants above). Around the blocks: the text context
-    [B, text_len, dim], and RoPE tables (L x head_dim x 4 bytes).
+    [B, text_len, dim], and RoPE tables (L x head_dim x 4 bytes). Under Ulysses (U processes, n over
+    the share) the self-attention runs H/U heads over all L queries (in query chunks) and keys, and
+    its stage adds ULYSSES_EXCHANGE_TENSORS x n*d*c.
     """
     cfg = request.config
     c = dtype_bytes(plan.compute_dtype)
-    batch = 2 if (request.guidance and plan.cfg_batch) else 1
-    tokens = request.tokens
-    n, d = batch * tokens, cfg.dim
+    batch = rank_batch(request, plan)
+    tokens, share, ulysses = request.tokens, rank_tokens(request, plan), plan.ulysses
+    n, d = batch * share, cfg.dim
     chunk = plan.attention_chunk
-    ws_self = attention_workspace(backend, batch, cfg.num_heads, tokens, tokens, cfg.head_dim, c, chunk)
-    ws_cross = attention_workspace(
-        plan.cross_attention or backend, batch, cfg.num_heads, tokens, cfg.text_len, cfg.head_dim, c, chunk
+    ws_self = attention_workspace(
+        backend, batch, cfg.num_heads // ulysses, tokens, tokens, cfg.head_dim, c, chunk
     )
-    ffn_rows = min(tokens, plan.ffn_chunk) if plan.ffn_chunk else tokens
-    ffn_out = FFN_CHUNK_OUTPUT_TENSORS * n * d * c if plan.ffn_chunk and plan.ffn_chunk < tokens else 0
+    ws_cross = attention_workspace(
+        plan.cross_attention or backend, batch, cfg.num_heads, share, cfg.text_len, cfg.head_dim, c, chunk
+    )
+    ffn_rows = min(share, plan.ffn_chunk) if plan.ffn_chunk else share
+    ffn_out = FFN_CHUNK_OUTPUT_TENSORS * n * d * c if plan.ffn_chunk and plan.ffn_chunk < share else 0
     k = c if c < 4 else 0
+    exchange = ULYSSES_EXCHANGE_TENSORS * c if ulysses > 1 else 0
     stages = {
         "rope": (n * d * (ROPE_STAGE_FP32 * 4 + ROPE_STAGE_COMPUTE * c + ROPE_STAGE_CASTS * k), 0),
         "self_attention": (
-            n * d * (ATTN_STAGE_FP32 * 4 + ATTN_STAGE_COMPUTE * c + ATTN_STAGE_CASTS * k),
+            n * d * (ATTN_STAGE_FP32 * 4 + ATTN_STAGE_COMPUTE * c + ATTN_STAGE_CASTS * k + exchange),
             ws_self,
         ),
         "cross_attention": (

@@ -128,6 +128,17 @@ class Plan:
             none="as asked",
         ),
     )
+    # Several processes, one per GPU (wanfit.plan.parallel chooses; --parallel, not --set, sets them):
+    # cond and uncond on two groups of processes (CFG-parallel, 2), and the processes sharing each DiT
+    # forward by token (Ulysses). Every other field is per process (per GPU).
+    cfg_parallel: int = field(
+        default=1, metadata=_setting("int", "CFG-parallel degree, 1 or 2 (set by --parallel)", minimum=1)
+    )
+    ulysses: int = field(
+        default=1,
+        metadata=_setting("int", "Ulysses degree, a divisor of the heads (set by --parallel)", minimum=1),
+    )
+
     # A step cache (wanfit.sampling.step_cache): "NAME[:THRESHOLD][,OPTION=VALUE...]". Lossy, opt-in.
     cache: str | None = field(
         default=None,
@@ -141,6 +152,11 @@ class Plan:
             from wanfit.sampling.step_cache import canonical_spec
 
             object.__setattr__(self, "cache", canonical_spec(self.cache))
+
+    @property
+    def world_size(self) -> int:
+        """Processes (GPUs) the plan runs on."""
+        return self.cfg_parallel * self.ulysses
 
     @property
     def torch_compute_dtype(self) -> torch.dtype:

@@ -163,6 +163,7 @@ def device_probe(hw: HardwareProbe, constraints: Constraints) -> HardwareProbe:
     import torch
 
     flag = "--device" if constraints.device else "--set device="
+    given = f"--device {asked}" if constraints.device else f"--set device={asked}"
     try:
         device = torch.device(str(asked))
     except RuntimeError:
@@ -177,11 +178,11 @@ def device_probe(hw: HardwareProbe, constraints: Constraints) -> HardwareProbe:
             if hw.emulated
             else (f"this machine has no usable {device.type.upper()} device")
         )
-        raise ConfigError(f"{flag} {asked} was asked for, but {what}.")
+        raise ConfigError(f"{given} was asked for, but {what}.")
     if device.type == "cuda" and device.index is not None and hw.device_present:
         count = torch.cuda.device_count()
         if device.index >= count:
-            raise ConfigError(f"{flag} {asked} was asked for, but this machine has {count} CUDA device(s).")
+            raise ConfigError(f"{given} was asked for, but this machine has {count} CUDA device(s).")
         if device.index != (hw.device_index or 0):
             return probe(emulate=hw.emulated, device_index=device.index)
     return hw

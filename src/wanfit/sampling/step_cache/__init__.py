@@ -117,18 +117,35 @@ def canonical_spec(text: str | None) -> str | None:
 
 
 def build(
-    spec: str, config, steps: int, *, model_key: str | None = None, state: StepCacheState | None = None
+    spec: str,
+    config,
+    steps: int,
+    *,
+    model_key: str | None = None,
+    state: StepCacheState | None = None,
+    world_size: int = 1,
 ):
     """The StepCache a run with this spec uses; ConfigError where the policy cannot apply to it.
 
     config: the DiT's DiTConfig (picks published tables); steps: the run's step count; model_key:
-    where calibrations of this model are stored (None: none); state: a resumed run's cache.
+    where calibrations of this model are stored (None: none); state: a resumed run's cache;
+    world_size: the run's processes (refuse_parallel).
     """
     parsed = parse_spec(spec)
+    refuse_parallel(spec, world_size)
     policy = POLICIES[parsed.name].create(
         str(parsed), parsed.threshold, dict(parsed.options), config=config, steps=steps, model_key=model_key
     )
     return StepCache(policy, state)
+
+
+def refuse_parallel(spec: str, world_size: int) -> None:
+    """A cache runs on one process: processes that hold a share of the tokens or one stream each would
+    have to make the same decisions, which they are not made to yet."""
+    if world_size > 1:
+        raise ConfigError(
+            f"--cache {parse_spec(spec).name} runs on one GPU for now; drop --cache, or --gpus / --parallel."
+        )
 
 
 def calibrator(steps: int) -> StepCache:
