@@ -20,19 +20,7 @@ from wanfit.video import read_mp4_comment, read_video
 
 STEPS = 4
 # Small enough for a loaded 2-core machine: 48x32, 5 frames (2 latent frames), 4 steps.
-RUN = [
-    "generate",
-    "--size",
-    "48x32",
-    "--frames",
-    "5",
-    "--steps",
-    str(STEPS),
-    "--seed",
-    "3",
-    "--prompt",
-    "a red fox",
-]
+RUN = ["generate", "--size", "48x32", "--frames", "5", "--steps", str(STEPS), "--seed", "3", "--prompt", "a red fox"]  # fmt: skip
 
 
 @pytest.fixture(autouse=True)
