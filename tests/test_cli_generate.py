@@ -20,19 +20,7 @@ from wanfit.video import read_mp4_comment, read_video
 
 STEPS = 4
 # Small enough for a loaded 2-core machine: 48x32, 5 frames (2 latent frames), 4 steps.
-RUN = [
-    "generate",
-    "--size",
-    "48x32",
-    "--frames",
-    "5",
-    "--steps",
-    str(STEPS),
-    "--seed",
-    "3",
-    "--prompt",
-    "a red fox",
-]
+RUN = ["generate", "--size", "48x32", "--frames", "5", "--steps", str(STEPS), "--seed", "3", "--prompt", "a red fox"]  # fmt: skip
 
 
 @pytest.fixture(autouse=True)
@@ -111,6 +99,11 @@ def test_mp4_named_from_the_prompt_with_metadata_and_a_progress_bar(capsys, tmp_
         assert meta["plan"]["device"] == "cpu" and meta["plan"]["compute_dtype"] == "float32"
     assert f"wrote {video.name}" in out
     assert "denoising" in err and "2/2" in err and "step/s" in err  # tqdm, on stderr
+    assert "encoding prompts" in err and "decoding" in err
+    # One line before the work: the plan's gist and a time estimate that says what it rests on.
+    plan_line = next(line for line in err.splitlines() if line.startswith("wanfit: Wan2.1"))
+    assert "64x48, 9 frames, guidance on, 2 steps on cpu (float32, attention " in plan_line
+    assert "this CPU's matmul speed, timed just now; a rough guess)" in plan_line
     # Files get the usual permissions, not a temporary's private 0600.
     umask = os.umask(0)
     os.umask(umask)

@@ -22,20 +22,7 @@ from wanfit.runtime.parallel import EXIT_PEER_FAILED
 from wanfit.video import read_video
 
 STEPS = 4
-RUN = [
-    "generate",
-    "--size",
-    "48x32",
-    "--frames",
-    "5",
-    "--steps",
-    str(STEPS),
-    "--seed",
-    "3",
-    "--no-progress",
-    "--prompt",
-    "a red fox",
-]
+RUN = ["generate", "--size", "48x32", "--frames", "5", "--steps", str(STEPS), "--seed", "3", "--no-progress", "--prompt", "a red fox"]  # fmt: skip
 ROOT = Path(__file__).resolve().parents[1]
 
 

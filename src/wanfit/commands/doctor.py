@@ -24,7 +24,8 @@ def report(hw: HardwareProbe, constraints: Constraints | None = None) -> dict:
     planner's choices (wanfit.plan.planning) and every attention backend's answer for the DiT's
     self-attention call."""
     from wanfit.attention.dispatch import Dispatcher
-    from wanfit.plan.planning import attention_calls, model_request, select_attention
+    from wanfit.errors import WanfitError
+    from wanfit.plan.planning import attention_calls, model_request, plan_for
     from wanfit.precision import precision_policy
 
     constraints = constraints or Constraints()
@@ -32,10 +33,13 @@ def report(hw: HardwareProbe, constraints: Constraints | None = None) -> dict:
     precision = precision_policy(hw, compute=constraints.dtype)
     d = Dispatcher(hw, forced=constraints.attention, allow_lossy=constraints.allow_lossy_attention)
     call = attention_calls(job, hw, precision.compute, d)["self"]
-    try:
-        planned, attention_notes = select_attention(job, hw, precision.compute, d.forced, constraints)
-    except Exception as err:  # shown in the report, not raised: the doctor says what is wrong
-        planned, attention_notes = {}, [str(err)]
+    try:  # the same planning call as `wanfit plan` and `generate`
+        result = plan_for(job, constraints, hw)
+        planned = {kind: result.plan.attention_for(kind) for kind in ("self", "cross", "vae")}
+        attention_notes = []
+        plan = {"feasible": True, "gave_up": list(result.steps), "peak_bytes": result.peak_bytes}
+    except WanfitError as err:  # shown in the report, not raised: the doctor says what is wrong
+        planned, attention_notes, plan = {}, [], {"feasible": False, "error": str(err)}
     cfg = job.config
     return {
         "device": {
@@ -77,6 +81,7 @@ def report(hw: HardwareProbe, constraints: Constraints | None = None) -> dict:
             "head_dim": cfg.head_dim,
         },
         "planned_attention": planned,
+        "plan": plan,
         "attention": d.explain(call),
         "warnings": list(hw.warnings),
     }
@@ -136,6 +141,14 @@ def format_report(data: dict, hw: HardwareProbe) -> str:
     if data["planned_attention"]:
         kinds = ", ".join(f"{k} {v or 'none'}" for k, v in data["planned_attention"].items())
         lines.append(f"  plan        {kinds} (what `wanfit plan` and `generate` use per kind)")
+    plan = data["plan"]
+    if plan["feasible"]:
+        gave_up = ", ".join(plan["gave_up"]) or "nothing"
+        lines.append(
+            f"  memory      predicted peak {_gib(plan['peak_bytes'])}; gave up: {gave_up} (`wanfit plan` for more)"
+        )
+    else:
+        lines.append(f"  memory      {plan['error']}")
     lines.append("")
     width = max(len(c["name"]) for c in att["candidates"]) + 2
     for c in att["candidates"]:

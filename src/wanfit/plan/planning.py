@@ -78,6 +78,7 @@ def model_request(
         from wanfit.demo import tiny_request
 
         return tiny_request(height, width, frames, guidance)
+    text_encoder, vae = WAN21_TEXT_ENCODER, WAN21_VAE
     if str(model) in DIT_PRESETS:
         config, name = DIT_PRESETS[str(model)], str(model)
     else:
@@ -92,18 +93,17 @@ def model_request(
         try:
             text_encoder, vae = component_shapes(model)
         except CheckpointError:
-            text_encoder, vae = WAN21_TEXT_ENCODER, WAN21_VAE
-        return Request(
-            config,
-            height=height,
-            width=width,
-            num_frames=frames,
-            guidance=guidance,
-            model_name=name,
-            text_encoder=text_encoder,
-            vae=vae,
-        )
-    return Request(config, height=height, width=width, num_frames=frames, guidance=guidance, model_name=name)
+            pass
+    return Request(
+        config,
+        height=height,
+        width=width,
+        num_frames=frames,
+        guidance=guidance,
+        model_name=name,
+        text_encoder=text_encoder,
+        vae=vae,
+    )
 
 
 def resolve_hardware(hardware: HardwareProbe | str | None) -> HardwareProbe:
