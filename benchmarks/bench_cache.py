@@ -172,8 +172,8 @@ def main(argv=None) -> dict:
     diffusers_parts, wanfit_parts, dit_cfg = build_models(args, device)
     # Several jobs share one text encoder: keep it (the same for every run, so they compare).
     args.overrides = [*args.overrides, "free_text_encoder=false"]
-    plan = wanfit_plan(args, device, dit_cfg)
-    cached_plan = wanfit_plan(replace_overrides(args, f"cache={MAGCACHE}"), device, dit_cfg)
+    plan = wanfit_plan(args, device, dit_cfg, wanfit_parts)
+    cached_plan = wanfit_plan(replace_overrides(args, f"cache={MAGCACHE}"), device, dit_cfg, wanfit_parts)
     result = {
         **job_header("bench_cache", args, device),
         "layers": dit_cfg.num_layers,

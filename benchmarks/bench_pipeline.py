@@ -203,14 +203,25 @@ def run_wanfit(parts, args, latents, device, plan):
     return result, frames
 
 
-def wanfit_plan(args, device, dit_cfg):
-    """The plan wanfit's planner picks for this job on this card, as `wanfit generate` would."""
+def wanfit_plan(args, device, dit_cfg, parts=None):
+    """The plan wanfit's planner picks for this job on this card, as `wanfit generate` would.
+
+    parts: wanfit's (dit, vae, text encoder), whose real shapes the request carries (a tiny dry run
+    plans tiny); None: the released text encoder and VAE."""
+    from wanfit.models.configs import TextEncoderConfig
     from wanfit.plan.estimates import Request
     from wanfit.plan.planning import Constraints, plan_for
 
     width, height = (int(v) for v in args.size.split("x"))
+    shapes = {}
+    if parts is not None:
+        _, vae, text_encoder = parts
+        shapes = {
+            "vae": vae.config,
+            "text_encoder": TextEncoderConfig.from_umt5(text_encoder.model.config.to_dict()),
+        }
     request = Request(
-        dit_cfg, height=height, width=width, num_frames=args.frames, guidance=args.guidance != 1.0
+        dit_cfg, height=height, width=width, num_frames=args.frames, guidance=args.guidance != 1.0, **shapes
     )
     constraints = Constraints.from_options(device=str(device), settings=args.overrides)
     return plan_for(request, constraints)
@@ -246,7 +257,7 @@ def main(argv=None) -> dict:
         latent_shape(1, 16, height, width, args.frames), generator=torch.Generator().manual_seed(3)
     )
     latents = latents.to(device)
-    plan = wanfit_plan(args, device, dit_cfg)
+    plan = wanfit_plan(args, device, dit_cfg, wanfit_parts)
     result = {**job_header("bench_pipeline", args, device), "plan": plan.plan.to_dict()}
     result["wanfit"], ours = run_wanfit(wanfit_parts, args, latents, device, plan)
     result["wanfit"]["s_per_step"] = result["wanfit"]["phases_s"]["denoise_s"] / args.steps
