@@ -20,11 +20,11 @@ def run(capsys, tmp_path, *flags):
     [
         (
             "compute_dtype=int8",
-            "Plan setting compute_dtype takes one of float32, bfloat16, float16, got 'int8'.",
+            "Plan setting compute_dtype takes one of bfloat16, float16, float32, got 'int8'.",
         ),
         (
             "storage_dtype=foo",
-            "Plan setting storage_dtype takes one of float32, bfloat16, float16, float8_e4m3fn",
+            "Plan setting storage_dtype takes one of bfloat16, float16, float32, float8_e4m3fn",
         ),
         (
             "text_encoder_device=gpu",

@@ -15,10 +15,12 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 
 from wanfit.errors import ConfigError
+from wanfit.precision import COMPUTE_DTYPES, dtype_name
 
-COMPUTE_DTYPE_NAMES = ("float32", "bfloat16", "float16")
-STORAGE_DTYPE_NAMES = ("float32", "bfloat16", "float16", "float8_e4m3fn")
-TEXT_ENCODER_DTYPE_NAMES = ("float32", "bfloat16")  # umT5 overflows in fp16
+# The dtype names each field takes, from the one dtype table (wanfit.precision).
+COMPUTE_DTYPE_NAMES = tuple(dtype_name(d) for d in COMPUTE_DTYPES)
+STORAGE_DTYPE_NAMES = (*COMPUTE_DTYPE_NAMES, "float8_e4m3fn")
+TEXT_ENCODER_DTYPE_NAMES = tuple(n for n in COMPUTE_DTYPE_NAMES if n != "float16")  # umT5 overflows in fp16
 ATTENTION_KINDS = ("self", "cross", "vae")  # the DiT's self- and cross-attention, the VAE's
 
 
@@ -262,7 +264,7 @@ def parse_setting(name: str, text: str):
             raise bad()
         return values
     if kind == "dtype":
-        from wanfit.precision import dtype_name, parse_dtype
+        from wanfit.precision import parse_dtype
 
         try:
             value = dtype_name(parse_dtype(low))
