@@ -23,7 +23,6 @@ Prints the results as JSON (and writes them to --out).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -37,7 +36,15 @@ try:
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from bench_pipeline import build_models, job_header, run_diffusers, run_wanfit, wanfit_plan  # noqa: E402
+from bench_pipeline import (  # noqa: E402
+    build_models,
+    finish,
+    job_header,
+    run_diffusers,
+    run_wanfit,
+    stage,
+    wanfit_plan,
+)
 
 # Each policy at threshold 0, with the published tables named (they also serve a --layers model).
 BOOKKEEPING = {
@@ -133,6 +140,13 @@ def step_cost(pipe, args, device, specs: dict) -> dict:
     return out
 
 
+def save_partial(result: dict, out: str | None) -> None:
+    """What is measured so far, so a run cut off at its limit keeps it."""
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps({**result, "partial": True}, indent=2, default=str))
+
+
 def replace_overrides(args: argparse.Namespace, *more: str) -> argparse.Namespace:
     """args with more --set items."""
     return argparse.Namespace(**{**vars(args), "overrides": [*args.overrides, *more]})
@@ -169,7 +183,9 @@ def main(argv=None) -> dict:
     from wanfit.pipeline import WanPipeline, latent_shape
     from wanfit.sampling.step_cache.tables import PUBLISHED_MAG_RATIOS
 
+    stage("building random models")
     diffusers_parts, wanfit_parts, dit_cfg = build_models(args, device)
+    stage("models built")
     # Several jobs share one text encoder: keep it (the same for every run, so they compare).
     args.overrides = [*args.overrides, "free_text_encoder=false"]
     plan = wanfit_plan(args, device, dit_cfg, wanfit_parts)
@@ -181,9 +197,11 @@ def main(argv=None) -> dict:
         "random_weights": True,
     }
     pipe = WanPipeline(*wanfit_parts, plan=plan)
+    stage("(a) one computed step, cache on and off")
     result["step_cost"] = step_cost(pipe, args, device, BOOKKEEPING)
+    save_partial(result, args.out)
     if args.skip_job:
-        return finish(result, args)
+        return finish(result, args.out)
 
     width, height = (int(v) for v in args.size.split("x"))
     latents = torch.randn(
@@ -191,7 +209,9 @@ def main(argv=None) -> dict:
     )
     latents = latents.to(device)
     job = {}
+    stage(f"(b) wanfit, {args.steps} steps, no cache")
     job["none"], plain = run_wanfit(wanfit_parts, args, latents, device, plan)
+    stage(f"(b) wanfit, {args.steps} steps, {MAGCACHE}")
     job["magcache"], cached = run_wanfit(wanfit_parts, args, latents, device, cached_plan)
     job["magcache"]["speedup_total"] = job["none"]["total_s"] / job["magcache"]["total_s"]
     job["magcache"]["speedup_denoise"] = (
@@ -199,8 +219,10 @@ def main(argv=None) -> dict:
     )
     job["magcache"]["frames_vs_uncached"] = compare_videos(cached, plain)
     result["job"] = job
+    save_partial(result, args.out)
 
     if not args.skip_diffusers:
+        stage("(c) diffusers, no cache and its MagCache hook")
         from diffusers.hooks import MagCacheConfig
 
         settings = job["magcache"]["step_cache"]["settings"]
@@ -220,16 +242,7 @@ def main(argv=None) -> dict:
             job["magcache"]["total_s"] / theirs["magcache"]["total_s"]
         )
         result["diffusers"] = theirs
-    return finish(result, args)
-
-
-def finish(result: dict, args) -> dict:
-    text = json.dumps(result, indent=2, default=str)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
-    return result
+    return finish(result, args.out)
 
 
 if __name__ == "__main__":

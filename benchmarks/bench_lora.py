@@ -17,7 +17,6 @@ the same number of DiT passes). Prints JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -265,18 +264,17 @@ def main(argv=None) -> dict:
         "frames": args.frames,
         "dit": {},
     }
+    from bench_pipeline import finish, stage
+
     for name in args.models.split(","):
+        stage(f"DiT {name}: merge, unload and forwards")
         result["dit"][name] = bench_dit(name, args, device, dtype)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if not args.skip_job:
+        stage("the 4-step and full jobs")
         result["job"] = bench_job(args, device)
-    text = json.dumps(result, indent=2, default=str)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
-    return result
+    return finish(result, args.out)
 
 
 if __name__ == "__main__":

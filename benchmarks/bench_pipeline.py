@@ -227,6 +227,24 @@ def wanfit_plan(args, device, dit_cfg, parts=None):
     return plan_for(request, constraints)
 
 
+_STARTED = time.perf_counter()
+
+
+def stage(message: str) -> None:
+    """A progress line on stderr at once, so a run cut off at its time limit shows how far it got."""
+    print(f"[{time.perf_counter() - _STARTED:7.1f} s] {message}", file=sys.stderr, flush=True)
+
+
+def finish(result: dict, out: str | None) -> dict:
+    """Print the result as JSON and write it to `out` too."""
+    text = json.dumps(result, indent=2, default=str)
+    print(text)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text)
+    return result
+
+
 def job_header(benchmark: str, args, device) -> dict:
     """The first keys of a job benchmark's JSON: what ran where."""
     return {
@@ -249,7 +267,9 @@ def main(argv=None) -> dict:
         if not torch.cuda.is_available():
             raise SystemExit("No CUDA device: use --dry-run to check the script.")
         device = torch.device("cuda")
+    stage("building random models")
     diffusers_parts, wanfit_parts, dit_cfg = build_models(args, device)
+    stage("models built")
     width, height = (int(v) for v in args.size.split("x"))
     from wanfit.pipeline import latent_shape
 
