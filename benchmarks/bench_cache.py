@@ -23,6 +23,7 @@ Prints the results as JSON (and writes them to --out).
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
