@@ -10,6 +10,7 @@ import pytest
 from wanfit.models.configs import WAN21_TEXT_ENCODER, WAN_T2V_1_3B, WAN_T2V_14B
 from wanfit.models.vae import WAN21_VAE, WAN_VAE_TINY
 from wanfit.plan import estimates as E
+from wanfit.plan import host_estimates as H
 from wanfit.plan.plan import Plan
 
 MANIFESTS = Path(__file__).parent / "data" / "manifests"
@@ -133,8 +134,8 @@ def test_streaming_lowers_the_denoise_peak_and_needs_host_memory():
     assert peaks == sorted(peaks, reverse=True) and len(set(peaks)) == 5
     block = sum(E.dit_block_params(WAN_T2V_1_3B)) * 2
     assert peaks[0] - peaks[-1] == (30 - 2) * block  # only the two streaming slots stay
-    assert E.host_bytes(REQ, _plan(dit_blocks_resident=6)) == 24 * block
-    assert E.host_bytes(REQ, _plan()) == 0
+    assert H.dit_host(REQ, _plan(dit_blocks_resident=6)).pinned == 24 * block
+    assert H.dit_host(REQ, _plan()).pinned == 0
 
 
 def test_denoise_grows_with_size_frames_and_cfg_batch():
@@ -193,7 +194,9 @@ def test_text_encoder_placements():
     assert streamed.weights == (4096 + 2 * E.text_encoder_sizes(WAN21_TEXT_ENCODER).layer) * 2
     on_cpu = E.estimate_text_encoder(REQ, _plan(text_encoder_device="cpu"), others=False)
     assert on_cpu.weights == 0 and on_cpu.activations == 0
-    assert E.host_bytes(REQ, _plan(text_encoder_device="cpu")) > 5_680_910_336 * 2
+    assert (
+        H.text_encoder_host(REQ, _plan(text_encoder_device="cpu"), encoding=True).total() > 5_680_910_336 * 2
+    )
     # Kept on the device, the encoder also weighs on the later phases; freed, it does not.
     kept = E.estimate_denoise(REQ, _plan(free_text_encoder=False), "sdpa_flash").peak
     freed = E.estimate_denoise(REQ, _plan(free_text_encoder=True), "sdpa_flash").peak

@@ -13,4 +13,4 @@ def emulated(card: str, host_gib: float = 64.0):
     host = int(host_gib * GIB)
     if hw.device_type == "cpu":
         hw = replace(hw, total_memory=host, free_memory=host)
-    return replace(hw, host_ram_total=host, host_ram_available=host)
+    return replace(hw, host_ram_total=host, host_ram_available=host, process_rss=0)

@@ -50,9 +50,15 @@ def add_hardware_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_plan_options(parser: argparse.ArgumentParser) -> None:
-    """--vram, --allow-downscale, --fp8, --cache, --set: shared by plan and generate."""
+    """--vram, --ram, --allow-downscale, --fp8, --cache, --set: shared by plan and generate."""
     group = parser.add_argument_group("memory plan")
     group.add_argument("--vram", default=None, metavar="SIZE", help="memory budget, e.g. 4GiB, 6000MiB, 12GB")
+    group.add_argument(
+        "--ram",
+        default=None,
+        metavar="SIZE",
+        help="host RAM budget, e.g. 12GB (default: what is free, or what a container's limit leaves)",
+    )
     group.add_argument(
         "--allow-downscale", action="store_true", help="fewer frames or a smaller size if nothing fits"
     )
@@ -95,6 +101,7 @@ def constraints_from_args(args: argparse.Namespace) -> Constraints:
     attention = getattr(args, "attention", None) or os.environ.get(ATTENTION_ENV) or None
     return Constraints.from_options(
         vram=getattr(args, "vram", None),
+        ram=getattr(args, "ram", None),
         dtype=getattr(args, "dtype", None),
         attention=attention,
         allow_lossy_attention=getattr(args, "allow_lossy_attention", False),

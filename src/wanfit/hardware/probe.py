@@ -12,6 +12,7 @@ import importlib.util
 import os
 import platform
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -57,6 +58,11 @@ class HardwareProbe:
     physical_device_name: str | None = None  # the real card under emulation
     physical_total_memory: int | None = None
     warnings: tuple[str, ...] = field(default_factory=tuple)
+    # What host_ram_available is: MemAvailable, or what a cgroup's memory.max leaves (and that limit).
+    host_ram_source: str = "MemAvailable"
+    host_ram_limit: int | None = None
+    # This process's own anonymous memory when probed: the host estimates count the whole process.
+    process_rss: int | None = None
 
     @property
     def sm(self) -> str | None:
@@ -108,10 +114,14 @@ def apply_emulation_limits(hw: HardwareProbe) -> float | None:
 
 
 def _probe_real(device_index: int | None) -> HardwareProbe:
-    ram_total, ram_available = host_ram()
+    host = host_memory()
+    ram_total, ram_available = host.total, host.available
     common = dict(
         host_ram_total=ram_total,
         host_ram_available=ram_available,
+        host_ram_source=host.source,
+        host_ram_limit=host.limit,
+        process_rss=process_rss(),
         cpu_count=os.cpu_count() or 1,
         torch_version=torch.__version__,
         torch_cuda_version=torch.version.cuda,
@@ -343,6 +353,151 @@ def host_ram(meminfo_path: str = "/proc/meminfo") -> tuple[int | None, int | Non
         return None, None
 
 
+# A cgroup v1 "no limit" is the largest page-aligned int64; anything this large means none.
+_NO_LIMIT = 1 << 60
+
+
+@dataclass(frozen=True)
+class CgroupMemory:
+    """The memory limit of the cgroup this process runs in, and what the group uses (bytes)."""
+
+    limit: int  # memory.max (v2) or memory.limit_in_bytes (v1)
+    usage: int  # memory.current / memory.usage_in_bytes: the group's processes and its page cache
+    reclaimable: int  # inactive file pages (memory.stat): page cache the kernel drops before it kills
+    path: str  # the folder the numbers come from
+    version: int
+
+    @property
+    def available(self) -> int:
+        return max(0, self.limit - max(0, self.usage - self.reclaimable))
+
+
+@dataclass(frozen=True)
+class HostMemory:
+    total: int | None
+    available: int | None  # what this process may still use
+    source: str  # how `available` was found, in words
+    limit: int | None = None  # the cgroup's limit when it binds
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _stat_value(path: Path, *names: str) -> int:
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return 0
+    values = dict(line.split(None, 1) for line in lines if " " in line)
+    for name in names:
+        if values.get(name, "").strip().isdigit():
+            return int(values[name])
+    return 0
+
+
+def _cgroup_mounts(proc: Path) -> tuple[tuple[str, str] | None, tuple[str, str] | None]:
+    """((root, mount point) of the cgroup v2 hierarchy, the same of v1's memory controller)."""
+    v2 = v1 = None
+    try:
+        lines = (proc / "self" / "mountinfo").read_text().splitlines()
+    except OSError:
+        return None, None
+    for line in lines:
+        left, _, right = line.partition(" - ")
+        fields, tail = left.split(), right.split()
+        if len(fields) < 5 or len(tail) < 1:
+            continue
+        root, point = fields[3], fields[4].replace("\\040", " ")
+        if tail[0] == "cgroup2" and v2 is None:
+            v2 = (root, point)
+        elif tail[0] == "cgroup" and len(tail) > 2 and "memory" in tail[2].split(",") and v1 is None:
+            v1 = (root, point)
+    return v2, v1
+
+
+def _group_folders(mount: tuple[str, str], path: str) -> list[Path]:
+    """The folders of `path` (from /proc/self/cgroup) and of its ancestors up to the mount point.
+
+    Inside a container the group's path is often not visible under the mount: the mount point is
+    then the group itself."""
+    root, point = mount
+    relative = path[len(root) :] if root != "/" and path.startswith(root) else path
+    folder = Path(point) / relative.lstrip("/")
+    if not folder.is_dir():
+        return [Path(point)]
+    folders = [folder]
+    while folder != Path(point) and folder.parent != folder:
+        folder = folder.parent
+        folders.append(folder)
+    return folders
+
+
+def cgroup_memory(proc: str | os.PathLike = "/proc") -> CgroupMemory | None:
+    """The tightest memory limit over this process's cgroup and its ancestors (v2 or v1), or None.
+
+    `proc` is where to read self/cgroup and self/mountinfo (tests point it at fake files).
+    """
+    proc = Path(proc)
+    try:
+        lines = (proc / "self" / "cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    v2, v1 = _cgroup_mounts(proc)
+    found: list[CgroupMemory] = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if controllers == "" and v2 is not None:
+            for folder in _group_folders(v2, path):
+                limit = _read_int(folder / "memory.max")  # "max" (no limit) reads as None
+                usage = _read_int(folder / "memory.current")
+                if limit is not None and usage is not None and limit < _NO_LIMIT:
+                    reclaimable = _stat_value(folder / "memory.stat", "inactive_file")
+                    found.append(CgroupMemory(limit, usage, reclaimable, str(folder), 2))
+        elif "memory" in controllers.split(",") and v1 is not None:
+            for folder in _group_folders(v1, path):
+                limit = _read_int(folder / "memory.limit_in_bytes")
+                usage = _read_int(folder / "memory.usage_in_bytes")
+                if limit is not None and usage is not None and limit < _NO_LIMIT:
+                    stat = folder / "memory.stat"
+                    reclaimable = _stat_value(stat, "total_inactive_file", "inactive_file")
+                    found.append(CgroupMemory(limit, usage, reclaimable, str(folder), 1))
+    return min(found, key=lambda g: g.available, default=None)
+
+
+def host_memory(meminfo_path: str = "/proc/meminfo", proc: str | os.PathLike = "/proc") -> HostMemory:
+    """The host RAM this process may use: MemAvailable, or less when a cgroup's limit binds."""
+    total, available = host_ram(meminfo_path)
+    group = cgroup_memory(proc)
+    if group is not None and (available is None or group.available < available):
+        where = "memory.max" if group.version == 2 else "memory.limit_in_bytes"
+        source = (
+            f"cgroup {where} {group.limit / GIB:.2f} GiB minus the group's "
+            f"{max(0, group.usage - group.reclaimable) / GIB:.2f} GiB in use"
+        )
+        return HostMemory(min(total or group.limit, group.limit), group.available, source, group.limit)
+    return HostMemory(total, available, "MemAvailable" if available is not None else "unknown")
+
+
+def process_rss(status_path: str = "/proc/self/status") -> int | None:
+    """This process's resident anonymous memory (RssAnon), or None where it cannot be read."""
+    try:
+        with open(status_path) as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def find_kernel_packages() -> tuple[KernelPackage, ...]:
     """Which optional attention packages (the attention registry's) are installed (find_spec; nothing
     heavy is imported)."""
@@ -373,9 +528,12 @@ def find_kernel_packages() -> tuple[KernelPackage, ...]:
 def _emulate(real: HardwareProbe, profile: CardProfile) -> HardwareProbe:
     notes = []
     host_total, host_available = real.host_ram_total, real.host_ram_available
+    host_source = real.host_ram_source
     if profile.host_ram_gib is not None:
         host_total = int(profile.host_ram_gib * GIB)
-        host_available = min(host_total, host_available or host_total)
+        if host_available is None or host_total < host_available:
+            host_available = host_total
+            host_source = f"{profile.key}'s {host_total / GIB:.2f} GiB of RAM (emulated)"
     if profile.device_type == "cpu":
         total, free = host_total or 0, host_available or host_total or 0
         present = True
@@ -406,6 +564,7 @@ def _emulate(real: HardwareProbe, profile: CardProfile) -> HardwareProbe:
             "fp16_native": profile.fp16_native,
             "host_ram_total": host_total,
             "host_ram_available": host_available,
+            "host_ram_source": host_source,
             "sdpa_backends": None,
             "emulated": profile.key,
             "device_present": present,

@@ -73,6 +73,13 @@ def text_encoder_precision(compute_dtype: torch.dtype, device_type: str) -> Text
     return TextEncoderPrecision(torch.bfloat16, torch.float32)
 
 
+def text_encoder_compute(compute_dtype: torch.dtype, device_type: str, storage: torch.dtype) -> torch.dtype:
+    """What umT5 computes in over weights stored in `storage`, for a plan computing in `compute_dtype`:
+    the policy's dtype when the weights are already in it, else fp32 (block by block; never fp16)."""
+    policy = text_encoder_precision(compute_dtype, device_type).compute
+    return policy if policy == storage else torch.float32
+
+
 # -- the encoder ---------------------------------------------------------------------------------
 
 

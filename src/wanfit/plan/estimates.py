@@ -146,6 +146,8 @@ class TextEncoderSizes:
     params: int  # all of it, the token embedding once
     layer: int  # one block (each has its own relative position bias)
     final_norm: int  # what a streamed encoder keeps on the device beside its blocks
+    layer_matrices: int = 0  # the nn.Linear weights of one block: what fp8 storage keeps in one byte
+    embedding: int = 0  # the token embedding (a lookup; a streamed encoder keeps it on the host)
 
 
 @cache
@@ -155,7 +157,14 @@ def text_encoder_sizes(config: TextEncoderConfig) -> TextEncoderSizes:
     with torch.device("meta"):
         model = UMT5EncoderModel(UMT5Config(**config.umt5_kwargs()))
     encoder = model.get_encoder()
-    return TextEncoderSizes(_params(model), _params(encoder.block[0]), _params(encoder.final_layer_norm))
+    block = encoder.block[0]
+    return TextEncoderSizes(
+        _params(model),
+        _params(block),
+        _params(encoder.final_layer_norm),
+        _matrix_params(block),
+        _params(model.get_input_embeddings()),
+    )
 
 
 @dataclass(frozen=True)
@@ -208,6 +217,10 @@ class Request:
     model_name: str = "1.3B"
     text_encoder: TextEncoderConfig = WAN21_TEXT_ENCODER
     vae: VAEConfig = WAN21_VAE
+    # The dtypes the checkpoint files hold (most of their elements); None: no files (the weights are
+    # taken to be in the plan's dtypes). They decide what loading converts and what streams from a file.
+    dit_file_dtype: str | None = None
+    text_encoder_file_dtype: str | None = None
 
     @property
     def latent_frames(self) -> int:
@@ -294,27 +307,35 @@ def _dit_block_bytes(config: DiTConfig, compute: int, storage: str | None) -> in
     return (matrices + other) * compute
 
 
-def dit_device_weights(config: DiTConfig, plan: Plan) -> int:
-    """DiT parameters on the device: resident blocks, the two streaming slots, the fp8 upcast copy.
+def dit_device_weights(config: DiTConfig, plan: Plan, file_dtype: str | None = None) -> int:
+    """DiT parameters on the device: resident blocks, the two streaming slots, the upcast copy.
 
     Streaming k blocks: k resident + the block in use + the next one being copied. fp8 storage keeps
-    blocks in 1 byte per matrix element and upcasts the block in use to the compute dtype.
+    blocks in 1 byte per matrix element and upcasts the block in use to the compute dtype. Blocks
+    streamed from the mapped file travel in the file's dtype (`file_dtype`) and are converted on the
+    device: one raw copy besides the two slots.
     """
     c = dtype_bytes(plan.compute_dtype)
     n = config.num_layers
     block = _dit_block_bytes(config, c, plan.storage_dtype)
     on_device = n if plan.dit_blocks_resident is None else min(n, plan.dit_blocks_resident + 2)
-    upcast = sum(dit_block_params(config)) * c if block < sum(dit_block_params(config)) * c else 0
+    full = sum(dit_block_params(config)) * c
+    upcast = full if block < full else 0
+    if dit_streams_from_file(plan) and file_dtype:
+        if dtype_bytes(file_dtype) != c:
+            upcast = max(upcast, sum(dit_block_params(config)) * dtype_bytes(file_dtype))
     return dit_nonblock_params(config) * c + on_device * block + upcast
 
 
-def dit_host_bytes(config: DiTConfig, plan: Plan) -> int:
-    """Pinned host copies of the streamed DiT blocks."""
-    if plan.dit_blocks_resident is None:
-        return 0
-    n = config.num_layers
-    streamed = max(0, n - plan.dit_blocks_resident)
-    return streamed * _dit_block_bytes(config, dtype_bytes(plan.compute_dtype), plan.storage_dtype)
+def dit_streams_from_file(plan: Plan) -> bool:
+    """Whether streamed DiT blocks come from the mapped file (fp8 storage needs its own copies)."""
+    fp8 = plan.storage_dtype is not None and dtype_bytes(plan.storage_dtype) == 1
+    return plan.dit_blocks_resident is not None and plan.dit_stream_source == "mmap" and not fp8
+
+
+def dit_block_bytes(config: DiTConfig, plan: Plan) -> int:
+    """One DiT block as the plan stores it (fp8 matrices in one byte, the rest in the compute dtype)."""
+    return _dit_block_bytes(config, dtype_bytes(plan.compute_dtype), plan.storage_dtype)
 
 
 def vae_device_weights(request: Request, plan: Plan) -> int:
@@ -325,48 +346,67 @@ def text_encoder_on_device(plan: Plan) -> bool:
     return plan.text_encoder_device != "cpu" or plan.device == "cpu"
 
 
+def text_encoder_streamed(plan: Plan) -> bool:
+    return plan.text_encoder_blocks_resident is not None and text_encoder_on_device(plan)
+
+
+def text_encoder_storage(request: Request, plan: Plan) -> str:
+    """The dtype umT5's weights are held in: the file's when its blocks stream from the mapped file
+    (nothing is converted on the host), else the plan's."""
+    if text_encoder_streamed(plan) and plan.text_encoder_stream_source == "mmap":
+        return request.text_encoder_file_dtype or plan.text_encoder_dtype
+    return plan.text_encoder_dtype
+
+
+def text_encoder_compute_dtype(request: Request, plan: Plan) -> torch.dtype:
+    """What umT5 computes in under this plan (wanfit.models.text_encoder's policy)."""
+    from wanfit.models.text_encoder import text_encoder_compute
+    from wanfit.precision import parse_dtype
+
+    device_type = "cpu" if plan.text_encoder_device == "cpu" else plan.device.split(":")[0]
+    storage = parse_dtype(text_encoder_storage(request, plan))
+    return text_encoder_compute(plan.torch_compute_dtype, device_type, storage)
+
+
+def text_encoder_bytes(request: Request, plan: Plan) -> tuple[int, int, int]:
+    """(one block, the final norm, the token embedding) in bytes as stored.
+
+    fp8 keeps the blocks' matrices in one byte (with a scale each) and the rest in bf16."""
+    sizes = text_encoder_sizes(request.text_encoder)
+    b = dtype_bytes(text_encoder_storage(request, plan))
+    if b == 1:
+        return (
+            sizes.layer_matrices + 2 * (sizes.layer - sizes.layer_matrices),
+            2 * sizes.final_norm,
+            2 * sizes.embedding,
+        )
+    return sizes.layer * b, sizes.final_norm * b, sizes.embedding * b
+
+
 def text_encoder_device_weights(request: Request, plan: Plan, *, during_encode: bool) -> int:
     """umT5 parameters on the device: all of it; or, streamed, k resident blocks plus the block in
     use and the next (the token embedding stays on the host: a gather, its output moves over); or
-    none (on the CPU, or freed after encoding)."""
+    none (on the CPU, or freed after encoding). A streamed encoder prefetches nothing past its last
+    block, so between prompts only its resident blocks stay."""
     if not text_encoder_on_device(plan):
         return 0
     if not during_encode and plan.free_text_encoder:
         return 0
-    sizes = text_encoder_sizes(request.text_encoder)
-    b = dtype_bytes(plan.text_encoder_dtype)
-    if plan.text_encoder_blocks_resident is None:
-        return sizes.params * b
-    k = plan.text_encoder_blocks_resident
+    layer, norm, embedding = text_encoder_bytes(request, plan)
     num_layers = request.text_encoder.num_layers
+    if plan.text_encoder_blocks_resident is None:
+        return embedding + num_layers * layer + norm
+    k = plan.text_encoder_blocks_resident
     layers = min(num_layers, k + 2) if during_encode else min(num_layers, k)
-    return (sizes.final_norm + layers * sizes.layer) * b
+    return norm + layers * layer
 
 
-def text_encoder_host_bytes(request: Request, plan: Plan) -> int:
-    """Host RAM the text encoder needs: its weights when it runs on the CPU or streams its blocks."""
-    sizes = text_encoder_sizes(request.text_encoder)
-    b = dtype_bytes(plan.text_encoder_dtype)
-    if plan.device != "cpu" and plan.text_encoder_device == "cpu":
-        return sizes.params * b + _text_encoder_activations(request, plan)
-    if plan.text_encoder_blocks_resident is not None:
-        resident = min(request.text_encoder.num_layers, plan.text_encoder_blocks_resident)
-        return (sizes.params - resident * sizes.layer) * b
-    return 0
-
-
-def host_bytes(request: Request, plan: Plan) -> int:
-    """Host RAM the plan needs beyond the process itself (0 on a CPU: there the device is the host)."""
-    if plan.device == "cpu":
-        return 0
-    return dit_host_bytes(request.config, plan) + text_encoder_host_bytes(request, plan)
-
-
-def _text_encoder_activations(request: Request, plan: Plan) -> int:
+def text_encoder_activations(request: Request, plan: Plan) -> int:
+    """Live tensors at umT5's peak, in its compute dtype (TE_* constants)."""
     te, text_len = request.text_encoder, request.config.text_len
     batch = 2 if request.guidance else 1
     tokens = batch * text_len
-    b = dtype_bytes(plan.text_encoder_dtype)
+    b = text_encoder_compute_dtype(request, plan).itemsize
     hidden = TE_HIDDEN_TENSORS * tokens * te.d_model * b
     scores = TE_SCORE_TENSORS * batch * te.num_heads * text_len**2 * b
     ffn = TE_FFN_TENSORS * tokens * te.d_ff * b
@@ -384,13 +424,20 @@ def estimate_text_encoder(request: Request, plan: Plan, *, others: bool = True) 
     weights = text_encoder_device_weights(request, plan, during_encode=True)
     # A streamed (or fp8) DiT is loaded on the host and placed when denoising starts.
     dit_placed_late = plan.dit_blocks_resident is not None or plan.storage_dtype is not None
-    dit = dit_device_weights(request.config, plan) if others and not dit_placed_late else 0
+    dit = (
+        dit_device_weights(request.config, plan, request.dit_file_dtype)
+        if others and not dit_placed_late
+        else 0
+    )
     vae = vae_device_weights(request, plan) if others else 0
     on_device = text_encoder_on_device(plan)
-    activations = _text_encoder_activations(request, plan) if on_device else 0
-    # Half-precision weights computed in fp32 (no native bf16): one block's fp32 copy at a time.
-    upcast = plan.text_encoder_dtype != "float32" and plan.compute_dtype != "bfloat16"
-    workspace = 4 * text_encoder_sizes(request.text_encoder).layer if on_device and upcast else 0
+    activations = text_encoder_activations(request, plan) if on_device else 0
+    # Weights computed in another dtype than they are stored in (bf16 with no native bf16, fp16, fp8):
+    # one block's upcast copy at a time.
+    compute = text_encoder_compute_dtype(request, plan)
+    upcast = dtype_bytes(text_encoder_storage(request, plan)) != compute.itemsize
+    layer_params = text_encoder_sizes(request.text_encoder).layer
+    workspace = compute.itemsize * layer_params if on_device and upcast else 0
     return PhaseEstimate(
         "text_encoder",
         weights=weights + dit + vae,
@@ -472,7 +519,7 @@ def _latent_bytes(request: Request) -> int:
 def estimate_denoise(request: Request, plan: Plan, backend: str, *, others: bool = True) -> PhaseEstimate:
     """One guided DiT prediction at the peak of the sampling loop; others=False leaves out the VAE and
     text encoder weights (a DiT forward alone, as benchmarks/bench_memory.py measures it)."""
-    dit = dit_device_weights(request.config, plan)
+    dit = dit_device_weights(request.config, plan, request.dit_file_dtype)
     te = text_encoder_device_weights(request, plan, during_encode=False) if others else 0
     vae = vae_device_weights(request, plan) if others else 0
     act, ws, stage = dit_activations(request, plan, backend)
@@ -556,7 +603,7 @@ def estimate_vae_decode(request: Request, plan: Plan, backend: str, *, others: b
     ws = attention_workspace(vae_backend, 1, 1, h * w, h * w, d0, c, AttentionBlock.query_chunk)
     weights = vae_device_weights(request, plan)
     if others and not plan.offload_dit_before_decode:
-        weights += dit_device_weights(request.config, plan)
+        weights += dit_device_weights(request.config, plan, request.dit_file_dtype)
     if others:
         weights += text_encoder_device_weights(request, plan, during_encode=False)
     return PhaseEstimate(

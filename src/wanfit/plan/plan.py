@@ -19,8 +19,12 @@ from wanfit.precision import COMPUTE_DTYPES, dtype_name
 
 # The dtype names each field takes, from the one dtype table (wanfit.precision).
 COMPUTE_DTYPE_NAMES = tuple(dtype_name(d) for d in COMPUTE_DTYPES)
+# Weights at rest (the DiT's, umT5's): upcast per block to the compute dtype. umT5 computes in bf16 or
+# fp32 whatever its storage (it overflows in fp16).
 STORAGE_DTYPE_NAMES = (*COMPUTE_DTYPE_NAMES, "float8_e4m3fn")
-TEXT_ENCODER_DTYPE_NAMES = tuple(n for n in COMPUTE_DTYPE_NAMES if n != "float16")  # umT5 overflows in fp16
+# Where streamed blocks come from: pinned host copies of every block (fastest), or the memory-mapped
+# checkpoint through a small ring of pinned staging buffers (the least host RAM).
+STREAM_SOURCES = ("pinned", "mmap")
 ATTENTION_KINDS = ("self", "cross", "vae")  # the DiT's self- and cross-attention, the VAE's
 
 
@@ -70,7 +74,9 @@ class Plan:
     )
     text_encoder_dtype: str = field(
         default="float32",
-        metadata=_setting("dtype", "umT5's weights (never fp16)", choices=TEXT_ENCODER_DTYPE_NAMES),
+        metadata=_setting(
+            "dtype", "umT5's weights at rest (computed in bf16 or fp32)", choices=STORAGE_DTYPE_NAMES
+        ),
     )
     free_text_encoder: bool = field(
         default=True, metadata=_setting("bool", "drop umT5 once the prompts are encoded")
@@ -87,6 +93,22 @@ class Plan:
         default=None,
         metadata=_setting(
             "int", "umT5 blocks kept on the device", minimum=0, optional=True, none="all (not streamed)"
+        ),
+    )
+    dit_stream_source: str = field(
+        default="pinned",
+        metadata=_setting(
+            "choice",
+            "where streamed DiT blocks come from: pinned host copies, or the mapped file via staging buffers",
+            choices=STREAM_SOURCES,
+        ),
+    )
+    text_encoder_stream_source: str = field(
+        default="pinned",
+        metadata=_setting(
+            "choice",
+            "where streamed umT5 blocks come from: pinned host copies, or the mapped file via staging buffers",
+            choices=STREAM_SOURCES,
         ),
     )
     offload_dit_before_decode: bool = field(
@@ -211,7 +233,7 @@ def _accepts(name: str) -> str:
     if kind == "size":
         example = "32x32" if spec.get("parts") == 2 else "320x192x17"
         return f"a size like {example} (each at least {spec.get('minimum', 1)}){none}"
-    if kind == "dtype":
+    if kind in ("dtype", "choice"):
         return f"one of {', '.join(spec['choices'])}{none}"
     if kind == "backend":
         from wanfit.attention.backends import default_registry
@@ -277,6 +299,10 @@ def parse_setting(name: str, text: str):
         from wanfit.attention.backends import default_registry
 
         if low not in default_registry():
+            raise bad()
+        return low
+    if kind == "choice":
+        if low not in spec["choices"]:
             raise bad()
         return low
     if kind == "device":

@@ -34,10 +34,12 @@ from wanfit.plan.estimates import (
     PHASES,
     PhaseEstimate,
     Request,
+    dit_streams_from_file,
     estimate_phases,
-    host_bytes,
     peak_bytes,
+    text_encoder_streamed,
 )
+from wanfit.plan.host_estimates import HostEstimate, host_bytes, host_phases
 from wanfit.plan.plan import Plan, describe_setting
 from wanfit.precision import compute_dtype_for, dtype_name
 
@@ -81,6 +83,8 @@ class DeviceBudget:
     attention_backend: str | None = None  # what the dispatcher picks for the DiT's self-attention
     fp16_native: bool = True  # fast fp16 (CUDA sm_70+); with bf16_native it sets the compute dtype
     compilable: bool = False  # a real CUDA device with Triton: the DiT's blocks may be compiled
+    host_source: str = "MemAvailable"  # where host_free_bytes comes from (a cgroup limit, ...)
+    host_self_bytes: int = 0  # this process's own memory, in use already: the estimates count it
 
     @property
     def torch_device(self) -> str:
@@ -126,17 +130,21 @@ def budget_from_probe(hw, attention_backend: str | None = None) -> DeviceBudget:
         attention_backend=attention_backend,
         fp16_native=hw.fp16_native,
         compilable=compilable,
+        host_source=hw.host_ram_source if hw.host_ram_available is not None else "free memory",
+        host_self_bytes=hw.process_rss or 0,
     )
 
 
 @dataclass(frozen=True)
 class Budget:
-    """Bytes the plan may use on the device and in host RAM, and where the device number came from."""
+    """Bytes the plan may use on the device and in host RAM, and where each number came from."""
 
     device_bytes: int
     host_bytes: int
     source: str
     margin_bytes: int = 0  # subtracted from free memory (0 with --vram)
+    host_source: str = ""
+    host_margin_bytes: int = 0  # subtracted from the free host RAM (0 with --ram)
 
 
 def fmt_bytes(n: float) -> str:
@@ -180,18 +188,32 @@ def parse_bytes(text: str, option: str = "--vram") -> int:
 # ----------------------------------------------------------------------------- policies
 
 
-def make_budget(device: DeviceBudget, vram: int | None = None) -> Budget:
-    """Free memory minus a margin (see CUDA_MARGIN_* / HOST_MARGIN_*), or the user's --vram as is."""
-    host_margin = max(HOST_MARGIN_MIN, int(HOST_MARGIN_FRACTION * device.host_free_bytes))
-    host = max(0, device.host_free_bytes - host_margin)
+def make_budget(device: DeviceBudget, vram: int | None = None, ram: int | None = None) -> Budget:
+    """Free memory minus a margin (see CUDA_MARGIN_* / HOST_MARGIN_*), or the user's --vram / --ram as is.
+
+    Host RAM: what the process may use (MemAvailable, or what a cgroup's limit leaves) plus what the
+    process already holds (the host estimates count the whole process), minus a margin."""
+    free = device.host_free_bytes + device.host_self_bytes
+    host_margin = max(HOST_MARGIN_MIN, int(HOST_MARGIN_FRACTION * free))
+    if ram is not None:
+        host, host_margin, host_source = ram, 0, f"--ram {fmt_bytes(ram)}"
+    else:
+        host = max(0, free - host_margin)
+        host_source = f"{device.host_source}, minus a {fmt_bytes(host_margin)} margin"
+    hosts = {"host_source": host_source, "host_margin_bytes": host_margin}
     if vram is not None:
-        return Budget(vram, host, f"--vram {fmt_bytes(vram)}")
+        return Budget(vram, host, f"--vram {fmt_bytes(vram)}", **hosts)
     if device.kind == "cpu":
+        cpu_margin = max(HOST_MARGIN_MIN, int(HOST_MARGIN_FRACTION * device.free_bytes))
+        cpu = max(0, device.free_bytes - cpu_margin)
         return Budget(
+            cpu if ram is None else ram,
             host,
-            host,
-            f"free RAM {fmt_bytes(device.free_bytes)} minus a {fmt_bytes(host_margin)} margin",
-            host_margin,
+            f"free RAM {fmt_bytes(device.free_bytes)} minus a {fmt_bytes(cpu_margin)} margin"
+            if ram is None
+            else host_source,
+            0 if ram is not None else cpu_margin,
+            **hosts,
         )
     margin = max(CUDA_MARGIN_MIN, int(CUDA_MARGIN_FRACTION * device.total_bytes))
     return Budget(
@@ -199,6 +221,7 @@ def make_budget(device: DeviceBudget, vram: int | None = None) -> Budget:
         host,
         f"free memory {fmt_bytes(device.free_bytes)} minus a {fmt_bytes(margin)} margin",
         margin,
+        **hosts,
     )
 
 
@@ -211,14 +234,23 @@ def fastest_plan(device: DeviceBudget, request: Request, *, fp8: bool = False) -
         compute_dtype=dtype,
         storage_dtype=FP8_STORAGE if fp8 else None,
         text_encoder_device=dev,
-        # umT5 overflows in fp16; bf16 halves the 22.7 GB of fp32 (emulated below sm_80, it runs once).
-        text_encoder_dtype="float32" if device.kind == "cpu" else "bfloat16",
+        text_encoder_dtype=_text_encoder_storage(device, request),
         free_text_encoder=False,
         cfg_batch=request.guidance,
         # Compiling the blocks saves ~11% per step but costs ~17 s up front (1.3B, 480p, H100):
         # it pays only past ~100 steps, so it is opt-in (--set compile_dit=true).
         compile_dit=False,
     )
+
+
+def _text_encoder_storage(device: DeviceBudget, request: Request) -> str:
+    """umT5's weights as its file has them when that is half precision or fp8 (nothing converted, nothing
+    lost: it computes in bf16 or fp32 whatever they are), else bf16: half the 22.7 GB of fp32. On a CPU,
+    fp32 (its fast kernels) unless the file is smaller."""
+    file_dtype = request.text_encoder_file_dtype
+    if file_dtype in ("float16", FP8_STORAGE):
+        return file_dtype
+    return "float32" if device.kind == "cpu" else "bfloat16"
 
 
 # ----------------------------------------------------------------------------- notches
@@ -285,6 +317,24 @@ def _stream_dit(plan: Plan, request: Request) -> list[Plan]:
     return ladder
 
 
+def _text_encoder_fp8(plan: Plan, request: Request) -> list[Plan]:
+    """With fp8 DiT storage (--fp8, the user's opt-in to its small loss), umT5 may be stored in fp8 too."""
+    if plan.storage_dtype == FP8_STORAGE and plan.text_encoder_dtype != FP8_STORAGE:
+        return [replace(plan, text_encoder_dtype=FP8_STORAGE)]
+    return []
+
+
+def _text_encoder_from_file(plan: Plan, request: Request) -> list[Plan]:
+    if text_encoder_streamed(plan) and plan.text_encoder_stream_source != "mmap":
+        return [replace(plan, text_encoder_stream_source="mmap")]
+    return []
+
+
+def _dit_from_file(plan: Plan, request: Request) -> list[Plan]:
+    candidate = replace(plan, dit_stream_source="mmap")
+    return [candidate] if plan.dit_stream_source != "mmap" and dit_streams_from_file(candidate) else []
+
+
 def _vae_tiles(plan: Plan, request: Request) -> list[Plan]:
     current = min(plan.vae_tile) if plan.vae_tile else math.inf
     return [replace(plan, vae_tile=(t, t)) for t in VAE_TILE_LADDER if t < current]
@@ -310,6 +360,7 @@ KNOBS: tuple[Knob, ...] = (
     Knob("free_text_encoder", frozenset({"free_text_encoder"}), _free_text_encoder),
     Knob("stream_text_encoder", _TEXT_ENCODER_FIELDS, _stream_text_encoder),
     Knob("text_encoder_bf16", _TEXT_ENCODER_FIELDS, _text_encoder_bf16),
+    Knob("text_encoder_fp8", _TEXT_ENCODER_FIELDS, _text_encoder_fp8),
     Knob("sequential_cfg", frozenset({"cfg_batch"}), _sequential_cfg),
     Knob("offload_dit_before_decode", frozenset({"offload_dit_before_decode"}), _offload_dit),
     Knob("stream_dit_blocks", frozenset({"dit_blocks_resident"}), _stream_dit),
@@ -318,6 +369,17 @@ KNOBS: tuple[Knob, ...] = (
     Knob("attention_chunking", frozenset({"attention_chunk"}), _attention_chunks),
     Knob("ffn_chunking", frozenset({"ffn_chunk"}), _ffn_chunks),
 )
+
+
+# What the planner gives up for host RAM alone (when pinned copies of streamed blocks do not fit):
+# streaming umT5 from its mapped file costs a little once per prompt; freeing it, a reload for the
+# next prompt; streaming the DiT from its file, host reads every step.
+HOST_KNOBS: tuple[Knob, ...] = (
+    Knob("text_encoder_from_file", frozenset({"text_encoder_stream_source"}), _text_encoder_from_file),
+    Knob("free_text_encoder", frozenset({"free_text_encoder"}), _free_text_encoder),
+    Knob("dit_from_file", frozenset({"dit_stream_source"}), _dit_from_file),
+)
+_SOURCE_KNOBS = {"text_encoder_from_file": "text_encoder_stream_source", "dit_from_file": "dit_stream_source"}
 
 
 def _lowers(before: dict[str, PhaseEstimate], after: dict[str, PhaseEstimate], phase: str | None) -> bool:
@@ -388,6 +450,7 @@ class PlanResult:
     host_bytes: int
     attention_backend: str
     notes: tuple[str, ...] = ()
+    host_phases: dict[str, HostEstimate] = field(default_factory=dict)  # each phase's host RAM
     requested: Request | None = None  # the original request when it was downscaled
     steps: tuple[str, ...] = field(default_factory=tuple)  # what was given up, in order
     frozen: frozenset[str] = frozenset()  # the fields the user set: never given up, also on OOM
@@ -408,6 +471,8 @@ class PlanResult:
             "budget_source": self.budget.source,
             "host_bytes": self.host_bytes,
             "host_budget_bytes": self.budget.host_bytes,
+            "host_budget_source": self.budget.host_source,
+            "host_phases": {name: p.to_dict() for name, p in self.host_phases.items()},
             "phases": {name: p.to_dict() for name, p in self.phases.items()},
             "settings": self.plan.to_dict(),
             "attention_backend": self.attention_backend,
@@ -430,8 +495,9 @@ class PlanResult:
         lines = [
             f"plan for {self.request.describe()}",
             f"device: {self.device.describe()}",
-            f"budget: {fmt_bytes(self.budget.device_bytes)} ({self.budget.source}); "
-            f"host RAM: needs {fmt_bytes(self.host_bytes)} of {fmt_bytes(self.budget.host_bytes)}",
+            f"budget: {fmt_bytes(self.budget.device_bytes)} ({self.budget.source})",
+            f"host RAM: needs {fmt_bytes(self.host_bytes)} of {fmt_bytes(self.budget.host_bytes)} "
+            f"({self.budget.host_source})",
             f"compute dtype {self.plan.compute_dtype}; attention: self {self.plan.self_attention or self.attention_backend}, "
             f"cross {self.plan.cross_attention or self.attention_backend}, VAE {self.plan.vae_attention or self.attention_backend}",
             "",
@@ -442,6 +508,17 @@ class PlanResult:
                 f"{name:<14}{fmt_bytes(p.weights):>12}{fmt_bytes(p.activations):>13}"
                 f"{fmt_bytes(p.workspace):>12}{fmt_bytes(p.cache):>12}{fmt_bytes(p.peak):>12}"
             )
+        if self.host_phases:
+            lines += [
+                "",
+                f"{'host RAM':<14}{'process':>12}{'pinned':>12}{'other':>12}{'mapped':>12}{'needed':>12}"
+                f"{'+ cache':>12}",
+            ]
+            for name, h in self.host_phases.items():
+                lines.append(
+                    f"{name:<14}{fmt_bytes(h.process):>12}{fmt_bytes(h.pinned):>12}{fmt_bytes(h.anon):>12}"
+                    f"{fmt_bytes(h.mapped):>12}{fmt_bytes(h.needed):>12}{fmt_bytes(h.peak):>12}"
+                )
         lines += ["", f"predicted peak {fmt_bytes(self.peak_bytes)} of {fmt_bytes(self.budget.device_bytes)}"]
         lines.append("gave up: " + (", ".join(self.steps) if self.steps else "nothing (fastest plan)"))
         lines.append("settings (* set by you):")
@@ -458,14 +535,49 @@ def _fits(phases: dict[str, PhaseEstimate], budget: Budget) -> str | None:
     return next((name for name in PHASES if phases[name].peak > budget.device_bytes), None)
 
 
-def _host_ok(request: Request, plan: Plan, budget: Budget) -> bool:
-    return host_bytes(request, plan) <= budget.host_bytes
+def _host_fit(
+    request: Request, plan: Plan, budget: Budget, backend: str, frozen: frozenset[str]
+) -> tuple[Plan, list[str]] | None:
+    """`plan`, or its nearest variant that fits the host RAM (HOST_KNOBS in order, each only if it
+    lowers the need and raises no device phase above the budget and its peak before), with the knobs
+    taken; None if none fits."""
+    need, taken = host_bytes(request, plan), []
+    phases = estimate_phases(request, plan, backend)
+    for knob in HOST_KNOBS:
+        if need <= budget.host_bytes:
+            break
+        if knob.fields & frozen:
+            continue
+        for candidate in knob.candidates(plan, request):
+            cand_need = host_bytes(request, candidate)
+            cand_phases = estimate_phases(request, candidate, backend)
+            worse = any(cand_phases[p].peak > max(phases[p].peak, budget.device_bytes) for p in PHASES)
+            if cand_need < need and not worse:
+                plan, need, phases = candidate, cand_need, cand_phases
+                taken.append(knob.name)
+                break
+    return (plan, taken) if need <= budget.host_bytes else None
+
+
+def _faster_sources(
+    request: Request, plan: Plan, budget: Budget, backend: str, frozen: frozenset[str]
+) -> Plan:
+    """Pinned copies again where the host RAM allows (the DiT first: it streams every step)."""
+    for name in ("dit_stream_source", "text_encoder_stream_source"):
+        if name in frozen or getattr(plan, name) == "pinned":
+            continue
+        candidate = replace(plan, **{name: "pinned"})
+        if host_bytes(request, candidate) <= budget.host_bytes:
+            if _fits(estimate_phases(request, candidate, backend), budget) is None:
+                plan = candidate
+    return plan
 
 
 def _best_resident_count(
     plan: Plan, request: Request, backend: str, budget: Budget, low: int, frozen: frozenset[str] = frozenset()
-) -> Plan | None:
-    """The plan with the most resident DiT blocks (>= low) that fits the device and the host, or None.
+) -> tuple[Plan, list[str]] | None:
+    """The plan with the most resident DiT blocks (>= low) that fits the device and the host (with the
+    host knobs it takes), or None.
 
     Moving the DiT off the device before the decode (a one-time copy) is allowed when it lets more
     blocks stay resident through all the denoising steps.
@@ -478,7 +590,7 @@ def _best_resident_count(
         for variant in variants:
             candidate = replace(variant, dit_blocks_resident=k)
             if _fits(estimate_phases(request, candidate, backend), budget) is None:
-                return candidate if _host_ok(request, candidate, budget) else None
+                return _host_fit(request, candidate, budget, backend, frozen)
     return None
 
 
@@ -487,7 +599,8 @@ def _search(
 ) -> tuple[Plan, dict[str, PhaseEstimate], list[str], bool]:
     """Give things up until every phase fits: (plan, phases, steps, fits).
 
-    A step is taken only if it lowers the first failing phase and its host RAM need still fits.
+    A step is taken only if it lowers the first failing phase and its host RAM need fits (streaming
+    from the mapped files, or freeing umT5, where the pinned copies would not).
     """
     plan = base
     phases = estimate_phases(request, plan, backend)
@@ -501,31 +614,42 @@ def _search(
                 cand_phases = estimate_phases(request, candidate, backend)
                 if not _lowers(phases, cand_phases, failing):
                     continue
+                fitted = None
                 if knob.name == "stream_dit_blocks" and plan.dit_blocks_resident is None:
                     # k from the budget: the most resident blocks that fit, else all streamed.
-                    best = _best_resident_count(candidate, request, backend, budget, 0, frozen)
-                    candidate = best or replace(candidate, dit_blocks_resident=0)
-                    cand_phases = estimate_phases(request, candidate, backend)
-                if not _host_ok(request, candidate, budget):
+                    fitted = _best_resident_count(candidate, request, backend, budget, 0, frozen)
+                    if fitted is None:
+                        candidate = replace(candidate, dit_blocks_resident=0)
+                if fitted is None:
+                    fitted = _host_fit(request, candidate, budget, backend, frozen)
+                if fitted is None:
                     break  # this knob costs host RAM that is not there: try the next one
-                nxt = (knob.name, candidate, cand_phases)
+                candidate, host_steps = fitted
+                nxt = (knob.name, candidate, estimate_phases(request, candidate, backend), host_steps)
                 break
             if nxt:
                 break
         if nxt is None:
             return plan, phases, [], False
-        name, plan, phases = nxt
-        if name not in taken:
-            taken.append(name)
+        name, plan, phases, host_steps = nxt
+        taken += [n for n in (name, *host_steps) if n not in taken]
     if plan.dit_blocks_resident is not None and "dit_blocks_resident" not in frozen:
         better = _best_resident_count(plan, request, backend, budget, plan.dit_blocks_resident + 1, frozen)
         if better is not None:
-            plan, phases = better, estimate_phases(request, better, backend)
+            plan = better[0]
+            taken += [n for n in better[1] if n not in taken]
+    fitted = _host_fit(request, plan, budget, backend, frozen)
+    if fitted is None:
+        return plan, phases, [], False
+    plan = _faster_sources(request, fitted[0], budget, backend, frozen)
+    taken += [n for n in fitted[1] if n not in taken]
+    taken = [n for n in taken if n not in _SOURCE_KNOBS or getattr(plan, _SOURCE_KNOBS[n]) == "mmap"]
+    phases = estimate_phases(request, plan, backend)
     if plan.offload_dit_before_decode and not base.offload_dit_before_decode:
         if "offload_dit_before_decode" not in taken:  # chosen with the resident block count
             taken.append("offload_dit_before_decode")
-    order = [knob.name for knob in KNOBS]
-    return plan, phases, sorted(taken, key=order.index), _host_ok(request, plan, budget)
+    order = [knob.name for knob in KNOBS + HOST_KNOBS]
+    return plan, phases, sorted(taken, key=order.index), True
 
 
 def _leanest(request: Request, base: Plan, backend: str, frozen: frozenset[str]) -> Plan:
@@ -567,11 +691,13 @@ def plan_run(
     allow_downscale: bool = False,
     fp8: bool = False,
     attention: dict[str, str] | None = None,
+    ram: int | None = None,
 ) -> PlanResult:
     """The fastest plan that fits; PlanError naming the smallest budget that would work otherwise.
 
     overrides: user-set Plan fields (frozen: never given up); attention: the backend the dispatcher
-    selected for each kind ("self", "cross", "vae"), which sets the workspace estimates.
+    selected for each kind ("self", "cross", "vae"), which sets the workspace estimates; vram / ram:
+    the device and host budgets to use instead of what is free.
     """
     overrides = dict(overrides or {})
     unknown = set(overrides) - {f.name for f in fields(Plan)}
@@ -580,7 +706,7 @@ def plan_run(
     attention = dict(attention or {})
     if device.attention_backend and "self" not in attention:
         attention["self"] = device.attention_backend
-    budget = make_budget(device, vram)
+    budget = make_budget(device, vram, ram)
     chosen_backends = {f"{kind}_attention": name for kind, name in attention.items() if name}
     base = replace(fastest_plan(device, request, fp8=fp8), **chosen_backends, **overrides)
     frozen = frozenset(overrides) | ({"storage_dtype"} if fp8 else frozenset())
@@ -604,8 +730,7 @@ def plan_run(
                 break
     if not fits:
         raise _no_plan_error(request, base, budget, backend, frozen, allow_downscale)
-    # On a CPU the device is the host: its RAM need is the largest phase's peak.
-    need_host = peak_bytes(phases) if device.kind == "cpu" else host_bytes(chosen, plan)
+    host = host_phases(chosen, plan)
     notes += _plan_notes(plan, device)
     return PlanResult(
         plan=plan,
@@ -613,7 +738,8 @@ def plan_run(
         device=device,
         budget=budget,
         phases=phases,
-        host_bytes=need_host,
+        host_bytes=max(p.needed for p in host.values()),
+        host_phases=host,
         attention_backend=backend,
         notes=tuple(notes),
         requested=requested,
@@ -622,33 +748,62 @@ def plan_run(
     )
 
 
+def _leanest_on_host(
+    request: Request, base: Plan, budget: Budget, backend: str, frozen: frozenset[str]
+) -> tuple[Plan, int]:
+    """The plan that fits the device with the least host RAM, and that need: the leanest plan, and
+    the same with umT5 streamed rather than on the CPU, each with every host knob that lowers it."""
+    leanest = _leanest(request, base, backend, frozen)
+    candidates = [leanest]
+    if leanest.text_encoder_device == "cpu" and not _TEXT_ENCODER_FIELDS & frozen and base.device != "cpu":
+        candidates.append(replace(leanest, text_encoder_device=base.device, text_encoder_blocks_resident=0))
+    best = None
+    for plan in candidates:
+        for knob in HOST_KNOBS:
+            if knob.fields & frozen:
+                continue
+            for candidate in knob.candidates(plan, request):
+                if host_bytes(request, candidate) < host_bytes(request, plan):
+                    plan = candidate
+        fits = _fits(estimate_phases(request, plan, backend), budget) is None
+        need = host_bytes(request, plan)
+        if best is None or (fits, -need) > (best[2], -best[1]):
+            best = (plan, need, fits)
+    return best[0], best[1]
+
+
 def _no_plan_error(
     request: Request, base: Plan, budget: Budget, backend: str, frozen: frozenset[str], allow_downscale: bool
 ) -> NoPlanError:
-    """One sentence: the smallest budget that would work (or the host RAM that is missing)."""
+    """One sentence: the smallest budget that would work (or the smallest host RAM)."""
     leanest = _leanest(request, base, backend, frozen)
     need = peak_bytes(estimate_phases(request, leanest, backend))
-    need_host = host_bytes(request, leanest)
     where = f"{request.describe()} in {fmt_bytes(budget.device_bytes)} ({budget.source})"
     if need <= budget.device_bytes:
-        fp8 = " (--fp8 halves the streamed DiT copy)" if base.storage_dtype is None else ""
+        _, need_host = _leanest_on_host(request, base, budget, backend, frozen)
+        # The free RAM whose budget (plus this process, minus the margin) holds need_host.
+        smallest = (
+            need_host
+            if not budget.host_margin_bytes
+            else max(need_host + HOST_MARGIN_MIN, math.ceil(need_host / (1 - HOST_MARGIN_FRACTION)))
+        )
+        fp8 = "; --fp8 stores the weights in half the bytes" if base.storage_dtype is None else ""
         message = (
-            f"No plan fits {where}: the plans that fit the device need about {fmt_bytes(need_host)} of "
-            f"host RAM for streamed or CPU-side weights, and {fmt_bytes(budget.host_bytes)} is free after "
-            f"a margin{fp8}."
+            f"No plan fits {where}: the plan that fits the device with the least host RAM needs "
+            f"{fmt_bytes(need_host)} of it, and {fmt_bytes(budget.host_bytes)} may be used "
+            f"({budget.host_source}), so this run needs at least {fmt_bytes(smallest)} of free RAM{fp8}."
         )
         short = f"needs ~{fmt_bytes(need_host)} of host RAM"
-    else:
-        free_note = (
-            f", i.e. {fmt_bytes(need + budget.margin_bytes)} free with the {fmt_bytes(budget.margin_bytes)} margin"
-            if budget.margin_bytes
-            else ""
-        )
-        hint = "" if allow_downscale else "; pass --allow-downscale to accept fewer frames or a smaller size"
-        message = (
-            f"No plan fits {where}: the smallest plan needs a budget of {fmt_bytes(need)}{free_note}{hint}."
-        )
-        short = f"needs a budget of {fmt_bytes(need)}"
+        return NoPlanError(message, min_budget_bytes=need, host_bytes_needed=need_host, short=short)
+    free_note = (
+        f", i.e. {fmt_bytes(need + budget.margin_bytes)} free with the {fmt_bytes(budget.margin_bytes)} margin"
+        if budget.margin_bytes
+        else ""
+    )
+    hint = "" if allow_downscale else "; pass --allow-downscale to accept fewer frames or a smaller size"
+    message = f"No plan fits {where}: the smallest plan needs a budget of {fmt_bytes(need)}{free_note}{hint}."
+    short = f"needs a budget of {fmt_bytes(need)}"
+    need_host = host_bytes(request, leanest)
     return NoPlanError(message, min_budget_bytes=need, host_bytes_needed=need_host, short=short)
 
 
@@ -663,6 +818,8 @@ def _notes(device: DeviceBudget, budget: Budget, plan: Plan, vram: int | None) -
 
 def _plan_notes(plan: Plan, device: DeviceBudget) -> list[str]:
     notes = []
+    if plan.text_encoder_dtype == FP8_STORAGE:
+        notes.append("the text encoder's matrices are stored in fp8 (per-tensor scaled, upcast per block).")
     if plan.text_encoder_dtype == "bfloat16" and device.kind == "cuda" and not device.bf16_native:
         notes.append(
             "the text encoder keeps bf16 weights and computes in fp32 one block at a time "
@@ -676,9 +833,18 @@ def _plan_notes(plan: Plan, device: DeviceBudget) -> list[str]:
     if plan.text_encoder_device == "cpu" and device.kind != "cpu":
         notes.append("the text encoder runs on the CPU: expect minutes for the prompt encoding.")
     if plan.dit_blocks_resident is not None:
+        source = (
+            "from the memory-mapped checkpoint through pinned staging buffers"
+            if dit_streams_from_file(plan)
+            else "from pinned host memory"
+        )
         notes.append(
-            f"DiT blocks stream from pinned host memory, {plan.dit_blocks_resident} resident, "
+            f"DiT blocks stream {source}, {plan.dit_blocks_resident} resident, "
             "the next block copied while the current one computes."
+        )
+    if text_encoder_streamed(plan) and plan.text_encoder_stream_source == "mmap":
+        notes.append(
+            "the text encoder streams its blocks from the memory-mapped checkpoint (little host RAM)."
         )
     if plan.storage_dtype == FP8_STORAGE:
         notes.append("fp8 weight storage (per-tensor scaled, upcast per block): small quality loss.")

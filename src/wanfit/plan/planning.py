@@ -29,6 +29,7 @@ class Constraints:
     """What the user fixed: each one is a frozen Plan field the planner and the OOM guard respect."""
 
     vram: int | None = None  # bytes the plan may use on the device, instead of what is free
+    ram: int | None = None  # bytes of host RAM the run may use, instead of what is free (or a cgroup leaves)
     dtype: str | None = None  # compute dtype (bf16, fp16, fp32)
     attention: str | None = None  # a backend to force
     allow_lossy_attention: bool = False
@@ -42,6 +43,7 @@ class Constraints:
         cls,
         *,
         vram: str | int | None = None,
+        ram: str | int | None = None,
         dtype: str | None = None,
         attention: str | None = None,
         allow_lossy_attention: bool = False,
@@ -53,8 +55,11 @@ class Constraints:
         """From the words a user types (the CLI's options, or the same in Python); checked."""
         if isinstance(vram, str):
             vram = parse_bytes(vram)
+        if isinstance(ram, str):
+            ram = parse_bytes(ram, "--ram")
         return cls(
             vram=vram,
+            ram=ram,
             dtype=dtype,
             attention=None if attention in (None, "", "auto") else attention,
             allow_lossy_attention=allow_lossy_attention,
@@ -147,6 +152,7 @@ def plan_for(
         device,
         request,
         vram=constraints.vram,
+        ram=constraints.ram,
         overrides=overrides,
         allow_downscale=constraints.allow_downscale,
         fp8=constraints.fp8,

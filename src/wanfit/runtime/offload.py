@@ -25,6 +25,8 @@ import torch.nn as nn
 
 FP8 = getattr(torch, "float8_e4m3fn", None)
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
+# Pinned staging buffers of a stream from the mapped file: one being filled while the other is copied.
+STAGING_BUFFERS = 2
 
 
 def resident_indices(n: int, k: int) -> list[int]:

@@ -183,12 +183,11 @@ def _move_own_tensors(model: nn.Module, device: torch.device) -> None:
 def text_encoder_compute_dtype(plan, storage_dtype: torch.dtype | None = None) -> torch.dtype:
     """umT5's compute dtype over weights stored in `storage_dtype` (default: the plan's): the text
     encoder's policy when the weights are already in that dtype, else fp32 (never fp16)."""
-    from wanfit.models.text_encoder import text_encoder_precision
+    from wanfit.models.text_encoder import text_encoder_compute
 
     storage = storage_dtype or plan.torch_text_encoder_dtype
     device_type = torch.device(plan.text_encoder_device).type
-    policy = text_encoder_precision(plan.torch_compute_dtype, device_type).compute
-    return policy if policy == storage else torch.float32
+    return text_encoder_compute(plan.torch_compute_dtype, device_type, storage)
 
 
 @dataclass(frozen=True)
