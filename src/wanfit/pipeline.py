@@ -287,19 +287,24 @@ class WanPipeline:
         # Streamed models are loaded on the host; their placements stream them block by block.
         def text_encoder_loader(plan: Plan = plan):
             layout = TextEncoderLayout.from_plan(plan)
-            return load_text_encoder(
+            text_encoder = load_text_encoder(
                 files.text_encoder,
                 tokenizer=files.tokenizer,
                 device=layout.load_device,
-                dtype=plan.torch_text_encoder_dtype,
-                compute_dtype=layout.compute_dtype,
+                dtype=layout.load_dtype,  # None: as the file has them (blocks streamed from the file)
+                compute_dtype=None if layout.load_dtype is None else layout.compute_dtype,
             )
+            text_encoder.compute_dtype = TextEncoderLayout.from_plan(
+                plan, text_encoder.storage_dtype
+            ).compute_dtype
+            return text_encoder
 
         from tqdm.auto import tqdm
 
         # Transient: the bar clears itself, so an error about a file stands alone on its line.
         with tqdm(total=3, desc="loading DiT", unit="model", disable=not progress, leave=False) as bar:
-            dit = load_dit(files.dit, device=DiTLayout.from_plan(plan).load_device, dtype=dtype)
+            layout = DiTLayout.from_plan(plan)
+            dit = load_dit(files.dit, device=layout.load_device, dtype=layout.load_dtype)
             bar.set_description("loading VAE")
             bar.update(1)
             vae = load_vae(files.vae, device=plan.device, dtype=dtype)
@@ -399,8 +404,8 @@ class WanPipeline:
         )
         device, dtype = torch.device(self.plan.device), self.plan.torch_compute_dtype
         embeds = embeds.to(device=device, dtype=dtype)
-        if self.plan.free_text_encoder and hasattr(self.text_encoder, "release"):
-            self.text_encoder.release()
+        if self.plan.free_text_encoder:
+            self.placement.text_encoder.release()
         return tuple(embeds[i : i + 1] for i in range(len(prompts)))
 
     def _warn_if_truncated(self, prompts: list[str], text_len: int) -> None:

@@ -86,8 +86,10 @@ def text_encoder_compute(compute_dtype: torch.dtype, device_type: str, storage: 
 class WanTextEncoder(nn.Module):
     """umT5 encoder + tokenizer: prompts -> context [B, max_length, dim], rows past each prompt zero.
 
-    Weights are held in their storage dtype; `compute_dtype` may be fp32 over half-precision weights,
-    in which case each block is converted just for its own forward (one block's fp32 copy at a time).
+    Weights are held in their storage dtype (that of the blocks' matrices); `compute_dtype` may be fp32
+    over half-precision or fp8 weights, in which case each block is converted just for its own forward
+    (one block's fp32 copy at a time). scales: parameter name -> the fp32 scale of a weight stored in
+    fp8 (weight = stored * scale); an fp8 weight without one has scale 1.
     """
 
     def __init__(
@@ -98,6 +100,7 @@ class WanTextEncoder(nn.Module):
         compute_dtype: torch.dtype | None = None,
         cache: PromptCache | None = None,
         fingerprint: str | None = None,
+        scales: dict[str, torch.Tensor] | None = None,
     ):
         super().__init__()
         self.model = model.eval().requires_grad_(False)
@@ -105,7 +108,13 @@ class WanTextEncoder(nn.Module):
         self.cache = cache
         self._fingerprint = fingerprint
         self._dim = int(model.config.d_model)
-        self.storage_dtype = model.get_input_embeddings().weight.dtype
+        # The parameters themselves are the keys: a streamer swaps their data, never the objects.
+        params = dict(model.named_parameters())
+        self._scales = {params[name]: scale for name, scale in (scales or {}).items() if name in params}
+        matrix = next(
+            (m.weight for m in model.get_encoder().block[0].modules() if isinstance(m, nn.Linear)), None
+        )
+        self.storage_dtype = (matrix if matrix is not None else model.get_input_embeddings().weight).dtype
         self.compute_dtype = compute_dtype or self.storage_dtype
         if self.compute_dtype != self.storage_dtype and self.compute_dtype != torch.float32:
             raise ConfigError(
@@ -202,6 +211,18 @@ class WanTextEncoder(nn.Module):
             )
         return self.model
 
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """The token embedding's rows for `ids`, in the compute dtype (fp8 rows read as bytes and upcast)."""
+        weight = self.embedding.weight
+        ids = ids.to(weight.device)
+        if weight.element_size() == 1:
+            rows = weight.view(torch.uint8)[ids].view(weight.dtype).to(torch.float32)
+            scale = self._scales.get(weight)
+            rows = rows * scale.to(rows.device) if scale is not None else rows
+        else:
+            rows = weight[ids]
+        return rows.to(self.compute_dtype)
+
     def _precision_name(self) -> str:
         return f"compute={dtype_name(self.compute_dtype)}"
 
@@ -253,22 +274,30 @@ class WanTextEncoder(nn.Module):
                 stacklevel=4,
             )
             self.compute_dtype = torch.float32
-        embeds = self.embedding(ids).to(self.compute_dtype)
-        with _modules_in([*self.blocks, self.final_norm], self.compute_dtype):
+        embeds = self._embed(ids)
+        with _modules_in([*self.blocks, self.final_norm], self.compute_dtype, self._scales):
             hidden = self.model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
         return hidden.to(self.compute_dtype)
 
 
 @contextmanager
-def _modules_in(modules: Sequence[nn.Module], dtype: torch.dtype) -> Iterator[None]:
+def _modules_in(
+    modules: Sequence[nn.Module], dtype: torch.dtype, scales: dict | None = None
+) -> Iterator[None]:
     """Run each of `modules` (the blocks and the final norm) with its weights converted to `dtype`
-    for its own forward only: half-precision weights, fp32 arithmetic, one block's fp32 copy in memory."""
+    for its own forward only: half-precision or fp8 weights (times their scale, when `scales` has
+    one), fp32 arithmetic, one block's fp32 copy in memory."""
     originals: dict[nn.Parameter, torch.Tensor] = {}
+    scales = scales or {}
 
     def convert(module, args):
         for p in module.parameters():
             originals[p] = p.data
-            p.data = p.data.to(dtype)
+            scale = scales.get(p)
+            if scale is not None:
+                p.data = (p.data.to(torch.float32) * scale.to(p.device)).to(dtype)
+            else:
+                p.data = p.data.to(dtype)
 
     def restore(module, args, output):
         for p in module.parameters():

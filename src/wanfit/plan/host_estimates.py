@@ -101,12 +101,22 @@ def dit_host(request: Request, plan: Plan) -> _Part:
     block_file = sum(dit_block_params(cfg)) * file_b
     if dit_streams_from_file(plan):
         ring = STAGING_BUFFERS * block_file
-        return _Part(pinned=ring, mapped=ring, cache=file_total)
+        # Streamed from what was loaded: the mapped file, or an fp8 file's upcast copy.
+        converted = dit_converted_on_load(request, plan)
+        return _Part(pinned=ring, anon=converted, mapped=0 if converted else ring, cache=file_total)
     streamed = max(0, cfg.num_layers - plan.dit_blocks_resident)
     block = dit_block_bytes(cfg, plan)
     # A block converted (or quantised) on the host before its pinned copy is made.
     converted = block if file_b != dtype_bytes(plan.compute_dtype) or plan.storage_dtype else 0
     return _Part(pinned=streamed * block, anon=converted, cache=file_total)
+
+
+def dit_converted_on_load(request: Request, plan: Plan) -> int:
+    """A DiT loaded on the host (to be streamed, or quantised when placed) keeps its file's mapped
+    tensors, except an fp8 file's, which the loader upcasts to bf16 (ordinary memory)."""
+    on_host = plan.dit_blocks_resident is not None or plan.storage_dtype is not None
+    fp8_file = request.dit_file_dtype is not None and dtype_bytes(request.dit_file_dtype) == 1
+    return dit_params(request.config) * 2 if on_host and fp8_file else 0
 
 
 def text_encoder_host(request: Request, plan: Plan, *, encoding: bool) -> _Part:
@@ -189,8 +199,9 @@ def host_phases(request: Request, plan: Plan) -> dict[str, HostEstimate]:
             detail=detail,
         )
 
+    loaded = {"dit": _Part(anon=dit_converted_on_load(request, plan))}
     return {
-        "text_encoder": phase("text_encoder", {"text_encoder": te_encoding}, read_at_load),
+        "text_encoder": phase("text_encoder", {"text_encoder": te_encoding, **loaded}, read_at_load),
         "denoise": phase("denoise", {"dit": dit, "text_encoder": te_after}, read_by_denoise),
         "vae_decode": phase(
             "vae_decode",

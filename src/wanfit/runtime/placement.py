@@ -43,6 +43,8 @@ class DiTLayout:
     compiled: bool  # blocks run through torch.compile'd callables
     attention_chunk: int | None
     ffn_chunk: int | None
+    source: str = "pinned"  # where streamed blocks come from (offload.SOURCES)
+    dtype: torch.dtype | None = None  # the compute dtype a streamed DiT is converted to when placed
 
     @classmethod
     def from_plan(cls, plan) -> DiTLayout:
@@ -56,6 +58,8 @@ class DiTLayout:
             compiled=plan.compile_dit and not streamed,
             attention_chunk=plan.attention_chunk,
             ffn_chunk=plan.ffn_chunk,
+            source=plan.dit_stream_source,
+            dtype=plan.torch_compute_dtype,
         )
 
     @property
@@ -68,8 +72,14 @@ class DiTLayout:
         return HOST if self.streamed else self.device
 
     @property
+    def load_dtype(self) -> torch.dtype | None:
+        """The dtype a loader should give the weights: the file's for a streamed DiT (mapped, nothing
+        converted on the host; the placement converts as it streams), else the compute dtype."""
+        return None if self.streamed else self.dtype
+
+    @property
     def where(self) -> tuple:
-        return self.device, self.blocks_resident, self.fp8
+        return self.device, self.blocks_resident, self.fp8, self.source
 
 
 class DiTPlacement:
@@ -153,15 +163,25 @@ class DiTPlacement:
         self._unstream()
         device = torch.device(layout.device)
         blocks = self.dit.blocks
+        # A streamed DiT was loaded in its file's dtype: what lives on the device is converted here.
+        dtype = layout.dtype if layout.streamed else None
         for child in self.dit.children():
             if child is not blocks:
-                child.to(device)
-        _move_own_tensors(self.dit, device)
+                child.to(device=device, dtype=dtype)
+        _move_own_tensors(self.dit, device, dtype)
         if not layout.streamed:
             blocks.to(device)
             return
         k = len(blocks) if layout.blocks_resident is None else layout.blocks_resident
-        self.streamer = BlockStreamer(blocks, device, resident=k, fp8=layout.fp8, pin_memory=self.pin_memory)
+        self.streamer = BlockStreamer(
+            blocks,
+            device,
+            resident=k,
+            fp8=layout.fp8,
+            source=layout.source,
+            dtype=dtype,
+            pin_memory=self.pin_memory,
+        )
 
     def _unstream(self) -> None:
         if self.streamer is not None:
@@ -169,12 +189,16 @@ class DiTPlacement:
             self.streamer = None
 
 
-def _move_own_tensors(model: nn.Module, device: torch.device) -> None:
-    """The parameters and buffers of `model` itself (not of its children)."""
+def _move_own_tensors(model: nn.Module, device: torch.device, dtype: torch.dtype | None = None) -> None:
+    """The parameters and buffers of `model` itself (not of its children); floating ones to `dtype`."""
+
+    def moved(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device, dtype if dtype is not None and t.is_floating_point() else t.dtype)
+
     for p in model.parameters(recurse=False):
-        p.data = p.data.to(device)
+        p.data = moved(p.data)
     for name, b in model.named_buffers(recurse=False):
-        setattr(model, name, b.to(device))
+        setattr(model, name, moved(b))
 
 
 # ------------------------------------------------------------------------------ the text encoder
@@ -197,19 +221,33 @@ class TextEncoderLayout:
     device: str
     blocks_resident: int | None  # None: the whole encoder on the device; k: blocks streamed, k kept
     compute_dtype: torch.dtype
+    source: str = "pinned"  # where streamed blocks come from (offload.SOURCES)
+    storage_dtype: torch.dtype | None = None  # the plan's dtype for the weights at rest
 
     @classmethod
     def from_plan(cls, plan, storage_dtype: torch.dtype | None = None) -> TextEncoderLayout:
+        streamed = plan.text_encoder_blocks_resident is not None
+        source = plan.text_encoder_stream_source if streamed else "pinned"
+        if storage_dtype is None and source == "pinned":
+            storage_dtype = plan.torch_text_encoder_dtype
         return cls(
             device=_device_name(plan.text_encoder_device),
             blocks_resident=plan.text_encoder_blocks_resident,
             compute_dtype=text_encoder_compute_dtype(plan, storage_dtype),
+            source=source,
+            storage_dtype=storage_dtype,
         )
 
     @property
     def load_device(self) -> str:
         """Where a loader should put the weights: the host for a streamed encoder."""
         return HOST if self.blocks_resident is not None else self.device
+
+    @property
+    def load_dtype(self) -> torch.dtype | None:
+        """The dtype a loader should give the weights: the plan's, or the file's (None) for blocks that
+        stream from the mapped file (nothing is converted on the host)."""
+        return None if self.source == "mmap" else self.storage_dtype
 
 
 class TextEncoderPlacement:
@@ -253,7 +291,8 @@ class TextEncoderPlacement:
         new = TextEncoderLayout.from_plan(plan, te.storage_dtype)
         if old == new:
             return
-        if old is None or (old.device, old.blocks_resident) != (new.device, new.blocks_resident):
+        where = (new.device, new.blocks_resident, new.source)
+        if old is None or (old.device, old.blocks_resident, old.source) != where:
             streamer = self.streamer if old is not None else None
             if streamer is not None:
                 streamer.detach(HOST)
@@ -262,14 +301,30 @@ class TextEncoderPlacement:
                 streamer = None
             else:
                 model.to(HOST)
+                # Run once per prompt: nothing is prefetched past the last block.
                 streamer = BlockStreamer(
-                    te.blocks, new.device, resident=new.blocks_resident, move_inputs=True
+                    te.blocks,
+                    new.device,
+                    resident=new.blocks_resident,
+                    source=new.source,
+                    move_inputs=True,
+                    prefetch_first=False,
                 )
                 te.final_norm.to(new.device)
             # The streamer lives as long as the blocks it hooks; the placement only looks at it.
             self._streamer = weakref.ref(streamer) if streamer is not None else (lambda: None)
         te.compute_dtype = new.compute_dtype
         self._layout, self._model = new, weakref.ref(model)
+
+    def release(self) -> None:
+        """Drop the encoder's weights (prompts already in the cache still encode): its streamer's
+        copies go now, pinned and device memory alike, not at the next garbage collection."""
+        streamer = self.streamer
+        if hasattr(self.text_encoder, "release"):
+            self.text_encoder.release()
+        if streamer is not None:
+            streamer.close()
+        self._layout, self._streamer = None, (lambda: None)
 
 
 # ------------------------------------------------------------------------------------------ the VAE
