@@ -75,10 +75,12 @@ def initial_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
 def frames_to_uint8(video: torch.Tensor) -> np.ndarray:
     """[1, 3, F, H, W] in [-1, 1] -> uint8 [F, H, W, 3], rounded as diffusers' video processor does.
 
-    Converted on the host: fp32 copies of a whole video on the card would add to the decode's peak.
+    Converted on the host (fp32 copies of a whole video on the card would add to the decode's peak),
+    in place: one fp32 copy and the uint8 frames (wanfit.plan.host_estimates.video_host).
     """
-    video = (video[0].to("cpu", torch.float32) / 2 + 0.5).clamp(0, 1)
-    return (video.permute(1, 2, 3, 0).cpu().numpy() * 255).round().astype(np.uint8)
+    video = video[0].to("cpu", torch.float32, copy=True)
+    video.div_(2).add_(0.5).clamp_(0, 1).mul_(255).round_()
+    return video.to(torch.uint8).permute(1, 2, 3, 0).contiguous().numpy()
 
 
 @dataclass

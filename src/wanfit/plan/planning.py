@@ -84,21 +84,23 @@ def model_request(
 
         return tiny_request(height, width, frames, guidance)
     text_encoder, vae = WAN21_TEXT_ENCODER, WAN21_VAE
+    dit_dtype = text_encoder_dtype = None
     if str(model) in DIT_PRESETS:
         config, name = DIT_PRESETS[str(model)], str(model)
     else:
         from wanfit.paths import user_path
         from wanfit.weights.dit_loader import folder_dit_config
-        from wanfit.weights.inspect import component_shapes
+        from wanfit.weights.inspect import component_dtypes, component_shapes
 
         model = user_path(model)
         config, name = folder_dit_config(model)
         # The text encoder and VAE as the folder's files have them (a small model plans small); a
-        # folder that holds only the DiT's config plans with the released sizes.
+        # folder that holds only the DiT's config plans with the released sizes and dtypes.
         try:
             text_encoder, vae = component_shapes(model)
+            dit_dtype, text_encoder_dtype = component_dtypes(model)
         except CheckpointError:
-            pass
+            dit_dtype = text_encoder_dtype = None
     return Request(
         config,
         height=height,
@@ -108,6 +110,8 @@ def model_request(
         model_name=name,
         text_encoder=text_encoder,
         vae=vae,
+        dit_file_dtype=dit_dtype,
+        text_encoder_file_dtype=text_encoder_dtype,
     )
 
 

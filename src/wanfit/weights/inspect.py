@@ -14,7 +14,14 @@ from wanfit.errors import CheckpointError
 from wanfit.models.configs import TextEncoderConfig
 from wanfit.models.vae import VAEConfig
 from wanfit.weights import t5_keys
-from wanfit.weights.io import LazyStateDict, find_weight_files, read_json, resolve_weight_files, strip_prefix
+from wanfit.weights.io import (
+    LazyStateDict,
+    find_weight_files,
+    read_json,
+    resolve_weight_files,
+    stored_dtype_name,
+    strip_prefix,
+)
 from wanfit.weights.model_dir import find_model_files
 from wanfit.weights.vae_loader import inspect_vae, resolve_config
 
@@ -23,6 +30,24 @@ def component_shapes(folder: str | os.PathLike) -> tuple[TextEncoderConfig, VAEC
     """(text encoder, VAE) configs of a model folder in the official or the diffusers layout."""
     files = find_model_files(folder)
     return text_encoder_config(files.text_encoder), vae_config(files.vae)
+
+
+def component_dtypes(folder: str | os.PathLike) -> tuple[str | None, str | None]:
+    """(DiT, text encoder): the dtype most of each one's stored weights have, from headers only."""
+    from wanfit.weights.dit_loader import inspect_dit
+
+    files = find_model_files(folder)
+    dit = inspect_dit(files.dit)
+    return stored_dtype_name(dit.tensors, dit.keys.values()), stored_dtype_name(
+        _text_encoder_state(files.text_encoder)
+    )
+
+
+def _text_encoder_state(path: Path) -> LazyStateDict:
+    path = Path(path)
+    if path.is_dir():
+        return LazyStateDict(find_weight_files(path, stems=("model",)))
+    return LazyStateDict(resolve_weight_files(path))
 
 
 def vae_config(path: str | os.PathLike) -> VAEConfig:
@@ -42,10 +67,7 @@ def text_encoder_config(path: str | os.PathLike) -> TextEncoderConfig:
                     f"{config} describes a {raw.get('model_type')!r} model, not the umT5 text encoder."
                 )
             return TextEncoderConfig.from_umt5(raw)
-        files = find_weight_files(path, stems=("model",))
-    else:
-        files = resolve_weight_files(path)
-    state = LazyStateDict(files)
+    state = _text_encoder_state(path)
     names = list(state)
     prefix = strip_prefix(names, t5_keys.KNOWN_PREFIXES)
     local = {name[len(prefix) :]: name for name in names}  # without the prefix -> in the file

@@ -7,6 +7,7 @@ ends in CheckpointError that says which.
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -83,6 +84,20 @@ class LazyStateDict(Mapping):
         if handle is None:
             return str(self._pickled[i][name].dtype).replace("torch.", "")
         return handle.get_slice(name).get_dtype()
+
+
+def stored_dtype_name(state: LazyStateDict, names=None) -> str | None:
+    """The float dtype most elements of `state` (or of `names`) are stored in, canonical ("bfloat16",
+    "float8_e4m3fn"); None when there is no float tensor. Headers only."""
+    from wanfit.precision import dtype_name, parse_stored_dtype
+
+    counts: dict[str, int] = {}
+    for name in state if names is None else names:
+        dtype = parse_stored_dtype(state.dtype_name(name))
+        if dtype is not None:
+            key = dtype_name(dtype)
+            counts[key] = counts.get(key, 0) + math.prod(state.shape(name))
+    return max(counts, key=counts.get) if counts else None
 
 
 def _open_safetensors(path: Path):
