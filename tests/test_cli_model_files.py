@@ -76,7 +76,9 @@ def test_missing_folder_file_and_unknown_layout(capsys, broken, tmp_path):
     (other / "weights.bin").write_bytes(b"\0" * 64)
     line = refused(capsys, other, tmp_path)
     assert (
-        f"{other} is neither an official Wan2.1 release folder" in line and "nor a diffusers-layout" in line
+        f"{other} is neither an official Wan2.1 release folder" in line
+        and "a diffusers-layout" in line
+        and "nor a ComfyUI models/ folder" in line
     )
 
 

@@ -238,9 +238,15 @@ class WanPipeline:
         width: int = 832,
         num_frames: int = 81,
         progress: bool = True,
+        dit: str | Path | None = None,
+        vae: str | Path | None = None,
+        text_encoder: str | Path | None = None,
+        tokenizer: str | Path | None = None,
         **overrides,
     ):
-        """Load an official release folder or a diffusers-layout folder; `~` and $VARS are expanded.
+        """Load an official release folder, a diffusers-layout folder or a ComfyUI models/ folder; `~`
+        and $VARS are expanded. dit / vae / text_encoder / tokenizer: files that replace the folder's
+        own parts (ComfyUI's single files, say); with all three, model_dir may be None.
 
         plan: "auto" (the default) plans for this machine (or `hardware`: a probe or an --emulate card
         name) and a job of height x width x num_frames, as `wanfit plan` would, under `constraints`
@@ -257,7 +263,8 @@ class WanPipeline:
         from wanfit.weights.model_dir import find_model_files
 
         builtin = isinstance(model_dir, str) and model_dir == BUILTIN
-        files = None if builtin else find_model_files(model_dir)
+        components = {"dit": dit, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer}
+        files = None if builtin else find_model_files(model_dir, **components)
         planned = plan
         if isinstance(plan, str) and plan == "auto":
             from wanfit.plan.planning import Constraints, model_request, plan_for
@@ -267,11 +274,12 @@ class WanPipeline:
                 constraints = replace(constraints, device=device)
             guidance = overrides.get("guidance_scale", SamplingDefaults.guidance_scale) != 1.0
             request = model_request(
-                BUILTIN if builtin else files.root,
+                BUILTIN if builtin else model_dir,
                 width=width,
                 height=height,
                 frames=num_frames,
                 guidance=guidance,
+                **({} if builtin else components),
             )
             planned = plan_for(request, constraints, hardware)
         if builtin:

@@ -49,6 +49,13 @@ _USER_NAMES = {
 }
 
 COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+FP8_MAX = 448.0  # the largest finite float8_e4m3fn
+
+
+def quantize_fp8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float8_e4m3fn with one fp32 scale per tensor: t ~= q.float() * scale (the absmax maps to 448)."""
+    scale = t.detach().abs().amax().float().clamp_min(1e-12) / FP8_MAX
+    return (t.detach().float() / scale).to(torch.float8_e4m3fn), scale
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:

@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     planned = generate.plan_job(args, settings, generate._hardware(args))
     pipe = generate._load_pipeline(args, planned)
     apply_loras(pipe, loras)
-    request = generate.resolve_request(pipe, settings, args.model)
+    request = generate.resolve_request(pipe, settings, args)
     steps = request["steps"]
     cache = calibrator(steps)
     generate.run_pipeline(pipe, request, settings, progress=not args.no_progress, step_cache=cache)

@@ -26,6 +26,44 @@ def parse_size(text: str) -> tuple[int, int]:
     return width, height
 
 
+# Model parts a user may name one by one (ComfyUI's single files), replacing a folder's own.
+COMPONENTS = ("dit", "vae", "text_encoder", "tokenizer")
+
+
+def add_model_options(parser: argparse.ArgumentParser, model_help: str) -> None:
+    """--model and --dit / --vae / --text-encoder / --tokenizer."""
+    parser.add_argument("--model", type=user_path, help=model_help)
+    group = parser.add_argument_group(
+        "model parts (e.g. ComfyUI's single files; each replaces the folder's own)"
+    )
+    group.add_argument(
+        "--dit", type=user_path, metavar="FILE", help="the DiT, e.g. wan2.1_t2v_1.3B_fp16.safetensors"
+    )
+    group.add_argument("--vae", type=user_path, metavar="FILE", help="the VAE, e.g. wan_2.1_vae.safetensors")
+    group.add_argument(
+        "--text-encoder",
+        type=user_path,
+        metavar="FILE",
+        help="umT5, e.g. umt5_xxl_fp8_e4m3fn_scaled.safetensors",
+    )
+    group.add_argument(
+        "--tokenizer",
+        type=user_path,
+        metavar="DIR",
+        help="the google/umt5-xxl tokenizer folder (default: found)",
+    )
+
+
+def model_components(args: argparse.Namespace) -> dict:
+    """The model parts named on the command line (name -> path), None for the others."""
+    return {name: getattr(args, name, None) for name in COMPONENTS}
+
+
+def has_model(args: argparse.Namespace) -> bool:
+    """Whether a real model was asked for (a folder, or parts), rather than the built-in tiny one."""
+    return getattr(args, "model", None) is not None or any(model_components(args).values())
+
+
 def add_hardware_options(parser: argparse.ArgumentParser) -> None:
     """--emulate, --attention, --allow-lossy-attention, --dtype."""
     group = parser.add_argument_group("hardware")

@@ -28,6 +28,8 @@ DEFAULT_PROMPT = "a red fox running through fresh snow, cinematic lighting"
 # Settings a resumed run takes from its resume file (together they fix the frames).
 RESUMED = ("prompt", "negative_prompt", "size", "frames", "steps", "guidance", "shift", "seed", "model")
 RESUMED += ("sampler",)  # absent from older resume files: None, the model's default
+RESUMED += common.COMPONENTS  # the parts named one by one (absent from older files: None)
+PATHS = ("model", *common.COMPONENTS)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -37,8 +39,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Generate a video from a text prompt. Without --model a built-in tiny random model runs "
         "(it draws noise; it shows the tool works without downloading 17 GB).",
     )
-    p.add_argument(
-        "--model", type=user_path, help="model folder: official Wan2.1 release or diffusers layout"
+    common.add_model_options(
+        p, "model folder: official Wan2.1 release, diffusers layout or a ComfyUI models/ folder"
     )
     p.add_argument("--prompt", default=None, help=f"what to draw (default: {DEFAULT_PROMPT!r})")
     p.add_argument("--negative-prompt", default=None, help="default: the official negative prompt")
@@ -163,11 +165,11 @@ def _run(args: argparse.Namespace, current) -> int:
         )
 
     if not args.no_progress and current.is_output_rank:
-        announce(planned, settings, args.model)
+        announce(planned, settings, common.has_model(args))
     pipe = _load_pipeline(args, planned)
     apply_loras(pipe, loras, notes=current.is_output_rank)
     pipe.parallel = dit_parallel(current, pipe.plan)
-    request = resolve_request(pipe, settings, args.model)
+    request = resolve_request(pipe, settings, args)
     request["world_size"] = current.world_size  # with the degrees: in the sidecar and the resume file
     request["parallel"] = (
         format_parallel(pipe.plan.cfg_parallel, pipe.plan.ulysses) if pipe.plan.world_size > 1 else None
@@ -234,7 +236,7 @@ def _run(args: argparse.Namespace, current) -> int:
     if every or resuming_own_file:
         ckpt.unlink(missing_ok=True)
     print(f"wrote {settings.out} ({describe_written(written)})")
-    if args.model is None:
+    if not common.has_model(args):
         print(
             "note: this was the built-in tiny random model, so the video is noise. "
             "Point --model at a downloaded Wan2.1 folder for real videos (see README)."
@@ -309,7 +311,8 @@ def _check_output(args: argparse.Namespace, settings: Settings) -> tuple[Path, b
     from wanfit import checkpointing
     from wanfit.video import check_writable
 
-    check_writable(settings.out, overwrite=args.overwrite, protected=[args.model] if args.model else [])
+    protected = [p for p in (args.model, *common.model_components(args).values()) if p is not None]
+    check_writable(settings.out, overwrite=args.overwrite, protected=protected)
     ckpt = checkpointing.checkpoint_path(settings.out)
     resuming_own_file = args.resume is not None and _same_file(args.resume, ckpt)
     if settings.checkpoint_every and ckpt.exists() and not (resuming_own_file or args.overwrite):
@@ -347,7 +350,7 @@ def apply_resume_file(args: argparse.Namespace, saved: dict) -> None:
             )
     for key in RESUMED:
         value = saved.get(key)
-        setattr(args, key, Path(value) if key == "model" and value is not None else value)
+        setattr(args, key, Path(value) if key in PATHS and value is not None else value)
     _resume_cache(args, saved.get("cache"))
     if args.out is None:
         args.out = Path(saved["out"])
@@ -369,7 +372,7 @@ def _resume_cache(args: argparse.Namespace, saved: str | None) -> None:
 
 
 def _same_setting(flag: str, given, saved) -> bool:
-    if flag == "model":
+    if flag in PATHS:
         return saved is not None and Path(given).resolve() == Path(saved).resolve()
     if flag == "size":
         return parse_size(given) == parse_size(saved)
@@ -382,7 +385,7 @@ def check_settings(args: argparse.Namespace) -> Settings:
     from wanfit.pipeline import validate_request
     from wanfit.video import safe_filename
 
-    defaults = TINY_DEFAULTS if args.model is None else MODEL_DEFAULTS
+    defaults = MODEL_DEFAULTS if common.has_model(args) else TINY_DEFAULTS
     width, height = parse_size(args.size or defaults["size"])
     frames = args.frames if args.frames is not None else defaults["frames"]
     steps = args.steps if args.steps is not None else defaults["steps"]
@@ -416,8 +419,9 @@ def check_settings(args: argparse.Namespace) -> Settings:
     )
 
 
-def resolve_request(pipe, settings: Settings, model: Path | None) -> dict:
+def resolve_request(pipe, settings: Settings, args: argparse.Namespace) -> dict:
     """The settings with the model's defaults filled in: stored in the output's metadata and resume file."""
+    model = args.model
     scheduler = pipe.make_scheduler(settings.shift, settings.sampler)
     shift = scheduler.config.get("flow_shift", scheduler.config.get("shift"))
     return {
@@ -432,6 +436,7 @@ def resolve_request(pipe, settings: Settings, model: Path | None) -> dict:
         "shift": settings.shift if settings.shift is not None else shift,
         "seed": settings.seed,
         "model": None if model is None else str(Path(model).resolve()),
+        **{k: str(Path(v).resolve()) for k, v in common.model_components(args).items() if v is not None},
         "out": str(Path(settings.out).resolve()),
         "checkpoint_every": settings.checkpoint_every,
         "sampler": settings.sampler,
@@ -500,6 +505,7 @@ def _job_request(args: argparse.Namespace, settings: Settings):
         height=settings.height,
         frames=settings.frames,
         guidance=settings.guidance != 1.0,
+        **common.model_components(args),
     )
 
 
@@ -573,7 +579,7 @@ def check_cache(planned, args: argparse.Namespace, settings: Settings, loras: li
     from wanfit.sampling.step_cache import build
     from wanfit.sampling.step_cache.tables import calibration_key
 
-    if args.model is None:
+    if not common.has_model(args):
         from wanfit.demo import tiny_model_key
 
         key = tiny_model_key()
@@ -581,14 +587,14 @@ def check_cache(planned, args: argparse.Namespace, settings: Settings, loras: li
         from wanfit.sampling.step_cache.tables import dit_model_key
         from wanfit.weights.model_dir import find_model_files
 
-        key = dit_model_key(find_model_files(args.model).dit)
+        key = dit_model_key(find_model_files(args.model, **common.model_components(args)).dit)
     key = calibration_key(key, loras)
     steps = settings.steps or SamplingDefaults.num_inference_steps  # (the tiny model's are set by now)
     plan = planned.plan
     build(plan.cache, planned.request.config, steps, model_key=key, world_size=plan.world_size)
 
 
-def announce(result, settings: Settings, model: Path | None) -> None:
+def announce(result, settings: Settings, has_model: bool) -> None:
     """One line before the work: the plan's gist and a time estimate; on a CPU, a hint when it is long."""
     from dataclasses import replace
 
@@ -596,7 +602,7 @@ def announce(result, settings: Settings, model: Path | None) -> None:
     from wanfit.plan.timing import estimate_time, format_duration
 
     steps = settings.steps or (
-        TINY_DEFAULTS["steps"] if model is None else SamplingDefaults.num_inference_steps
+        SamplingDefaults.num_inference_steps if has_model else TINY_DEFAULTS["steps"]
     )
     plan, req = result.plan, result.request
     given_up = f"; gave up: {', '.join(result.steps)}" if result.steps else ""
@@ -626,19 +632,26 @@ def _load_pipeline(args, planned):
     from wanfit.pipeline import WanPipeline
 
     apply_emulation_limits(planned.hardware)  # caps memory only under --emulate on a GPU
-    if args.model is None:
+    if not common.has_model(args):
         from wanfit.demo import tiny_pipeline
 
         return tiny_pipeline(plan=planned)
-    return WanPipeline.from_pretrained(args.model, plan=planned, progress=not args.no_progress)
+    return WanPipeline.from_pretrained(
+        args.model, plan=planned, progress=not args.no_progress, **common.model_components(args)
+    )
 
 
 def _dit_config(args: argparse.Namespace):
     """The DiT's config (the built-in tiny one, or the folder's config.json / headers): no weights read."""
     from wanfit.models.configs import WAN_TINY
     from wanfit.weights.dit_loader import folder_dit_config
+    from wanfit.weights.model_dir import find_model_files
 
-    return WAN_TINY if args.model is None else folder_dit_config(Path(args.model))[0]
+    if not common.has_model(args):
+        return WAN_TINY
+    if not any(common.model_components(args).values()):
+        return folder_dit_config(Path(args.model))[0]
+    return folder_dit_config(files=find_model_files(args.model, **common.model_components(args)))[0]
 
 
 def _same_file(a: Path, b: Path) -> bool:

@@ -19,7 +19,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Choose the fastest plan that fits this machine (or --vram) and print each phase's "
         "predicted peak memory and the settings. Nothing is loaded; no weights are needed.",
     )
-    p.add_argument("--model", type=common.user_path, help="model folder: its files decide the model size")
+    common.add_model_options(
+        p, "model folder (official, diffusers or ComfyUI): its files decide the model size"
+    )
     p.add_argument(
         "--model-size", choices=("1.3B", "14B"), default=None, help="without --model (default 1.3B)"
     )
@@ -44,15 +46,19 @@ def request_from_args(args: argparse.Namespace):
     from wanfit.pipeline import validate_request
     from wanfit.plan.planning import model_request
 
-    if args.model is not None and args.model_size is not None:
+    if common.has_model(args) and args.model_size is not None:
         raise ConfigError(
             f"--model-size {args.model_size} and --model were both given; the folder's files decide the "
             "model size, so drop --model-size."
         )
     width, height = common.parse_size(args.size)
     validate_request(height, width, args.frames, 1, args.guidance)
-    model = args.model if args.model is not None else (args.model_size or "1.3B")
-    return model_request(model, width=width, height=height, frames=args.frames, guidance=args.guidance != 1.0)
+    if common.has_model(args):
+        model, parts = args.model, common.model_components(args)
+    else:
+        model, parts = args.model_size or "1.3B", {}
+    guidance = args.guidance != 1.0
+    return model_request(model, width=width, height=height, frames=args.frames, guidance=guidance, **parts)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -115,7 +115,9 @@ class WanTextEncoder(nn.Module):
             (m.weight for m in model.get_encoder().block[0].modules() if isinstance(m, nn.Linear)), None
         )
         self.storage_dtype = (matrix if matrix is not None else model.get_input_embeddings().weight).dtype
-        self.compute_dtype = compute_dtype or self.storage_dtype
+        # fp8 weights never compute as they are: by default they are upcast block by block to fp32.
+        default = self.storage_dtype if self.storage_dtype.itemsize > 1 else torch.float32
+        self.compute_dtype = compute_dtype or default
         if self.compute_dtype != self.storage_dtype and self.compute_dtype != torch.float32:
             raise ConfigError(
                 f"The text encoder cannot compute in {dtype_name(self.compute_dtype)} over weights stored in "

@@ -77,41 +77,52 @@ def model_request(
     height: int = 480,
     frames: int = 81,
     guidance: bool = True,
+    dit: str | Path | None = None,
+    vae: str | Path | None = None,
+    text_encoder: str | Path | None = None,
+    tokenizer: str | Path | None = None,
 ) -> Request:
-    """The job as the planner sees it. model: a folder, a preset name (1.3B, 14B), or None/"builtin"."""
-    if model is None or str(model) == BUILTIN:
+    """The job as the planner sees it. model: a folder (official, diffusers or ComfyUI), a preset name
+    (1.3B, 14B), or None/"builtin"; dit / vae / text_encoder / tokenizer: files that replace the
+    folder's own (all three: no folder needed). Headers only: no weights are read."""
+    components = {"dit": dit, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer}
+    named = any(v is not None for v in components.values())
+    size = {"height": height, "width": width, "num_frames": frames, "guidance": guidance}
+    if not named and (model is None or str(model) == BUILTIN):
         from wanfit.demo import tiny_request
 
         return tiny_request(height, width, frames, guidance)
-    text_encoder, vae = WAN21_TEXT_ENCODER, WAN21_VAE
-    dit_dtype = text_encoder_dtype = None
-    if str(model) in DIT_PRESETS:
-        config, name = DIT_PRESETS[str(model)], str(model)
-    else:
-        from wanfit.paths import user_path
-        from wanfit.weights.dit_loader import folder_dit_config
-        from wanfit.weights.inspect import component_dtypes, component_shapes
+    if not named and str(model) in DIT_PRESETS:
+        return Request(DIT_PRESETS[str(model)], model_name=str(model), **size)
+    from wanfit.paths import user_path
+    from wanfit.weights.dit_loader import folder_dit_config
+    from wanfit.weights.inspect import component_dtypes, component_shapes
+    from wanfit.weights.model_dir import find_model_files
 
-        model = user_path(model)
+    model = None if model is None else user_path(model)
+    if named:
+        files = find_model_files(model, **components)
+        config, name = folder_dit_config(files=files)
+        text_encoder_config, vae_config = component_shapes(files)
+        dit_dtype, text_encoder_dtype = component_dtypes(files)
+    else:
         config, name = folder_dit_config(model)
         # The text encoder and VAE as the folder's files have them (a small model plans small); a
         # folder that holds only the DiT's config plans with the released sizes and dtypes.
         try:
-            text_encoder, vae = component_shapes(model)
+            text_encoder_config, vae_config = component_shapes(model)
             dit_dtype, text_encoder_dtype = component_dtypes(model)
         except CheckpointError:
+            text_encoder_config, vae_config = WAN21_TEXT_ENCODER, WAN21_VAE
             dit_dtype = text_encoder_dtype = None
     return Request(
         config,
-        height=height,
-        width=width,
-        num_frames=frames,
-        guidance=guidance,
         model_name=name,
-        text_encoder=text_encoder,
-        vae=vae,
+        text_encoder=text_encoder_config,
+        vae=vae_config,
         dit_file_dtype=dit_dtype,
         text_encoder_file_dtype=text_encoder_dtype,
+        **size,
     )
 
 

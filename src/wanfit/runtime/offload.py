@@ -36,10 +36,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 import torch.nn as nn
 
+from wanfit.precision import quantize_fp8
 from wanfit.runtime.pinned import host_buffer
 
 FP8 = getattr(torch, "float8_e4m3fn", None)
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
 # Pinned staging buffers of a stream from the mapped file: one being filled while the other is copied.
 STAGING_BUFFERS = 2
 SOURCES = ("pinned", "mmap")
@@ -50,12 +50,6 @@ def resident_indices(n: int, k: int) -> list[int]:
     """k of n block indices, evenly spread, so every streamed copy overlaps resident compute too."""
     k = max(0, min(n, k))
     return sorted({int((i + 0.5) * n / k) for i in range(k)}) if k else []
-
-
-def _quantize(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp8 with a per-tensor scale: t ~= q.float() * scale."""
-    scale = t.detach().abs().amax().float().clamp_min(1e-12) / FP8_MAX
-    return (t.detach().float() / scale).to(FP8), scale
 
 
 def _raw_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -188,7 +182,7 @@ class BlockStreamer:
         (setting the slot's scale). Converted on the smaller side of the move."""
         t = tensor.detach()
         if self.fp8 and t.is_floating_point() and t.ndim == 2:
-            q, scale = _quantize(t.to(device))
+            q, scale = quantize_fp8(t.to(device))
             slot.scale = scale.to(self.device)  # on the device: a host scalar would sync each upcast
             return q
         if t.dtype != slot.dtype and t.element_size() > slot.dtype.itemsize:

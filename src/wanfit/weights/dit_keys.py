@@ -11,6 +11,7 @@ import re
 from collections.abc import Collection, Iterable
 
 from wanfit.errors import CheckpointError
+from wanfit.weights.comfy_keys import FP8_INPUT_SCALE, FP8_MARKER_KEY, FP8_WEIGHT_SCALE  # noqa: F401 (fp8 bookkeeping keys)
 
 # Official module path -> diffusers module path, outside the blocks.
 _TOP_LEVEL = {
@@ -74,11 +75,6 @@ ANCHOR_KEYS = (
     "head.head.weight",
     "proj_out.weight",
 )
-
-# Keys of fp8 "scaled" ComfyUI files that are not model weights.
-FP8_MARKER_KEY = "scaled_fp8"
-FP8_WEIGHT_SCALE = ".scale_weight"
-FP8_INPUT_SCALE = ".scale_input"
 
 
 def _rename(name: str, table: dict[str, str]) -> str | None:

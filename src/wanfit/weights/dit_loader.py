@@ -331,20 +331,32 @@ def config_from_official(raw: dict, source: Path | str = "config.json") -> dict:
     return cfg
 
 
-def folder_dit_config(folder: Path):
-    """(DiTConfig, name) of a model folder: its DiT config.json, else the DiT's tensor headers (no
-    weights read). name: the preset's ("1.3B", "14B") when the shape is one, else "dim N"."""
+def folder_dit_config(folder: Path | None = None, *, files=None):
+    """(DiTConfig, name) of a model folder (or of a model's ModelFiles): its DiT config.json, else the
+    DiT's tensor headers (no weights read). A DiT file named on its own (--dit) in a folder with a
+    config.json must be that model: headers checked, one sentence if not. name: the preset's ("1.3B",
+    "14B") when the shape is one, else "dim N"."""
     from wanfit.models.configs import DIT_PRESETS, DiTConfig
     from wanfit.weights.model_dir import find_model_files
 
-    folder = user_path(folder)
-    if not folder.is_dir():
-        find_model_files(folder)  # says what is wrong: missing, or a file rather than a folder
-    values = read_config_json(folder / DIFFUSERS_DIT) or read_config_json(folder)
+    values = None
+    if files is None:
+        folder = user_path(folder)
+        if not folder.is_dir():
+            find_model_files(folder)  # says what is wrong: missing, or a file rather than a folder
+        values = read_config_json(folder / DIFFUSERS_DIT) or read_config_json(folder)
+        if values is None:
+            files = find_model_files(folder)
+    elif files.layout in ("official", "diffusers"):
+        values = read_config_json(files.root / DIFFUSERS_DIT) or read_config_json(files.root)
+    if values is None and files is not None and "dit" in files.given:
+        values = read_config_json(files.dit)  # a config.json beside the named file
     if values is not None:
         config = DiTConfig.from_dict(values)
+        if files is not None and "dit" in files.given:
+            check_checkpoint(inspect_dit(files.dit), config)
     else:
-        config = resolve_config(inspect_dit(find_model_files(folder).dit), None)
+        config = resolve_config(inspect_dit(files.dit), None)
     name = next((n for n, preset in DIT_PRESETS.items() if preset == config), None)
     name = name or next((n for n, p in DIT_PRESETS.items() if p.dim == config.dim), f"dim {config.dim}")
     return config, name

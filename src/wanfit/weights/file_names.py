@@ -6,6 +6,9 @@ Official release folder (Wan-AI/Wan2.1-T2V-*):
 diffusers folder (Wan-AI/Wan2.1-T2V-*-Diffusers):
     model_index.json, transformer/, vae/ (diffusion_pytorch_model.*), text_encoder/ (model.*),
     tokenizer/, scheduler/scheduler_config.json
+ComfyUI models/ folder (Comfy-Org/Wan_2.1_ComfyUI_repackaged's split_files):
+    diffusion_models/wan2.1_t2v_1.3B_fp16.safetensors, text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors
+    (or umt5_xxl_fp16; the tokenizer inside), vae/wan_2.1_vae.safetensors
 """
 
 from __future__ import annotations
@@ -28,6 +31,13 @@ DIFFUSERS_VAE = "vae"
 DIFFUSERS_TEXT_ENCODER = "text_encoder"
 DIFFUSERS_TOKENIZER = "tokenizer"
 DIFFUSERS_SCHEDULER_CONFIG = Path("scheduler") / "scheduler_config.json"
+
+# A ComfyUI `models/` folder (or the ComfyUI folder above it): one subfolder per kind of file,
+# each holding any number of single-file weights (the first name is ComfyUI's current one).
+COMFY_MODELS = "models"
+COMFY_DIT = ("diffusion_models", "unet")
+COMFY_TEXT_ENCODER = ("text_encoders", "clip")
+COMFY_VAE = ("vae",)
 
 # A tokenizer folder holds at least one of these.
 TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer_config.json")

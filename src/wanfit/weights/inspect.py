@@ -22,21 +22,25 @@ from wanfit.weights.io import (
     stored_dtype_name,
     strip_prefix,
 )
-from wanfit.weights.model_dir import find_model_files
+from wanfit.weights.model_dir import ModelFiles, find_model_files
 from wanfit.weights.vae_loader import inspect_vae, resolve_config
 
 
-def component_shapes(folder: str | os.PathLike) -> tuple[TextEncoderConfig, VAEConfig]:
-    """(text encoder, VAE) configs of a model folder in the official or the diffusers layout."""
-    files = find_model_files(folder)
+def _files(model: str | os.PathLike | ModelFiles) -> ModelFiles:
+    return model if isinstance(model, ModelFiles) else find_model_files(model)
+
+
+def component_shapes(model: str | os.PathLike | ModelFiles) -> tuple[TextEncoderConfig, VAEConfig]:
+    """(text encoder, VAE) configs of a model folder of any layout (or of its ModelFiles)."""
+    files = _files(model)
     return text_encoder_config(files.text_encoder), vae_config(files.vae)
 
 
-def component_dtypes(folder: str | os.PathLike) -> tuple[str | None, str | None]:
+def component_dtypes(model: str | os.PathLike | ModelFiles) -> tuple[str | None, str | None]:
     """(DiT, text encoder): the dtype most of each one's stored weights have, from headers only."""
     from wanfit.weights.dit_loader import inspect_dit
 
-    files = find_model_files(folder)
+    files = _files(model)
     dit = inspect_dit(files.dit)
     return stored_dtype_name(dit.tensors, dit.keys.values()), stored_dtype_name(
         _text_encoder_state(files.text_encoder)
@@ -67,8 +71,10 @@ def text_encoder_config(path: str | os.PathLike) -> TextEncoderConfig:
                     f"{config} describes a {raw.get('model_type')!r} model, not the umT5 text encoder."
                 )
             return TextEncoderConfig.from_umt5(raw)
+    from wanfit.weights.text_encoder_loader import is_bookkeeping
+
     state = _text_encoder_state(path)
-    names = list(state)
+    names = [n for n in state if not is_bookkeeping(n)]
     prefix = strip_prefix(names, t5_keys.KNOWN_PREFIXES)
     local = {name[len(prefix) :]: name for name in names}  # without the prefix -> in the file
     if t5_keys.detect_t5_format(local) == "official":

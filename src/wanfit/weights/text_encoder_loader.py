@@ -20,7 +20,8 @@ from wanfit.errors import CheckpointError
 from wanfit.models.text_cache import PromptCache, cache_enabled_by_env, files_fingerprint
 from wanfit.models.text_encoder import WanTextEncoder
 from wanfit.paths import user_path
-from wanfit.weights import t5_keys
+from wanfit.precision import parse_dtype, quantize_fp8
+from wanfit.weights import comfy_keys, t5_keys
 from wanfit.weights.file_names import (
     DIFFUSERS_TEXT_ENCODER,
     DIFFUSERS_TOKENIZER,
@@ -44,7 +45,7 @@ def load_text_encoder(
     *,
     tokenizer: Any = None,
     device: str | torch.device = "cpu",
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     compute_dtype: torch.dtype | None = None,
     prompt_cache: bool | str | os.PathLike = True,
 ) -> WanTextEncoder:
@@ -52,17 +53,22 @@ def load_text_encoder(
 
     path: the diffusers `text_encoder/` folder (tokenizer from its sibling `tokenizer/`), a diffusers
     model root, the official `models_t5_umt5-xxl-enc-bf16.pth` (tokenizer from `google/umt5-xxl/`
-    beside it), an official release root, or a single safetensors file in transformers names.
-    tokenizer: a tokenizer folder or object; found beside the weights when not given.
-    dtype: storage dtype of the weights (default: as stored in the file); compute_dtype: what the
-    encoder runs in (default: the storage dtype; fp32 over half weights runs block by block).
+    beside it), an official release root, or a single safetensors file in transformers names, such as
+    ComfyUI's umt5_xxl_fp16 and umt5_xxl_fp8_e4m3fn_scaled (their tokenizer is inside the file).
+    tokenizer: a tokenizer folder or object; found beside the weights (or in the file) when not given.
+    dtype: storage dtype of the weights: bf16, fp16, fp32, or fp8 (the blocks' matrices in
+    float8_e4m3fn with a scale each, upcast per block); default: as stored in the file (a scaled fp8
+    file's weights and scales kept). compute_dtype: what the encoder runs in (default: the storage
+    dtype; fp32 over half or fp8 weights runs block by block).
     prompt_cache: True (default folder, unless WANFIT_PROMPT_CACHE=0), False, or a cache folder.
     """
     weight_files, config_file, tokenizer_dirs = _locate(user_path(path))
     state = LazyStateDict(weight_files)
     config = _umt5_config(config_file) if config_file is not None else None
-    model = build_umt5(state, config, device=device, dtype=dtype, source=str(path))
-    tok, tokenizer_dir = _load_tokenizer(tokenizer, tokenizer_dirs)
+    dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
+    scales: dict[str, torch.Tensor] = {}
+    model = build_umt5(state, config, device=device, dtype=dtype, source=str(path), scales=scales)
+    tok, tokenizer_dir = _load_tokenizer(tokenizer, tokenizer_dirs, _embedded_tokenizer(state))
     if len(tok) > model.config.vocab_size:
         raise CheckpointError(
             f"The tokenizer has {len(tok)} tokens but the text encoder only {model.config.vocab_size}: "
@@ -72,10 +78,14 @@ def load_text_encoder(
     if tokenizer_dir is not None:
         files = [*weight_files, *([config_file] if config_file else [])]
         fingerprint = files_fingerprint(files + [p for p in tokenizer_dir.iterdir() if p.is_file()])
+    elif tokenizer is None:  # the tokenizer came from the weight file itself
+        fingerprint = files_fingerprint(list(weight_files))
     cache = None
     if prompt_cache is not False and cache_enabled_by_env():
         cache = PromptCache(None if prompt_cache is True else user_path(prompt_cache))
-    return WanTextEncoder(model, tok, compute_dtype=compute_dtype, cache=cache, fingerprint=fingerprint)
+    return WanTextEncoder(
+        model, tok, compute_dtype=compute_dtype, cache=cache, fingerprint=fingerprint, scales=scales
+    )
 
 
 def _umt5_config(config_file: Path) -> dict:
@@ -87,6 +97,23 @@ def _umt5_config(config_file: Path) -> dict:
     return config
 
 
+def is_bookkeeping(name: str) -> bool:
+    """A key of a ComfyUI file that holds no weight: the fp8 marker and scales, the tokenizer."""
+    leaf = name.rsplit(".", 1)[-1]
+    return (
+        leaf in (comfy_keys.FP8_MARKER_KEY, comfy_keys.TOKENIZER_KEY)
+        or name.endswith(comfy_keys.FP8_WEIGHT_SCALE)
+        or name.endswith(comfy_keys.FP8_INPUT_SCALE)
+    )
+
+
+def weight_names(state: Mapping[str, torch.Tensor]) -> list[str]:
+    """The names of `state`'s weights (ComfyUI's bookkeeping keys left out), without a common prefix."""
+    names = [n for n in state if not is_bookkeeping(n)]
+    prefix = strip_prefix(names, t5_keys.KNOWN_PREFIXES)
+    return [n[len(prefix) :] for n in names]
+
+
 def build_umt5(
     state: Mapping[str, torch.Tensor],
     config: dict | None = None,
@@ -94,18 +121,27 @@ def build_umt5(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     source: str = "the checkpoint",
+    scales: dict[str, torch.Tensor] | None = None,
 ) -> nn.Module:
     """A UMT5EncoderModel holding the tensors of `state` (official or transformers names).
 
     The model is built on the meta device and the tensors are assigned, converted one at a time, so
     the weights are never allocated twice. `config`: UMT5Config arguments; inferred from the shapes
     when None. Missing, unexpected or misshapen tensors raise one CheckpointError naming them.
+    dtype: the storage dtype (fp8: the blocks' nn.Linear weights quantised, the rest in bf16); None:
+    as stored. `scales`, when given, is filled with parameter name -> fp32 scale of each weight kept
+    in fp8; without it, fp8 weights are upcast to bf16.
     """
     from transformers import UMT5Config, UMT5EncoderModel
 
-    names = list(state)
+    names = [n for n in state if not is_bookkeeping(n)]
     prefix = strip_prefix(names, t5_keys.KNOWN_PREFIXES)
     local = {n[len(prefix) :]: n for n in names}  # name without prefix -> name in the file
+    file_scales = {
+        n[len(prefix) : -len(comfy_keys.FP8_WEIGHT_SCALE)] + ".weight": n
+        for n in state
+        if n.endswith(comfy_keys.FP8_WEIGHT_SCALE) and n.startswith(prefix)
+    }
     mapping = _transformers_mapping(list(local))  # transformers name -> name without prefix
     shapes = {hf: _shape(state, local[src]) for hf, src in mapping.items()}
     if config is None:
@@ -134,23 +170,58 @@ def build_umt5(
         )
 
     keep_fp32 = set(getattr(model, "_keep_in_fp32_modules", None) or ())
-    loaded: dict[str, torch.Tensor] = {}
+    matrices = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    fp8 = dtype is not None and dtype.itemsize == 1
+    keep_file_fp8 = dtype is None and scales is not None  # a scaled fp8 file kept as it is
+    loaded: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
     tensors = {}
     for name in expected:
         src = local[mapping[name]]
         if src not in loaded:
             tensor = state[src]
-            target = dtype or (tensor.dtype if tensor.is_floating_point() and tensor.itemsize >= 2 else None)
-            target = target or torch.bfloat16  # fp8 storage: bf16 is the closest dtype that computes
-            # As transformers' from_pretrained does: fp16 models keep the FFN output projection in fp32.
-            if target == torch.float16 and keep_fp32 & set(name.split(".")):
-                target = torch.float32
-            loaded[src] = tensor.to(device=device, dtype=target)
-        tensors[name] = loaded[src]
+            scale_key = file_scales.get(mapping[name])
+            scale = state[scale_key].float().reshape(()) if scale_key is not None else None
+            file_fp8 = tensor.element_size() == 1 and tensor.is_floating_point()
+            kept_fp8 = name in matrices and (fp8 or (keep_file_fp8 and file_fp8))
+            loaded[src] = _stored_form(name, tensor, scale, device, dtype, kept_fp8=kept_fp8)
+            if not (fp8 and name in matrices) and loaded[src][0].dtype == torch.float16:
+                # As transformers' from_pretrained does: fp16 models keep the FFN output projection in fp32.
+                if keep_fp32 & set(name.split(".")):
+                    loaded[src] = (loaded[src][0].float(), None)
+        tensors[name] = loaded[src][0]
+        if loaded[src][1] is not None and scales is not None:
+            scales[name] = loaded[src][1]
     model.load_state_dict(tensors, strict=True, assign=True)
     # assign=True gave the two embedding names two Parameters over one tensor; tie them back into one.
     model.encoder.embed_tokens.weight = model.shared.weight
     return model.eval().requires_grad_(False)
+
+
+def _stored_form(
+    name: str,
+    tensor: torch.Tensor,
+    scale: torch.Tensor | None,
+    device,
+    dtype: torch.dtype | None,
+    *,
+    kept_fp8: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(the tensor as the model keeps it, its fp8 scale or None).
+
+    kept_fp8: a matrix that stays (or becomes) fp8: an fp8 one as stored with its scale, others
+    quantised. Everything else: fp8 upcast (times its scale) to bf16 or `dtype`, others converted to
+    `dtype` (None: as stored; under fp8 storage: bf16)."""
+    stored_fp8 = tensor.element_size() == 1 and tensor.is_floating_point()
+    if kept_fp8 and stored_fp8:
+        return tensor.to(device), None if scale is None else scale.to(device)
+    if stored_fp8:
+        tensor = tensor.to(device).float() * (1.0 if scale is None else scale.to(device))
+    if kept_fp8:
+        return quantize_fp8(tensor.to(device))
+    if dtype is not None and dtype.itemsize == 1:
+        return tensor.to(device=device, dtype=torch.bfloat16), None  # fp8 storage's other tensors
+    target = dtype or (tensor.dtype if tensor.is_floating_point() and not stored_fp8 else None)
+    return tensor.to(device=device, dtype=target or torch.bfloat16), None
 
 
 def _transformers_mapping(names: list[str]) -> dict[str, str]:
@@ -211,8 +282,32 @@ def _is_tokenizer_dir(folder: Path) -> bool:
     return folder.is_dir() and any((folder / f).is_file() for f in TOKENIZER_FILES)
 
 
-def _load_tokenizer(tokenizer: Any, candidates: list[Path]) -> tuple[Any, Path | None]:
-    """The tokenizer object and the folder it came from (None for a given object)."""
+def _embedded_tokenizer(state: LazyStateDict) -> bytes | None:
+    """The sentencepiece model a ComfyUI umT5 file carries (uint8 tensor `spiece_model`), or None."""
+    key = next((n for n in state if n.rsplit(".", 1)[-1] == comfy_keys.TOKENIZER_KEY), None)
+    return None if key is None else state[key].numpy().tobytes()
+
+
+def tokenizer_from_sentencepiece(model: bytes):
+    """A T5 tokenizer (no extra ids) over a sentencepiece model given as bytes."""
+    import tempfile
+
+    from transformers import T5Tokenizer
+
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / "spiece.model").write_bytes(model)
+        try:
+            return T5Tokenizer.from_pretrained(folder, extra_ids=0, local_files_only=True)
+        except Exception as err:  # transformers and sentencepiece raise many types here
+            raise CheckpointError(
+                f"The tokenizer inside the text encoder file is unreadable ({err})."
+            ) from err
+
+
+def _load_tokenizer(
+    tokenizer: Any, candidates: list[Path], embedded: bytes | None = None
+) -> tuple[Any, Path | None]:
+    """The tokenizer object and the folder it came from (None for a given object or one from the file)."""
     if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
         return tokenizer, None
     if tokenizer is not None:
@@ -223,11 +318,13 @@ def _load_tokenizer(tokenizer: Any, candidates: list[Path]) -> tuple[Any, Path |
             )
     else:
         folder = next((c for c in candidates if _is_tokenizer_dir(c)), None)
+        if folder is None and embedded is not None:
+            return tokenizer_from_sentencepiece(embedded), None
         if folder is None:
             looked = ", ".join(str(c) for c in dict.fromkeys(candidates))
             raise CheckpointError(
-                f"No tokenizer found for the text encoder (looked in {looked}); pass tokenizer= the "
-                "google/umt5-xxl tokenizer folder."
+                f"No tokenizer found for the text encoder (looked in {looked}); pass tokenizer= (or "
+                "--tokenizer) the google/umt5-xxl tokenizer folder."
             )
     from transformers import AutoTokenizer, T5Tokenizer
 
