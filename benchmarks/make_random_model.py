@@ -2,6 +2,8 @@
 shapes, so `wanfit generate --model DIR` can be timed end to end on a GPU without downloading.
 
     python3 benchmarks/make_random_model.py --out /tmp/wan-random       # 1.3B: about 15 GB on disk
+    python3 benchmarks/make_random_model.py --out /tmp/wan-14b --size 14B --share /tmp/wan-random
+        # 14B: its 28 GB DiT, the VAE, umT5 and tokenizer linked from the 1.3B folder
 
 DiT (bf16 safetensors + config.json), Wan2.1_VAE.pth (fp32), models_t5_umt5-xxl-enc-bf16.pth and a
 google/umt5-xxl/ tokenizer folder. No real tokenizer can be fetched offline: wanfit's built-in
@@ -61,6 +63,9 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--text-layers", type=int, default=24, help="umT5 blocks (default 24, the real model)"
     )
+    parser.add_argument(
+        "--share", type=Path, default=None, help="a folder whose VAE, umT5 and tokenizer to link, not write"
+    )
     args = parser.parse_args(argv)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -84,6 +89,16 @@ def main(argv=None) -> None:
         json.dumps({"_class_name": "WanModel", "model_type": "t2v", **config.to_dict()})
     )
     del dit
+    print(f"DiT written after {time.perf_counter() - started:.0f} s", flush=True)
+    if args.share is not None:
+        for name in (OFFICIAL_VAE, OFFICIAL_T5, OFFICIAL_TOKENIZER.parts[0]):
+            link = out / name
+            if not link.exists():
+                link.symlink_to((args.share / name).resolve())
+        print(
+            f"wrote {out} in {time.perf_counter() - started:.0f} s (VAE, umT5, tokenizer from {args.share})"
+        )
+        return
 
     with torch.device(device):
         vae = WanVAE(WAN21_VAE)
