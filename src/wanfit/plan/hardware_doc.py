@@ -13,7 +13,7 @@ from pathlib import Path
 
 from wanfit.models.configs import WAN_T2V_1_3B, WAN_T2V_14B
 from wanfit.plan.estimates import GIB, Request
-from wanfit.plan.planner import DeviceBudget, NoPlanError, PlanResult, budget_from_probe, fmt_bytes
+from wanfit.plan.planner import MIB, DeviceBudget, NoPlanError, PlanResult, budget_from_probe, fmt_bytes
 from wanfit.plan.planning import plan_for
 
 # Memory a CUDA context and the driver take before wanfit allocates anything.
@@ -82,7 +82,8 @@ def describe_plan(result: PlanResult) -> str:
     if p.text_encoder_device == "cpu" and result.device.kind != "cpu":
         parts.append("text encoder on CPU")
     elif p.text_encoder_blocks_resident is not None:
-        parts.append("text encoder streamed")
+        from_file = " from its file" if p.text_encoder_stream_source == "mmap" else ""
+        parts.append(f"text encoder streamed{from_file}")
     elif p.free_text_encoder:
         parts.append("text encoder freed")
     if result.device.kind == "cpu" and p.text_encoder_dtype == "bfloat16":
@@ -92,7 +93,12 @@ def describe_plan(result: PlanResult) -> str:
     if p.offload_dit_before_decode:
         parts.append("DiT off before decode")
     if p.dit_blocks_resident is not None:
-        parts.append(f"DiT streamed ({p.dit_blocks_resident}/{result.request.config.num_layers} resident)")
+        from_file = " from its file" if p.dit_stream_source == "mmap" else ""
+        parts.append(
+            f"DiT streamed{from_file} ({p.dit_blocks_resident}/{result.request.config.num_layers} resident)"
+        )
+    if p.text_encoder_dtype == "float8_e4m3fn":
+        parts.append("text encoder in fp8")
     if p.vae_tile:
         parts.append(f"VAE tiles {p.vae_tile[0]}x{p.vae_tile[1]}")
     if p.attention_chunk:
@@ -108,7 +114,20 @@ def _cell(hw, request: Request) -> tuple[str, str | None]:
         result = plan_for(request, hardware=hw)
     except NoPlanError as err:
         return f"does not fit ({err.short})", None
-    return f"{describe_plan(result)}; peak {fmt_bytes(result.peak_bytes)}", result.plan.self_attention
+    cell = f"{describe_plan(result)}; peak {fmt_bytes(result.peak_bytes)}, host RAM {fmt_bytes(result.host_bytes)}"
+    return cell, result.plan.self_attention
+
+
+def least_host_ram(hw, request: Request) -> str:
+    """The least host RAM a plan for `request` needs on this card (the planner's answer to a budget
+    nothing fits), or '-' when the card itself is too small."""
+    from wanfit.plan.planning import Constraints
+
+    try:
+        result = plan_for(request, Constraints(ram=MIB), hardware=hw)
+    except NoPlanError as err:
+        return fmt_bytes(err.host_bytes_needed) if "host RAM" in err.short else "-"
+    return fmt_bytes(result.host_bytes)
 
 
 def render() -> str:
@@ -124,12 +143,15 @@ def render() -> str:
         f"{fmt_bytes(CUDA_CONTEXT_BYTES)} for the CUDA context; free host RAM as "
         f"{HOST_FREE_FRACTION:.0%} of the host RAM of an assumed typical machine per card (the column). "
         "The attention column is what the dispatcher selects with PyTorch alone (docs/attention.md). "
+        "Host RAM in a cell is what that plan needs (the process included; docs/host_ram.md); the least "
+        "host RAM column is the smallest the planner can make the 1.3B job need on that card (blocks "
+        "streamed from the memory-mapped files). "
         "Run `wanfit plan` (or `wanfit plan --emulate CARD`) for your own machine.",
         "",
-        "| card | memory | host RAM | dtype | attention | "
+        "| card | memory | host RAM | least host RAM (1.3B) | dtype | attention | "
         + " | ".join(f"Wan2.1 {label}" for label, _ in JOBS)
         + " |",
-        "|---|---|---|---|---|" + "---|" * len(JOBS),
+        "|---|---|---|---|---|---|" + "---|" * len(JOBS),
     ]
     advice = []
     for key, profile in PROFILES.items():
@@ -142,7 +164,8 @@ def render() -> str:
         backend = next((b for _, b in cells if b), None)
         host_gib = budget.host_free_bytes / HOST_FREE_FRACTION / GIB
         lines.append(
-            f"| {name} | {budget.total_bytes / GIB:.1f} GiB | {host_gib:.1f} GiB | {dtype} | "
+            f"| {name} | {budget.total_bytes / GIB:.1f} GiB | {host_gib:.1f} GiB | "
+            f"{least_host_ram(hw, JOBS[0][1])} | {dtype} | "
             f"{backend or '-'} | " + " | ".join(cell for cell, _ in cells) + " |"
         )
         advice.append(f"- **{profile.name}** (`{key}`): {install_advice(budget)}.")

@@ -751,10 +751,13 @@ def plan_run(
 def _leanest_on_host(
     request: Request, base: Plan, budget: Budget, backend: str, frozen: frozenset[str]
 ) -> tuple[Plan, int]:
-    """The plan that fits the device with the least host RAM, and that need: the leanest plan, and
-    the same with umT5 streamed rather than on the CPU, each with every host knob that lowers it."""
+    """The plan that fits the device with the least host RAM, and that need: among the fastest plan
+    that fits the device (host RAM aside), the leanest plan, and the leanest with umT5 streamed rather
+    than on the CPU, each with every host knob that lowers it."""
     leanest = _leanest(request, base, backend, frozen)
-    candidates = [leanest]
+    roomy = replace(budget, host_bytes=1 << 62)
+    fastest, _, _, fits = _search(request, base, roomy, backend, frozen)
+    candidates = [fastest, leanest] if fits else [leanest]
     if leanest.text_encoder_device == "cpu" and not _TEXT_ENCODER_FIELDS & frozen and base.device != "cpu":
         candidates.append(replace(leanest, text_encoder_device=base.device, text_encoder_blocks_resident=0))
     best = None
