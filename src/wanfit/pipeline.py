@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numbers
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -153,6 +154,8 @@ class WanPipeline:
         # A run on several processes: wanfit.runtime.parallel.DiTParallel (set by the caller), which
         # spreads each DiT prediction over them; rank 0 alone decodes and returns frames.
         self.parallel = None
+        # Within batch(): the last prompt's embeddings, so the next videos of a prompt skip the encoder.
+        self._prompt_memo: dict | None = None
         self.dispatchers = self._make_dispatchers()
         # Where each model lives and its run-time state; the DiT is placed when denoising starts.
         self.placement = Placements.of(dit, vae, text_encoder)
@@ -338,10 +341,15 @@ class WanPipeline:
 
     # -- plan ----------------------------------------------------------------------------------
 
-    def apply_plan(self, plan: Plan) -> None:
-        """Switch to `plan`, also mid-run: the placements move, stream, compile and chunk what it
-        changes (a DiT released to the host stays there until the next denoising); the other
-        settings (cfg_batch, ...) are read at each call."""
+    def apply_plan(self, plan) -> None:
+        """Switch to `plan` (a Plan, or a PlanResult whose frozen fields and request the OOM guard then
+        keeps), also mid-run: the placements move, stream, compile and chunk what it changes (a DiT
+        released to the host stays there until the next denoising); the other settings (cfg_batch,
+        ...) are read at each call."""
+        from wanfit.plan.planner import PlanResult
+
+        if isinstance(plan, PlanResult):
+            self.planning, plan = plan, plan.plan
         self.plan = plan
         self.placement.apply(plan)
 
@@ -397,9 +405,30 @@ class WanPipeline:
 
     # -- phases --------------------------------------------------------------------------------
 
+    @contextmanager
+    def batch(self):
+        """Within: the videos of one prompt encode it once (its embeddings are kept until the next
+        prompt; a list of prompts given to the pipeline runs this way)."""
+        outer = self._prompt_memo
+        self._prompt_memo = {} if outer is None else outer
+        try:
+            yield self
+        finally:
+            self._prompt_memo = outer
+
     def encode_prompts(
         self, prompt: str, negative_prompt: str, *, with_negative: bool
     ) -> tuple[torch.Tensor, ...]:
+        key = (prompt, negative_prompt, with_negative, self.plan.device, self.plan.compute_dtype)
+        if self._prompt_memo is not None and key in self._prompt_memo:
+            return self._prompt_memo[key]
+        embeds = self._encode(prompt, negative_prompt, with_negative=with_negative)
+        if self._prompt_memo is not None:
+            self._prompt_memo.clear()  # only the current prompt's: a long batch holds one at a time
+            self._prompt_memo[key] = embeds
+        return embeds
+
+    def _encode(self, prompt: str, negative_prompt: str, *, with_negative: bool) -> tuple[torch.Tensor, ...]:
         prompts = [prompt, negative_prompt] if with_negative else [prompt]
         text_len = getattr(getattr(self.dit, "config", None), "text_len", 512)
         self._warn_if_truncated(prompts, text_len)
@@ -664,7 +693,7 @@ class WanPipeline:
 
     def __call__(
         self,
-        prompt: str,
+        prompt: str | Sequence[str],
         negative_prompt: str | None = None,
         height: int = 480,
         width: int = 832,
@@ -679,9 +708,23 @@ class WanPipeline:
         on_step: Callable[[DenoiseState], None] | None = None,
         sampler: str | None = None,
         step_cache: StepCache | None = None,
-    ) -> np.ndarray | None:
+    ) -> np.ndarray | list | None:
         """sampler: one of wanfit.sampling.schedulers.SCHEDULERS (default: the folder's or the official).
-        None on the processes other than rank 0 of a run on several processes (rank 0 has the frames)."""
+        None on the processes other than rank 0 of a run on several processes (rank 0 has the frames).
+        A list of prompts gives a list of videos, one per prompt, made one after the other with the
+        same settings (each prompt encoded once)."""
+        if not isinstance(prompt, str):
+            if resume is not None or latents is not None or step_cache is not None:
+                raise ConfigError(
+                    "resume=, latents= and step_cache= belong to one video; give one prompt with them."
+                )
+            kwargs = dict(
+                negative_prompt=negative_prompt, height=height, width=width, num_frames=num_frames,
+                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, shift=shift,
+                seed=seed, progress=progress, on_step=on_step, sampler=sampler,
+            )  # fmt: skip
+            with self.batch():
+                return [self(str(p), **kwargs) for p in prompt]
         steps = self.defaults.num_inference_steps if num_inference_steps is None else num_inference_steps
         guidance = self.defaults.guidance_scale if guidance_scale is None else guidance_scale
         validate_request(height, width, num_frames, steps, guidance, seed)

@@ -43,6 +43,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         p, "model folder: official Wan2.1 release, diffusers layout or a ComfyUI models/ folder"
     )
     p.add_argument("--prompt", default=None, help=f"what to draw (default: {DEFAULT_PROMPT!r})")
+    p.add_argument(
+        "--prompts",
+        type=user_path,
+        default=None,
+        metavar="FILE",
+        help="a batch: one prompt a line, or JSON lines with per-prompt settings (--out: their folder)",
+    )
+    p.add_argument(
+        "--videos-per-prompt",
+        type=int,
+        default=1,
+        metavar="N",
+        help="videos of each prompt (seeds seed..seed+N-1)",
+    )
     p.add_argument("--negative-prompt", default=None, help="default: the official negative prompt")
     p.add_argument(
         "--size",
@@ -122,6 +136,15 @@ def run(args: argparse.Namespace) -> int:
     """One process, or (--gpus, --parallel, a parallel resume file) the processes of a run on several
     GPUs, started here or by torchrun: each runs _run in a parallel session (wanfit.runtime.parallel)."""
     from wanfit.runtime.parallel import session, world_size_from_env
+
+    if args.prompts is not None:
+        if args.gpus is not None or args.parallel is not None:
+            raise ConfigError("--prompts runs on one process for now; drop --gpus and --parallel.")
+        from wanfit.commands.batch import run_batch
+
+        return run_batch(args)
+    if args.videos_per_prompt != 1:
+        raise ConfigError("--videos-per-prompt belongs to a batch; give the prompts with --prompts FILE.")
 
     if world_size_from_env() == 1 and (args.gpus is not None or args.parallel is not None or args.resume):
         code = _launch(args)
@@ -601,9 +624,7 @@ def announce(result, settings: Settings, has_model: bool) -> None:
     from wanfit.pipeline import SamplingDefaults
     from wanfit.plan.timing import estimate_time, format_duration
 
-    steps = settings.steps or (
-        SamplingDefaults.num_inference_steps if has_model else TINY_DEFAULTS["steps"]
-    )
+    steps = settings.steps or (SamplingDefaults.num_inference_steps if has_model else TINY_DEFAULTS["steps"])
     plan, req = result.plan, result.request
     given_up = f"; gave up: {', '.join(result.steps)}" if result.steps else ""
     estimate = estimate_time(result, steps)

@@ -1,0 +1,221 @@
+"""`wanfit generate --prompts FILE [--videos-per-prompt N]`: many videos, one model load.
+
+Every line is read and checked before any model loads; a bad line gets its own error and the others
+still run. Each distinct size is planned once and the pipeline switches plans between prompts (the
+placements move only what differs); each prompt is encoded once for all its videos; each video is
+written as soon as it is done. A summary lists each output or its error, and the exit code is 2 if
+any failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import numbers
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from wanfit.commands import common
+from wanfit.errors import ConfigError, OutputError, WanfitError
+
+# JSON line key -> (the generate option it sets, what it must be)
+_TYPES = {
+    "negative_prompt": ("negative_prompt", str),
+    "seed": ("seed", int),
+    "size": ("size", str),
+    "frames": ("frames", int),
+    "steps": ("steps", int),
+    "guidance": ("guidance", float),
+    "shift": ("shift", float),
+    "out": ("out", str),
+}
+
+
+@dataclass
+class Job:
+    line: int
+    video: int
+    settings: object = None  # generate.Settings once checked
+    plan: object = None  # its PlanResult
+    error: str | None = None
+    written: str | None = None  # the output, once written
+    described: str = ""  # its frames and size
+
+    @property
+    def label(self) -> str:
+        return f"line {self.line}" + (f" video {self.video + 1}" if self.video else "")
+
+
+def check_batch_options(args: argparse.Namespace) -> None:
+    if args.prompt is not None:
+        raise ConfigError("--prompt and --prompts were both given; put every prompt in the file.")
+    if args.resume is not None or args.checkpoint_every:
+        raise ConfigError(
+            "--resume and --checkpoint-every keep one video's progress; drop them with --prompts."
+        )
+    if args.videos_per_prompt < 1:
+        raise ConfigError(f"--videos-per-prompt must be at least 1, got {args.videos_per_prompt}.")
+    if args.out is not None and args.out.suffix:
+        raise ConfigError(
+            f"With --prompts, --out names the folder the videos go to, not a file ({args.out}); a line "
+            'may name its own file with "out".'
+        )
+
+
+def _line_args(args: argparse.Namespace, item, video: int, out_dir: Path) -> argparse.Namespace:
+    """The generate options for one video of a line: the command line's, with the line's settings."""
+    from wanfit.video import safe_filename
+
+    line = copy.copy(args)
+    line.prompt = item.prompt
+    for key, value in item.settings.items():
+        option, kind = _TYPES[key]
+        if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ConfigError(f'"{key}" must be a whole number, got {value!r}.')
+        if kind is float and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+            raise ConfigError(f'"{key}" must be a number, got {value!r}.')
+        if kind is str and not isinstance(value, str):
+            raise ConfigError(f'"{key}" must be a string, got {value!r}.')
+        setattr(line, option, float(value) if kind is float else value)
+    seed = (line.seed if line.seed is not None else 0) + video
+    line.seed = seed
+    name = item.settings.get("out")
+    if name is None:
+        name = f"{item.line:03d}_{safe_filename(item.prompt)}_{seed}.mp4"
+    elif video:
+        stem = Path(name)
+        name = str(stem.with_name(f"{stem.stem}_{video + 1}{stem.suffix}"))
+    line.out = out_dir / name
+    return line
+
+
+def plan_jobs(args: argparse.Namespace, items) -> list[Job]:
+    """One Job per video of each line, checked (settings, output) before any model loads."""
+    from wanfit.commands.generate import check_settings
+    from wanfit.prompts_file import LineError
+    from wanfit.video import check_writable
+
+    out_dir = args.out if args.out is not None else Path(".")
+    protected = [p for p in (args.model, *common.model_components(args).values()) if p is not None]
+    jobs, outputs = [], set()
+    for item in items:
+        if isinstance(item, LineError):
+            jobs.append(Job(item.line, 0, error=item.message))
+            continue
+        for video in range(args.videos_per_prompt):
+            job = Job(item.line, video)
+            try:
+                line_args = _line_args(args, item, video, out_dir)
+            except WanfitError as err:  # the line's settings: one error for all its videos
+                jobs.append(Job(item.line, 0, error=str(err)))
+                break
+            try:
+                settings = check_settings(line_args)
+            except WanfitError as err:  # the line's own settings: one error for all its videos
+                jobs.append(Job(item.line, 0, error=str(err)))
+                break
+            try:
+                key = Path(settings.out).resolve()
+                if key in outputs:
+                    raise ConfigError(
+                        f'{settings.out} is also another line\'s output; give each line its own "out".'
+                    )
+                check_writable(settings.out, overwrite=args.overwrite, protected=protected)
+                outputs.add(key)
+                job.settings = settings
+            except WanfitError as err:
+                job.error = str(err)
+            jobs.append(job)
+    return jobs
+
+
+def run_batch(args: argparse.Namespace) -> int:
+    from wanfit.commands import generate as g
+    from wanfit.commands.lora_options import apply_loras, apply_preset, lora_requests, read_loras
+    from wanfit.prompts_file import read_prompts_file
+
+    check_batch_options(args)
+    preset = apply_preset(args)
+    jobs = plan_jobs(args, read_prompts_file(args.prompts))
+    runnable = [job for job in jobs if job.error is None]
+    if runnable:
+        loras = read_loras(lora_requests(args, preset), g._dit_config(args), args.lora_skip_unknown)
+        hardware = g._hardware(args)
+        plans: dict = {}
+        for job in runnable:  # each distinct size planned once, before anything loads
+            s = job.settings
+            key = (s.width, s.height, s.frames, s.guidance != 1.0)
+            if key not in plans:
+                try:
+                    plans[key] = g.plan_job(args, s, hardware)
+                    if plans[key].plan.cache is not None:
+                        g.check_cache(plans[key], args, s, [lora.record(st) for lora, st in loras])
+                except WanfitError as err:  # this size fits nowhere: its lines fail, the rest run
+                    plans[key] = err
+            if isinstance(plans[key], WanfitError):
+                job.error = str(plans[key])
+            else:
+                job.plan = plans[key]
+        runnable = [job for job in runnable if job.error is None]
+    if runnable:
+        pipe = g._load_pipeline(args, runnable[0].plan)
+        apply_loras(pipe, loras)
+        try:
+            with pipe.batch():
+                for job in runnable:
+                    _run_one(pipe, job, args)
+        except KeyboardInterrupt:
+            _summary(jobs, sys.stderr)
+            raise KeyboardInterrupt("interrupted; the videos listed as written are complete.") from None
+    _summary(jobs, sys.stdout)
+    return 2 if any(job.error for job in jobs) else 0
+
+
+def _run_one(pipe, job: Job, args: argparse.Namespace) -> None:
+    """Make and write one video; an error stays this job's."""
+    from wanfit.commands import generate as g
+    from wanfit.video import write_video
+
+    s = job.settings
+    try:
+        if pipe.planning is not job.plan:
+            pipe.apply_plan(job.plan)  # another size: the placements move what differs
+        request = g.resolve_request(pipe, s, args)
+        frames = g.run_pipeline(pipe, request, s, progress=not args.no_progress)
+        written = g.what_was_written(frames, request, job.plan)
+        metadata = {
+            **request,
+            **written,
+            **pipe.run_record(),
+            "batch": {"prompts": str(args.prompts), "line": job.line, "video": job.video + 1},
+            "lora_mode": pipe.lora_mode,
+        }
+        try:
+            write_video(frames, s.out, metadata=metadata)
+        except OSError as err:
+            raise OutputError(f"Could not write {s.out}: {err.strerror or err}.") from err
+        job.written, job.described = str(s.out), g.describe_written(written)
+        print(f"wrote {s.out} ({job.described})", flush=True)
+    except WanfitError as err:
+        job.error = str(err)
+        print(f"wanfit: error: {job.label}: {job.error}", file=sys.stderr, flush=True)
+
+
+def _summary(jobs: list[Job], stream) -> None:
+    done = sum(1 for job in jobs if job.written)
+    print(f"batch: {done} of {len(jobs)} videos written", file=stream)
+    for job in jobs:
+        what = (
+            f"wrote {job.written} ({job.described})"
+            if job.written
+            else f"error: {job.error}"
+            if job.error
+            else "not run"
+        )
+        print(f"  {job.label}: {what}", file=stream)
+    results = [
+        {"line": job.line, "video": job.video + 1, "out": job.written, "error": job.error} for job in jobs
+    ]
+    print(json.dumps({"batch": results}), file=stream)
