@@ -201,3 +201,20 @@ def test_14b_at_720p_on_a_4090_streams_from_pinned_copies_or_the_file_as_the_ram
     small = plan_for(request, hardware=emulated("rtx4090", 16.0))
     assert small.plan.dit_stream_source == "mmap" and small.host_bytes <= small.budget.host_bytes
     assert small.plan.dit_blocks_resident == roomy.plan.dit_blocks_resident  # the card is the same
+
+
+def test_umt5_in_fp8_from_its_file_as_a_setting_and_as_a_knob_with_fp8():
+    from wanfit.plan import planner as P
+
+    fp8_file = replace(REQ, text_encoder_file_dtype="float8_e4m3fn")
+    assert plan_for(fp8_file, hardware=emulated("h100")).plan.text_encoder_dtype == "float8_e4m3fn"
+    setting = Constraints.from_options(settings=["text_encoder_dtype=fp8"])
+    result = plan_for(REQ, setting, emulated("h100"))
+    assert result.plan.text_encoder_dtype == "float8_e4m3fn" and "text_encoder_dtype" in result.frozen
+    bf16 = plan_for(REQ, hardware=emulated("h100"))
+    assert result.phases["text_encoder"].peak < bf16.phases["text_encoder"].peak - 3 * GIB
+    # The knob: only with fp8 DiT storage (--fp8, the user's opt-in to fp8's loss).
+    base = bf16.plan
+    assert P._text_encoder_fp8(base, REQ) == []
+    with_fp8 = replace(base, storage_dtype="float8_e4m3fn")
+    assert P._text_encoder_fp8(with_fp8, REQ)[0].text_encoder_dtype == "float8_e4m3fn"
