@@ -143,7 +143,7 @@ def render() -> str:
         f"{fmt_bytes(CUDA_CONTEXT_BYTES)} for the CUDA context; free host RAM as "
         f"{HOST_FREE_FRACTION:.0%} of the host RAM of an assumed typical machine per card (the column). "
         "The attention column is what the dispatcher selects with PyTorch alone (docs/attention.md). "
-        "Host RAM in a cell is what that plan needs (the process included; docs/host_ram.md); the least "
+        "Host RAM in a cell is what that plan needs (the process included on a GPU; docs/host_ram.md); the least "
         "host RAM column is the smallest the planner can make the 1.3B job need on that card (blocks "
         "streamed from the memory-mapped files). "
         "Run `wanfit plan` (or `wanfit plan --emulate CARD`) for your own machine.",

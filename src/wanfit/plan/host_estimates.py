@@ -42,7 +42,6 @@ from wanfit.runtime.offload import STAGING_BUFFERS
 # cuBLAS/cuDNN libraries' resident pages. calibrate: benchmarks/bench_host_ram.py measures it (the
 # "baseline" case: import wanfit, one matmul, one convolution and one attention call on the device).
 HOST_PROCESS_CUDA = int(2.5 * GIB)
-HOST_PROCESS_CPU = int(0.75 * GIB)
 
 HOST_PHASES = ("text_encoder", "denoise", "vae_decode")
 # Bytes per VAE parameter in its file (the official Wan2.1_VAE.pth is fp32): only the page cache.
@@ -165,16 +164,14 @@ def video_host(request: Request) -> int:
 
 def host_phases(request: Request, plan: Plan) -> dict[str, HostEstimate]:
     """Each phase's predicted host RAM. On a CPU the device is the host: its phases are the device
-    estimates, plus the process.
+    estimates (the CPU budget's margin holds the process).
 
     The page cache adds up: the files read so far (loading reads the text encoder, the VAE and a
     resident DiT; a streamed DiT's file is read once its blocks are placed, when denoising starts)."""
-    if plan.device == "cpu":
+    if plan.device == "cpu":  # the device budget is the host's (its margin holds the process)
         device = estimate_phases(request, plan)
         return {
-            name: HostEstimate(
-                name, HOST_PROCESS_CPU, anon=device[name].peak, detail={"device": device[name].peak}
-            )
+            name: HostEstimate(name, 0, anon=device[name].peak, detail={"device": device[name].peak})
             for name in HOST_PHASES
         }
     dit = dit_host(request, plan)

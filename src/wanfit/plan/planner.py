@@ -202,18 +202,18 @@ def make_budget(device: DeviceBudget, vram: int | None = None, ram: int | None =
         host_source = f"{device.host_source}, minus a {fmt_bytes(host_margin)} margin"
     hosts = {"host_source": host_source, "host_margin_bytes": host_margin}
     if vram is not None:
-        return Budget(vram, host, f"--vram {fmt_bytes(vram)}", **hosts)
-    if device.kind == "cpu":
+        host_bytes = vram if device.kind == "cpu" and ram is None else host
+        return Budget(vram, host_bytes, f"--vram {fmt_bytes(vram)}", **hosts)
+    if device.kind == "cpu":  # the device is the host: one budget for both
         cpu_margin = max(HOST_MARGIN_MIN, int(HOST_MARGIN_FRACTION * device.free_bytes))
-        cpu = max(0, device.free_bytes - cpu_margin)
+        cpu = ram if ram is not None else max(0, device.free_bytes - cpu_margin)
+        source = (
+            host_source
+            if ram is not None
+            else f"free RAM {fmt_bytes(device.free_bytes)} minus a {fmt_bytes(cpu_margin)} margin"
+        )
         return Budget(
-            cpu if ram is None else ram,
-            host,
-            f"free RAM {fmt_bytes(device.free_bytes)} minus a {fmt_bytes(cpu_margin)} margin"
-            if ram is None
-            else host_source,
-            0 if ram is not None else cpu_margin,
-            **hosts,
+            cpu, cpu, source, 0 if ram is not None else cpu_margin, source, hosts["host_margin_bytes"]
         )
     margin = max(CUDA_MARGIN_MIN, int(CUDA_MARGIN_FRACTION * device.total_bytes))
     return Budget(
