@@ -36,6 +36,7 @@ import threading
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_memory
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "src") not in sys.path:
     sys.path.insert(0, str(ROOT / "src"))
@@ -282,9 +283,8 @@ def _memory(result: dict) -> dict:
 def measure_forwards(model: Path, repeats: int = 5) -> list[dict]:
     """One DiT forward (1.3B, 832x480x81, batch 1, bf16) resident, streamed from pinned copies and
     streamed from the mapped file (0 blocks resident): median ms and peak GiB."""
-    import statistics
-
     import torch
+    from bench_memory import _cuda_time
 
     from wanfit.models.configs import WAN_T2V_1_3B
     from wanfit.pipeline import latent_shape
@@ -311,24 +311,8 @@ def measure_forwards(model: Path, repeats: int = 5) -> list[dict]:
         placement = DiTPlacement(dit)
         placement.place(plan)
         with torch.no_grad():
-            placement(x, t, context)
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            times = []
-            for _ in range(repeats):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                placement(x, t, context)
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end))
-        rows.append(
-            {
-                "plan": name,
-                "ms": statistics.median(times),
-                "peak_gib": torch.cuda.max_memory_allocated() / GIB,
-            }
-        )
+            ms, peak = _cuda_time(lambda run=placement: run(x, t, context), repeats)
+        rows.append({"plan": name, "ms": ms, "peak_gib": peak / GIB})
         placement.release()
         del dit, placement
         torch.cuda.empty_cache()

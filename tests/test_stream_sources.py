@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 
 from tests.helpers import tiny_text
 from tests.test_offload import ToyModel
+from tests.test_text_streaming import tokenizer  # noqa: F401 (a fixture)
 from wanfit.models.configs import WAN_TINY
 from wanfit.models.dit import WanDiT
 from wanfit.models.text_encoder import WanTextEncoder
@@ -121,23 +122,16 @@ def test_a_dit_loaded_from_a_bf16_file_streams_to_the_same_output_as_loaded_resi
     }
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(tiny_text.train_tokenizer(tmp_path_factory.mktemp("tok"))))
-
-
 @pytest.mark.parametrize("compute", [torch.bfloat16, torch.float32])
-def test_the_text_encoder_streams_from_its_file_to_the_same_context(tokenizer, compute):
+def test_the_text_encoder_streams_from_its_file_to_the_same_context(tokenizer, compute):  # noqa: F811
     prompts = ["a red fox runs through snow", "boats"]
-    whole = WanTextEncoder(
-        tiny_text.make_umt5(0).to(torch.bfloat16), tokenizer, cache=None, compute_dtype=compute
+    expected, te = (
+        WanTextEncoder(
+            tiny_text.make_umt5(0).to(torch.bfloat16), tokenizer, cache=None, compute_dtype=compute
+        )
+        for _ in range(2)
     )
-    expected = whole.encode(prompts, max_length=16)
-    te = WanTextEncoder(
-        tiny_text.make_umt5(0).to(torch.bfloat16), tokenizer, cache=None, compute_dtype=compute
-    )
+    expected = expected.encode(prompts, max_length=16)
     placement = TextEncoderPlacement(te)
     placement.apply(
         Plan(text_encoder_blocks_resident=0, text_encoder_dtype="bfloat16", text_encoder_stream_source="mmap")
