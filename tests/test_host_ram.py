@@ -218,3 +218,14 @@ def test_umt5_in_fp8_from_its_file_as_a_setting_and_as_a_knob_with_fp8():
     assert P._text_encoder_fp8(base, REQ) == []
     with_fp8 = replace(base, storage_dtype="float8_e4m3fn")
     assert P._text_encoder_fp8(with_fp8, REQ)[0].text_encoder_dtype == "float8_e4m3fn"
+
+
+def test_an_out_of_memory_notch_fits_the_host_too():
+    from wanfit.plan import planner as P
+
+    plan = plan_for(REQ, hardware=emulated("h100")).plan  # all resident, umT5 on the card
+    roomy = P.step_down(plan, REQ, "text_encoder")
+    small = P.step_down(plan, REQ, "text_encoder", host_budget=6 * GIB)
+    assert roomy.text_encoder_blocks_resident == 0 and roomy.text_encoder_stream_source == "pinned"
+    assert small.text_encoder_blocks_resident == 0 and small.text_encoder_stream_source == "mmap"
+    assert P.host_bytes(REQ, small) <= 6 * GIB < P.host_bytes(REQ, roomy)

@@ -365,7 +365,8 @@ class WanPipeline:
         from wanfit.plan.planner import blocking_setting, fmt_bytes, planned_backend, step_down
 
         frozen = self.planning.frozen if self.planning is not None else frozenset()
-        nxt = step_down(plan, self._request, phase, frozen=frozen)
+        host = self.planning.budget.host_bytes if self.planning is not None else None
+        nxt = step_down(plan, self._request, phase, frozen=frozen, host_budget=host)
         if nxt is None:
             setting = blocking_setting(plan, self._request, phase, frozen)
             if setting is not None:

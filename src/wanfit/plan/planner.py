@@ -393,10 +393,13 @@ def step_down(
     phase: str | None = None,
     *,
     frozen: Iterable[str] = (),
+    host_budget: int | None = None,
 ) -> Plan | None:
     """The next notch down for `phase` (or any phase): the first give-up step, in the planner's order,
     that lowers that phase's estimated peak, leaving the `frozen` (user-set) fields alone; None when
-    nothing is left to give up. The attention workspace is the plan's own backends'.
+    nothing is left to give up. The attention workspace is the plan's own backends'. With
+    `host_budget` (bytes), a notch must fit the host RAM too (streaming from the mapped files, or
+    freeing umT5, where pinned copies would not).
 
     Streaming halves the resident block count each notch (None -> n/2 -> ... -> 0).
     """
@@ -409,7 +412,13 @@ def step_down(
             continue
         for candidate in knob.candidates(plan, request):
             if _lowers(before, estimate_phases(request, candidate, backend), phase):
-                return candidate
+                if host_budget is None:
+                    return candidate
+                budget = Budget(1 << 62, host_budget, "")  # the device: the notch already lowers it
+                fitted = _host_fit(request, candidate, budget, backend, frozen)
+                if fitted is not None:
+                    return fitted[0]
+                break  # this knob costs host RAM that is not there: try the next one
     return None
 
 

@@ -46,7 +46,8 @@ def host_buffer(nbytes: int, *, pin: bool) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8)
     size = -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE
     try:
-        region = _RegisteredMap(-1, size)
+        # Private anonymous memory, like malloc's: counted as the process's own (anon), never shared.
+        region = _RegisteredMap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         buffer = torch.frombuffer(region, dtype=torch.uint8, count=nbytes)
         address = buffer.data_ptr()
         if not _cuda_ok(torch.cuda.cudart().cudaHostRegister(address, size, _PORTABLE)):
