@@ -80,6 +80,46 @@ def test_generate_on_several_processes_gives_the_same_frames(tmp_path, capfd, re
     assert capfd.readouterr().out.count("wrote ") == 1
 
 
+def _generate_counting_text_encoders(rank, argv, counts):
+    """`wanfit generate` in one process of a run, writing how many text encoders it built."""
+    from wanfit.models.text_encoder import WanTextEncoder
+
+    original, built = WanTextEncoder.__init__, []
+
+    def init(encoder, *args, **kwargs):
+        built.append(1)
+        original(encoder, *args, **kwargs)
+
+    WanTextEncoder.__init__ = init
+    try:
+        code = main(argv)
+    finally:
+        (counts / str(rank)).write_text(str(len(built)))
+    raise SystemExit(code)
+
+
+@pytest.mark.parametrize("setting, builders", [([], [1, 0]), (["--set", "text_encoder_rank=1"], [0, 1])])
+def test_one_rank_encodes_the_prompts_for_all(tmp_path, reference, setting, builders):
+    """umT5 is built on the text encoder rank alone (rank 0 unless set); the embeddings it broadcasts
+    give the one-process frames."""
+    out, counts = tmp_path / "frames", tmp_path / "counts"
+    counts.mkdir()
+    argv = [*RUN, "--parallel", "cfg2", "--device", "cpu", "--out", str(out), *setting]
+    results = run_ranks(_generate_counting_text_encoders, 2, argv, counts, in_session=False, timeout=120)
+    assert [r.exitcode for r in results] == [0, 0], results
+    assert [int((counts / str(rank)).read_text()) for rank in (0, 1)] == builders
+    np.testing.assert_array_equal(read_video(out), reference)
+    meta = json.loads((tmp_path / "frames.json").read_text())
+    assert meta["plan"]["text_encoder_rank"] == builders.index(1)
+
+
+def test_a_text_encoder_rank_outside_the_run_is_refused(tmp_path, capsys):
+    argv = [*RUN, "--set", "text_encoder_rank=1", "--out", str(tmp_path / "x")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "text_encoder_rank 1 is not a process of this run of 1" in err and "\n" not in err
+
+
 def test_an_out_of_memory_rank_ends_the_run_with_one_message_and_a_resume_file(tmp_path, capfd, reference):
     capfd.readouterr()
     out = tmp_path / "frames"

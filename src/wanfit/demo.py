@@ -45,10 +45,11 @@ def tiny_tokenizer():
     )
 
 
-def tiny_pipeline(device: str | None = None, seed: int = 0, plan=None):
+def tiny_pipeline(device: str | None = None, seed: int = 0, plan=None, *, with_text_encoder: bool = True):
     """A WanPipeline of tiny random models (DiT, VAE, umT5), the same on every machine for a seed.
 
     plan: a PlanResult or Plan to obey; None plans the default tiny job for this machine (or `device`).
+    with_text_encoder: False builds no umT5 (a process of a parallel run that receives the embeddings).
     The public way in: WanPipeline.from_pretrained("builtin").
     """
     from wanfit.models.text_encoder import WanTextEncoder
@@ -60,12 +61,15 @@ def tiny_pipeline(device: str | None = None, seed: int = 0, plan=None):
         plan = plan_for(tiny_request(192, 320, 17, True), Constraints(device=device))
     planned = plan
     plan = getattr(plan, "plan", plan)
-    dit, vae, text_model, tokenizer = _tiny_models(seed)
+    dit, vae, text_model, tokenizer = _tiny_models(seed, with_text_encoder)
     dtype = plan.torch_compute_dtype
     dit = dit.to(device=plan.device, dtype=dtype).eval().requires_grad_(False)
     vae = vae.to(device=plan.device, dtype=dtype).eval().requires_grad_(False)
-    text_model = text_model.to(device=plan.text_encoder_device).eval()
-    text_encoder = WanTextEncoder(text_model, tokenizer, cache=None)
+    if with_text_encoder:
+        text_model = text_model.to(device=plan.text_encoder_device).eval()
+        text_encoder = WanTextEncoder(text_model, tokenizer, cache=None)
+    else:
+        text_encoder = None
     defaults = SamplingDefaults(num_inference_steps=10)
 
     def text_encoder_loader(plan):
@@ -90,8 +94,9 @@ def tiny_model_key(seed: int = 0) -> str:
     return f"builtin-tiny-seed{seed}"
 
 
-def _tiny_models(seed: int):
-    """The tiny DiT, VAE and umT5 (random, from one seed) and the tokenizer, on the host."""
+def _tiny_models(seed: int, text_encoder: bool = True):
+    """The tiny DiT, VAE and umT5 (random, from one seed; None when not text_encoder) and the
+    tokenizer, on the host."""
     from transformers import UMT5Config, UMT5EncoderModel
 
     from wanfit.models.dit import WanDiT
@@ -103,7 +108,7 @@ def _tiny_models(seed: int):
         dit = WanDiT(WAN_TINY)
         vae = WanVAE(WAN_VAE_TINY)
         text_config = UMT5Config(**tiny_text_encoder_config(len(tokenizer)).umt5_kwargs())
-        text_model = UMT5EncoderModel(text_config)
+        text_model = UMT5EncoderModel(text_config) if text_encoder else None  # built last: the same DiT
     return dit, vae, text_model, tokenizer
 
 

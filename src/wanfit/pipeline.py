@@ -217,9 +217,16 @@ class WanPipeline:
                 "dit": plan.device
                 if plan.dit_blocks_resident is None
                 else f"{plan.device}, {plan.dit_blocks_resident} blocks resident, the rest streamed",
-                "text_encoder": plan.text_encoder_device
-                if plan.text_encoder_blocks_resident is None
-                else f"{plan.text_encoder_device}, streamed",
+                "text_encoder": (
+                    f"rank {plan.text_encoder_rank} alone, "
+                    if plan.world_size > 1 and plan.text_encoder_rank is not None
+                    else ""
+                )
+                + (
+                    plan.text_encoder_device
+                    if plan.text_encoder_blocks_resident is None
+                    else f"{plan.text_encoder_device}, streamed"
+                ),
                 "vae": plan.device,
             },
             "timings": self.timings,
@@ -245,6 +252,7 @@ class WanPipeline:
         vae: str | Path | None = None,
         text_encoder: str | Path | None = None,
         tokenizer: str | Path | None = None,
+        with_text_encoder: bool = True,
         **overrides,
     ):
         """Load an official release folder, a diffusers-layout folder or a ComfyUI models/ folder; `~`
@@ -255,7 +263,8 @@ class WanPipeline:
         name) and a job of height x width x num_frames, as `wanfit plan` would, under `constraints`
         (wanfit.plan.planning.Constraints); or a PlanResult / Plan to obey. scheduler_config: a
         diffusers scheduler_config.json to use instead of the folder's own (or, for an official folder,
-        instead of the official UniPC); overrides: SamplingDefaults fields.
+        instead of the official UniPC); with_text_encoder: False loads no umT5 (a process of a parallel
+        run that receives the embeddings from Plan.text_encoder_rank); overrides: SamplingDefaults fields.
         model_dir "builtin" is the built-in tiny random model that `wanfit generate` runs without
         --model: no download, noise for frames (a folder of that name: "./builtin").
         """
@@ -288,7 +297,7 @@ class WanPipeline:
         if builtin:
             from wanfit.demo import tiny_pipeline
 
-            pipe = tiny_pipeline(device, plan=planned)
+            pipe = tiny_pipeline(device, plan=planned, with_text_encoder=with_text_encoder)
             pipe.defaults = replace(pipe.defaults, **overrides)
             pipe.scheduler_config = user_path(scheduler_config) if scheduler_config else None
             return pipe
@@ -315,16 +324,19 @@ class WanPipeline:
         from tqdm.auto import tqdm
 
         # Transient: the bar clears itself, so an error about a file stands alone on its line.
-        with tqdm(total=3, desc="loading DiT", unit="model", disable=not progress, leave=False) as bar:
+        total = 3 if with_text_encoder else 2
+        with tqdm(total=total, desc="loading DiT", unit="model", disable=not progress, leave=False) as bar:
             layout = DiTLayout.from_plan(plan)
             dit = load_dit(files.dit, device=layout.load_device, dtype=layout.load_dtype)
             bar.set_description("loading VAE")
             bar.update(1)
             vae = load_vae(files.vae, device=plan.device, dtype=dtype)
-            bar.set_description("loading text encoder")
             bar.update(1)
-            text_encoder = text_encoder_loader(plan)
-            bar.update(1)
+            text_encoder = None
+            if with_text_encoder:
+                bar.set_description("loading text encoder")
+                text_encoder = text_encoder_loader(plan)
+                bar.update(1)
 
         defaults = SamplingDefaults(**overrides) if overrides else None
         return cls(
@@ -430,8 +442,21 @@ class WanPipeline:
         return embeds
 
     def _encode(self, prompt: str, negative_prompt: str, *, with_negative: bool) -> tuple[torch.Tensor, ...]:
+        """The prompts' embeddings, one [1, L, C] each, on the plan's device. On several processes with
+        a text encoder rank (Plan.text_encoder_rank) only that one encodes; it broadcasts them."""
         prompts = [prompt, negative_prompt] if with_negative else [prompt]
         text_len = getattr(getattr(self.dit, "config", None), "text_len", 512)
+        device, dtype = torch.device(self.plan.device), self.plan.torch_compute_dtype
+        parallel = self.parallel
+        embeds = None
+        if parallel is None or parallel.encodes_prompts:
+            embeds = self._run_text_encoder(prompts, text_len).to(device=device, dtype=dtype)
+        if parallel is not None and parallel.text_encoder_rank is not None:
+            embeds = parallel.share_embeddings(embeds, device, dtype)
+        return tuple(embeds[i : i + 1] for i in range(len(prompts)))
+
+    def _run_text_encoder(self, prompts: list[str], text_len: int) -> torch.Tensor:
+        """umT5 on this process: placed per the plan, stepped down on out-of-memory, freed if planned."""
         self._warn_if_truncated(prompts, text_len)
         if getattr(self.text_encoder, "model", True) is None and self.text_encoder_loader is not None:
             # An earlier call freed it (the plan said so): load it again, placed as the plan says.
@@ -442,11 +467,9 @@ class WanPipeline:
         embeds = self._oom_guard().run(
             "text_encoder", lambda: self.text_encoder.encode(prompts, max_length=text_len)
         )
-        device, dtype = torch.device(self.plan.device), self.plan.torch_compute_dtype
-        embeds = embeds.to(device=device, dtype=dtype)
         if self.plan.free_text_encoder:
             self.placement.text_encoder.release()
-        return tuple(embeds[i : i + 1] for i in range(len(prompts)))
+        return embeds
 
     def _warn_if_truncated(self, prompts: list[str], text_len: int) -> None:
         """The DiT reads text_len tokens (512 for Wan2.1): say so when a prompt the user gave is longer."""
@@ -455,8 +478,8 @@ class WanPipeline:
         from wanfit.errors import WanfitWarning
 
         count = getattr(self.text_encoder, "token_count", None)
-        if self.parallel is not None and not self.parallel.is_output_rank:
-            return  # said once, by rank 0
+        if self.parallel is not None and not self.parallel.speaks_for_prompts:
+            return  # said once
         for text in prompts:
             if count is None or text == self.defaults.negative_prompt:
                 continue

@@ -189,7 +189,7 @@ def _run(args: argparse.Namespace, current) -> int:
 
     if not args.no_progress and current.is_output_rank:
         announce(planned, settings, common.has_model(args))
-    pipe = _load_pipeline(args, planned)
+    pipe = _load_pipeline(args, planned, with_text_encoder=current.runs_text_encoder(planned.plan))
     apply_loras(pipe, loras, notes=current.is_output_rank)
     pipe.parallel = dit_parallel(current, pipe.plan)
     request = resolve_request(pipe, settings, args)
@@ -648,7 +648,8 @@ def announce(result, settings: Settings, has_model: bool) -> None:
         )
 
 
-def _load_pipeline(args, planned):
+def _load_pipeline(args, planned, *, with_text_encoder: bool = True):
+    """The pipeline for the plan; with_text_encoder False: without umT5 (another process encodes)."""
     from wanfit.hardware.probe import apply_emulation_limits
     from wanfit.pipeline import WanPipeline
 
@@ -656,9 +657,13 @@ def _load_pipeline(args, planned):
     if not common.has_model(args):
         from wanfit.demo import tiny_pipeline
 
-        return tiny_pipeline(plan=planned)
+        return tiny_pipeline(plan=planned, with_text_encoder=with_text_encoder)
     return WanPipeline.from_pretrained(
-        args.model, plan=planned, progress=not args.no_progress, **common.model_components(args)
+        args.model,
+        plan=planned,
+        progress=not args.no_progress,
+        with_text_encoder=with_text_encoder,
+        **common.model_components(args),
     )
 
 

@@ -162,6 +162,14 @@ class Plan:
         default=1,
         metadata=_setting("int", "Ulysses degree, a divisor of the heads (set by --parallel)", minimum=1),
     )
+    # The one process that loads umT5 and encodes the prompts; it broadcasts the embeddings, the others
+    # never load umT5 (None: every process encodes for itself). The planner: 0 on several processes.
+    text_encoder_rank: int | None = field(
+        default=None,
+        metadata=_setting(
+            "int", "the process that runs umT5 on several", minimum=0, optional=True, none="every process"
+        ),
+    )
 
     # A step cache (wanfit.sampling.step_cache): "NAME[:THRESHOLD][,OPTION=VALUE...]". Lossy, opt-in.
     cache: str | None = field(

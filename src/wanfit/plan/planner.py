@@ -661,6 +661,20 @@ def _search(
     return plan, phases, sorted(taken, key=order.index), True
 
 
+def _text_encoder_rank(plan: Plan, user_set: bool) -> Plan:
+    """On several processes umT5 runs on one (rank 0, which decodes too), the others receive the
+    embeddings and never load it; ConfigError for a rank the run does not have."""
+    rank = plan.text_encoder_rank
+    if rank is not None and rank >= plan.world_size:
+        raise ConfigError(
+            f"text_encoder_rank {rank} is not a process of this run of {plan.world_size}; give 0 to "
+            f"{plan.world_size - 1} or none."
+        )
+    if plan.world_size > 1 and not user_set:
+        return replace(plan, text_encoder_rank=0)
+    return plan
+
+
 def _leanest(request: Request, base: Plan, backend: str, frozen: frozenset[str]) -> Plan:
     """Everything given up that lowers some phase: the smallest plan there is."""
     plan = base
@@ -718,6 +732,7 @@ def plan_run(
     budget = make_budget(device, vram, ram)
     chosen_backends = {f"{kind}_attention": name for kind, name in attention.items() if name}
     base = replace(fastest_plan(device, request, fp8=fp8), **chosen_backends, **overrides)
+    base = _text_encoder_rank(base, "text_encoder_rank" in overrides)
     frozen = frozenset(overrides) | ({"storage_dtype"} if fp8 else frozenset())
     backend = planned_backend(base)
     notes = _notes(device, budget, base, vram)

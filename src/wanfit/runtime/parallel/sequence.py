@@ -131,9 +131,11 @@ class UlyssesAttention:
 class DiTParallel:
     """A DiT prediction spread over the processes of a run (the pipeline calls it; see the module doc)."""
 
-    def __init__(self, groups: Groups, rank: int = 0):
+    def __init__(self, groups: Groups, rank: int = 0, text_encoder_rank: int | None = None):
+        """text_encoder_rank: the process that encodes the prompts for all (None: each encodes its own)."""
         self.groups = groups
         self.rank = rank
+        self.text_encoder_rank = text_encoder_rank
         self.ulysses = Ulysses(groups.ulysses_group, groups.ulysses_rank, groups.ulysses)
 
     @property
@@ -143,6 +145,28 @@ class DiTParallel:
     @property
     def is_output_rank(self) -> bool:
         return self.rank == 0
+
+    @property
+    def encodes_prompts(self) -> bool:
+        """Whether this process runs umT5 (the others receive the embeddings, share_embeddings)."""
+        return self.text_encoder_rank in (None, self.rank)
+
+    @property
+    def speaks_for_prompts(self) -> bool:
+        """The one process that warns about the prompts (the encoding one, else rank 0)."""
+        return self.rank == (self.text_encoder_rank or 0)
+
+    def share_embeddings(self, embeds: torch.Tensor | None, device, dtype: torch.dtype) -> torch.Tensor:
+        """The text encoder rank's embeddings [prompts, L, C] on every process (`embeds`: None on the
+        others): the shape is broadcast first, so the receivers can allocate, then the values."""
+        src = self.text_encoder_rank
+        sent = embeds is not None
+        shape = torch.tensor(embeds.shape if sent else (0, 0, 0), dtype=torch.int64, device=device)
+        with transport("sharing the prompt embeddings"):
+            dist.broadcast(shape, src=src)
+            out = embeds.contiguous() if sent else torch.empty(shape.tolist(), dtype=dtype, device=device)
+            dist.broadcast(out, src=src)
+        return out
 
     def attach(self, dit: torch.nn.Module) -> None:
         """Give every self-attention of `dit` a UlyssesAttention around its dispatcher. Checked at each
@@ -222,4 +246,5 @@ def dit_parallel(session, plan) -> DiTParallel | None:
     """The run's DiTParallel for `plan` (None for a one-process plan in a one-process session)."""
     if plan.world_size == 1 and not session.is_parallel:
         return None
-    return DiTParallel(session.groups(plan.cfg_parallel, plan.ulysses), session.rank)
+    groups = session.groups(plan.cfg_parallel, plan.ulysses)
+    return DiTParallel(groups, session.rank, plan.text_encoder_rank if session.is_parallel else None)

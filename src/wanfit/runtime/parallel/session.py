@@ -141,6 +141,10 @@ class Session:
         """Rank 0 writes the video, the sidecar and the resume file; it speaks for the run."""
         return self.rank == 0
 
+    def runs_text_encoder(self, plan) -> bool:
+        """Whether this process loads umT5 and encodes the prompts under `plan` (Plan.text_encoder_rank)."""
+        return not self.is_parallel or plan.text_encoder_rank in (None, self.rank)
+
     def share(self, key: str, make: Callable[[], str]) -> str:
         """make() on rank 0, its result on every process (through the store: no collective)."""
         if not self.is_parallel:
