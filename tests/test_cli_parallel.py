@@ -113,6 +113,17 @@ def test_one_rank_encodes_the_prompts_for_all(tmp_path, reference, setting, buil
     assert meta["plan"]["text_encoder_rank"] == builders.index(1)
 
 
+def test_generate_with_the_dit_sharded_gives_the_same_frames(tmp_path, reference):
+    """--set dit_sharding=fsdp: each process keeps half of every block (FSDP2 on gloo), rank 0 decodes."""
+    out = tmp_path / "frames"
+    argv = [*RUN, "--parallel", "cfg2", "--device", "cpu", "--out", str(out), "--set", "dit_sharding=fsdp"]
+    results = run_ranks(_generate, 2, argv, in_session=False, timeout=120)
+    assert [r.exitcode for r in results] == [0, 0], results
+    np.testing.assert_array_equal(read_video(out), reference)
+    meta = json.loads((tmp_path / "frames.json").read_text())
+    assert meta["plan"]["dit_sharding"] == "fsdp"
+
+
 def test_a_text_encoder_rank_outside_the_run_is_refused(tmp_path, capsys):
     argv = [*RUN, "--set", "text_encoder_rank=1", "--out", str(tmp_path / "x")]
     assert main(argv) == 2

@@ -4,12 +4,13 @@ degrees are planned and refused clearly, and a failing or vanished process ends 
 import os
 import signal
 import time
+from dataclasses import replace
 
 import pytest
 import torch
 
 from tests.helpers.ranks import run_ranks
-from wanfit.errors import ConfigError
+from wanfit.errors import ConfigError, PlanError
 from wanfit.models.configs import WAN_T2V_1_3B, WAN_T2V_14B, WAN_TINY
 from wanfit.models.dit import WanDiT
 from wanfit.pipeline import WanPipeline
@@ -198,3 +199,72 @@ def test_a_hung_rank_is_found_by_its_heartbeat(capfd):
     assert rank0.exitcode == 2  # rank 0's watchdog said why and ended it, stuck in the collective
     err = capfd.readouterr().err
     assert err.count("wanfit: error:") == 1 and "rank 1 stopped responding for 1 s" in err
+
+
+# --- the DiT sharded with FSDP2 (Plan.dit_sharding) -------------------------------------------------
+
+
+def _sharded_forward(session, dit, inputs, plan):
+    """Shard the blocks as the placement does, then one forward: each rank its own batch row under
+    CFG-parallel, the whole batch shared by token under Ulysses."""
+    from wanfit.runtime.placement import DiTPlacement
+
+    x, t, context = inputs
+    placement = DiTPlacement(dit)
+    placement.place(plan)
+    parallel = dit_parallel(session, plan)
+    rows = slice(session.rank, session.rank + 1) if plan.cfg_parallel == 2 else slice(None)
+    kept = sum(p.to_local().numel() for p in dit.blocks.parameters())
+    whole = sum(p.numel() for p in dit.blocks.parameters())
+    with torch.no_grad():
+        out = parallel.forward(dit, x[rows], t[rows], context[rows])
+    return out, kept, whole
+
+
+@pytest.mark.parametrize("cfg, ulysses", [(2, 1), (1, 2)])
+def test_sharded_dit_forward_equals_one_process(dit, inputs, cfg, ulysses):
+    with torch.no_grad():
+        expected = dit(*inputs)
+    plan = Plan(cfg_parallel=cfg, ulysses=ulysses, cfg_batch=False, dit_sharding="fsdp")
+    results = run_ranks(_sharded_forward, 2, dit, inputs, plan)
+    assert [r.exitcode for r in results] == [0, 0], results
+    # The shards partition every block (a tensor with one row, e.g. the modulation, stays on rank 0).
+    assert sum(r.value[1] for r in results) == results[0].value[2]
+    for r in results:
+        out, kept, whole = r.value
+        assert kept < 0.55 * whole
+        reference = expected[r.rank : r.rank + 1] if cfg == 2 else expected
+        assert relative_error(out, reference) < 1e-5
+
+
+def test_the_planner_shards_a_dit_that_does_not_fit_one_gpu():
+    from wanfit.plan.estimates import dit_device_weights
+    from wanfit.plan.parallel import parallel_overrides
+    from wanfit.plan.planning import Constraints, plan_for
+
+    request = Request(WAN_T2V_14B, model_name="14B", height=480, width=832, num_frames=81)
+    vram = 24 * 2**30  # the 14B DiT alone is 28.6 GB in bf16
+    eight = plan_for(request, Constraints(vram=vram, overrides=parallel_overrides(2, 4)), "h100")
+    assert eight.plan.dit_sharding == "fsdp" and eight.plan.dit_blocks_resident is None
+    assert "shard_dit" in eight.steps
+    whole = dit_device_weights(WAN_T2V_14B, replace(eight.plan, dit_sharding="none"))
+    # Per GPU: an eighth of the blocks plus two gathered blocks (and the small non-block parts).
+    sharded = eight.phases["denoise"].detail["dit"]
+    assert whole / 8 < sharded < whole / 8 + 3 * whole / WAN_T2V_14B.num_layers
+    # One such GPU would stream the DiT from the host, whose RAM this emulated machine lacks.
+    with pytest.raises(PlanError, match="host RAM"):
+        plan_for(request, Constraints(vram=vram), "h100")
+
+
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        (dict(dit_sharding="fsdp"), "over the processes of a run on several GPUs"),
+        (dict(dit_sharding="fsdp", cfg_parallel=2, dit_blocks_resident=4), "does not combine"),
+    ],
+)
+def test_a_sharding_the_run_cannot_do_is_refused(overrides, words):
+    from wanfit.plan.planning import Constraints, plan_for
+
+    with pytest.raises(ConfigError, match=words):
+        plan_for(Request(WAN_T2V_1_3B), Constraints(overrides=overrides), "h100")

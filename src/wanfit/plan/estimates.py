@@ -66,6 +66,10 @@ LATENT_COPIES = 8.0
 # whole-sequence q, k, v of its heads (the same bytes again each). calibrate (on several GPUs:
 # benchmarks/bench_parallel.py).
 ULYSSES_EXCHANGE_TENSORS = 6.0
+# Under FSDP (Plan.dit_sharding) each process keeps 1/world of every block's weights, and the
+# gathered whole weights of the block running plus the next one, whose all-gather FSDP2 issues early
+# (as streaming keeps two slots). calibrate (on several GPUs).
+FSDP_GATHERED_BLOCKS = 2
 
 # --- attention workspace per backend memory class (each backend's `memory` in the registry) ---
 # "linear" (fused kernels: flash, cuDNN, memory-efficient, sage, xformers): O(L): an output in
@@ -314,10 +318,14 @@ def dit_device_weights(config: DiTConfig, plan: Plan, file_dtype: str | None = N
     blocks in 1 byte per matrix element and upcasts the block in use to the compute dtype. Blocks
     streamed from the mapped file travel in the file's dtype (`file_dtype`) and are converted on the
     device: one raw copy besides the two slots.
+    Sharded (FSDP): this process's 1/world of the blocks plus FSDP_GATHERED_BLOCKS gathered whole.
     """
     c = dtype_bytes(plan.compute_dtype)
     n = config.num_layers
     block = _dit_block_bytes(config, c, plan.storage_dtype)
+    if plan.dit_sharding == "fsdp":  # no fp8 storage or streaming with it (the planner's rule)
+        shards = -(-n * block // plan.world_size)
+        return dit_nonblock_params(config) * c + shards + min(n, FSDP_GATHERED_BLOCKS) * block
     on_device = n if plan.dit_blocks_resident is None else min(n, plan.dit_blocks_resident + 2)
     full = sum(dit_block_params(config)) * c
     upcast = full if block < full else 0

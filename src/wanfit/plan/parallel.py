@@ -161,9 +161,24 @@ def parallel_notes(plan: Plan, request: Request, gpus: int | None) -> list[str]:
         notes.append(
             f"{plan.world_size} processes, one per GPU, {format_parallel(plan.cfg_parallel, plan.ulysses)}: "
             + "; ".join(parts)
-            + ". Every GPU holds the whole DiT; the estimates are per GPU; rank 0 also decodes the video."
+            + f". {_dit_where(plan)}; the estimates are per GPU; {_text_encoder_where(plan)}, rank 0 "
+            "decodes the video."
         )
     return notes
+
+
+def _dit_where(plan: Plan) -> str:
+    if plan.dit_sharding == "fsdp":
+        return (
+            f"Each GPU keeps 1/{plan.world_size} of the DiT's blocks (FSDP2) and gathers each block to run it"
+        )
+    return "Every GPU holds the whole DiT"
+
+
+def _text_encoder_where(plan: Plan) -> str:
+    if plan.text_encoder_rank is None:
+        return "every GPU runs umT5"
+    return f"rank {plan.text_encoder_rank} alone runs umT5 and sends the embeddings to the others"
 
 
 def with_parallel_notes(result, gpus: int | None = None):

@@ -26,6 +26,7 @@ STORAGE_DTYPE_NAMES = (*COMPUTE_DTYPE_NAMES, "float8_e4m3fn")
 # checkpoint through a small ring of pinned staging buffers (the least host RAM).
 STREAM_SOURCES = ("pinned", "mmap")
 ATTENTION_KINDS = ("self", "cross", "vae")  # the DiT's self- and cross-attention, the VAE's
+DIT_SHARDINGS = ("none", "fsdp")  # the DiT whole on every process, or its blocks sharded (FSDP2)
 
 
 def _setting(kind: str, help: str, **rules) -> dict:
@@ -161,6 +162,12 @@ class Plan:
     ulysses: int = field(
         default=1,
         metadata=_setting("int", "Ulysses degree, a divisor of the heads (set by --parallel)", minimum=1),
+    )
+    # "fsdp": each DiT block's weights sharded over every process (FSDP2), gathered block by block
+    # for its forward; chosen when the DiT does not fit a GPU whole (wanfit.runtime.parallel.sharding).
+    dit_sharding: str = field(
+        default="none",
+        metadata=_setting("choice", "the DiT's blocks sharded over the processes", choices=DIT_SHARDINGS),
     )
     # The one process that loads umT5 and encodes the prompts; it broadcasts the embeddings, the others
     # never load umT5 (None: every process encodes for itself). The planner: 0 on several processes.
@@ -303,6 +310,10 @@ def parse_setting(name: str, text: str):
         if value not in spec["choices"]:
             raise bad()
         return value
+    if kind == "choice":
+        if low not in spec["choices"]:
+            raise bad()
+        return low
     if kind == "backend":
         from wanfit.attention.backends import default_registry
 

@@ -9,11 +9,12 @@ each phase's estimated peak fits:
   2. the text encoder streams its blocks from host memory (CUDA; bf16 instead of fp32 on a CPU)
   3. classifier-free guidance runs cond and uncond one after the other
   4. the DiT leaves the device before the VAE decode
-  5. the DiT's blocks stream from pinned host memory, k resident (k as large as the budget allows)
-  6. the text encoder runs on the CPU (minutes instead of a second: a last resort)
-  7. the VAE decodes in spatial tiles, smaller and smaller
-  8. attention queries and FFN tokens are processed in chunks
-  9. only with allow_downscale: fewer frames or a smaller size, said loudly
+  5. several processes: the DiT's blocks are sharded over them (FSDP2; then never streamed)
+  6. the DiT's blocks stream from pinned host memory, k resident (k as large as the budget allows)
+  7. the text encoder runs on the CPU (minutes instead of a second: a last resort)
+  8. the VAE decodes in spatial tiles, smaller and smaller
+  9. attention queries and FFN tokens are processed in chunks
+  10. only with allow_downscale: fewer frames or a smaller size, said loudly
 
 Each step is taken only if it lowers the estimate of a phase that does not fit. `step_down`
 gives the next notch for one phase: the OOM guard's move when a run hits out-of-memory anyway.
@@ -304,8 +305,21 @@ def _offload_dit(plan: Plan, request: Request) -> list[Plan]:
     return [] if plan.offload_dit_before_decode else [replace(plan, offload_dit_before_decode=True)]
 
 
+def _shard_dit(plan: Plan, request: Request) -> list[Plan]:
+    """Several processes: each keeps 1/world of the blocks (FSDP2), faster than streaming them from
+    the host (an all-gather over NVLink per block against a copy over PCIe)."""
+    if (
+        plan.world_size == 1
+        or plan.dit_sharding != "none"
+        or plan.dit_blocks_resident is not None
+        or plan.storage_dtype is not None
+    ):
+        return []
+    return [replace(plan, dit_sharding="fsdp")]
+
+
 def _stream_dit(plan: Plan, request: Request) -> list[Plan]:
-    if not _is_cuda(plan):
+    if not _is_cuda(plan) or plan.dit_sharding != "none":  # a sharded DiT is not streamed too
         return []
     n = request.config.num_layers
     k = plan.dit_blocks_resident
@@ -363,6 +377,7 @@ KNOBS: tuple[Knob, ...] = (
     Knob("text_encoder_fp8", _TEXT_ENCODER_FIELDS, _text_encoder_fp8),
     Knob("sequential_cfg", frozenset({"cfg_batch"}), _sequential_cfg),
     Knob("offload_dit_before_decode", frozenset({"offload_dit_before_decode"}), _offload_dit),
+    Knob("shard_dit", frozenset({"dit_sharding"}), _shard_dit),
     Knob("stream_dit_blocks", frozenset({"dit_blocks_resident"}), _stream_dit),
     Knob("text_encoder_on_cpu", _TEXT_ENCODER_FIELDS, _text_encoder_on_cpu),
     Knob("vae_tiling", frozenset({"vae_tile"}), _vae_tiles),
@@ -675,6 +690,22 @@ def _text_encoder_rank(plan: Plan, user_set: bool) -> Plan:
     return plan
 
 
+def _check_sharding(plan: Plan) -> None:
+    """ConfigError for a sharded DiT this plan cannot run (one process; fp8 storage or streaming)."""
+    if plan.dit_sharding == "none":
+        return
+    if plan.world_size == 1:
+        raise ConfigError(
+            "dit_sharding=fsdp shards the DiT over the processes of a run on several GPUs; give --gpus N "
+            "or --parallel."
+        )
+    if plan.storage_dtype is not None or plan.dit_blocks_resident is not None:
+        raise ConfigError(
+            "dit_sharding=fsdp keeps the DiT's blocks sharded in the compute dtype; it does not combine "
+            "with fp8 storage or dit_blocks_resident (streaming)."
+        )
+
+
 def _leanest(request: Request, base: Plan, backend: str, frozen: frozenset[str]) -> Plan:
     """Everything given up that lowers some phase: the smallest plan there is."""
     plan = base
@@ -733,6 +764,7 @@ def plan_run(
     chosen_backends = {f"{kind}_attention": name for kind, name in attention.items() if name}
     base = replace(fastest_plan(device, request, fp8=fp8), **chosen_backends, **overrides)
     base = _text_encoder_rank(base, "text_encoder_rank" in overrides)
+    _check_sharding(base)
     frozen = frozenset(overrides) | ({"storage_dtype"} if fp8 else frozenset())
     backend = planned_backend(base)
     notes = _notes(device, budget, base, vram)

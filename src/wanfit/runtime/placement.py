@@ -1,7 +1,8 @@
 """Where each model lives under a Plan, and the run-time state that goes with it, in one place.
 
 One placement object per component, owned by the pipeline:
-    DiTPlacement          device; blocks streamed (k resident) or not; fp8 storage; compiled blocks; chunking
+    DiTPlacement          device; blocks streamed (k resident), sharded (FSDP2) or not; fp8 storage;
+                          compiled blocks; chunking
     TextEncoderPlacement  device; blocks streamed or not; compute dtype
     VAEPlacement          device; decode tiling
 Each holds a frozen layout derived from a Plan (what it has put in place) and the live objects that
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from wanfit.errors import PlanError
 from wanfit.runtime.chunking import apply_chunking
 from wanfit.runtime.compile import compile_blocks, forward_with
 from wanfit.runtime.offload import BlockStreamer
@@ -45,21 +47,24 @@ class DiTLayout:
     ffn_chunk: int | None
     source: str = "pinned"  # where streamed blocks come from (offload.SOURCES)
     dtype: torch.dtype | None = None  # the compute dtype a streamed DiT is converted to when placed
+    sharded: bool = False  # blocks sharded over the run's processes (Plan.dit_sharding "fsdp")
 
     @classmethod
     def from_plan(cls, plan) -> DiTLayout:
         fp8 = plan.storage_dtype is not None and plan.storage_dtype.startswith("float8")
         streamed = plan.dit_blocks_resident is not None or fp8
+        sharded = plan.dit_sharding == "fsdp"
         return cls(
             device=_device_name(plan.device),
             blocks_resident=plan.dit_blocks_resident,
             fp8=fp8,
-            # Compiled blocks would trace the streamer's hooks: compile only a resident DiT.
-            compiled=plan.compile_dit and not streamed,
+            # Compiled blocks would trace the streamer's (or FSDP's) hooks: compile only a resident DiT.
+            compiled=plan.compile_dit and not streamed and not sharded,
             attention_chunk=plan.attention_chunk,
             ffn_chunk=plan.ffn_chunk,
             source=plan.dit_stream_source,
             dtype=plan.torch_compute_dtype,
+            sharded=sharded,
         )
 
     @property
@@ -68,8 +73,9 @@ class DiTLayout:
 
     @property
     def load_device(self) -> str:
-        """Where a loader should put the weights: the host for a streamed DiT (placed block by block)."""
-        return HOST if self.streamed else self.device
+        """Where a loader should put the weights: the host for a streamed or sharded DiT (placed block
+        by block)."""
+        return HOST if self.streamed or self.sharded else self.device
 
     @property
     def load_dtype(self) -> torch.dtype | None:
@@ -79,7 +85,7 @@ class DiTLayout:
 
     @property
     def where(self) -> tuple:
-        return self.device, self.blocks_resident, self.fp8, self.source
+        return self.device, self.blocks_resident, self.fp8, self.source, self.sharded
 
 
 class DiTPlacement:
@@ -128,9 +134,15 @@ class DiTPlacement:
             self.place(plan)
 
     def release(self) -> None:
-        """Move the whole DiT to host memory (before the VAE decode); `place` puts it back."""
+        """Move the whole DiT to host memory (before the VAE decode); `place` puts it back. Sharded
+        blocks keep their shards where they are (1/world of the blocks each)."""
         self._unstream()
-        if isinstance(self.dit, nn.Module):
+        if self.layout is not None and self.layout.sharded:
+            for child in self.dit.children():
+                if child is not self.dit.blocks:
+                    child.to(HOST)
+            _move_own_tensors(self.dit, torch.device(HOST))
+        elif isinstance(self.dit, nn.Module):
             self.dit.to(HOST)
         self.layout = None
         if torch.cuda.is_available():
@@ -160,15 +172,25 @@ class DiTPlacement:
         return self.dit.unembed(tokens, inputs)
 
     def _move(self, layout: DiTLayout) -> None:
+        from wanfit.runtime.parallel.sharding import is_sharded, shard_blocks
+
         self._unstream()
         device = torch.device(layout.device)
         blocks = self.dit.blocks
+        if is_sharded(blocks) and not layout.sharded:
+            raise PlanError(
+                "The DiT's blocks are sharded over the run's processes; they cannot be unsharded."
+            )
         # A streamed DiT was loaded in its file's dtype: what lives on the device is converted here.
         dtype = layout.dtype if layout.streamed else None
         for child in self.dit.children():
             if child is not blocks:
                 child.to(device=device, dtype=dtype)
         _move_own_tensors(self.dit, device, dtype)
+        if layout.sharded:
+            if not is_sharded(blocks):
+                shard_blocks(blocks, device)
+            return
         if not layout.streamed:
             blocks.to(device)
             return
