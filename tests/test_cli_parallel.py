@@ -81,33 +81,41 @@ def test_generate_on_several_processes_gives_the_same_frames(tmp_path, capfd, re
 
 
 def _generate_counting_text_encoders(rank, argv, counts):
-    """`wanfit generate` in one process of a run, writing how many text encoders it built."""
+    """`wanfit generate` in one process of a run, writing how many text encoders it built and how
+    many VAE decodes it ran."""
     from wanfit.models.text_encoder import WanTextEncoder
+    from wanfit.models.vae import WanVAE
 
-    original, built = WanTextEncoder.__init__, []
+    init, decode, built, decoded = WanTextEncoder.__init__, WanVAE.decode, [], []
 
-    def init(encoder, *args, **kwargs):
+    def counted_init(encoder, *args, **kwargs):
         built.append(1)
-        original(encoder, *args, **kwargs)
+        init(encoder, *args, **kwargs)
 
-    WanTextEncoder.__init__ = init
+    def counted_decode(vae, *args, **kwargs):
+        decoded.append(1)
+        return decode(vae, *args, **kwargs)
+
+    WanTextEncoder.__init__, WanVAE.decode = counted_init, counted_decode
     try:
         code = main(argv)
     finally:
-        (counts / str(rank)).write_text(str(len(built)))
+        (counts / str(rank)).write_text(f"{len(built)} {len(decoded)}")
     raise SystemExit(code)
 
 
 @pytest.mark.parametrize("setting, builders", [([], [1, 0]), (["--set", "text_encoder_rank=1"], [0, 1])])
 def test_one_rank_encodes_the_prompts_for_all(tmp_path, reference, setting, builders):
     """umT5 is built on the text encoder rank alone (rank 0 unless set); the embeddings it broadcasts
-    give the one-process frames."""
+    give the one-process frames; the VAE decodes on rank 0 alone."""
     out, counts = tmp_path / "frames", tmp_path / "counts"
     counts.mkdir()
     argv = [*RUN, "--parallel", "cfg2", "--device", "cpu", "--out", str(out), *setting]
     results = run_ranks(_generate_counting_text_encoders, 2, argv, counts, in_session=False, timeout=120)
     assert [r.exitcode for r in results] == [0, 0], results
-    assert [int((counts / str(rank)).read_text()) for rank in (0, 1)] == builders
+    built, decoded = zip(*((counts / str(rank)).read_text().split() for rank in (0, 1)))
+    assert list(map(int, built)) == builders
+    assert list(map(int, decoded)) == [1, 0]  # rank 0 alone decodes, whichever rank encoded
     np.testing.assert_array_equal(read_video(out), reference)
     meta = json.loads((tmp_path / "frames.json").read_text())
     assert meta["plan"]["text_encoder_rank"] == builders.index(1)
