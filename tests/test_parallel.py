@@ -268,3 +268,15 @@ def test_a_sharding_the_run_cannot_do_is_refused(overrides, words):
 
     with pytest.raises(ConfigError, match=words):
         plan_for(Request(WAN_T2V_1_3B), Constraints(overrides=overrides), "h100")
+
+
+def test_the_planner_puts_the_text_encoder_on_rank_0_of_several():
+    from wanfit.plan.parallel import parallel_overrides
+    from wanfit.plan.planning import Constraints, plan_for
+
+    request = Request(WAN_T2V_1_3B)
+    assert plan_for(request, Constraints(), "h100").plan.text_encoder_rank is None  # one process
+    two = Constraints(overrides=parallel_overrides(2, 1))
+    assert plan_for(request, two, "h100").plan.text_encoder_rank == 0
+    every = Constraints(overrides={**parallel_overrides(2, 1), "text_encoder_rank": None})
+    assert plan_for(request, every, "h100").plan.text_encoder_rank is None  # every process encodes
