@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.helpers.ranks import run_ranks
-from wanfit.errors import ConfigError, PlanError
+from wanfit.errors import ConfigError
 from wanfit.models.configs import WAN_T2V_1_3B, WAN_T2V_14B, WAN_TINY
 from wanfit.models.dit import WanDiT
 from wanfit.pipeline import WanPipeline
@@ -251,9 +251,8 @@ def test_the_planner_shards_a_dit_that_does_not_fit_one_gpu():
     # Per GPU: an eighth of the blocks plus two gathered blocks (and the small non-block parts).
     sharded = eight.phases["denoise"].detail["dit"]
     assert whole / 8 < sharded < whole / 8 + 3 * whole / WAN_T2V_14B.num_layers
-    # One such GPU would stream the DiT from the host, whose RAM this emulated machine lacks.
-    with pytest.raises(PlanError, match="host RAM"):
-        plan_for(request, Constraints(vram=vram), "h100")
+    one = plan_for(request, Constraints(vram=vram), "h100")  # one such GPU streams the blocks instead
+    assert one.plan.dit_sharding == "none" and one.plan.dit_blocks_resident is not None
 
 
 @pytest.mark.parametrize(
