@@ -227,3 +227,16 @@ def test_releasing_the_dit_drops_the_branch_copies_and_the_next_call_makes_them_
     remove_loras(dit)
     assert loras.branches == []
     assert not any(k.startswith("_wanfit") for m in dit.modules() for k in vars(m))
+
+
+def test_a_lora_on_a_sharded_dit_is_refused_in_one_sentence():
+    from dataclasses import replace
+
+    from wanfit.demo import tiny_pipeline
+    from wanfit.errors import ConfigError
+
+    pipe = tiny_pipeline(device="cpu")
+    pipe.plan = replace(pipe.plan, dit_sharding="fsdp")
+    with pytest.raises(ConfigError, match=r"cannot be applied to a DiT sharded across processes"):
+        pipe.load_lora(make_lora(), 0.5)
+    assert pipe.loras == []

@@ -513,6 +513,11 @@ class WanPipeline:
         from wanfit.runtime.lora import choose_mode
         from wanfit.weights.lora_keys import LoraWeights, load_lora
 
+        if getattr(self.plan, "dit_sharding", "none") != "none":
+            raise ConfigError(
+                "LoRAs cannot be applied to a DiT sharded across processes (dit_sharding=fsdp) yet; "
+                "drop --lora, or give the run GPUs that hold the DiT whole."
+            )
         lora = path
         if not isinstance(path, LoraWeights):
             shapes, name = self.dit_parameter_shapes()
