@@ -1,9 +1,9 @@
 """The dispatcher: picks a backend per kind of call, runs it, and falls back when one fails.
 
 Selection is the best-ranked backend that (1) declares it can serve the call on this device,
-(2) imports, and (3) passes a tiny smoke test against a plain fp32 reference on the real device.
-Results are cached per (device, dtype, head dim, mask, whether full math fits the budget), so a
-call costs a dictionary lookup. Under emulation of a card this machine does not have, step (3)
+(2) imports, and (3) passes a tiny smoke test against a plain fp32 reference on the real device
+(once per process). Selections are cached per (device, dtype, head dim, mask, whether full math
+fits the budget), so a call costs a dictionary lookup. Under emulation of a card this machine does not have, step (3)
 cannot run: selection then rests on the declared requirements alone.
 """
 
@@ -25,6 +25,9 @@ MATH_BUDGET_BYTES = 256 * MIB
 # Max abs error a kernel may show against the fp32 reference on the smoke test's unit-scale data.
 SMOKE_TOLERANCE = {torch.float64: 1e-6, torch.float32: 2e-3, torch.float16: 1e-2, torch.bfloat16: 4e-2}
 LOSSY_TOLERANCE_FACTOR = 5.0
+# Smoke-test results for this process (None: passed; else what went wrong), shared by every
+# dispatcher: the planner's and a pipeline's test a backend once, not each before its first call.
+_SMOKE_RESULTS: dict[tuple, str | None] = {}
 
 
 class AttentionFallbackWarning(RuntimeWarning):
@@ -119,7 +122,6 @@ class Dispatcher:
         self.order = rank(self.registry, self.measured_ms, self.allow_lossy)
         self.disabled: dict[str, str] = {}  # name -> why, for the rest of the process
         self._selections: dict[tuple, Selection] = {}
-        self._smoke: dict[tuple, str | None] = {}  # None: passed; else what went wrong
         self.forced = self._check_forced(forced)
 
     # --- describing calls -----------------------------------------------------------------------
@@ -420,9 +422,10 @@ class Dispatcher:
         self, b: AttentionBackend, kernel_dtype: torch.dtype, call: AttentionCall, device
     ) -> str | None:
         """None when `b` matches the fp32 reference on a tiny cross-attention call; else what went wrong."""
-        key = (b.name, str(device), kernel_dtype, call.head_dim, call.has_mask)
-        if key in self._smoke:
-            return self._smoke[key]
+        # The backend itself (its kernel function) is in the key: a registry's replacement is tested anew.
+        key = (b, str(device), kernel_dtype, call.head_dim, call.has_mask)
+        if key in _SMOKE_RESULTS:
+            return _SMOKE_RESULTS[key]
         gen = torch.Generator().manual_seed(0)
         q, k, v = (torch.randn(1, n, 2, call.head_dim, generator=gen) for n in (77, 45, 45))
         mask = torch.rand(1, 1, 77, 45, generator=gen) > 0.2 if call.has_mask else None
@@ -442,7 +445,7 @@ class Dispatcher:
             raise
         except Exception as err:
             failure = f"raised {_one_line(err)}."
-        self._smoke[key] = failure
+        _SMOKE_RESULTS[key] = failure
         return failure
 
     def _check_forced(self, forced: str | None) -> str | None:
