@@ -110,3 +110,22 @@ def test_batched_and_sequential_guidance_agree(folders, latents):
     batched.plan = batched.plan.__class__.from_dict({**batched.plan.to_dict(), "cfg_batch": False})
     b = run_wanfit(batched, latents)
     assert mean_abs_diff(a, b) <= 0.05
+
+
+def test_frames_are_converted_to_uint8_where_they_are_exactly_as_on_the_host():
+    """The device-side conversion (a few frames a pass) gives the host formula's bytes, rounding ties too."""
+    from wanfit.pipeline import frames_to_uint8
+
+    g = torch.Generator().manual_seed(0)
+    video = torch.rand(1, 3, 11, 6, 5, generator=g) * 2.4 - 1.2  # some values clip at both ends
+    # Values whose x*255 lands exactly on a .5 tie after (x/2 + 0.5): round half to even, as numpy does.
+    ties = (torch.arange(0, 256, dtype=torch.float32) + 0.5) / 255 * 2 - 1
+    video[0, 0, 0].view(-1)[:30] = ties[:30]
+    for dtype in (torch.float32, torch.bfloat16):
+        v = video.to(dtype)
+        host = (v[0].to("cpu", torch.float32) / 2 + 0.5).clamp(0, 1)
+        expected = (host.permute(1, 2, 3, 0).numpy() * 255).round().astype(np.uint8)
+        for per_pass in (1, 4, 8, 64):
+            out = frames_to_uint8(v, frames_per_pass=per_pass)
+            assert out.dtype == np.uint8 and out.shape == (11, 6, 5, 3)
+            assert np.array_equal(out, expected), (dtype, per_pass)

@@ -14,6 +14,7 @@ import torch
 
 from wanfit.errors import ConfigError
 from wanfit.models.configs import VAE_STRIDE, latent_shape  # noqa: F401  (latent_shape: public here too)
+from wanfit.plan.compile_costs import StepClock
 from wanfit.plan.plan import ATTENTION_KINDS, Plan
 from wanfit.runtime.placement import DiTLayout, Placements, TextEncoderLayout, TextEncoderPlacement
 from wanfit.sampling import schedulers
@@ -232,6 +233,9 @@ class WanPipeline:
             "timings": self.timings,
             "oom_steps": [list(step) for step in self.oom_steps],
             "step_cache": self.step_cache_report,
+            # What ran: "fast" names the lossy fp8 GEMMs; a plan's fast tier the card refused runs exact.
+            "tier": self.placement.dit.tier,
+            "given_up": dict(self.placement.dit.failures),
         }
 
     @classmethod
@@ -292,6 +296,7 @@ class WanPipeline:
                 frames=num_frames,
                 guidance=guidance,
                 **({} if builtin else components),
+                steps=overrides.get("num_inference_steps"),
             )
             planned = plan_for(request, constraints, hardware)
         if builtin:
@@ -718,6 +723,41 @@ class WanPipeline:
             torch.cuda.reset_peak_memory_stats(device)
         self.timings[f"{phase}_s"] = time.perf_counter() - started
 
+    def _record_steps(self, step_s: list[float], guidance: bool, cached: bool) -> None:
+        """Step times into the timings, and, for a resident DiT on a real CUDA card with every step
+        computed in full (no step cache) on one process, into this card's compile costs (what the
+        planner weighs when it decides whether to compile)."""
+        from wanfit.plan import compile_costs
+
+        if len(step_s) >= 2:
+            steady, extra = compile_costs.steady_and_first_extra(step_s)
+            self.timings["denoise_step_s"] = steady
+            self.timings["denoise_first_step_extra_s"] = extra
+        hw, placed = self._hardware(), self.placement.dit
+        if (
+            hw.device_type != "cuda"
+            or hw.emulated
+            or self.oom_steps
+            or cached
+            or self.parallel is not None
+            or placed.layout is None
+            or placed.layout.streamed
+            or "compile" in placed.failures
+        ):
+            return
+        key, _ = compile_costs.job(
+            self._request.config,
+            self._request.tokens,
+            guidance=guidance,
+            cfg_batch=self.plan.cfg_batch,
+            dtype=self.plan.compute_dtype,
+            fp8_gemm=placed.tier == "fast",
+        )
+        try:
+            compile_costs.record_run(hw, key, compiled=placed.compiled_blocks is not None, step_s=step_s)
+        except OSError:
+            pass  # a read-only cache dir costs the planner its measurements, not the run
+
     # -- the whole job ---------------------------------------------------------------------------
 
     def __call__(
@@ -805,6 +845,8 @@ class WanPipeline:
             state.latents = self.parallel.same_latents(state.latents)
 
         started = time.perf_counter()
+        clock = StepClock(device)
+        clock.start()
         final = self.denoise(
             state,
             scheduler,
@@ -813,11 +855,14 @@ class WanPipeline:
             uncond,
             guidance,
             progress=progress,
-            on_step=on_step,
+            on_step=clock.wrap(on_step),
             step_cache=step_cache,
         )
         self._end_phase("denoise", started)
         self._record_attention("denoise", ("self", "cross"))
+        self._record_steps(
+            clock.step_s, use_cfg, cached=step_cache is not None or self.plan.cache is not None
+        )
         if self.parallel is not None and not self.parallel.is_output_rank:
             return None  # rank 0 decodes and writes
 

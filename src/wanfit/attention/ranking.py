@@ -67,6 +67,11 @@ def save_measured(hw: HardwareProbe, ms: dict[str, float], meta: dict, path: Pat
         except (OSError, ValueError):
             data = {"devices": {}}
     data["devices"][device_key(hw)] = {**meta, "ms": dict(ms)}
+    return write_json(path, data)
+
+
+def write_json(path: Path, data: dict) -> Path:
+    """Write a cache file whole or not at all (a temporary renamed over it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True))

@@ -111,6 +111,11 @@ def add_plan_options(parser: argparse.ArgumentParser) -> None:
         "e.g. magcache or teacache:0.08 (docs/step_cache.md); the same as --set cache=...",
     )
     group.add_argument(
+        "--fast",
+        action="store_true",
+        help="the fast tier: the DiT's linears as fp8 GEMMs (lossy, named in the metadata; sm_89+ GPUs)",
+    )
+    group.add_argument(
         "--set",
         dest="overrides",
         action="append",
@@ -147,4 +152,5 @@ def constraints_from_args(args: argparse.Namespace) -> Constraints:
         device=getattr(args, "device", None),
         settings=plan_settings(args),
         allow_downscale=getattr(args, "allow_downscale", False),
+        fast=getattr(args, "fast", False),
     )

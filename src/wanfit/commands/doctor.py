@@ -83,8 +83,35 @@ def report(hw: HardwareProbe, constraints: Constraints | None = None) -> dict:
         "planned_attention": planned,
         "plan": plan,
         "attention": d.explain(call),
+        "tiers": tiers(hw, precision.compute),
         "warnings": list(hw.warnings),
     }
+
+
+def tiers(hw: HardwareProbe, compute) -> dict:
+    """Which speed tiers this card gets and why: exact (the default) and fast (--fast, lossy)."""
+    import torch
+
+    from wanfit.runtime import fp8_linear
+
+    exact = f"the default: {dtype_name(compute)} compute, nothing lossy"
+    reason = fp8_linear.fp8_gemm_reason(hw)
+    if reason is None and compute != torch.bfloat16:
+        reason = f"the fast tier computes in bfloat16, and this card computes in {dtype_name(compute)}."
+    if reason is None and hw.device_present:
+        failure = fp8_linear.smoke_test(f"cuda:{hw.device_index or 0}")
+        reason = None if failure is None else f"its fp8 GEMM failed the smoke test here: {failure}."
+    if reason is None:
+        smoke = (
+            "smoke-tested here" if hw.device_present else "from the card's declarations, emulated: not run"
+        )
+        fast = {
+            "available": True,
+            "why": f"--fast: fp8 e4m3 GEMMs for the DiT's linears on {hw.sm}, lossy ({smoke})",
+        }
+    else:
+        fast = {"available": False, "why": f"--fast is refused: {reason}"}
+    return {"exact": {"available": True, "why": exact}, "fast": fast}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -125,6 +152,8 @@ def format_report(data: dict, hw: HardwareProbe) -> str:
         for p in data["packages"]
     )
     lines.append(f"  packages    {packages}")
+    for name, tier in data["tiers"].items():
+        lines.append(f"  tier {name:<7}{_yes(tier['available']):<4} {tier['why']}")
     for note in data["precision_notes"] + data["warnings"]:
         lines.append(f"  note        {note}")
 

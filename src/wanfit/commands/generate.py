@@ -528,6 +528,7 @@ def _job_request(args: argparse.Namespace, settings: Settings):
         height=settings.height,
         frames=settings.frames,
         guidance=settings.guidance != 1.0,
+        steps=settings.steps,
         **common.model_components(args),
     )
 

@@ -30,6 +30,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--guidance", type=float, default=None, help="classifier-free guidance (1 = off; default 6)"
     )
+    p.add_argument(
+        "--steps", type=int, default=None, help="denoising steps: whether compiling pays (default 50)"
+    )
     p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: the best one found)")
     add_preset_option(p)
     common.add_plan_options(p)
@@ -52,13 +55,16 @@ def request_from_args(args: argparse.Namespace):
             "model size, so drop --model-size."
         )
     width, height = common.parse_size(args.size)
-    validate_request(height, width, args.frames, 1, args.guidance)
+    steps = getattr(args, "steps", None)
+    validate_request(height, width, args.frames, 1 if steps is None else steps, args.guidance)
     if common.has_model(args):
         model, parts = args.model, common.model_components(args)
     else:
         model, parts = args.model_size or "1.3B", {}
     guidance = args.guidance != 1.0
-    return model_request(model, width=width, height=height, frames=args.frames, guidance=guidance, **parts)
+    return model_request(
+        model, width=width, height=height, frames=args.frames, guidance=guidance, steps=steps, **parts
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -70,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
         print(settings_help())
         return 0
     preset = plan_preset(args)
+    if preset is not None and args.steps is None:
+        args.steps = preset.steps
     request = request_from_args(args)
     constraints = parallel_constraints(args, request, common.constraints_from_args(args))
     hardware = common.hardware_from_args(args)

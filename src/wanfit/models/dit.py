@@ -38,6 +38,19 @@ class DiTInputs:
     grid: tuple[int, int, int]  # patch grid (F, H, W)
 
 
+class Linear(nn.Linear):
+    """A block's nn.Linear whose product the runtime may replace: `gemm(x)`, a callable holding this
+    layer's weight in another form (the fast tier's fp8 GEMM, wanfit.runtime.fp8_linear); None: the
+    layer's own weight. A model-level setting like the attention dispatcher: nothing else changes."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        super().__init__(in_features, out_features, bias)
+        self.gemm = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias) if self.gemm is None else self.gemm(x)
+
+
 def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Run a Linear (or Sequential starting with one) in its weights' dtype; returns that dtype."""
     weight = next(layer.parameters())
@@ -126,10 +139,10 @@ class Projections(nn.Module):
     def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float):
         super().__init__()
         self.num_heads = num_heads
-        self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(dim, dim)
-        self.v = nn.Linear(dim, dim)
-        self.o = nn.Linear(dim, dim)
+        self.q = Linear(dim, dim)
+        self.k = Linear(dim, dim)
+        self.v = Linear(dim, dim)
+        self.o = Linear(dim, dim)
         # RMSNorm over the whole dim (all heads together), before the split into heads.
         self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
         self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
@@ -190,7 +203,7 @@ class WanBlock(nn.Module):
         self.cross_attn = CrossAttention(dim, config.num_heads, config.qk_norm, eps)
         self.norm2 = LayerNorm(dim, eps, elementwise_affine=False)
         self.ffn = nn.Sequential(
-            nn.Linear(dim, config.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(config.ffn_dim, dim)
+            Linear(dim, config.ffn_dim), nn.GELU(approximate="tanh"), Linear(config.ffn_dim, dim)
         )
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
         self.ffn_chunk: int | None = None  # tokens per FFN call (set by the runtime to bound memory)

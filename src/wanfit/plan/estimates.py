@@ -225,6 +225,7 @@ class Request:
     # taken to be in the plan's dtypes). They decide what loading converts and what streams from a file.
     dit_file_dtype: str | None = None
     text_encoder_file_dtype: str | None = None
+    steps: int | None = None  # denoising steps; None: the sampler's default (whether compiling pays)
 
     @property
     def latent_frames(self) -> int:

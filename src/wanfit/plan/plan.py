@@ -131,6 +131,13 @@ class Plan:
     compile_dit: bool = field(
         default=False, metadata=_setting("bool", "torch.compile the DiT's blocks (resident DiT on CUDA)")
     )
+    # The fast tier (--fast): lossy, opt-in, sm_89+; wanfit.runtime.fp8_linear.
+    fp8_gemm: bool = field(
+        default=False,
+        metadata=_setting(
+            "bool", "the DiT blocks' linears as fp8 GEMMs, per-row scales (lossy: the fast tier)"
+        ),
+    )
     attention_chunk: int | None = field(
         default=None,
         metadata=_setting(
@@ -208,6 +215,11 @@ class Plan:
         from wanfit.precision import parse_dtype
 
         return parse_dtype(self.text_encoder_dtype)
+
+    @property
+    def tier(self) -> str:
+        """ "fast" when a lossy speed-up is on (fp8 GEMMs), else "exact"."""
+        return "fast" if self.fp8_gemm else "exact"
 
     def attention_for(self, kind: str) -> str | None:
         """The planned backend of one kind of attention ("self", "cross", "vae")."""

@@ -86,6 +86,8 @@ class DeviceBudget:
     compilable: bool = False  # a real CUDA device with Triton: the DiT's blocks may be compiled
     host_source: str = "MemAvailable"  # where host_free_bytes comes from (a cgroup limit, ...)
     host_self_bytes: int = 0  # this process's own memory, in use already: the estimates count it
+    # What compiling cost and saved on this card, job key -> entry (wanfit.plan.compile_costs).
+    compile_measured: dict | None = None
 
     @property
     def torch_device(self) -> str:
@@ -119,6 +121,11 @@ def budget_from_probe(hw, attention_backend: str | None = None) -> DeviceBudget:
         import importlib.util
 
         compilable = importlib.util.find_spec("triton") is not None
+    compile_measured = None
+    if compilable:
+        from wanfit.plan.compile_costs import load_measured
+
+        compile_measured = load_measured(hw)
     return DeviceBudget(
         kind=hw.device_type,
         name=hw.device_name,
@@ -133,6 +140,7 @@ def budget_from_probe(hw, attention_backend: str | None = None) -> DeviceBudget:
         compilable=compilable,
         host_source=hw.host_ram_source if hw.host_ram_available is not None else "free memory",
         host_self_bytes=hw.process_rss or 0,
+        compile_measured=compile_measured,
     )
 
 
@@ -238,9 +246,7 @@ def fastest_plan(device: DeviceBudget, request: Request, *, fp8: bool = False) -
         text_encoder_dtype=_text_encoder_storage(device, request),
         free_text_encoder=False,
         cfg_batch=request.guidance,
-        # Compiling the blocks saves ~11% per step but costs ~17 s up front (1.3B, 480p, H100):
-        # it pays only past ~100 steps, so it is opt-in (--set compile_dit=true).
-        compile_dit=False,
+        compile_dit=False,  # decided once the plan is known (compile_decision): when it pays
     )
 
 
@@ -252,6 +258,35 @@ def _text_encoder_storage(device: DeviceBudget, request: Request) -> str:
     if file_dtype in ("float16", FP8_STORAGE):
         return file_dtype
     return "float32" if device.kind == "cpu" else "bfloat16"
+
+
+def compile_decision(device: DeviceBudget, request: Request, plan: Plan):
+    """(compile the DiT's blocks?, the CompileCosts it rests on or None): only a resident DiT on a
+    compilable card; the fast tier always (its quantisation is fused only when compiled); otherwise
+    when steps x the saving per step beats the compile (wanfit.plan.compile_costs)."""
+    from wanfit.plan import compile_costs
+
+    resident = plan.dit_blocks_resident is None and plan.storage_dtype is None
+    if not (device.compilable and resident):
+        return False, None
+    if plan.fp8_gemm:
+        return True, None
+    key, work = compile_costs.job(
+        request.config,
+        request.tokens,
+        guidance=request.guidance,
+        cfg_batch=plan.cfg_batch,
+        dtype=plan.compute_dtype,
+    )
+    costs = compile_costs.costs_for(device.compile_measured, key, work)
+    return costs.pays(request_steps(request)), costs
+
+
+def request_steps(request: Request) -> int:
+    """The job's denoising steps: as asked, else the sampler's default."""
+    from wanfit.pipeline import SamplingDefaults
+
+    return request.steps if request.steps is not None else SamplingDefaults.num_inference_steps
 
 
 # ----------------------------------------------------------------------------- notches
@@ -786,8 +821,12 @@ def plan_run(
                 break
     if not fits:
         raise _no_plan_error(request, base, budget, backend, frozen, allow_downscale)
+    compile_costs = None
+    if "compile_dit" not in frozen:
+        compile_dit, compile_costs = compile_decision(device, chosen, plan)
+        plan = replace(plan, compile_dit=compile_dit)
     host = host_phases(chosen, plan)
-    notes += _plan_notes(plan, device)
+    notes += _plan_notes(plan, device, chosen, compile_costs)
     return PlanResult(
         plan=plan,
         request=chosen,
@@ -875,7 +914,7 @@ def _notes(device: DeviceBudget, budget: Budget, plan: Plan, vram: int | None) -
     return notes
 
 
-def _plan_notes(plan: Plan, device: DeviceBudget) -> list[str]:
+def _plan_notes(plan: Plan, device: DeviceBudget, request: Request, compile_costs=None) -> list[str]:
     notes = []
     if plan.text_encoder_dtype == FP8_STORAGE:
         notes.append("the text encoder's matrices are stored in fp8 (per-tensor scaled, upcast per block).")
@@ -884,10 +923,18 @@ def _plan_notes(plan: Plan, device: DeviceBudget) -> list[str]:
             "the text encoder keeps bf16 weights and computes in fp32 one block at a time "
             "(no native bf16 here, and umT5 overflows in fp16); it runs once."
         )
-    if device.compilable and not plan.compile_dit and plan.dit_blocks_resident is None:
+    if compile_costs is not None:
+        what = "compiles the DiT's blocks" if plan.compile_dit else "runs the DiT eagerly"
+        notes.append(f"the plan {what}: {compile_costs.describe(request_steps(request))}.")
+    if plan.fp8_gemm and (plan.dit_blocks_resident is not None or plan.storage_dtype is not None):
         notes.append(
-            "for long runs, --set compile_dit=true compiles the DiT's blocks: about 11% faster per step "
-            "after a one-off compile of about 17 s (H100, 1.3B, 480p)."
+            "the fast tier's fp8 GEMMs need the DiT resident and unquantised at rest; this plan streams or "
+            "fp8-stores it, so its blocks run exact."
+        )
+    elif plan.fp8_gemm:
+        notes.append(
+            "fast tier: the DiT blocks' linears run as fp8 e4m3 GEMMs with per-row scales (lossy; "
+            "bench_speed.py measures the error against the exact tier)."
         )
     if plan.text_encoder_device == "cpu" and device.kind != "cpu":
         notes.append("the text encoder runs on the CPU: expect minutes for the prompt encoding.")

@@ -37,6 +37,7 @@ class Constraints:
     device: str | None = None  # cpu, cuda, cuda:N
     overrides: Mapping[str, object] = field(default_factory=dict)  # checked Plan field values (--set)
     allow_downscale: bool = False
+    fast: bool = False  # the fast tier (--fast): lossy fp8 GEMMs, sm_89+
 
     @classmethod
     def from_options(
@@ -51,6 +52,7 @@ class Constraints:
         device: str | None = None,
         settings: list[str] | tuple[str, ...] = (),
         allow_downscale: bool = False,
+        fast: bool = False,
     ) -> Constraints:
         """From the words a user types (the CLI's options, or the same in Python); checked."""
         if isinstance(vram, str):
@@ -67,6 +69,7 @@ class Constraints:
             device=device,
             overrides=parse_plan_overrides(settings),
             allow_downscale=allow_downscale,
+            fast=fast,
         )
 
 
@@ -81,11 +84,17 @@ def model_request(
     vae: str | Path | None = None,
     text_encoder: str | Path | None = None,
     tokenizer: str | Path | None = None,
+    steps: int | None = None,
 ) -> Request:
     """The job as the planner sees it. model: a folder (official, diffusers or ComfyUI), a preset name
     (1.3B, 14B), or None/"builtin"; dit / vae / text_encoder / tokenizer: files that replace the
-    folder's own (all three: no folder needed). Headers only: no weights are read."""
+    folder's own (all three: no folder needed). Headers only: no weights are read. steps: the
+    denoising steps (None: the sampler's default), which decide whether compiling pays."""
     components = {"dit": dit, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer}
+    return replace(_model_request(model, width, height, frames, guidance, components), steps=steps)
+
+
+def _model_request(model, width: int, height: int, frames: int, guidance: bool, components: dict) -> Request:
     named = any(v is not None for v in components.values())
     size = {"height": height, "width": width, "num_frames": frames, "guidance": guidance}
     if not named and (model is None or str(model) == BUILTIN):
@@ -159,6 +168,9 @@ def plan_for(
     if forced is not None:
         overrides["attention"] = forced
     _check_text_encoder_device(overrides.get("text_encoder_device"), hw)
+    if constraints.fast or overrides.get("fp8_gemm"):
+        overrides["fp8_gemm"], fast_notes = fast_tier(hw, precision.compute, constraints.fast)
+        notes += fast_notes
 
     attention, attention_notes = select_attention(request, hw, precision.compute, forced, constraints)
     notes += attention_notes
@@ -174,6 +186,33 @@ def plan_for(
         attention=attention,
     )
     return replace(result, notes=tuple(notes) + result.notes, hardware=hw)
+
+
+def fast_tier(hw: HardwareProbe, compute, by_flag: bool) -> tuple[bool, list[str]]:
+    """Whether the fast tier's fp8 GEMMs run here: ConfigError (one sentence) when the card or dtype
+    cannot have them; (False, a note) when the kernel fails its smoke test on the real device."""
+    import torch
+
+    from wanfit.runtime import fp8_linear
+
+    asked = "--fast" if by_flag else "--set fp8_gemm=true"
+    reason = fp8_linear.fp8_gemm_reason(hw)
+    if reason is not None:
+        raise ConfigError(f"{asked} was asked for, but {reason}")
+    if compute != torch.bfloat16:
+        raise ConfigError(
+            f"{asked} was asked for, but the fast tier computes in bfloat16 and this run computes in "
+            f"{str(compute).removeprefix('torch.')}; drop --dtype or --fast."
+        )
+    if not hw.device_present:
+        return True, ["the fast tier's fp8 GEMM is planned from the card's declarations (emulated: not run)."]
+    device = f"cuda:{hw.device_index or 0}"
+    failure = fp8_linear.smoke_test(device)
+    if failure is not None:
+        return False, [
+            f"the fast tier's fp8 GEMM failed its smoke test on this card ({failure}): running exact."
+        ]
+    return True, []
 
 
 def device_probe(hw: HardwareProbe, constraints: Constraints) -> HardwareProbe:

@@ -27,10 +27,11 @@ MODES = ("merge", "runtime")
 
 
 def choose_mode(plan) -> str:
-    """merge for a resident DiT in bf16/fp16/fp32; the runtime branch for streamed or fp8-stored blocks."""
+    """merge for a resident DiT in bf16/fp16/fp32; the runtime branch for streamed or fp8-stored
+    blocks, and beside the fast tier's fp8 GEMMs (whose quantised weights a merge would outdate)."""
     streamed = plan.dit_blocks_resident is not None
     fp8 = plan.storage_dtype is not None and plan.storage_dtype.startswith("float8")
-    return "runtime" if streamed or fp8 else "merge"
+    return "runtime" if streamed or fp8 or plan.fp8_gemm else "merge"
 
 
 @dataclass
@@ -160,6 +161,8 @@ class DiTLoras:
     def _reset_streamer(self) -> None:
         if self.streamer is not None:
             self.streamer.reset()  # a prefetched device copy may predate the change
+        if hasattr(self.placement, "weights_changed"):
+            self.placement.weights_changed()  # quantised copies (the fast tier) may predate it too
 
 
 def _block_linears(dit: nn.Module) -> set[str]:

@@ -2,7 +2,7 @@
 
 One placement object per component, owned by the pipeline:
     DiTPlacement          device; blocks streamed (k resident), sharded (FSDP2) or not; fp8 storage;
-                          compiled blocks; chunking
+                          compiled blocks; the fast tier's fp8 GEMMs; chunking
     TextEncoderPlacement  device; blocks streamed or not; compute dtype
     VAEPlacement          device; decode tiling
 Each holds a frozen layout derived from a Plan (what it has put in place) and the live objects that
@@ -48,6 +48,7 @@ class DiTLayout:
     source: str = "pinned"  # where streamed blocks come from (offload.SOURCES)
     dtype: torch.dtype | None = None  # the compute dtype a streamed DiT is converted to when placed
     sharded: bool = False  # blocks sharded over the run's processes (Plan.dit_sharding "fsdp")
+    fp8_gemm: bool = False  # the blocks' linears run as fp8 GEMMs (the fast tier; resident, unsharded)
 
     @classmethod
     def from_plan(cls, plan) -> DiTLayout:
@@ -65,6 +66,7 @@ class DiTLayout:
             source=plan.dit_stream_source,
             dtype=plan.torch_compute_dtype,
             sharded=sharded,
+            fp8_gemm=plan.fp8_gemm and not streamed and not sharded,
         )
 
     @property
@@ -95,6 +97,8 @@ class DiTPlacement:
     the VAE decode (`release`); in between, `apply` follows plan changes. Call the placement, not the
     model, to run the DiT as placed: `placement(x, timestep, context)`.
     compile_options: passed to torch.compile for each block (e.g. a test's backend).
+    A compile that fails, or an fp8 GEMM that fails its smoke test, leaves the blocks eager or exact
+    for the rest of the process, with one warning; `failures` says why.
     """
 
     def __init__(
@@ -106,6 +110,13 @@ class DiTPlacement:
         self.layout: DiTLayout | None = None  # None: not placed (as loaded, or released to the host)
         self.streamer: BlockStreamer | None = None
         self.compiled_blocks: list[Callable] | None = None
+        self.fp8_gemm_bytes: int | None = None  # the fp8 weights' bytes while the fast tier is in place
+        self.failures: dict[str, str] = {}  # "compile" / "fp8_gemm" -> why it was given up
+
+    @property
+    def tier(self) -> str:
+        """What runs now: "fast" (fp8 GEMMs in place) or "exact"."""
+        return "fast" if self.fp8_gemm_bytes is not None else "exact"
 
     @property
     def placeable(self) -> bool:
@@ -122,11 +133,50 @@ class DiTPlacement:
             self.streamer.reset()  # drop the copies a call that raised left behind, and the prefetch
         if old is None or (old.attention_chunk, old.ffn_chunk) != (new.attention_chunk, new.ffn_chunk):
             apply_chunking(self.dit.blocks, attention_chunk=new.attention_chunk, ffn_chunk=new.ffn_chunk)
-        if new.compiled and self.compiled_blocks is None:
+        self._place_fp8_gemms(new)
+        if new.compiled and self.compiled_blocks is None and "compile" not in self.failures:
             self.compiled_blocks = compile_blocks(self.dit.blocks, **self.compile_options)
         elif not new.compiled:
             self.compiled_blocks = None  # the blocks themselves were never changed: eager again
         self.layout = new
+
+    def _place_fp8_gemms(self, layout: DiTLayout) -> None:
+        """Quantise the block linears for the fast tier (after a smoke test), or put them back."""
+        from wanfit.runtime import fp8_linear
+
+        want = layout.fp8_gemm and "fp8_gemm" not in self.failures
+        if want and self.fp8_gemm_bytes is None:
+            failure = fp8_linear.smoke_test(layout.device)
+            if failure is not None:
+                self._give_up(
+                    "fp8_gemm", f"the fp8 GEMM failed its smoke test ({failure}); the blocks run exact"
+                )
+                return
+            self.fp8_gemm_bytes = fp8_linear.install(self.dit.blocks)
+            self.compiled_blocks = None  # graphs traced through the exact linears
+        elif not want and self.fp8_gemm_bytes is not None:
+            self._drop_fp8_gemms()
+
+    def _drop_fp8_gemms(self) -> None:
+        if self.fp8_gemm_bytes is not None:
+            from wanfit.runtime import fp8_linear
+
+            fp8_linear.uninstall(self.dit.blocks)
+            self.fp8_gemm_bytes = None
+            self.compiled_blocks = None
+
+    def weights_changed(self) -> None:
+        """The blocks' weights were rewritten (a LoRA merged or removed): quantised copies are stale,
+        so they are made again when the DiT is next placed."""
+        self._drop_fp8_gemms()
+
+    def _give_up(self, what: str, why: str) -> None:
+        import warnings
+
+        from wanfit.errors import WanfitWarning
+
+        self.failures[what] = why
+        warnings.warn(f"wanfit: {why}.", WanfitWarning, stacklevel=3)
 
     def apply(self, plan) -> None:
         """Follow a plan change mid-run; a DiT not placed stays on the host until `place`."""
@@ -137,6 +187,7 @@ class DiTPlacement:
         """Move the whole DiT to host memory (before the VAE decode); `place` puts it back. Sharded
         blocks keep their shards where they are (1/world of the blocks each)."""
         self._unstream()
+        self._drop_fp8_gemms()
         if self.layout is not None and self.layout.sharded:
             for child in self.dit.children():
                 if child is not self.dit.blocks:
@@ -152,7 +203,19 @@ class DiTPlacement:
         """The DiT's forward as placed (through the compiled blocks when compiled)."""
         if self.compiled_blocks is None:
             return self.dit(x, timestep, context)
-        return forward_with(self.dit, self.compiled_blocks, x, timestep, context)
+        try:
+            return forward_with(self.dit, self.compiled_blocks, x, timestep, context)
+        except torch.OutOfMemoryError:
+            raise  # memory is the OOM guard's to handle
+        except Exception as err:  # a compiler error; a real model error raises again just below
+            cause = (
+                getattr(err, "inner_exception", None) or err.__cause__ or err
+            )  # dynamo wraps the backend's
+            lines = str(cause).strip().splitlines()
+            what = f"{type(cause).__name__}: {lines[0][:200]}" if lines else type(cause).__name__
+            self._give_up("compile", f"compiling the DiT's blocks failed ({what}); they run eagerly")
+            self.compiled_blocks = None
+            return self.dit(x, timestep, context)
 
     # The forward's parts as placed, for a step cache (wanfit.sampling.step_cache) that runs some blocks.
 
@@ -175,6 +238,7 @@ class DiTPlacement:
         from wanfit.runtime.parallel.sharding import is_sharded, shard_blocks
 
         self._unstream()
+        self._drop_fp8_gemms()  # quantised on the old device
         device = torch.device(layout.device)
         blocks = self.dit.blocks
         if is_sharded(blocks) and not layout.sharded:
