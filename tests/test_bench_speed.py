@@ -1,0 +1,28 @@
+"""The speed benchmark end to end on the CPU (--dry-run: tiny models, every stage and variant)."""
+
+import json
+
+from benchmarks.bench_speed import LONG_PRIORITY, VARIANTS, main
+
+
+def test_dry_run_measures_every_variant_and_states_the_fast_tiers_error(tmp_path, capsys):
+    out = tmp_path / "speed.json"
+    result = main(["--dry-run", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["errors"] == {} and saved["skipped"] == []
+    assert set(saved["forward"]["b1"]) == set(VARIANTS)
+    assert set(saved["forward"]["b2"]) == {"diffusers_eager", "wanfit_eager", "wanfit_compiled"}
+    assert set(saved["jobs"]["2"]) == set(VARIANTS) and set(saved["jobs"]["3"]) == set(LONG_PRIORITY)
+    fast = saved["forward"]["b1"]["wanfit_fast"]
+    assert fast["tier"] == "fast" and fast["compiled"] and fast["given_up"] == {}
+    assert saved["jobs"]["2"]["wanfit_fast"]["tier"] == "fast"
+    assert saved["jobs"]["2"]["wanfit_eager"]["tier"] == "exact"
+    errors = saved["errors_vs_exact"]
+    assert 1e-4 < errors["forward_b1_rel_l2_wanfit_fast_vs_wanfit_eager"] < 5e-2
+    assert errors["forward_b1_rel_l2_wanfit_compiled_vs_wanfit_eager"] < 1e-5  # fp32, same math
+    assert errors["forward_b1_rel_l2_diffusers_eager_vs_wanfit_eager"] < 1e-4  # the same weights
+    assert 0 < errors["job2_mean_abs_uint8_wanfit_fast_vs_exact"] < 8
+    assert errors["job2_mean_abs_uint8_wanfit_compiled_vs_exact"] < 0.5
+    assert result["ratios"]["forward_b1_diffusers_compiled_over_diffusers_compiled"] == 1.0
+    text = capsys.readouterr().out
+    assert "| wanfit_fast | fast, compiled |" in text and "x diffusers eager" in text
