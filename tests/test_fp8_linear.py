@@ -157,3 +157,31 @@ def test_who_gets_the_fast_tier(card, reason):
     else:
         assert found is not None and reason in found and found.endswith(".")
         assert "compute capability 8.9 or newer" in found
+
+
+def test_padded_rows_give_the_same_product():
+    """For a kernel that takes only multiples of 16 rows: zero rows padded in, sliced off again."""
+    layer = make_linear(dtype=torch.bfloat16)
+    x = torch.randn(37, 64, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    for matmul in ("emulated", "scaled_mm"):
+        plain = Fp8Gemm(layer, matmul=matmul)(x)
+        padded = Fp8Gemm(layer, matmul=matmul, row_multiple=16)(x)
+        assert padded.shape == (37, 48) and torch.equal(padded, plain)
+
+
+def test_the_kernel_probe_pads_rows_only_when_any_count_is_refused(monkeypatch):
+    calls = []
+
+    def refuses_odd_counts(device, rows, row_multiple=1):
+        calls.append((rows, row_multiple))
+        return "torch._scaled_mm raised RuntimeError: rows" if rows % 16 else None
+
+    monkeypatch.setattr(fp8_linear, "_check_gemm", refuses_odd_counts)
+    fp8_linear.probe_kernel.cache_clear()
+    try:
+        assert fp8_linear.probe_kernel("meta-device") == (None, 16)
+        assert calls == [(40, 1), (48, 16)]
+        monkeypatch.setattr(fp8_linear, "_check_gemm", lambda *a, **k: "torch._scaled_mm raised X: no")
+        assert fp8_linear.probe_kernel("other-device") == ("torch._scaled_mm raised X: no", 1)
+    finally:
+        fp8_linear.probe_kernel.cache_clear()

@@ -69,9 +69,19 @@ MATMULS = {"scaled_mm": _scaled_mm, "emulated": emulated_scaled_mm}
 
 
 class Fp8Gemm:
-    """One Linear's product in fp8: holds the quantised weight; `gemm(x)` -> x W^T + b in out_dtype."""
+    """One Linear's product in fp8: holds the quantised weight; `gemm(x)` -> x W^T + b in out_dtype.
 
-    def __init__(self, layer: nn.Linear, *, matmul: str = "scaled_mm", out_dtype: torch.dtype | None = None):
+    row_multiple: pad the activation rows to a multiple of this (zero rows, sliced off the result)
+    for a kernel that takes only such counts (the smoke test finds out; 1: no padding)."""
+
+    def __init__(
+        self,
+        layer: nn.Linear,
+        *,
+        matmul: str = "scaled_mm",
+        out_dtype: torch.dtype | None = None,
+        row_multiple: int = 1,
+    ):
         weight = layer.weight.detach()
         q_w, scale_w = quantize_rows(weight)  # [N, K]: a scale per output channel
         self.weight_t = q_w.t()  # [K, N] column-major, as _scaled_mm takes its second operand
@@ -80,12 +90,16 @@ class Fp8Gemm:
         self.out_dtype = out_dtype or weight.dtype
         self.in_features, self.out_features = layer.in_features, layer.out_features
         self.matmul = MATMULS[matmul]
+        self.row_multiple = row_multiple
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
+        count = rows.shape[0]
+        if count % self.row_multiple:
+            rows = torch.nn.functional.pad(rows, (0, 0, 0, self.row_multiple - count % self.row_multiple))
         q_x, scale_x = quantize_rows(rows)
         # _scaled_mm takes a row-major first operand; an elementwise result keeps its input's strides.
-        out = self.matmul(q_x.contiguous(), scale_x, self.weight_t, self.scale_w, self.out_dtype)
+        out = self.matmul(q_x.contiguous(), scale_x, self.weight_t, self.scale_w, self.out_dtype)[:count]
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
         return out.reshape(*x.shape[:-1], self.out_features)
@@ -102,11 +116,11 @@ def block_linears(blocks: nn.ModuleList) -> list[nn.Module]:
     return [m for block in blocks for m in block.modules() if isinstance(m, Linear)]
 
 
-def install(blocks: nn.ModuleList, *, matmul: str = "scaled_mm") -> int:
+def install(blocks: nn.ModuleList, *, matmul: str = "scaled_mm", row_multiple: int = 1) -> int:
     """Quantise every block Linear and route its forward through its Fp8Gemm; returns the fp8 bytes."""
     total = 0
     for layer in block_linears(blocks):
-        layer.gemm = Fp8Gemm(layer, matmul=matmul)
+        layer.gemm = Fp8Gemm(layer, matmul=matmul, row_multiple=row_multiple)
         total += layer.gemm.nbytes
     return total
 
@@ -117,20 +131,42 @@ def uninstall(blocks: nn.ModuleList) -> None:
         layer.gemm = None
 
 
-@functools.cache
-def smoke_test(device: str, dtype: torch.dtype = torch.bfloat16) -> str | None:
+def smoke_test(device: str) -> str | None:
     """None when `torch._scaled_mm` on `device` matches the fp32 emulation of the same fp8 operands
     on a small GEMM and lands near the exact product; else what went wrong (once per process)."""
+    return probe_kernel(str(device))[0]
+
+
+def row_multiple(device: str) -> int:
+    """The activation row counts the kernel takes on `device`: 1 (any), else 16 (padded to it)."""
+    return probe_kernel(str(device))[1]
+
+
+@functools.cache
+def probe_kernel(device: str) -> tuple[str | None, int]:
+    """(failure or None, row multiple): any row count first (a video's 32,760 tokens are not a
+    multiple of 16), then a multiple of 16 if a kernel refused the first."""
+    failure = _check_gemm(device, rows=40)
+    if failure is None:
+        return None, 1
+    if _check_gemm(device, rows=48, row_multiple=16) is None:
+        return None, 16
+    return failure, 1
+
+
+def _check_gemm(
+    device: str, rows: int, row_multiple: int = 1, dtype: torch.dtype = torch.bfloat16
+) -> str | None:
     gen = torch.Generator().manual_seed(0)
     layer = nn.Linear(64, 48).to(dtype)
     with torch.no_grad():
         layer.weight.copy_(torch.randn(48, 64, generator=gen))
         layer.bias.copy_(torch.randn(48, generator=gen))
-    x = torch.randn(40, 64, generator=gen).to(dtype)
+    x = torch.randn(rows, 64, generator=gen).to(dtype)
     try:
         layer, x = layer.to(device), x.to(device)
         with torch.no_grad():
-            out = Fp8Gemm(layer, matmul="scaled_mm")(x).float().cpu()
+            out = Fp8Gemm(layer, matmul="scaled_mm", row_multiple=row_multiple)(x).float().cpu()
             emulated = Fp8Gemm(layer, matmul="emulated")(x).float().cpu()
             exact = layer(x).float().cpu()
     except Exception as err:  # a missing kernel, an unsupported layout or card
@@ -141,5 +177,8 @@ def smoke_test(device: str, dtype: torch.dtype = torch.bfloat16) -> str | None:
     to_emulated = ((out - emulated).norm() / emulated.norm()).item()
     to_exact = ((out - exact).norm() / exact.norm()).item()
     if to_emulated > 2e-2 or to_exact > SMOKE_TOLERANCE:
-        return f"torch._scaled_mm is off by {to_emulated:.2g} from the fp32 emulation and {to_exact:.2g} from the exact product"
+        return (
+            f"torch._scaled_mm is off by {to_emulated:.2g} from the fp32 emulation and {to_exact:.2g} "
+            "from the exact product"
+        )
     return None

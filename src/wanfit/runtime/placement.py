@@ -152,7 +152,9 @@ class DiTPlacement:
                     "fp8_gemm", f"the fp8 GEMM failed its smoke test ({failure}); the blocks run exact"
                 )
                 return
-            self.fp8_gemm_bytes = fp8_linear.install(self.dit.blocks)
+            self.fp8_gemm_bytes = fp8_linear.install(
+                self.dit.blocks, row_multiple=fp8_linear.row_multiple(layout.device)
+            )
             self.compiled_blocks = None  # graphs traced through the exact linears
         elif not want and self.fp8_gemm_bytes is not None:
             self._drop_fp8_gemms()
