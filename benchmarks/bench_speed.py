@@ -71,7 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10, help="the short job's steps (every variant)")
     p.add_argument("--long-steps", type=int, default=50, help="the long job's steps (as the budget allows)")
     p.add_argument("--guidance", type=float, default=5.0)
-    p.add_argument("--budget-s", type=float, default=345.0, help="stop starting stages past this (s)")
+    p.add_argument(
+        "--budget-s", type=float, default=330.0, help="start no stage predicted to end past this (s)"
+    )
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--layers", type=int, default=None, help="DiT blocks (default: all 30)")

@@ -160,6 +160,24 @@ def test_rope_splits_head_dim_into_time_height_width():
     )
 
 
+def test_rope_per_axis_equals_rotating_the_whole_table():
+    """The table is built from per-axis rotations; bit for bit what rotating every token's angles gives."""
+    grid, head_dim = (5, 6, 7), 128
+    hw_dim = 2 * (head_dim // 6)
+    angles = []
+    for axis, (n, d) in enumerate(zip(grid, (head_dim - 2 * hw_dim, hw_dim, hw_dim))):
+        a = torch.outer(
+            torch.arange(n, dtype=torch.float64),
+            1.0 / 10000.0 ** (torch.arange(0, d, 2, dtype=torch.float64) / d),
+        )
+        shape = [1, 1, 1, d // 2]
+        shape[axis] = n
+        angles.append(a.view(shape).expand(*grid, d // 2))
+    angles = torch.cat(angles, dim=-1).reshape(-1, 1, head_dim // 2)
+    whole = torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
+    assert torch.equal(rope_frequencies(grid, head_dim), whole)
+
+
 def test_latent_not_divisible_by_patch_is_refused():
     torch.manual_seed(0)
     model = WanDiT(

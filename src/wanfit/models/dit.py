@@ -119,18 +119,20 @@ def rope_frequencies(grid: tuple[int, int, int], head_dim: int, theta: float = 1
     """Rotations [F*H*W, 1, head_dim/2] for a latent grid: head dim split into time, height, width parts.
 
     Angles are computed in float64 on the CPU (as the official model does), stored as complex64.
+    The rotations are taken per axis ([n, d/2] each) and only then spread over the grid: the same
+    values as rotating the whole table, without float64 trigonometry for every token.
     """
     hw_dim = 2 * (head_dim // 6)
     axis_dims = (head_dim - 2 * hw_dim, hw_dim, hw_dim)
-    angles = []
+    rotations = []
     for axis, (n, d) in enumerate(zip(grid, axis_dims)):
         inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
         a = torch.outer(torch.arange(n, dtype=torch.float64), inv_freq)  # [n, d/2]
+        r = torch.polar(torch.ones_like(a), a).to(torch.complex64)
         shape = [1, 1, 1, d // 2]
         shape[axis] = n
-        angles.append(a.view(shape).expand(*grid, d // 2))
-    angles = torch.cat(angles, dim=-1).reshape(math.prod(grid), 1, head_dim // 2)
-    return torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
+        rotations.append(r.view(shape).expand(*grid, d // 2))
+    return torch.cat(rotations, dim=-1).reshape(math.prod(grid), 1, head_dim // 2)
 
 
 class Projections(nn.Module):
