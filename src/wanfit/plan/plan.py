@@ -218,7 +218,7 @@ class Plan:
 
     @property
     def tier(self) -> str:
-        """ "fast" when a lossy speed-up is on (fp8 GEMMs), else "exact"."""
+        """The speed tier: fast with the fp8 GEMMs, else exact (the step cache, lossy too, is named on its own)."""
         return "fast" if self.fp8_gemm else "exact"
 
     def attention_for(self, kind: str) -> str | None:

@@ -1,7 +1,9 @@
-"""Compiling the DiT's blocks with torch.compile: the runtime's choice, recorded in the Plan.
+"""Compiling the DiT's blocks with torch.compile, as the Plan says (compile_dit: the planner turns it
+on when it pays, wanfit.plan.compile_costs, and always for the fast tier).
 
 Inductor fuses each block's LayerNorms, modulation, RMSNorms, RoPE and gated residuals into a few
-kernels; eager PyTorch runs each as separate passes over a [L, dim] fp32 tensor. Attention stays
+kernels, and the fast tier's activation quantisation into the op before each fp8 GEMM; eager
+PyTorch runs each as separate passes over a [L, dim] fp32 tensor. Attention stays
 outside the compiled graph (wanfit.attention is opaque to dynamo), so the dispatcher still
 chooses the kernel. All blocks share one graph, so the compile cost is paid once per shape.
 

@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from wanfit.errors import PlanError
 from wanfit.runtime.chunking import apply_chunking
-from wanfit.runtime.compile import compile_blocks, forward_with
+from wanfit.runtime.compile import compile_blocks
 from wanfit.runtime.offload import BlockStreamer
 
 HOST = "cpu"
@@ -205,8 +205,24 @@ class DiTPlacement:
         """The DiT's forward as placed (through the compiled blocks when compiled)."""
         if self.compiled_blocks is None:
             return self.dit(x, timestep, context)
+        inputs = self.dit.embed(x, timestep, context)
+        return self.dit.unembed(self.run_blocks(inputs), inputs)
+
+    # The forward's parts as placed, for a step cache (wanfit.sampling.step_cache) that runs some blocks.
+
+    def embed(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor):
+        return self.dit.embed(x, timestep, context)
+
+    def run_blocks(self, inputs, tokens: torch.Tensor | None = None, start: int = 0, end: int | None = None):
+        """WanDiT.run_blocks through the compiled blocks when compiled; a compile that fails runs them
+        eagerly from then on (the blocks are pure: the slice is simply run again)."""
+        if self.compiled_blocks is None:
+            return self.dit.run_blocks(inputs, tokens, start, end)
         try:
-            return forward_with(self.dit, self.compiled_blocks, x, timestep, context)
+            out = inputs.tokens if tokens is None else tokens
+            for block in self.compiled_blocks[start:end]:
+                out = block(out, inputs.e, inputs.context, inputs.rope)
+            return out
         except torch.OutOfMemoryError:
             raise  # memory is the OOM guard's to handle
         except Exception as err:  # a compiler error; a real model error raises again just below
@@ -217,21 +233,7 @@ class DiTPlacement:
             what = f"{type(cause).__name__}: {lines[0][:200]}" if lines else type(cause).__name__
             self._give_up("compile", f"compiling the DiT's blocks failed ({what}); they run eagerly")
             self.compiled_blocks = None
-            return self.dit(x, timestep, context)
-
-    # The forward's parts as placed, for a step cache (wanfit.sampling.step_cache) that runs some blocks.
-
-    def embed(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor):
-        return self.dit.embed(x, timestep, context)
-
-    def run_blocks(self, inputs, tokens: torch.Tensor | None = None, start: int = 0, end: int | None = None):
-        """WanDiT.run_blocks through the compiled blocks when compiled."""
-        if self.compiled_blocks is None:
             return self.dit.run_blocks(inputs, tokens, start, end)
-        tokens = inputs.tokens if tokens is None else tokens
-        for block in self.compiled_blocks[start:end]:
-            tokens = block(tokens, inputs.e, inputs.context, inputs.rope)
-        return tokens
 
     def unembed(self, tokens: torch.Tensor, inputs) -> torch.Tensor:
         return self.dit.unembed(tokens, inputs)
