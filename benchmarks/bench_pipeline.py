@@ -208,9 +208,16 @@ def wanfit_plan(args, device, dit_cfg, parts=None):
 
     parts: wanfit's (dit, vae, text encoder), whose real shapes the request carries (a tiny dry run
     plans tiny); None: the released text encoder and VAE."""
+    from wanfit.plan.planning import Constraints, plan_for
+
+    constraints = Constraints.from_options(device=str(device), settings=args.overrides)
+    return plan_for(job_request(args, dit_cfg, parts), constraints)
+
+
+def job_request(args, dit_cfg, parts=None, steps: int | None = None):
+    """The planner's Request for the benchmarked job, with the built parts' real shapes (see wanfit_plan)."""
     from wanfit.models.configs import TextEncoderConfig
     from wanfit.plan.estimates import Request
-    from wanfit.plan.planning import Constraints, plan_for
 
     width, height = (int(v) for v in args.size.split("x"))
     shapes = {}
@@ -220,11 +227,15 @@ def wanfit_plan(args, device, dit_cfg, parts=None):
             "vae": vae.config,
             "text_encoder": TextEncoderConfig.from_umt5(text_encoder.model.config.to_dict()),
         }
-    request = Request(
-        dit_cfg, height=height, width=width, num_frames=args.frames, guidance=args.guidance != 1.0, **shapes
+    return Request(
+        dit_cfg,
+        height=height,
+        width=width,
+        num_frames=args.frames,
+        guidance=args.guidance != 1.0,
+        steps=steps,
+        **shapes,
     )
-    constraints = Constraints.from_options(device=str(device), settings=args.overrides)
-    return plan_for(request, constraints)
 
 
 _STARTED = time.perf_counter()

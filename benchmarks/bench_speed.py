@@ -53,7 +53,7 @@ except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from bench_dit import time_forward  # noqa: E402
-from bench_pipeline import PROMPT, SCHEDULER, build_models  # noqa: E402
+from bench_pipeline import PROMPT, SCHEDULER, build_models, job_request  # noqa: E402
 
 NEGATIVE = "blurry, static"
 VARIANTS = ("diffusers_eager", "diffusers_compiled", "wanfit_eager", "wanfit_compiled", "wanfit_fast")
@@ -216,9 +216,10 @@ class Models:
 
     def __init__(self, args, device):
         self.args, self.device = args, device
-        (self.ref_dit, self.ref_vae, self.t5, self.tokenizer), (self.dit, self.vae, _), self.cfg = (
-            build_models(args, device)
+        (self.ref_dit, self.ref_vae, self.t5, self.tokenizer), self.parts, self.cfg = build_models(
+            args, device
         )
+        self.dit, self.vae = self.parts[0], self.parts[1]
         self.dtype = torch.float32 if args.dry_run else torch.bfloat16
         self.width, self.height = (int(v) for v in args.size.split("x"))
         from wanfit.pipeline import latent_shape
@@ -249,17 +250,9 @@ class Models:
 
     def plan(self, variant: str, steps: int | None):
         """The PlanResult (or, for the fast tier in a dry run on the CPU, a bare Plan) of a variant."""
-        from wanfit.plan.estimates import Request
         from wanfit.plan.planning import Constraints, plan_for
 
-        request = Request(
-            self.cfg,
-            height=self.height,
-            width=self.width,
-            num_frames=self.args.frames,
-            guidance=True,
-            steps=steps,
-        )
+        request = job_request(self.args, self.cfg, self.parts, steps=steps)
         settings = {"wanfit_eager": ["compile_dit=false"], "wanfit_compiled": ["compile_dit=true"]}.get(
             variant, []
         )
