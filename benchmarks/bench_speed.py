@@ -506,15 +506,18 @@ def run(args) -> dict:
         do_forward("wanfit_eager", batch, lambda b=batch: m.wanfit_forward("wanfit_eager", b))
 
     # 2. Short jobs: every variant but diffusers compiled (stage 4), each compile cold as a user pays it.
-    short = args.steps
+    short, long = args.steps, args.long_steps
     do_job("diffusers_eager", short, lambda: m.diffusers_job(short))
     for variant in ("wanfit_eager", "wanfit_compiled", "wanfit_fast"):
         do_job(variant, short, lambda v=variant: m.wanfit_job(v, short))
 
-    # 3. Compiled forwards: batch 2 first (its graphs are on disk from the jobs: a warm compile), then batch 1.
+    # 3. Compiled forwards. Batch 2 first, after torch._dynamo.reset(): dynamo traces again and
+    # Inductor finds the job's graphs in its caches, as a second run's compile does. Then batch 1.
+    torch._dynamo.reset()
     do_forward("wanfit_compiled", 2, lambda: m.wanfit_forward("wanfit_compiled", 2))
     for variant in ("wanfit_compiled", "wanfit_fast"):
         do_forward(variant, 1, lambda v=variant: m.wanfit_forward(v, 1))
+    r.result["compile"] = compile_summary(r.result, long)
 
     # 4. diffusers compiled: its short job (the compile included), then its forward (warm).
     step = forward["b1"].get("diffusers_eager", {}).get("median_ms", 600.0) / 1000
@@ -526,7 +529,6 @@ def run(args) -> dict:
     do_forward("diffusers_compiled", 1, lambda: m.diffusers_forward(1))
 
     # 5. Long jobs, most wanted first, as long as the budget lasts.
-    long = args.long_steps
     for variant in LONG_PRIORITY:
         base = variant
         if variant == "wanfit_planned":  # predicted from the short job of what the planner will choose
@@ -554,6 +556,30 @@ def run(args) -> dict:
     r.result["ratios"] = ratios(r.result)
     r.save()
     return r.result
+
+
+def compile_summary(result: dict, long: int) -> dict | None:
+    """wanfit's compile, cold (the short compiled job's first-step extra less the eager one's) and warm
+    (the batch-2 forward's first call after a dynamo reset, Inductor's caches kept), the saving per
+    step, and what the planner's rule decides for the long job on a first and on a second run."""
+    from wanfit.plan.compile_costs import CompileCosts
+
+    jobs = result["jobs"].get(str(result["steps"]["short"]), {})
+    eager, compiled = jobs.get("wanfit_eager"), jobs.get("wanfit_compiled")
+    forward = result["forward"]["b2"].get("wanfit_compiled")
+    if not (eager and compiled and forward) or None in (eager["median_step_s"], compiled["median_step_s"]):
+        return None
+    cold = max(0.0, compiled["first_step_extra_s"] - eager["first_step_extra_s"])
+    warm = max(0.0, (forward["first_call_ms"] - forward["median_ms"]) / 1000)
+    saving = eager["median_step_s"] - compiled["median_step_s"]
+    first, second = (CompileCosts(c, saving, "measured here") for c in (cold, warm))
+    return {
+        "cold_s": cold,
+        "warm_s": warm,
+        "saving_per_step_s": saving,
+        f"planner_{long}_steps_first_run": {"compiles": first.pays(long), "why": first.describe(long)},
+        f"planner_{long}_steps_second_run": {"compiles": second.pays(long), "why": second.describe(long)},
+    }
 
 
 def accuracy(outputs: dict, frames: dict, short: int, long: int) -> dict:
@@ -633,6 +659,14 @@ def table(result: dict) -> str:
                 f"| {steps} steps | {v} | {ran_as(j)} | {j['total_s']:.2f} | {cell(ratio, '{:.3f}')} | "
                 f"{cell(j.get('median_step_s'), '{:.3f}')} | {cell(extra, '{:.2f}')} | {cell(j.get('peak_gib'), '{:.2f}')} |"
             )
+    compile_ = result.get("compile")
+    if compile_:
+        lines += [
+            "",
+            f"wanfit's compile: cold {compile_['cold_s']:.1f} s, warm {compile_['warm_s']:.1f} s, "
+            f"saving {compile_['saving_per_step_s']:.3f} s per step",
+        ]
+        lines += [f"- {k}: {v['why']}" for k, v in compile_.items() if k.startswith("planner_")]
     lines += ["", "errors against wanfit's exact eager tier (same weights, same latents):"]
     lines += [f"- {k}: {v:.3g}" for k, v in result.get("errors_vs_exact", {}).items()]
     for item in result["skipped"]:
