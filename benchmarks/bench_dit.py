@@ -108,6 +108,13 @@ def random_weights_wanfit(cfg: DiTConfig, device: torch.device, dtype: torch.dty
     return model.to(dtype).eval()
 
 
+def cuda_or_exit() -> torch.device:
+    """The GPU a benchmark measures on; without one, one line on how to check the script instead."""
+    if not torch.cuda.is_available():
+        raise SystemExit("No CUDA device: this benchmark needs a GPU (use --dry-run to check the script).")
+    return torch.device("cuda")
+
+
 def time_forward(fn, device: torch.device, warmup: int, runs: int) -> dict:
     """Median ms over `runs` after `warmup`; peak memory of one forward on CUDA."""
     with torch.no_grad():
@@ -144,11 +151,7 @@ def run(args: argparse.Namespace) -> dict:
         cfg, grid = TINY, (3, 4, 6)
         args.warmup, args.runs = 1, 2
     else:
-        if not torch.cuda.is_available():
-            raise SystemExit(
-                "No CUDA device: this benchmark needs a GPU (use --dry-run to check the script)."
-            )
-        device = torch.device("cuda")
+        device = cuda_or_exit()
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
         cfg = WAN_T2V_1_3B.with_overrides(num_layers=args.layers or WAN_T2V_1_3B.num_layers)
         grid = latent_shape(args.size, args.frames)

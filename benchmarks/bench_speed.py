@@ -52,7 +52,7 @@ try:
 except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from bench_dit import time_forward  # noqa: E402
+from bench_dit import cuda_or_exit, time_forward  # noqa: E402
 from bench_pipeline import PROMPT, SCHEDULER, build_models, job_request  # noqa: E402
 
 NEGATIVE = "blurry, static"
@@ -305,23 +305,25 @@ class Models:
         finally:
             self.leave(pipe)
 
+    def job_settings(self, steps: int) -> dict:
+        """What both libraries' pipelines are given: the same job from the same latents."""
+        return dict(
+            negative_prompt=NEGATIVE,
+            height=self.height,
+            width=self.width,
+            num_frames=self.args.frames,
+            num_inference_steps=steps,
+            guidance_scale=self.args.guidance,
+            latents=self.latents.clone(),
+        )
+
     def wanfit_job(self, variant: str, steps: int, plan=None):
         plan = plan if plan is not None else self.plan(variant, steps)
         pipe = self.pipeline(plan)
         fresh_memory(self.device)
         start = time.perf_counter()
         try:
-            frames = pipe(
-                PROMPT,
-                negative_prompt=NEGATIVE,
-                height=self.height,
-                width=self.width,
-                num_frames=self.args.frames,
-                num_inference_steps=steps,
-                guidance_scale=self.args.guidance,
-                latents=self.latents.clone(),
-                progress=False,
-            )
+            frames = pipe(PROMPT, **self.job_settings(steps), progress=False)
             sync(self.device)
             total = time.perf_counter() - start
             record = pipe.run_record()
@@ -405,18 +407,8 @@ class Models:
 
     def _run_diffusers(self, pipe, steps: int, on_step_end):
         with torch.no_grad():
-            video = pipe(
-                PROMPT,
-                negative_prompt=NEGATIVE,
-                height=self.height,
-                width=self.width,
-                num_frames=self.args.frames,
-                num_inference_steps=steps,
-                guidance_scale=self.args.guidance,
-                latents=self.latents.clone(),
-                callback_on_step_end=on_step_end,
-            ).frames[0]  # the default output: float frames in [0, 1] on the host
-        return video
+            output = pipe(PROMPT, **self.job_settings(steps), callback_on_step_end=on_step_end)
+        return output.frames[0]  # the default output: float frames in [0, 1] on the host
 
     def compile_diffusers(self) -> None:
         options = {"backend": self.compile_backend} if self.compile_backend else {}
@@ -464,11 +456,7 @@ def run(args) -> dict:
         args.size, args.frames, args.steps, args.long_steps = "64x48", 5, 2, 3
         args.warmup, args.runs = 1, 2
     else:
-        if not torch.cuda.is_available():
-            raise SystemExit(
-                "No CUDA device: this benchmark needs a GPU (use --dry-run to check the script)."
-            )
-        device = torch.device("cuda")
+        device = cuda_or_exit()
     os.environ.setdefault("WANFIT_CACHE_DIR", tempfile.mkdtemp(prefix="wanfit-cache-"))
     r = Run(args, device)
     r.log("building the models")
