@@ -95,7 +95,10 @@ def test_what_the_user_set_wins_both_ways():
 
 def test_the_fast_tier_always_compiles_its_resident_blocks():
     assert planned(steps=2, fp8_gemm=True).plan.compile_dit
-    assert not planned(steps=2, fp8_gemm=True, compile_dit=False).plan.compile_dit
+    eager = planned(steps=2, fp8_gemm=True, compile_dit=False)
+    assert not eager.plan.compile_dit
+    assert any("fused only in compiled blocks" in n for n in eager.notes)
+    assert not any("fused only" in n for n in planned(steps=2, fp8_gemm=True).notes)
 
 
 def test_a_run_records_eager_then_compiled_and_the_planner_reads_it_back():

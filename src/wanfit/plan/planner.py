@@ -936,6 +936,11 @@ def _plan_notes(plan: Plan, device: DeviceBudget, request: Request, compile_cost
             "fast tier: the DiT blocks' linears run as fp8 e4m3 GEMMs with per-row scales (lossy; "
             "bench_speed.py measures the error against the exact tier)."
         )
+        if not plan.compile_dit:
+            notes.append(
+                "the fast tier's activation quantisation is fused only in compiled blocks (Triton); run "
+                "eagerly, as here, it costs more than the fp8 GEMMs save."
+            )
     if plan.text_encoder_device == "cpu" and device.kind != "cpu":
         notes.append("the text encoder runs on the CPU: expect minutes for the prompt encoding.")
     if plan.dit_blocks_resident is not None:
