@@ -57,11 +57,12 @@ from bench_pipeline import PROMPT, SCHEDULER, build_models, job_request  # noqa:
 
 NEGATIVE = "blurry, static"
 VARIANTS = ("diffusers_eager", "diffusers_compiled", "wanfit_eager", "wanfit_compiled", "wanfit_fast")
-# 50-step jobs, most wanted first: wanfit as planned against diffusers' default, then the fast tier's
-# 50-step error, then the rest.
-LONG_PRIORITY = ("wanfit_planned", "diffusers_eager", "wanfit_fast", "diffusers_compiled", "wanfit_eager")
+# 50-step jobs, most wanted first: wanfit as planned, then the fast tier (its 50-step error against
+# the planned exact job), then diffusers' default (its 10-step job extrapolates well), then the rest.
+LONG_PRIORITY = ("wanfit_planned", "wanfit_fast", "diffusers_eager", "diffusers_compiled", "wanfit_eager")
 COMPILE_GUESS_S = 30.0  # a cold compile of a job's block graphs, until one was measured here
 TEXT_AND_DECODE_GUESS_S = 5.0
+LONG_JOB_MARGIN_S = 2.0  # a long job's prediction rests on its short job's measured parts
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -72,9 +73,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--long-steps", type=int, default=50, help="the long job's steps (as the budget allows)")
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument(
-        "--budget-s", type=float, default=330.0, help="start no stage predicted to end past this (s)"
+        "--budget-s", type=float, default=345.0, help="start no stage predicted to end past this (s)"
     )
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=0, help="untimed calls after the (timed) first one")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--layers", type=int, default=None, help="DiT blocks (default: all 30)")
     p.add_argument("--text-layers", type=int, default=None, help="umT5 blocks (default: all 24)")
@@ -489,45 +490,67 @@ def run(args) -> dict:
         if got is not None:
             jobs.setdefault(str(steps), {})[variant], frames[(variant, steps)] = got
 
+    short, long = args.steps, args.long_steps
+
+    def b1_s() -> float:  # one batch-1 forward, as far as measured (a guess until then)
+        measured = forward["b1"].get("diffusers_eager") or forward["b1"].get("wanfit_eager")
+        return measured["median_ms"] / 1000 if measured else 0.6
+
+    def forward_guess(batch: int, compiles: bool) -> float:
+        return (1 + args.warmup + args.runs) * batch * b1_s() + (COMPILE_GUESS_S if compiles else 0.0)
+
+    def job_guess(steps: int, compiles: bool) -> float:
+        return steps * 2 * b1_s() + TEXT_AND_DECODE_GUESS_S + (COMPILE_GUESS_S if compiles else 0.0)
+
+    # Until diffusers' compiled forward is measured (stage 4), keep time for it.
+    reserve = forward_guess(1, compiles=True)
+
     # 1. Eager forwards (diffusers eager before its compile changes the model).
     for batch in (1, 2):
-        do_forward("diffusers_eager", batch, lambda b=batch: m.diffusers_forward(b))
-        do_forward("wanfit_eager", batch, lambda b=batch: m.wanfit_forward("wanfit_eager", b))
+        for variant, fn in (
+            ("diffusers_eager", lambda b=batch: m.diffusers_forward(b)),
+            ("wanfit_eager", lambda b=batch: m.wanfit_forward("wanfit_eager", b)),
+        ):
+            if r.fits(f"forward {variant} batch {batch}", forward_guess(batch, False), reserve):
+                do_forward(variant, batch, fn)
 
     # 2. Short jobs: every variant but diffusers compiled (stage 4), each compile cold as a user pays it.
-    short, long = args.steps, args.long_steps
-    do_job("diffusers_eager", short, lambda: m.diffusers_job(short))
+    if r.fits(f"{short}-step job diffusers_eager", job_guess(short, False), reserve):
+        do_job("diffusers_eager", short, lambda: m.diffusers_job(short))
     for variant in ("wanfit_eager", "wanfit_compiled", "wanfit_fast"):
-        do_job(variant, short, lambda v=variant: m.wanfit_job(v, short))
+        if r.fits(f"{short}-step job {variant}", job_guess(short, variant != "wanfit_eager"), reserve):
+            do_job(variant, short, lambda v=variant: m.wanfit_job(v, short))
 
     # 3. Compiled forwards. Batch 2 first, after torch._dynamo.reset(): dynamo traces again and
     # Inductor finds the job's graphs in its caches, as a second run's compile does. Then batch 1.
     torch._dynamo.reset()
-    do_forward("wanfit_compiled", 2, lambda: m.wanfit_forward("wanfit_compiled", 2))
+    if r.fits("forward wanfit_compiled batch 2", forward_guess(2, True), reserve):
+        do_forward("wanfit_compiled", 2, lambda: m.wanfit_forward("wanfit_compiled", 2))
     for variant in ("wanfit_compiled", "wanfit_fast"):
-        do_forward(variant, 1, lambda v=variant: m.wanfit_forward(v, 1))
+        if r.fits(f"forward {variant} batch 1", forward_guess(1, True), reserve):
+            do_forward(variant, 1, lambda v=variant: m.wanfit_forward(v, 1))
     r.result["compile"] = compile_summary(r.result, long)
 
-    # 4. diffusers compiled: its short job (the compile included), then its forward (warm).
-    step = forward["b1"].get("diffusers_eager", {}).get("median_ms", 600.0) / 1000
-    predicted = COMPILE_GUESS_S + short * 2 * step + TEXT_AND_DECODE_GUESS_S
+    # 4. diffusers compiled: its short job (the compile included), then its forward.
     r.log("compiling diffusers' blocks (compile_repeated_blocks, fullgraph)")
     r.attempt("compile diffusers", m.compile_diffusers)
-    if r.fits(f"{short}-step job diffusers_compiled", predicted):
+    if r.fits(f"{short}-step job diffusers_compiled", job_guess(short, True), forward_guess(1, False)):
         do_job("diffusers_compiled", short, lambda: m.diffusers_job(short))
     do_forward("diffusers_compiled", 1, lambda: m.diffusers_forward(1))
 
-    # 5. Long jobs, most wanted first, as long as the budget lasts.
+    # 5. Long jobs, most wanted first, as long as the budget lasts; each predicted from its short job
+    # (its text encoding and decode, and the long job's steps at its median step).
+    r.result["jobs_extrapolated"] = extrapolated(jobs.get(str(short), {}), short, long)
     for variant in LONG_PRIORITY:
         base = variant
         if variant == "wanfit_planned":  # predicted from the short job of what the planner will choose
             planned = r.attempt("plan wanfit_planned", lambda: m.plan("wanfit_planned", long))
             base = "wanfit_compiled" if planned is None or planned.plan.compile_dit else "wanfit_eager"
         done = jobs.get(str(short), {}).get(base)
-        if done is None:
+        if done is None or done.get("median_step_s") is None:
             continue
-        per_step = done["median_step_s"] or done["total_s"] / short
-        predicted = done["total_s"] + (long - short) * per_step
+        outside = done["total_s"] - (done.get("first_step_extra_s") or 0.0) - short * done["median_step_s"]
+        predicted = max(0.0, outside) + long * done["median_step_s"] + LONG_JOB_MARGIN_S
         if not r.fits(f"{long}-step job {variant}", predicted):
             continue
         if variant == "diffusers_eager":
@@ -536,15 +559,23 @@ def run(args) -> dict:
             m.compile_diffusers()
         elif variant == "diffusers_compiled":
             do_job(variant, long, lambda: m.diffusers_job(long))
-        elif variant == "wanfit_planned":  # the planner's choice, with this card's measured compile costs
-            do_job(variant, long, lambda: m.wanfit_job("wanfit_planned", long))
-        else:
+        else:  # wanfit_planned: the planner's choice, with this card's measured compile costs
             do_job(variant, long, lambda v=variant: m.wanfit_job(v, long))
 
     r.result["errors_vs_exact"] = accuracy(outputs, frames, short, long)
     r.result["ratios"] = ratios(r.result)
     r.save()
     return r.result
+
+
+def extrapolated(short_jobs: dict, short: int, long: int) -> dict:
+    """The long job of every variant from its short one: its total plus the extra steps at its median
+    step (an estimate, for the variants the budget left unmeasured)."""
+    return {
+        variant: j["total_s"] + (long - short) * j["median_step_s"]
+        for variant, j in short_jobs.items()
+        if j.get("median_step_s") is not None
+    }
 
 
 def compile_summary(result: dict, long: int) -> dict | None:

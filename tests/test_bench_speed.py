@@ -24,6 +24,9 @@ def test_dry_run_measures_every_variant_and_states_the_fast_tiers_error(tmp_path
     assert 0 < errors["job2_mean_abs_uint8_wanfit_fast_vs_exact"] < 8
     assert errors["job2_mean_abs_uint8_wanfit_compiled_vs_exact"] < 0.5
     assert result["ratios"]["forward_b1_diffusers_compiled_over_diffusers_compiled"] == 1.0
+    assert set(saved["jobs_extrapolated"]) == set(VARIANTS) and all(
+        v > 0 for v in saved["jobs_extrapolated"].values()
+    )
     compile_ = saved["compile"]
     assert compile_["cold_s"] >= 0 and compile_["warm_s"] >= 0
     assert "steps x" in compile_["planner_3_steps_second_run"]["why"]
