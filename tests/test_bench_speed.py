@@ -32,3 +32,22 @@ def test_dry_run_measures_every_variant_and_states_the_fast_tiers_error(tmp_path
     assert "steps x" in compile_["planner_3_steps_second_run"]["why"]
     text = capsys.readouterr().out
     assert "| wanfit_fast | fast, compiled |" in text and "x diffusers eager" in text
+
+
+def test_a_stage_that_would_end_past_the_budget_is_skipped_and_said(monkeypatch):
+    import torch
+
+    from benchmarks.bench_speed import Run, extrapolated, parse_args
+
+    run = Run(parse_args(["--budget-s", "100"]), torch.device("cpu"))
+    monkeypatch.setattr(run, "elapsed", lambda: 60.0)
+    assert run.fits("a 30 s stage", 30.0)
+    assert not run.fits("a 30 s stage with 20 s kept for later", 30.0, reserve_s=20.0)
+    assert not run.fits("a 50 s stage", 50.0)
+    assert [s["what"] for s in run.result["skipped"]] == [
+        "a 30 s stage with 20 s kept for later",
+        "a 50 s stage",
+    ]
+    assert "predicted 50 s at 60 s of 100" in run.result["skipped"][1]["why"]
+    jobs = {"a": {"total_s": 20.0, "median_step_s": 1.5}, "b": {"total_s": 9.0, "median_step_s": None}}
+    assert extrapolated(jobs, 10, 50) == {"a": 80.0}
