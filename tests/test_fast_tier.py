@@ -57,7 +57,7 @@ def test_fast_on_a_capable_card_is_a_user_setting_named_in_the_plan():
 
 
 def test_fast_computes_in_bf16_only():
-    with pytest.raises(ConfigError, match="computes in bfloat16 and this run computes in float16"):
+    with pytest.raises(ConfigError, match="computes in bfloat16, and this run computes in float16"):
         plan_for(model_request("1.3B"), Constraints(fast=True, dtype="fp16"), emulated("h100"))
 
 

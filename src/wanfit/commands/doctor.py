@@ -90,18 +90,17 @@ def report(hw: HardwareProbe, constraints: Constraints | None = None) -> dict:
 
 def tiers(hw: HardwareProbe, compute) -> dict:
     """Which speed tiers this card gets and why: exact (the default) and fast (--fast, lossy)."""
-    import torch
+    from wanfit.runtime.fp8_linear import fast_tier_status
 
-    from wanfit.runtime import fp8_linear
-
-    exact = f"the default: {dtype_name(compute)} compute, nothing lossy"
-    reason = fp8_linear.fp8_gemm_reason(hw)
-    if reason is None and compute != torch.bfloat16:
-        reason = f"the fast tier computes in bfloat16, and this card computes in {dtype_name(compute)}."
-    if reason is None and hw.device_present:
-        failure = fp8_linear.smoke_test(f"cuda:{hw.device_index or 0}")
-        reason = None if failure is None else f"its fp8 GEMM failed the smoke test here: {failure}."
-    if reason is None:
+    refused, failed = fast_tier_status(hw, compute)
+    if refused is not None:
+        fast = {"available": False, "why": f"--fast is refused: {refused}"}
+    elif failed is not None:
+        fast = {
+            "available": False,
+            "why": f"--fast runs exact: its fp8 GEMM failed the smoke test here ({failed}).",
+        }
+    else:
         smoke = (
             "smoke-tested here" if hw.device_present else "from the card's declarations, emulated: not run"
         )
@@ -109,8 +108,7 @@ def tiers(hw: HardwareProbe, compute) -> dict:
             "available": True,
             "why": f"--fast: fp8 e4m3 GEMMs for the DiT's linears on {hw.sm}, lossy ({smoke})",
         }
-    else:
-        fast = {"available": False, "why": f"--fast is refused: {reason}"}
+    exact = f"the default: {dtype_name(compute)} compute, nothing lossy"
     return {"exact": {"available": True, "why": exact}, "fast": fast}
 
 

@@ -191,27 +191,18 @@ def plan_for(
 def fast_tier(hw: HardwareProbe, compute, by_flag: bool) -> tuple[bool, list[str]]:
     """Whether the fast tier's fp8 GEMMs run here: ConfigError (one sentence) when the card or dtype
     cannot have them; (False, a note) when the kernel fails its smoke test on the real device."""
-    import torch
+    from wanfit.runtime.fp8_linear import fast_tier_status
 
-    from wanfit.runtime import fp8_linear
-
-    asked = "--fast" if by_flag else "--set fp8_gemm=true"
-    reason = fp8_linear.fp8_gemm_reason(hw)
-    if reason is not None:
-        raise ConfigError(f"{asked} was asked for, but {reason}")
-    if compute != torch.bfloat16:
-        raise ConfigError(
-            f"{asked} was asked for, but the fast tier computes in bfloat16 and this run computes in "
-            f"{str(compute).removeprefix('torch.')}; drop --dtype or --fast."
-        )
+    refused, failed = fast_tier_status(hw, compute)
+    if refused is not None:
+        asked = "--fast" if by_flag else "--set fp8_gemm=true"
+        raise ConfigError(f"{asked} was asked for, but {refused}")
+    if failed is not None:
+        return False, [
+            f"the fast tier's fp8 GEMM failed its smoke test on this card ({failed}): running exact."
+        ]
     if not hw.device_present:
         return True, ["the fast tier's fp8 GEMM is planned from the card's declarations (emulated: not run)."]
-    device = f"cuda:{hw.device_index or 0}"
-    failure = fp8_linear.smoke_test(device)
-    if failure is not None:
-        return False, [
-            f"the fast tier's fp8 GEMM failed its smoke test on this card ({failure}): running exact."
-        ]
     return True, []
 
 

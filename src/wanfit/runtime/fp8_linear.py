@@ -41,6 +41,17 @@ def fp8_gemm_reason(hw) -> str | None:
     return None
 
 
+def fast_tier_status(hw, compute: torch.dtype) -> tuple[str | None, str | None]:
+    """(why this card or dtype cannot have the fast tier, why its kernel failed its smoke test on the
+    real device): both None when it runs here; a card emulated and absent is judged by declarations."""
+    reason = fp8_gemm_reason(hw)
+    if reason is None and compute != torch.bfloat16:
+        reason = f"the fast tier computes in bfloat16, and this run computes in {str(compute).removeprefix('torch.')}."
+    if reason is not None or not hw.device_present:
+        return reason, None
+    return None, smoke_test(f"cuda:{hw.device_index or 0}")
+
+
 def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """fp8 with one scale per row (the last dim is the row): t ~= q.float() * scale, scale [..., 1] fp32.
 
