@@ -318,11 +318,13 @@ class Models:
             latents=self.latents.clone(),
         )
 
-    def wanfit_job(self, variant: str, steps: int, plan=None):
-        plan = plan if plan is not None else self.plan(variant, steps)
-        pipe = self.pipeline(plan)
+    def wanfit_job(self, variant: str, steps: int):
+        """The job as `wanfit generate` runs it once the models are loaded: planning included."""
         fresh_memory(self.device)
         start = time.perf_counter()
+        plan = self.plan(variant, steps)
+        pipe = self.pipeline(plan)
+        planned_s = time.perf_counter() - start
         try:
             frames = pipe(PROMPT, **self.job_settings(steps), progress=False)
             sync(self.device)
@@ -336,7 +338,10 @@ class Models:
             "total_s": total,
             "median_step_s": timings.get("denoise_step_s"),
             "first_step_extra_s": timings.get("denoise_first_step_extra_s"),
-            "phases_s": {k: v for k, v in timings.items() if k.endswith("_s") and "step" not in k},
+            "phases_s": {
+                "plan_s": planned_s,
+                **{k: v for k, v in timings.items() if k.endswith("_s") and "step" not in k},
+            },
             "peak_gib": max(peaks, default=None),
             "tier": record["tier"],
             "compile_dit": pipe.plan.compile_dit,
