@@ -19,7 +19,8 @@ import functools
 import torch
 import torch.nn as nn
 
-from wanfit.runtime.offload import FP8, FP8_MAX
+from wanfit.precision import FP8_MAX
+from wanfit.runtime.offload import FP8
 
 MIN_CAPABILITY = (8, 9)  # Ada (sm_89) and Hopper (sm_90) have fp8 tensor cores
 SMOKE_TOLERANCE = 0.1  # relative L2 error of one fp8 GEMM on unit-scale random data (~0.03 expected)
