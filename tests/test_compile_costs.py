@@ -82,6 +82,7 @@ def test_another_jobs_first_compile_stands_in_for_an_unmeasured_one():
         (replace(H200, compilable=False), {}),  # no Triton, or an emulated card
         (H200, {"dit_blocks_resident": 4}),  # streamed blocks are never compiled
         (H200, {"storage_dtype": "float8_e4m3fn"}),
+        (H200, {"dit_sharding": "fsdp", "cfg_parallel": 2}),  # FSDP hooks, like the streamer, untraced
     ],
 )
 def test_only_a_resident_dit_on_a_compilable_card_compiles(device, overrides):

@@ -64,7 +64,7 @@ def test_fast_computes_in_bf16_only():
 def test_a_plan_that_streams_the_dit_says_its_blocks_run_exact():
     result = plan_for(model_request("1.3B"), Constraints(fast=True, vram=4 * 1024**3), emulated("h100"))
     assert result.plan.dit_blocks_resident is not None
-    assert any("streams or fp8-stores it, so its blocks run exact" in n for n in result.notes)
+    assert any("streams, shards or fp8-stores it, so its blocks run exact" in n for n in result.notes)
     assert not DiTLayout.from_plan(result.plan).fp8_gemm
 
 

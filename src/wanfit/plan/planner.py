@@ -266,7 +266,7 @@ def compile_decision(device: DeviceBudget, request: Request, plan: Plan):
     when steps x the saving per step beats the compile (wanfit.plan.compile_costs)."""
     from wanfit.plan import compile_costs
 
-    resident = plan.dit_blocks_resident is None and plan.storage_dtype is None
+    resident = plan.dit_blocks_resident is None and plan.storage_dtype is None and plan.dit_sharding != "fsdp"
     if not (device.compilable and resident):
         return False, None
     if plan.fp8_gemm:
@@ -926,10 +926,12 @@ def _plan_notes(plan: Plan, device: DeviceBudget, request: Request, compile_cost
     if compile_costs is not None:
         what = "compiles the DiT's blocks" if plan.compile_dit else "runs the DiT eagerly"
         notes.append(f"the plan {what}: {compile_costs.describe(request_steps(request))}.")
-    if plan.fp8_gemm and (plan.dit_blocks_resident is not None or plan.storage_dtype is not None):
+    if plan.fp8_gemm and (
+        plan.dit_blocks_resident is not None or plan.storage_dtype is not None or plan.dit_sharding == "fsdp"
+    ):
         notes.append(
-            "the fast tier's fp8 GEMMs need the DiT resident and unquantised at rest; this plan streams or "
-            "fp8-stores it, so its blocks run exact."
+            "the fast tier's fp8 GEMMs need the DiT resident, whole and unquantised at rest; this plan "
+            "streams, shards or fp8-stores it, so its blocks run exact."
         )
     elif plan.fp8_gemm:
         notes.append(
