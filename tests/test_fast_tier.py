@@ -13,10 +13,10 @@ from tests.test_placement import CountingBackend, dit_state, make_dit, nothing_s
 from wanfit.cli import main
 from wanfit.commands import common
 from wanfit.errors import ConfigError, WanfitWarning
+from wanfit.plan.lora import lora_mode_rule
 from wanfit.plan.plan import Plan
 from wanfit.plan.planning import Constraints, model_request, plan_for
 from wanfit.runtime import fp8_linear
-from wanfit.runtime.lora import choose_mode
 from wanfit.runtime.placement import DiTLayout
 
 FAST = Plan(fp8_gemm=True)
@@ -154,7 +154,7 @@ def test_new_weights_are_quantised_again(dit_inputs):
 
 
 def test_loras_sit_beside_the_fp8_gemms_not_merged_into_stale_copies():
-    assert choose_mode(FAST) == "runtime" and choose_mode(Plan()) == "merge"
+    assert lora_mode_rule(FAST)[0] == "runtime" and lora_mode_rule(Plan())[0] == "merge"
 
 
 # --- the pipeline's record --------------------------------------------------------------------------

@@ -8,8 +8,9 @@ import torch
 from tests.helpers import tiny_lora
 from wanfit.models.configs import WAN_TINY
 from wanfit.models.dit import WanDiT
+from wanfit.plan.lora import lora_mode_rule
 from wanfit.plan.plan import Plan
-from wanfit.runtime.lora import DiTLoras, choose_mode, parameter_shapes
+from wanfit.runtime.lora import DiTLoras, parameter_shapes
 from wanfit.runtime.placement import DiTPlacement
 from wanfit.weights import lora_keys
 
@@ -179,7 +180,7 @@ def test_fp8_blocks_with_a_lora_and_exact_unload():
     apply_loras(reference, [(lora, 0.8)], "merge")
     expected = forward(reference).float()
     plan = Plan(device="cpu", compute_dtype="bfloat16", storage_dtype="float8_e4m3fn")
-    assert choose_mode(plan) == "runtime" and choose_mode(Plan()) == "merge"
+    assert lora_mode_rule(plan)[0] == "runtime" and lora_mode_rule(Plan())[0] == "merge"
     for mode in ("runtime", "merge"):
         dit = tiny_dit(torch.bfloat16)
         streamer = place(dit, plan)

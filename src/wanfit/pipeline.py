@@ -367,6 +367,12 @@ class WanPipeline:
 
         if isinstance(plan, PlanResult):
             self.planning, plan = plan, plan.plan
+        # The LoRAs follow a plan that applies them otherwise; one that says nothing keeps their mode.
+        if self.lora.loras:
+            if plan.lora_mode is None:
+                plan = replace(plan, lora_mode=self.lora.mode)
+            elif plan.lora_mode != self.lora.mode:
+                self.lora.apply(self.lora.loras, plan.lora_mode)
         self.plan = plan
         self.placement.apply(plan)
 
@@ -403,23 +409,19 @@ class WanPipeline:
         return guard
 
     def _planner_request(self, height: int, width: int, num_frames: int, guidance: bool):
-        """The planner's Request for this call: the planned one resized, else one from the DiT's config."""
-        from dataclasses import replace
-
+        """The planner's Request for this call: the planned one resized, else one from the DiT's config;
+        with the LoRAs applied now (their memory)."""
         from wanfit.models.configs import WAN_T2V_1_3B, DiTConfig
         from wanfit.plan.estimates import Request
+        from wanfit.plan.lora import LoraShapes
 
+        size = dict(height=height, width=width, num_frames=num_frames, guidance=guidance)
+        loras = LoraShapes.of(self.lora.loras)
         if self.planning is not None:
             request = self.planning.requested or self.planning.request
-            return replace(request, height=height, width=width, num_frames=num_frames, guidance=guidance)
+            return replace(request, **size, loras=loras)
         config = getattr(self.dit, "config", None)
-        return Request(
-            config if isinstance(config, DiTConfig) else WAN_T2V_1_3B,
-            height=height,
-            width=width,
-            num_frames=num_frames,
-            guidance=guidance,
-        )
+        return Request(config if isinstance(config, DiTConfig) else WAN_T2V_1_3B, **size, loras=loras)
 
     # -- phases --------------------------------------------------------------------------------
 
@@ -512,10 +514,11 @@ class WanPipeline:
     def load_lora(self, path, strength: float = 1.0, *, skip_unknown: bool = False, mode: str | None = None):
         """Add a LoRA file (any format of wanfit.weights.lora_keys) at `strength`; several add up.
 
-        mode: "merge" or "runtime" (default: wanfit.runtime.lora.choose_mode for this plan). Returns the
-        converted LoraWeights; its `notes` say what was skipped.
+        mode: "merge" or "runtime", to override the plan's Plan.lora_mode (default: the plan's; a plan
+        made before any LoRA was known asks the planner's rule, wanfit.plan.lora). The plan records the
+        mode applied. Returns the converted LoraWeights; its `notes` say what was skipped.
         """
-        from wanfit.runtime.lora import choose_mode
+        from wanfit.plan.lora import lora_mode_rule
         from wanfit.weights.lora_keys import LoraWeights, load_lora
 
         if getattr(self.plan, "dit_sharding", "none") != "none":
@@ -527,7 +530,9 @@ class WanPipeline:
         if not isinstance(path, LoraWeights):
             shapes, name = self.dit_parameter_shapes()
             lora = load_lora(path, shapes, skip_unknown=skip_unknown, model_name=name)
-        self.lora.apply([*self.lora.loras, (lora, float(strength))], mode or choose_mode(self.plan))
+        mode = mode or self.plan.lora_mode or lora_mode_rule(self.plan)[0]
+        self.lora.apply([*self.lora.loras, (lora, float(strength))], mode)
+        self.plan = replace(self.plan, lora_mode=mode)  # what runs, in the run's record
         return lora
 
     def unload_loras(self) -> None:

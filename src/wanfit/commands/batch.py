@@ -149,7 +149,7 @@ def run_batch(args: argparse.Namespace) -> int:
             key = (s.width, s.height, s.frames, s.guidance != 1.0)
             if key not in plans:
                 try:
-                    plans[key] = g.plan_job(args, s, hardware)
+                    plans[key] = g.plan_job(args, s, hardware, loras=loras)
                     if plans[key].plan.cache is not None:
                         g.check_cache(plans[key], args, s, [lora.record(st) for lora, st in loras])
                 except WanfitError as err:  # this size fits nowhere: its lines fail, the rest run

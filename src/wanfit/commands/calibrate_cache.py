@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     preset = apply_preset(args)
     settings = generate.check_settings(args)
     loras = read_loras(lora_requests(args, preset), generate._dit_config(args), args.lora_skip_unknown)
-    planned = generate.plan_job(args, settings, generate._hardware(args))
+    planned = generate.plan_job(args, settings, generate._hardware(args), loras=loras)
     pipe = generate._load_pipeline(args, planned)
     apply_loras(pipe, loras)
     request = generate.resolve_request(pipe, settings, args)

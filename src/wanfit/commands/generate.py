@@ -177,7 +177,7 @@ def _run(args: argparse.Namespace, current) -> int:
             "its local rank; give --device cuda or cpu."
         )
     hardware = _hardware(args)
-    planned = plan_job(args, settings, hardware, current)
+    planned = plan_job(args, settings, hardware, current, loras=loras)
     if planned.plan.cache is not None:
         check_cache(planned, args, settings, [lora.record(s) for lora, s in loras])
     ckpt, resuming_own_file = _check_output(args, settings)
@@ -519,7 +519,7 @@ def _hardware(args: argparse.Namespace):
     return hw
 
 
-def _job_request(args: argparse.Namespace, settings: Settings):
+def _job_request(args: argparse.Namespace, settings: Settings, loras=()):
     from wanfit.plan.planning import model_request
 
     return model_request(
@@ -529,19 +529,21 @@ def _job_request(args: argparse.Namespace, settings: Settings):
         frames=settings.frames,
         guidance=settings.guidance != 1.0,
         steps=settings.steps,
+        loras=loras,
         **common.model_components(args),
     )
 
 
-def plan_job(args: argparse.Namespace, settings: Settings, hw, current=None):
-    """The planner's fastest plan that fits this machine (or --vram) for this job; PlanError if none.
+def plan_job(args: argparse.Namespace, settings: Settings, hw, current=None, loras=()):
+    """The planner's fastest plan that fits this machine (or --vram) for this job (with `loras`, as
+    read_loras gives them); PlanError if none.
 
     In a run on several processes (current): the plan is for one GPU, and every process runs rank 0's
     (its collectives must match), on its own GPU.
     """
     from wanfit.plan.planning import plan_for
 
-    request = _job_request(args, settings)
+    request = _job_request(args, settings, loras)
     world_size = current.world_size if current is not None else None
     constraints = parallel_constraints(
         args, request, common.constraints_from_args(args), world_size=world_size

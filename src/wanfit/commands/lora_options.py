@@ -18,6 +18,21 @@ def add_lora_options(parser: argparse.ArgumentParser) -> None:
     from wanfit.sampling.schedulers import SCHEDULERS
 
     group = parser.add_argument_group("LoRAs and few-step sampling")
+    add_lora_files_option(group)
+    group.add_argument(
+        "--preset",
+        default=None,
+        metavar="NAME",
+        help=f"a few-step recipe ({', '.join(PRESETS)}): sampler, steps, shift, guidance, LoRA strength; "
+        "flags given win",
+    )
+    group.add_argument(
+        "--sampler", default=None, metavar="NAME", help=f"{', '.join(SCHEDULERS)} (default: the model's own)"
+    )
+
+
+def add_lora_files_option(group) -> None:
+    """--lora FILE[:STRENGTH] (repeatable) and --lora-skip-unknown."""
     group.add_argument(
         "--lora",
         action="append",
@@ -30,16 +45,6 @@ def add_lora_options(parser: argparse.ArgumentParser) -> None:
         "--lora-skip-unknown",
         action="store_true",
         help="skip LoRA keys that fit no weight instead of stopping",
-    )
-    group.add_argument(
-        "--preset",
-        default=None,
-        metavar="NAME",
-        help=f"a few-step recipe ({', '.join(PRESETS)}): sampler, steps, shift, guidance, LoRA strength; "
-        "flags given win",
-    )
-    group.add_argument(
-        "--sampler", default=None, metavar="NAME", help=f"{', '.join(SCHEDULERS)} (default: the model's own)"
     )
 
 

@@ -7,7 +7,7 @@ import json
 import sys
 
 from wanfit.commands import common
-from wanfit.commands.lora_options import add_preset_option, plan_preset
+from wanfit.commands.lora_options import add_lora_files_option, add_preset_option, plan_preset
 from wanfit.commands.parallel import add_parallel_options, parallel_constraints
 from wanfit.errors import ConfigError, PlanError
 
@@ -35,6 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: the best one found)")
     add_preset_option(p)
+    add_lora_files_option(p)  # read and checked against the model, to plan how they are applied
     common.add_plan_options(p)
     add_parallel_options(p)
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -45,8 +46,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def request_from_args(args: argparse.Namespace):
+def request_from_args(args: argparse.Namespace, preset=None):
+    from dataclasses import replace
+
+    from wanfit.commands.lora_options import lora_requests, read_loras
     from wanfit.pipeline import validate_request
+    from wanfit.plan.lora import LoraShapes
     from wanfit.plan.planning import model_request
 
     if common.has_model(args) and args.model_size is not None:
@@ -62,9 +67,11 @@ def request_from_args(args: argparse.Namespace):
     else:
         model, parts = args.model_size or "1.3B", {}
     guidance = args.guidance != 1.0
-    return model_request(
+    request = model_request(
         model, width=width, height=height, frames=args.frames, guidance=guidance, steps=steps, **parts
     )
+    loras = read_loras(lora_requests(args, preset), request.config, args.lora_skip_unknown)
+    return replace(request, loras=LoraShapes.of(loras))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -78,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     preset = plan_preset(args)
     if preset is not None and args.steps is None:
         args.steps = preset.steps
-    request = request_from_args(args)
+    request = request_from_args(args, preset)
     constraints = parallel_constraints(args, request, common.constraints_from_args(args))
     hardware = common.hardware_from_args(args)
     try:

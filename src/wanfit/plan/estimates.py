@@ -23,6 +23,7 @@ from torch import nn
 from wanfit.attention.chunked import DEFAULT_BUDGET_BYTES
 from wanfit.models.configs import VAE_STRIDE, WAN21_TEXT_ENCODER, DiTConfig, TextEncoderConfig
 from wanfit.models.vae import WAN21_VAE, AttentionBlock, VAEConfig, WanVAE
+from wanfit.plan.lora import LoraMemory, LoraShapes, lora_memory
 from wanfit.plan.plan import Plan
 from wanfit.precision import dtype_bytes
 
@@ -226,6 +227,7 @@ class Request:
     dit_file_dtype: str | None = None
     text_encoder_file_dtype: str | None = None
     steps: int | None = None  # denoising steps; None: the sampler's default (whether compiling pays)
+    loras: LoraShapes | None = None  # the LoRAs the job applies (their ranks and targets), None: none
 
     @property
     def latent_frames(self) -> int:
@@ -447,14 +449,24 @@ def estimate_text_encoder(request: Request, plan: Plan, *, others: bool = True) 
     upcast = dtype_bytes(text_encoder_storage(request, plan)) != compute.itemsize
     layer_params = text_encoder_sizes(request.text_encoder).layer
     workspace = compute.itemsize * layer_params if on_device and upcast else 0
+    # LoRAs are merged before the prompts are encoded, with the same weights placed: the larger of the
+    # merge's temporaries and the encoder's activations.
+    lora = lora_memory(request, plan) if others else LoraMemory()
+    merge = lora.merge if lora.merge_on_device else 0
+    lora_host = _lora_host_on_device(plan, lora)
     return PhaseEstimate(
         "text_encoder",
-        weights=weights + dit + vae,
-        activations=activations,
+        weights=weights + dit + vae + lora_host,
+        activations=max(activations, merge),
         workspace=workspace,
         cache=_embeddings_bytes(request, plan),
-        detail={"text_encoder": weights, "dit": dit, "vae": vae},
+        detail={"text_encoder": weights, "dit": dit, "vae": vae, "lora_merge": merge, "lora_host": lora_host},
     )
+
+
+def _lora_host_on_device(plan: Plan, lora: LoraMemory) -> int:
+    """What the LoRAs keep on the host counts on the device when the device is the host (a CPU run)."""
+    return lora.host if plan.device == "cpu" else 0
 
 
 def rank_batch(request: Request, plan: Plan) -> int:
@@ -532,12 +544,14 @@ def estimate_denoise(request: Request, plan: Plan, backend: str, *, others: bool
     te = text_encoder_device_weights(request, plan, during_encode=False) if others else 0
     vae = vae_device_weights(request, plan) if others else 0
     act, ws, stage = dit_activations(request, plan, backend)
+    lora = lora_memory(request, plan)  # the runtime branch's factors and activations (part of the DiT)
+    lora_host = _lora_host_on_device(plan, lora) if others else 0
     step_cache = step_cache_bytes(request, plan)
     cache = int(LATENT_COPIES * _latent_bytes(request)) + _embeddings_bytes(request, plan) + step_cache
     return PhaseEstimate(
         "denoise",
-        weights=dit + te + vae,
-        activations=act,
+        weights=dit + te + vae + lora.factors + lora_host,
+        activations=act + lora.branch,
         workspace=ws,
         cache=cache,
         detail={
@@ -546,6 +560,9 @@ def estimate_denoise(request: Request, plan: Plan, backend: str, *, others: bool
             "vae": vae,
             f"peak_stage_{stage}": act + ws,
             "step_cache": step_cache,
+            "lora_factors": lora.factors,
+            "lora_branch": lora.branch,
+            "lora_host": lora_host,
         },
     )
 
@@ -611,10 +628,13 @@ def estimate_vae_decode(request: Request, plan: Plan, backend: str, *, others: b
     vae_backend = plan.vae_attention or backend
     ws = attention_workspace(vae_backend, 1, 1, h * w, h * w, d0, c, AttentionBlock.query_chunk)
     weights = vae_device_weights(request, plan)
+    lora = lora_memory(request, plan) if others else LoraMemory()
     if others and not plan.offload_dit_before_decode:
-        weights += dit_device_weights(request.config, plan, request.dit_file_dtype)
+        # The DiT with its LoRA branch's factors (released with it before the decode).
+        weights += dit_device_weights(request.config, plan, request.dit_file_dtype) + lora.factors
     if others:
         weights += text_encoder_device_weights(request, plan, during_encode=False)
+        weights += _lora_host_on_device(plan, lora)
     return PhaseEstimate(
         "vae_decode",
         weights=weights,

@@ -34,6 +34,7 @@ from wanfit.plan.estimates import (
     text_encoder_streamed,
     vae_params,
 )
+from wanfit.plan.lora import lora_memory
 from wanfit.plan.plan import Plan
 from wanfit.precision import dtype_bytes
 from wanfit.runtime.offload import STAGING_BUFFERS
@@ -197,12 +198,20 @@ def host_phases(request: Request, plan: Plan) -> dict[str, HostEstimate]:
         )
 
     loaded = {"dit": _Part(anon=dit_converted_on_load(request, plan))}
+    # The LoRAs' host copies from their loading on; a DiT loaded on the host is merged there too.
+    lora = lora_memory(request, plan)
+    lora_kept = _Part(anon=lora.host)
+    lora_loading = _Part(anon=lora.host + (0 if lora.merge_on_device else lora.merge))
     return {
-        "text_encoder": phase("text_encoder", {"text_encoder": te_encoding, **loaded}, read_at_load),
-        "denoise": phase("denoise", {"dit": dit, "text_encoder": te_after}, read_by_denoise),
+        "text_encoder": phase(
+            "text_encoder", {"text_encoder": te_encoding, **loaded, "lora": lora_loading}, read_at_load
+        ),
+        "denoise": phase(
+            "denoise", {"dit": dit, "text_encoder": te_after, "lora": lora_kept}, read_by_denoise
+        ),
         "vae_decode": phase(
             "vae_decode",
-            {"dit": dit_in_decode, "text_encoder": te_after},
+            {"dit": dit_in_decode, "text_encoder": te_after, "lora": lora_kept},
             read_by_denoise,
             video_host(request),
         ),

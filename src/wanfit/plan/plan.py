@@ -27,6 +27,9 @@ STORAGE_DTYPE_NAMES = (*COMPUTE_DTYPE_NAMES, "float8_e4m3fn")
 STREAM_SOURCES = ("pinned", "mmap")
 ATTENTION_KINDS = ("self", "cross", "vae")  # the DiT's self- and cross-attention, the VAE's
 DIT_SHARDINGS = ("none", "fsdp")  # the DiT whole on every process, or its blocks sharded (FSDP2)
+# How LoRAs reach the DiT (wanfit.runtime.lora): merged into its weights, or a low-rank branch beside
+# each block Linear.
+LORA_MODES = ("merge", "runtime")
 
 
 def _setting(kind: str, help: str, **rules) -> dict:
@@ -182,6 +185,19 @@ class Plan:
         default=None,
         metadata=_setting(
             "int", "the process that runs umT5 on several", minimum=0, optional=True, none="every process"
+        ),
+    )
+
+    # None: the job has no LoRA (or none is known yet: the pipeline asks the planner's rule,
+    # wanfit.plan.lora, when one is loaded).
+    lora_mode: str | None = field(
+        default=None,
+        metadata=_setting(
+            "choice",
+            "how LoRAs are applied: merged into the weights, or a low-rank branch beside each block Linear",
+            choices=LORA_MODES,
+            optional=True,
+            none="no LoRA",
         ),
     )
 

@@ -41,6 +41,7 @@ from wanfit.plan.estimates import (
     text_encoder_streamed,
 )
 from wanfit.plan.host_estimates import HostEstimate, host_bytes, host_phases
+from wanfit.plan.lora import describe_lora_mode, lora_mode_rule
 from wanfit.plan.plan import Plan, describe_setting
 from wanfit.precision import compute_dtype_for, dtype_name
 
@@ -342,9 +343,11 @@ def _offload_dit(plan: Plan, request: Request) -> list[Plan]:
 
 def _shard_dit(plan: Plan, request: Request) -> list[Plan]:
     """Several processes: each keeps 1/world of the blocks (FSDP2), faster than streaming them from
-    the host (an all-gather over NVLink per block against a copy over PCIe)."""
+    the host (an all-gather over NVLink per block against a copy over PCIe). Not with LoRAs, which a
+    sharded DiT cannot take yet (it streams instead)."""
     if (
-        plan.world_size == 1
+        request.loras is not None
+        or plan.world_size == 1
         or plan.dit_sharding != "none"
         or plan.dit_blocks_resident is not None
         or plan.storage_dtype is not None
@@ -516,6 +519,7 @@ class PlanResult:
     hardware: object = (
         None  # the HardwareProbe planned for (plan_for sets it; the pipeline's dispatchers use it)
     )
+    lora_summary: str | None = None  # how the job's LoRAs are applied and why (None: no LoRA)
 
     @property
     def peak_bytes(self) -> int:
@@ -542,12 +546,14 @@ class PlanResult:
                 "frames": req.num_frames,
                 "guidance": req.guidance,
                 "tokens": req.tokens,
+                "loras": None if req.loras is None else req.loras.to_dict(),
             },
             "downscaled": self.requested is not None,
             "gave_up": list(self.steps),
             "user_set": sorted(self.frozen),
             "device": self.device.to_dict(),
             "notes": list(self.notes),
+            "lora_summary": self.lora_summary,
         }
 
     def summary(self) -> str:
@@ -559,6 +565,7 @@ class PlanResult:
             f"({self.budget.host_source})",
             f"compute dtype {self.plan.compute_dtype}; attention: self {self.plan.self_attention or self.attention_backend}, "
             f"cross {self.plan.cross_attention or self.attention_backend}, VAE {self.plan.vae_attention or self.attention_backend}",
+            *([self.lora_summary] if self.lora_summary else []),
             "",
             f"{'phase':<14}{'weights':>12}{'activations':>13}{'workspace':>12}{'cache':>12}{'peak':>12}",
         ]
@@ -741,6 +748,23 @@ def _check_sharding(plan: Plan) -> None:
         )
 
 
+def _check_loras(plan: Plan, request: Request) -> None:
+    """ConfigError for LoRAs on a DiT the user had sharded (the runtime cannot apply them there)."""
+    if request.loras is not None and plan.dit_sharding == "fsdp":
+        raise ConfigError(
+            "LoRAs cannot be applied to a DiT sharded across processes (dit_sharding=fsdp) yet; drop --lora "
+            "or dit_sharding=fsdp (the planner then streams the DiT's blocks where it does not fit a GPU)."
+        )
+
+
+def _with_lora_mode(plan: Plan, request: Request, frozen: frozenset[str]) -> Plan:
+    """The plan with its LoRA mode recorded: the user's (every mode runs on every plan that takes
+    LoRAs: a merge writes into the streamer's or the fp8 copies), else the rule's; None without LoRAs."""
+    if request.loras is None or "lora_mode" in frozen:
+        return plan
+    return replace(plan, lora_mode=lora_mode_rule(plan)[0])
+
+
 def _leanest(request: Request, base: Plan, backend: str, frozen: frozenset[str]) -> Plan:
     """Everything given up that lowers some phase: the smallest plan there is."""
     plan = base
@@ -800,6 +824,7 @@ def plan_run(
     base = replace(fastest_plan(device, request, fp8=fp8), **chosen_backends, **overrides)
     base = _text_encoder_rank(base, "text_encoder_rank" in overrides)
     _check_sharding(base)
+    _check_loras(base, request)
     frozen = frozenset(overrides) | ({"storage_dtype"} if fp8 else frozenset())
     backend = planned_backend(base)
     notes = _notes(device, budget, base, vram)
@@ -825,6 +850,7 @@ def plan_run(
     if "compile_dit" not in frozen:
         compile_dit, compile_costs = compile_decision(device, chosen, plan)
         plan = replace(plan, compile_dit=compile_dit)
+    plan = _with_lora_mode(plan, chosen, frozen)
     host = host_phases(chosen, plan)
     notes += _plan_notes(plan, device, chosen, compile_costs)
     return PlanResult(
@@ -840,6 +866,7 @@ def plan_run(
         requested=requested,
         steps=tuple(steps),
         frozen=frozen,
+        lora_summary=describe_lora_mode(chosen, plan, "lora_mode" in frozen),
     )
 
 

@@ -85,13 +85,19 @@ def model_request(
     text_encoder: str | Path | None = None,
     tokenizer: str | Path | None = None,
     steps: int | None = None,
+    loras=(),
 ) -> Request:
     """The job as the planner sees it. model: a folder (official, diffusers or ComfyUI), a preset name
     (1.3B, 14B), or None/"builtin"; dit / vae / text_encoder / tokenizer: files that replace the
     folder's own (all three: no folder needed). Headers only: no weights are read. steps: the
-    denoising steps (None: the sampler's default), which decide whether compiling pays."""
+    denoising steps (None: the sampler's default), which decide whether compiling pays. loras: the
+    converted LoRAs the job applies (LoraWeights, or (LoraWeights, strength) as read_loras gives
+    them): how they are applied is planned (Plan.lora_mode), and their memory counted."""
+    from wanfit.plan.lora import LoraShapes
+
     components = {"dit": dit, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer}
-    return replace(_model_request(model, width, height, frames, guidance, components), steps=steps)
+    request = _model_request(model, width, height, frames, guidance, components)
+    return replace(request, steps=steps, loras=LoraShapes.of(loras))
 
 
 def _model_request(model, width: int, height: int, frames: int, guidance: bool, components: dict) -> Request:

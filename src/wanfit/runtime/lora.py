@@ -5,9 +5,10 @@ merge    W' = W + sum_i strength_i * delta_i, computed in fp32 from the base wei
          keeps the weight: the parameter, or the block streamer's stored (host or fp8) copy, so a merge
          is neither lost when a streamer copies the weights nor undone by a prefetched copy.
 runtime  y = x W^T + (x A^T) B^T beside each Linear of the blocks, B carrying strength * alpha / rank
-         (several LoRAs: their factors stacked, one branch); the weights stay as stored. Used for
-         streamed or fp8-stored blocks, where a merge would rewrite host copies. Everything that is no
-         block Linear (diffs, norms, modulation, embeddings) is merged in either mode.
+         (several LoRAs: their factors stacked, one branch); the weights stay as stored. Everything
+         that is no block Linear (diffs, norms, modulation, embeddings) is merged in either mode.
+Which one runs is the plan's (Plan.lora_mode; the planner's rule is wanfit.plan.lora.lora_mode_rule);
+either runs on any placement.
 Every touched tensor's stored form is kept on the host the first time, so `remove_loras` restores
 the base weights bit for bit and a new LoRA set is always computed from the base. The pipeline owns
 the state (DiTLoras); nothing is stored on the model.
@@ -21,17 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from wanfit.plan.plan import LORA_MODES as MODES
 from wanfit.weights.lora_keys import LoraWeights, LowRank
-
-MODES = ("merge", "runtime")
-
-
-def choose_mode(plan) -> str:
-    """merge for a resident DiT in bf16/fp16/fp32; the runtime branch for streamed or fp8-stored
-    blocks, and beside the fast tier's fp8 GEMMs (whose quantised weights a merge would outdate)."""
-    streamed = plan.dit_blocks_resident is not None
-    fp8 = plan.storage_dtype is not None and plan.storage_dtype.startswith("float8")
-    return "runtime" if streamed or fp8 or plan.fp8_gemm else "merge"
 
 
 @dataclass
@@ -43,9 +35,9 @@ class _Original:
     dtype: torch.dtype  # the parameter's compute dtype (an fp8 copy upcasts to it)
 
     def value(self, device: torch.device | str) -> torch.Tensor:
-        """The base weight in fp32 on `device`."""
-        t = self.tensor.to(device, torch.float32)
-        return t * self.scale.to(device) if self.scale is not None else t
+        """The base weight in fp32 on `device`: a new tensor (a merge adds to it in place)."""
+        t = self.tensor.to(device, torch.float32, copy=True)
+        return t.mul_(self.scale.to(device)) if self.scale is not None else t
 
 
 class LowRankBranch:
@@ -121,12 +113,15 @@ class DiTLoras:
         for name, updates in merged.items():
             original = originals[name] = self.originals.get(name) or _snapshot(dit, self.streamer, name)
             device = _compute_device(dit, self.streamer, name)
+            # In place: the value and one delta are the only fp32 copies alive (wanfit.plan.lora counts
+            # MERGE_FP32_COPIES of the largest weight).
             value = original.value(device)
             for strength, update in updates:
                 delta = (
                     update.delta(device) if isinstance(update, LowRank) else update.to(device, torch.float32)
                 )
-                value = value + strength * delta.reshape(value.shape)
+                value.add_(delta.reshape(value.shape), alpha=strength)
+                del delta
             _write(dit, self.streamer, name, value, original.dtype)
         self.originals = originals  # tensors no LoRA touches any more were restored by _restore
 

@@ -64,7 +64,7 @@ class LowRank:
         """scale * up @ down in fp32, shaped like the weight's leading dims [out, in, ...]."""
         up = self.up.to(device, torch.float32).flatten(1)
         down = self.down.to(device, torch.float32).flatten(1)
-        return (self.scale * (up @ down)).reshape(self.up.shape[0], *self.down.shape[1:])
+        return (up @ down).mul_(self.scale).reshape(self.up.shape[0], *self.down.shape[1:])
 
 
 @dataclass

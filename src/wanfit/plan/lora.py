@@ -1,0 +1,243 @@
+"""LoRAs in the plan: how they reach the DiT (Plan.lora_mode, the planner's rule) and what they cost.
+
+The job's LoRAs reach planning as LoraShapes (ranks and targets, no weights) on the Request. The rule
+(`lora_mode_rule`) is the one place that decides merge against the runtime branch; the planner records
+its answer in the plan, the pipeline and wanfit.runtime.lora obey it. `lora_memory` counts what each
+mode costs, for the device and host estimates (estimates.py, host_estimates.py).
+
+Checked against an H200 run of benchmarks/bench_lora.py (1.3B, 832x480x81, one sample, bf16, rank 64
+on every block Linear): the runtime branch raised the forward's peak by 0.75 GiB, estimated here at
+0.71 (0.163 of factors, 0.551 of the up-projection's output beside ffn.0's); a merge left it unchanged
+(tests/test_lora_plan.py keeps the comparison).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+
+from wanfit.plan.plan import Plan
+from wanfit.precision import dtype_bytes
+
+# fp32 tensors of a weight's size alive at once while one is merged: its value and one LoRA's delta
+# (wanfit.runtime.lora adds each delta in place; the rounded copy is written after the delta is freed).
+MERGE_FP32_COPIES = 2
+FP32 = 4
+
+
+@dataclass(frozen=True)
+class LoraShapes:
+    """What planning needs of a job's LoRAs (no weights): each module's low-rank update with its rank
+    summed over the files (the runtime stacks them into one branch), the parameters given a full
+    delta, and the bytes of the converted LoRAs the pipeline keeps for the run."""
+
+    ranks: tuple[tuple[str, int], ...]  # official module name -> rank, summed over the files
+    diffs: tuple[str, ...] = ()  # official parameter names
+    held_bytes: int = 0
+
+    @classmethod
+    def of(cls, loras) -> LoraShapes | None:
+        """From converted LoRAs (wanfit.weights.lora_keys.LoraWeights, or (LoraWeights, strength)
+        pairs as read_loras gives them); None for none."""
+        items = [lora[0] if isinstance(lora, tuple) else lora for lora in loras or ()]
+        if not items:
+            return None
+        ranks: dict[str, int] = {}
+        diffs: set[str] = set()
+        held = 0
+        for lora in items:
+            for module, update in lora.low_rank.items():
+                ranks[module] = ranks.get(module, 0) + update.rank
+                held += sum(t.numel() * t.element_size() for t in (update.down, update.up))
+            for name, delta in lora.diffs.items():
+                diffs.add(name)
+                held += delta.numel() * delta.element_size()
+        return cls(tuple(sorted(ranks.items())), tuple(sorted(diffs)), held)
+
+    @property
+    def max_rank(self) -> int:
+        return max((rank for _, rank in self.ranks), default=0)
+
+    def to_dict(self) -> dict:
+        return {"low_rank_modules": len(self.ranks), "max_rank": self.max_rank, "diffs": len(self.diffs)}
+
+
+# ----------------------------------------------------------------------------- the rule
+
+
+def lora_mode_rule(plan: Plan) -> tuple[str, str]:
+    """(mode, why): merge for a resident DiT in bf16/fp16/fp32; the runtime branch for streamed or
+    fp8-stored blocks, and beside the fast tier's fp8 GEMMs."""
+    if plan.dit_blocks_resident is not None:
+        return "runtime", "the DiT's blocks stream from host copies, which a merge would rewrite"
+    if plan.storage_dtype is not None and dtype_bytes(plan.storage_dtype) == 1:
+        return "runtime", "the DiT's weights are stored in fp8, which a merge would round a second time"
+    if plan.fp8_gemm:
+        return (
+            "runtime",
+            "the fast tier's fp8 GEMMs hold quantised copies of the weights a merge would outdate",
+        )
+    return "merge", f"the DiT is resident in {plan.compute_dtype}: merged once, nothing to pay per step"
+
+
+def planned_lora_mode(request, plan: Plan) -> str | None:
+    """The mode the plan applies LoRAs in: its own, or (while the planner searches, before it records
+    one) the rule's for it; None without LoRAs."""
+    if request.loras is None:
+        return None
+    return plan.lora_mode or lora_mode_rule(plan)[0]
+
+
+# ----------------------------------------------------------------------------- geometry
+
+
+@cache
+def _parameter_shapes(config) -> dict[str, tuple[int, ...]]:
+    from wanfit.runtime.lora import parameter_shapes
+
+    return parameter_shapes(config)
+
+
+@cache
+def _block_linear_names(config) -> frozenset[str]:
+    """The Linears of a DiT block, by name within the block (what the runtime branch sits beside)."""
+    import torch
+    from torch import nn
+
+    from wanfit.models.dit import WanBlock
+
+    with torch.device("meta"):
+        block = WanBlock(config)
+    return frozenset(name for name, m in block.named_modules() if isinstance(m, nn.Linear))
+
+
+def _in_block(module: str) -> str | None:
+    """'blocks.3.ffn.0' -> 'ffn.0'; None outside the blocks."""
+    parts = module.split(".")
+    return ".".join(parts[2:]) if len(parts) > 2 and parts[0] == "blocks" else None
+
+
+@dataclass(frozen=True)
+class _Branch:
+    name: str  # within its block
+    inputs: int
+    outputs: int
+    rank: int
+
+
+def _split(config, shapes: LoraShapes, mode: str) -> tuple[list[_Branch], list[str]]:
+    """(the runtime branches, the merged parameter names) of `mode`: every block Linear's update is a
+    branch in runtime mode; everything else (and everything in merge mode) is merged."""
+    params = _parameter_shapes(config)
+    linears = _block_linear_names(config)
+    branches, merged = [], list(shapes.diffs)
+    for module, rank in shapes.ranks:
+        inner = _in_block(module)
+        if mode == "runtime" and inner in linears:
+            out, inp = params[f"{module}.weight"][:2]
+            branches.append(_Branch(inner, inp, out, rank))
+        else:
+            merged.append(f"{module}.weight")
+    return branches, merged
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def branch_elements(config, shapes: LoraShapes | None) -> int:
+    """Elements of the runtime branch's factors: rank x (in + out) per block Linear a LoRA updates."""
+    if shapes is None:
+        return 0
+    return sum(b.rank * (b.inputs + b.outputs) for b in _split(config, shapes, "runtime")[0])
+
+
+def full_branch_elements(config, rank: int) -> int:
+    """The same for a LoRA of `rank` on every block Linear (as benchmarks/bench_lora.py measures)."""
+    params = _parameter_shapes(config)
+    per_block = sum(sum(params[f"blocks.0.{name}.weight"][:2]) for name in _block_linear_names(config))
+    return rank * per_block * config.num_layers
+
+
+def merged_elements(config, shapes: LoraShapes | None, mode: str) -> int:
+    """Elements of the weights a LoRA set merges in `mode` (all its targets, or the non-block ones)."""
+    if shapes is None:
+        return 0
+    params = _parameter_shapes(config)
+    return sum(_numel(params[name]) for name in _split(config, shapes, mode)[1])
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+@dataclass(frozen=True)
+class LoraMemory:
+    """What the plan's LoRAs cost, in bytes."""
+
+    factors: int = 0  # runtime branch: every branch's factors on the device (compute dtype), kept there
+    branch: int = 0  # runtime branch: its activations at the DiT's peak
+    merge: int = 0  # a merge's fp32 temporaries: transient, before the denoising
+    merge_on_device: bool = False  # the merge computes where the DiT was loaded: the device, or the host
+    host: int = 0  # on the host for the whole run (the base weights kept for unloading, ...)
+
+
+def lora_memory(request, plan: Plan) -> LoraMemory:
+    """The LoRAs' memory under `plan` (nothing without LoRAs).
+
+    runtime branch: the factors on the device, rank x (in + out) per block Linear in the compute dtype;
+    at each Linear call the branch holds x A^T [rows, rank] and then (x A^T) B^T [rows, out] beside the
+    Linear's own output until they are summed: one output more, counted for the largest Linear (ffn.0
+    over the FFN's rows, whose stage is the DiT's peak; the other Linears' calls fall below it).
+    merge: MERGE_FP32_COPIES fp32 copies of the largest merged weight while it is merged, where the DiT
+    was loaded (the device for a resident DiT, the host for a streamed or fp8 one); nothing after.
+    Both keep on the host the stored form of every tensor merged (the base weights `unload_loras`
+    restores; in merge mode most of the DiT), the converted LoRAs, and in runtime mode the branches'
+    fp32 factors; a DiT streamed from its mapped file holds its merged blocks as private copies.
+    """
+    from wanfit.plan.estimates import dit_streams_from_file, rank_batch, rank_tokens
+
+    mode = planned_lora_mode(request, plan)
+    if mode is None:
+        return LoraMemory()
+    config, shapes = request.config, request.loras
+    c = dtype_bytes(plan.compute_dtype)
+    branches, merged = _split(config, shapes, mode)
+    params = _parameter_shapes(config)
+    batch, share = rank_batch(request, plan), rank_tokens(request, plan)
+    ffn_rows = min(share, plan.ffn_chunk) if plan.ffn_chunk else share
+    factor_elements = sum(b.rank * (b.inputs + b.outputs) for b in branches)
+    branch = max(
+        (batch * (ffn_rows if b.name.startswith("ffn.") else share) * (b.outputs + b.rank) for b in branches),
+        default=0,
+    )
+    largest = max((_numel(params[name]) for name in merged), default=0)
+    streams_from_file = dit_streams_from_file(plan) and request.dit_file_dtype is not None
+    stored = dtype_bytes(request.dit_file_dtype) if streams_from_file else c  # as loaded, before placing
+    merged_bytes = sum(_numel(params[name]) for name in merged) * stored
+    private = (
+        sum(_numel(params[n]) for n in merged if n.startswith("blocks.")) * stored if streams_from_file else 0
+    )
+    fp8 = plan.storage_dtype is not None and dtype_bytes(plan.storage_dtype) == 1
+    placed_late = plan.dit_blocks_resident is not None or fp8  # loaded on the host, placed to denoise
+    return LoraMemory(
+        factors=factor_elements * c,
+        branch=branch * c,
+        merge=MERGE_FP32_COPIES * FP32 * largest,
+        merge_on_device=plan.device == "cpu" or not placed_late,
+        host=shapes.held_bytes + merged_bytes + FP32 * factor_elements + private,
+    )
+
+
+def describe_lora_mode(request, plan: Plan, user_set: bool) -> str | None:
+    """A line for `wanfit plan`: how the LoRAs are applied, and why (None without LoRAs)."""
+    mode = planned_lora_mode(request, plan)
+    if mode is None:
+        return None
+    rule, why = lora_mode_rule(plan)
+    what = "merged into the weights" if mode == "merge" else "a low-rank branch beside each block Linear"
+    if user_set and mode != rule:
+        return f"LoRAs: {what}, as set (lora_mode={mode}); the planner would choose {rule}: {why}."
+    return f"LoRAs: {what} ({why})."
