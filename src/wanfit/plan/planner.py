@@ -926,14 +926,12 @@ def _plan_notes(plan: Plan, device: DeviceBudget, request: Request, compile_cost
     if compile_costs is not None:
         what = "compiles the DiT's blocks" if plan.compile_dit else "runs the DiT eagerly"
         notes.append(f"the plan {what}: {compile_costs.describe(request_steps(request))}.")
-    if plan.fp8_gemm and (
-        plan.dit_blocks_resident is not None or plan.storage_dtype is not None or plan.dit_sharding == "fsdp"
-    ):
+    if plan.fp8_gemm and not plan.fast_tier_in_place:
         notes.append(
             "the fast tier's fp8 GEMMs need the DiT resident, whole and unquantised at rest; this plan "
             "streams, shards or fp8-stores it, so its blocks run exact."
         )
-    elif plan.fp8_gemm:
+    elif plan.fast_tier_in_place:
         notes.append(
             "fast tier: the DiT blocks' linears run as fp8 e4m3 GEMMs with per-row scales (lossy; "
             "bench_speed.py measures the error against the exact tier)."
