@@ -9,11 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers.hardware import emulated
 from tests.helpers.live_bytes import LiveBytes
+from wanfit.cli import main
+from wanfit.commands import common
 from wanfit.models.configs import WAN_T2V_1_3B, WAN_T2V_14B, WAN_TINY, DiTConfig
 from wanfit.models.dit import Linear, WanDiT
 from wanfit.plan import estimates as E
+from wanfit.plan import planner as P
 from wanfit.plan.plan import Plan
+from wanfit.plan.planning import Constraints, model_request, plan_for
 from wanfit.runtime import fp8_linear
 
 GIB = 1024**3
@@ -173,6 +178,78 @@ def test_compiled_blocks_hold_far_less_than_eager_ones():
     tokens = 2 * request.tokens
     assert eager["fp8_gemm_buffers"] > 2 * tokens * WAN_T2V_1_3B.ffn_dim * 2
     assert 0 < compiled["fp8_gemm_buffers"] < eager["fp8_gemm_buffers"] / 10
+
+
+# --- the planner ----------------------------------------------------------------------------------
+
+
+def test_where_the_copies_do_not_fit_beside_the_resident_dit_the_fast_tier_is_declined():
+    request, hw = model_request("1.3B"), emulated("rtx4090")
+    vram = 8 * GIB
+    exact = plan_for(request, Constraints(vram=vram), hw)
+    assert exact.plan.dit_blocks_resident is None  # the exact tier fits resident...
+    with_copies = E.estimate_phases(request, replace(exact.plan, fp8_gemm=True), exact.attention_backend)
+    assert E.peak_bytes(with_copies) > exact.budget.device_bytes  # ...and its fp8 copies do not
+    fast = plan_for(request, Constraints(fast=True, vram=vram), hw)
+    assert not fast.plan.fp8_gemm and fast.plan.tier == "exact"
+    assert fast.plan == exact.plan  # the exact tier's plan, not a streamed one
+    assert fast.peak_bytes == exact.peak_bytes
+    (note,) = [n for n in fast.notes if "do not fit beside the resident DiT" in n]
+    assert "1.30 GiB" in note and note.endswith("running exact.") and note.count(". ") == 0
+    assert not any("fast tier: the DiT blocks' linears run as fp8" in n for n in fast.notes)
+
+
+def test_the_fast_tier_gives_up_cheaper_things_before_it_is_declined():
+    request, hw = model_request("1.3B"), emulated("rtx4090")
+    vram = 10 * GIB
+    exact = plan_for(request, Constraints(vram=vram), hw)
+    fast = plan_for(request, Constraints(fast=True, vram=vram), hw)
+    assert fast.plan.tier == "fast" and fast.plan.dit_blocks_resident is None
+    assert exact.plan.cfg_batch and not fast.plan.cfg_batch  # room for the copies: CFG one after the other
+    assert fast.phases["denoise"].detail["fp8_gemms"] == E.fast_tier_weights(request.config, fast.plan)
+    assert fast.peak_bytes <= fast.budget.device_bytes
+
+
+def test_where_both_tiers_stream_the_fast_tier_stays_asked_for_and_runs_exact():
+    request, hw = model_request("1.3B"), emulated("rtx4090")
+    fast = plan_for(request, Constraints(fast=True, vram=4 * GIB), hw)
+    exact = plan_for(request, Constraints(vram=4 * GIB), hw)
+    assert fast.plan.fp8_gemm and fast.plan.tier == "exact"
+    assert replace(fast.plan, fp8_gemm=False) == exact.plan
+    assert not any("do not fit beside the resident DiT" in n for n in fast.notes)
+
+
+def test_a_compilable_card_plans_the_fused_quantisation():
+    h200 = P.DeviceBudget("cuda", "H200", (9, 0), 140 * GIB, 139 * GIB, 256 * GIB, True, compilable=True)
+    result = P.plan_run(h200, P.default_request(), overrides={"fp8_gemm": True})
+    assert result.plan.compile_dit and result.plan.tier == "fast"
+    compiled = E.estimate_denoise(result.request, result.plan, result.attention_backend)
+    eager = E.estimate_denoise(
+        result.request, replace(result.plan, compile_dit=False), result.attention_backend
+    )
+    assert result.phases["denoise"].peak == compiled.peak < eager.peak
+
+
+# --- the command line -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fixed_hosts(monkeypatch):
+    monkeypatch.setattr(common, "hardware_from_args", lambda args: emulated(args.emulate or "cpu", 64))
+
+
+def test_plan_fast_shows_the_copies_and_buffers_in_its_breakdown(fixed_hosts, capsys):
+    assert main(["plan", "--json", "--fast", "--emulate", "h100"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    denoise = out["phases"]["denoise"]["detail"]
+    assert denoise["fp8_gemms"] == E.fast_tier_weights(WAN_T2V_1_3B, FAST) and denoise["fp8_gemm_buffers"] > 0
+    assert main(["plan", "--fast", "--emulate", "h100"]) == 0
+    text = capsys.readouterr().out
+    (line,) = [line for line in text.splitlines() if line.startswith("fast tier:")]
+    assert "add 1.30 GiB to the weights of text_encoder, denoise, vae_decode" in line
+    assert f"(eager) raise a DiT forward's peak by {denoise['fp8_gemm_buffers'] / GIB:.2f} GiB" in line
+    assert main(["plan", "--emulate", "h100"]) == 0
+    assert "fast tier:" not in capsys.readouterr().out
 
 
 def test_placing_the_fast_tier_peaks_at_its_largest_weights_quantisation():
