@@ -169,6 +169,29 @@ def test_the_fast_ffn_peaks_as_the_estimate_says(rows, row_multiple):
         assert fast.peak < estimate  # a kernel that takes any row count pads nothing
 
 
+def test_the_attention_sides_fp8_gemms_leave_its_peak_as_it_was():
+    """Only the FFN's are counted: the projections' eager buffers stay below the RoPE stage's tensors."""
+    torch.manual_seed(0)
+    dit = WanDiT(RATIO).to(torch.bfloat16).eval()
+    block = dit.blocks[0]
+    block.self_attn.attention_chunk = 16  # the CPU's attention kernel keeps its scores small
+    h = torch.randn(2, 600, RATIO.dim)
+    context = torch.randn(2, RATIO.text_len, RATIO.dim).to(torch.bfloat16)
+    rope = dit.rope((1, 1, 600), "cpu")
+
+    def peaks():
+        with torch.no_grad(), LiveBytes() as self_attention:
+            block.self_attn(h, rope)
+        with torch.no_grad(), LiveBytes() as cross_attention:
+            block.cross_attn(h, context)
+        return self_attention.peak, cross_attention.peak
+
+    exact = peaks()
+    fp8_linear.install(dit.blocks)
+    assert all(m.gemm is not None for m in fp8_linear.block_linears(dit.blocks))
+    assert peaks() == exact
+
+
 def test_compiled_blocks_hold_far_less_than_eager_ones():
     request = E.Request(WAN_T2V_1_3B)
     eager = E.estimate_denoise(request, FAST, "sdpa_flash").detail

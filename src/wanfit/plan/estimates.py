@@ -556,8 +556,8 @@ def dit_activations(request: Request, plan: Plan, backend: str) -> tuple[int, in
 def fp8_ffn_bytes(config: DiTConfig, rows: int, plan: Plan) -> int:
     """The FFN's [rows, ffn_dim] part at its peak under the fast tier: the larger of ffn.0's fp8 GEMM
     (its output included) and ffn.2's beside its input, the GELU output (wanfit.runtime.fp8_linear's
-    call_peak_bytes, compiled or eager as the plan runs the blocks). The attention side's fp8 GEMMs
-    stay below the RoPE stage (measured on the CPU: 26 against 34 bytes per token and dim, eager)."""
+    call_peak_bytes, compiled or eager as the plan runs the blocks). The attention side's fp8 GEMMs,
+    eager too, stay below its RoPE stage: its peak is the same either way (tests/test_fast_tier_memory.py)."""
     from wanfit.runtime.fp8_linear import PADDED_ROW_MULTIPLE, call_peak_bytes
 
     c = dtype_bytes(plan.compute_dtype)
