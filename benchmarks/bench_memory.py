@@ -36,6 +36,9 @@ def dit_plans() -> list[tuple[str, dict, int]]:
     return [
         ("resident, CFG batched", {}, 2),
         ("resident", {"cfg_batch": False}, 1),
+        # The fast tier: its fp8 copies, and its GEMMs' buffers with the quantisation fused or not.
+        ("fast tier compiled, CFG batched", {"fp8_gemm": True, "compile_dit": True}, 2),
+        ("fast tier eager", {"cfg_batch": False, "fp8_gemm": True}, 1),
         ("streamed k=6", {"cfg_batch": False, "dit_blocks_resident": 6}, 1),
         ("streamed k=2", {"cfg_batch": False, "dit_blocks_resident": 2}, 1),
         ("streamed k=0", {"cfg_batch": False, "dit_blocks_resident": 0}, 1),

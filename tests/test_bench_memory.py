@@ -17,6 +17,8 @@ def test_dry_run_writes_predictions(tmp_path, capsys):
     assert data["request"]["layers"] == 4 and data["request"]["tokens"] == 32760
     by_plan = {r["plan"]: r["predicted"] for r in rows if r["phase"] == "denoise"}
     assert by_plan["streamed k=0"] < by_plan["resident"] < by_plan["resident, CFG batched"]
+    assert by_plan["resident, CFG batched"] < by_plan["fast tier compiled, CFG batched"]
+    assert by_plan["resident"] < by_plan["fast tier eager"]
     decode = [r["predicted"] for r in rows if r["phase"] == "vae_decode"]
     assert decode == sorted(decode, reverse=True)
     assert "predicted" in capsys.readouterr().out

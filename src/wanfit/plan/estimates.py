@@ -131,6 +131,24 @@ def dit_block_params(config: DiTConfig) -> tuple[int, int]:
 
 
 @cache
+def dit_block_fp8_gemms(config: DiTConfig) -> tuple[int, int]:
+    """(bytes, quantisation peak) of the fast tier in one DiT block: the fp8 copies of its linears with
+    their scales, kept beside the bf16 weights (wanfit.runtime.fp8_linear.install itself, run on a meta
+    block: nothing allocated), and the most the quantisation of its largest weight holds at once."""
+    from wanfit.models.dit import WanBlock
+    from wanfit.runtime import fp8_linear
+
+    with torch.device("meta"):
+        blocks = nn.ModuleList([WanBlock(config)])
+    held = fp8_linear.install(blocks)
+    peak = max(
+        fp8_linear.quantize_peak_bytes(m.out_features, m.in_features)
+        for m in fp8_linear.block_linears(blocks)
+    )
+    return held, peak
+
+
+@cache
 def dit_nonblock_params(config: DiTConfig) -> int:
     """Parameters outside the blocks: patch, text and time embeddings, time projection, head."""
     from wanfit.models.dit import WanDiT
@@ -338,6 +356,12 @@ def dit_device_weights(config: DiTConfig, plan: Plan, file_dtype: str | None = N
     return dit_nonblock_params(config) * c + on_device * block + upcast
 
 
+def fast_tier_weights(config: DiTConfig, plan: Plan) -> int:
+    """The fast tier's fp8 copies of every block's linears and their scales, on the device beside the
+    DiT's own weights while the DiT is placed (0 unless the plan has it in place)."""
+    return config.num_layers * dit_block_fp8_gemms(config)[0] if plan.fast_tier_in_place else 0
+
+
 def dit_streams_from_file(plan: Plan) -> bool:
     """Whether streamed DiT blocks come from the mapped file (fp8 storage needs its own copies)."""
     fp8 = plan.storage_dtype is not None and dtype_bytes(plan.storage_dtype) == 1
@@ -440,6 +464,10 @@ def estimate_text_encoder(request: Request, plan: Plan, *, others: bool = True) 
         if others and not dit_placed_late
         else 0
     )
+    # A later prompt finds the DiT as the last denoising placed it, fp8 copies and all, unless it left.
+    fp8_gemms = (
+        fast_tier_weights(request.config, plan) if others and not plan.offload_dit_before_decode else 0
+    )
     vae = vae_device_weights(request, plan) if others else 0
     on_device = text_encoder_on_device(plan)
     activations = text_encoder_activations(request, plan) if on_device else 0
@@ -456,11 +484,12 @@ def estimate_text_encoder(request: Request, plan: Plan, *, others: bool = True) 
     lora_host = _lora_host_on_device(plan, lora)
     return PhaseEstimate(
         "text_encoder",
-        weights=weights + dit + vae + lora_host,
+        weights=weights + dit + fp8_gemms + vae + lora_host,
         activations=max(activations, merge),
         workspace=workspace,
         cache=_embeddings_bytes(request, plan),
-        detail={"text_encoder": weights, "dit": dit, "vae": vae, "lora_merge": merge, "lora_host": lora_host},
+        detail={"text_encoder": weights, "dit": dit, "fp8_gemms": fp8_gemms, "vae": vae, "lora_merge": merge,
+                "lora_host": lora_host},  # fmt: skip
     )
 
 
@@ -491,7 +520,9 @@ def dit_activations(request: Request, plan: Plan, backend: str) -> tuple[int, in
     (the counts are the CAPITAL constants above). Around the blocks: the text context
     [B, text_len, dim], and RoPE tables (L x head_dim x 4 bytes). Under Ulysses (U processes, n over
     the share) the self-attention runs H/U heads over all L queries (in query chunks) and keys, and
-    its stage adds ULYSSES_EXCHANGE_TENSORS x n*d*c.
+    its stage adds ULYSSES_EXCHANGE_TENSORS x n*d*c. Under the fast tier the FFN's 2*c*B*T*ffn_dim is
+    at least fp8_ffn_bytes (its fp8 GEMMs' buffers), and placing it is a stage of its own (its largest
+    weight being quantised).
     """
     cfg = request.config
     c = dtype_bytes(plan.compute_dtype)
@@ -507,6 +538,9 @@ def dit_activations(request: Request, plan: Plan, backend: str) -> tuple[int, in
     )
     ffn_rows = min(share, plan.ffn_chunk) if plan.ffn_chunk else share
     ffn_out = FFN_CHUNK_OUTPUT_TENSORS * n * d * c if plan.ffn_chunk and plan.ffn_chunk < share else 0
+    ffn_hidden = FFN_HIDDEN_TENSORS * batch * ffn_rows * cfg.ffn_dim * c
+    if plan.fast_tier_in_place:
+        ffn_hidden = max(ffn_hidden, fp8_ffn_bytes(cfg, batch * ffn_rows, plan))
     k = c if c < 4 else 0
     exchange = ULYSSES_EXCHANGE_TENSORS * c if ulysses > 1 else 0
     stages = {
@@ -520,16 +554,31 @@ def dit_activations(request: Request, plan: Plan, backend: str) -> tuple[int, in
             ws_cross,
         ),
         "ffn": (
-            n * d * (FFN_STAGE_FP32 * 4 + FFN_STAGE_COMPUTE * c + FFN_STAGE_CASTS * k)
-            + FFN_HIDDEN_TENSORS * batch * ffn_rows * cfg.ffn_dim * c
-            + ffn_out,
+            n * d * (FFN_STAGE_FP32 * 4 + FFN_STAGE_COMPUTE * c + FFN_STAGE_CASTS * k) + ffn_hidden + ffn_out,
             0,
         ),
     }
+    if plan.fast_tier_in_place:  # placing it: the blocks' weights quantised one at a time
+        stages["fp8_quantisation"] = (dit_block_fp8_gemms(cfg)[1], 0)
     stage = max(stages, key=lambda s: sum(stages[s]))
     act, ws = stages[stage]
     around = batch * cfg.text_len * d * c + tokens * cfg.head_dim * ROPE_TABLE_BYTES_PER_TOKEN_PER_HEAD_DIM
     return int(act + around), int(ws), stage
+
+
+def fp8_ffn_bytes(config: DiTConfig, rows: int, plan: Plan) -> int:
+    """The FFN's [rows, ffn_dim] part at its peak under the fast tier: the larger of ffn.0's fp8 GEMM
+    (its output included) and ffn.2's beside its input, the GELU output (wanfit.runtime.fp8_linear's
+    call_peak_bytes, compiled or eager as the plan runs the blocks). The attention side's fp8 GEMMs,
+    eager too, stay below its RoPE stage: its peak is the same either way (tests/test_fast_tier_memory.py)."""
+    from wanfit.runtime.fp8_linear import PADDED_ROW_MULTIPLE, call_peak_bytes
+
+    c = dtype_bytes(plan.compute_dtype)
+    # The planner cannot know whether the card's kernel takes any row count: padded, to be safe.
+    gemm = dict(dtype_bytes=c, compiled=plan.compile_dit, row_multiple=PADDED_ROW_MULTIPLE)
+    up = call_peak_bytes(config.dim, config.ffn_dim, rows, **gemm)
+    down = call_peak_bytes(config.ffn_dim, config.dim, rows, **gemm)
+    return max(up, rows * config.ffn_dim * c + down)
 
 
 def _latent_bytes(request: Request) -> int:
@@ -541,21 +590,28 @@ def estimate_denoise(request: Request, plan: Plan, backend: str, *, others: bool
     """One guided DiT prediction at the peak of the sampling loop; others=False leaves out the VAE and
     text encoder weights (a DiT forward alone, as benchmarks/bench_memory.py measures it)."""
     dit = dit_device_weights(request.config, plan, request.dit_file_dtype)
+    fp8_gemms = fast_tier_weights(request.config, plan)
     te = text_encoder_device_weights(request, plan, during_encode=False) if others else 0
     vae = vae_device_weights(request, plan) if others else 0
     act, ws, stage = dit_activations(request, plan, backend)
     lora = lora_memory(request, plan)  # the runtime branch's factors and activations (part of the DiT)
     lora_host = _lora_host_on_device(plan, lora) if others else 0
+    buffers = 0  # what the fp8 GEMMs' own buffers add to the peak of a forward
+    if fp8_gemms:
+        exact_act, exact_ws, _ = dit_activations(request, replace(plan, fp8_gemm=False), backend)
+        buffers = act + ws - exact_act - exact_ws
     step_cache = step_cache_bytes(request, plan)
     cache = int(LATENT_COPIES * _latent_bytes(request)) + _embeddings_bytes(request, plan) + step_cache
     return PhaseEstimate(
         "denoise",
-        weights=dit + te + vae + lora.factors + lora_host,
+        weights=dit + fp8_gemms + te + vae + lora.factors + lora_host,
         activations=act + lora.branch,
         workspace=ws,
         cache=cache,
         detail={
             "dit": dit,
+            "fp8_gemms": fp8_gemms,
+            "fp8_gemm_buffers": buffers,
             "text_encoder": te,
             "vae": vae,
             f"peak_stage_{stage}": act + ws,
@@ -629,9 +685,11 @@ def estimate_vae_decode(request: Request, plan: Plan, backend: str, *, others: b
     ws = attention_workspace(vae_backend, 1, 1, h * w, h * w, d0, c, AttentionBlock.query_chunk)
     weights = vae_device_weights(request, plan)
     lora = lora_memory(request, plan) if others else LoraMemory()
+    fp8_gemms = 0
     if others and not plan.offload_dit_before_decode:
-        # The DiT with its LoRA branch's factors (released with it before the decode).
-        weights += dit_device_weights(request.config, plan, request.dit_file_dtype) + lora.factors
+        # The DiT with its fp8 copies and its LoRA branch's factors (released with it before the decode).
+        fp8_gemms = fast_tier_weights(request.config, plan)
+        weights += dit_device_weights(request.config, plan, request.dit_file_dtype) + fp8_gemms + lora.factors
     if others:
         weights += text_encoder_device_weights(request, plan, during_encode=False)
         weights += _lora_host_on_device(plan, lora)
@@ -641,7 +699,7 @@ def estimate_vae_decode(request: Request, plan: Plan, backend: str, *, others: b
         activations=int(live + video * c),
         workspace=int(ws),
         cache=int(cache + stems),
-        detail={"vae": vae_device_weights(request, plan), "output_video": video * c},
+        detail={"vae": vae_device_weights(request, plan), "fp8_gemms": fp8_gemms, "output_video": video * c},
     )
 
 

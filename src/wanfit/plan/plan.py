@@ -233,9 +233,22 @@ class Plan:
         return parse_dtype(self.text_encoder_dtype)
 
     @property
+    def fast_tier_in_place(self) -> bool:
+        """Whether the fast tier's fp8 GEMMs run: asked for (fp8_gemm), with the DiT resident, whole and
+        not fp8 at rest. Streamed, fp8-stored or sharded blocks run exact: their weights come and go
+        per block (the streamer's or FSDP's hooks), so there are no weights to keep fp8 copies of."""
+        return (
+            self.fp8_gemm
+            and self.dit_blocks_resident is None
+            and not (self.storage_dtype or "").startswith("float8")
+            and self.dit_sharding == "none"
+        )
+
+    @property
     def tier(self) -> str:
-        """The speed tier: fast with the fp8 GEMMs, else exact (the step cache, lossy too, is named on its own)."""
-        return "fast" if self.fp8_gemm else "exact"
+        """The speed tier: fast with the fp8 GEMMs in place, else exact (the step cache, lossy too, is
+        named on its own)."""
+        return "fast" if self.fast_tier_in_place else "exact"
 
     def attention_for(self, kind: str) -> str | None:
         """The planned backend of one kind of attention ("self", "cross", "vae")."""

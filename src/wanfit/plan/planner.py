@@ -16,7 +16,9 @@ each phase's estimated peak fits:
   9. attention queries and FFN tokens are processed in chunks
   10. only with allow_downscale: fewer frames or a smaller size, said loudly
 
-Each step is taken only if it lowers the estimate of a phase that does not fit. `step_down`
+Each step is taken only if it lowers the estimate of a phase that does not fit. The fast tier's fp8
+copies (fp8_gemm) count like any other bytes; where they would push the DiT off the device, the exact
+tier's plan is taken instead, with a note (streamed or sharded blocks run exact anyway). `step_down`
 gives the next notch for one phase: the OOM guard's move when a run hits out-of-memory anyway.
 """
 
@@ -585,6 +587,7 @@ class PlanResult:
                     f"{name:<14}{fmt_bytes(h.process):>12}{fmt_bytes(h.pinned):>12}{fmt_bytes(h.anon):>12}"
                     f"{fmt_bytes(h.mapped):>12}{fmt_bytes(h.needed):>12}{fmt_bytes(h.peak):>12}"
                 )
+        lines += self._fast_tier_lines()
         lines += ["", f"predicted peak {fmt_bytes(self.peak_bytes)} of {fmt_bytes(self.budget.device_bytes)}"]
         lines.append("gave up: " + (", ".join(self.steps) if self.steps else "nothing (fastest plan)"))
         lines.append("settings (* set by you):")
@@ -594,6 +597,20 @@ class PlanResult:
         ]
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
+
+    def _fast_tier_lines(self) -> list[str]:
+        """Where the fast tier's bytes sit in the table above (none when it is not in place)."""
+        held = [name for name, p in self.phases.items() if p.detail.get("fp8_gemms")]
+        if not held:
+            return []
+        denoise = self.phases["denoise"].detail
+        how = "compiled" if self.plan.compile_dit else "eager"
+        return [
+            "",
+            f"fast tier: the fp8 copies of the DiT blocks' linears and their scales add "
+            f"{fmt_bytes(denoise['fp8_gemms'])} to the weights of {', '.join(held)}; its GEMMs' buffers "
+            f"({how}) raise a DiT forward's peak by {fmt_bytes(denoise['fp8_gemm_buffers'])}",
+        ]
 
 
 def _fits(phases: dict[str, PhaseEstimate], budget: Budget) -> str | None:
@@ -718,6 +735,32 @@ def _search(
     return plan, phases, sorted(taken, key=order.index), True
 
 
+def _search_tiers(
+    request: Request, base: Plan, budget: Budget, backend: str, frozen: frozenset[str]
+) -> tuple[Plan, dict[str, PhaseEstimate], list[str], bool, str | None]:
+    """_search, with the fast tier's fp8 copies counted; where they would push the DiT off the device
+    (streamed or sharded, whose blocks run exact anyway), the exact tier's plan instead: resident, with
+    a note saying why the fast tier was declined, or streamed or sharded as well, the fast tier still
+    asked for (the plan's notes say its blocks run exact). (plan, phases, steps, fits, note)."""
+    plan, phases, steps, fits = _search(request, base, budget, backend, frozen)
+    if not base.fast_tier_in_place or (fits and plan.fast_tier_in_place):
+        return plan, phases, steps, fits, None
+    exact_plan, exact_phases, exact_steps, exact_fits = _search(
+        request, replace(base, fp8_gemm=False), budget, backend, frozen
+    )
+    if not exact_fits:
+        return plan, phases, steps, fits, None
+    if not replace(exact_plan, fp8_gemm=True).fast_tier_in_place:
+        return replace(exact_plan, fp8_gemm=True), exact_phases, exact_steps, True, None
+    fast = estimate_phases(request, replace(exact_plan, fp8_gemm=True), backend)["denoise"].detail
+    note = (
+        f"the fast tier's fp8 copies of the DiT blocks' linears ({fmt_bytes(fast['fp8_gemms'])}) and its GEMM "
+        f"buffers ({fmt_bytes(fast['fp8_gemm_buffers'])}) do not fit beside the resident DiT in "
+        f"{fmt_bytes(budget.device_bytes)} (streamed blocks would run exact anyway): running exact."
+    )
+    return exact_plan, exact_phases, exact_steps, True, note
+
+
 def _text_encoder_rank(plan: Plan, user_set: bool) -> Plan:
     """On several processes umT5 runs on one (rank 0, which decodes too), the others receive the
     embeddings and never load it; ConfigError for a rank the run does not have."""
@@ -826,14 +869,17 @@ def plan_run(
     _check_sharding(base)
     _check_loras(base, request)
     frozen = frozenset(overrides) | ({"storage_dtype"} if fp8 else frozenset())
+    if base.fp8_gemm and "compile_dit" not in frozen:
+        # Whether the fast tier's blocks compile sets its GEMMs' buffers (the quantisation fused or not).
+        base = replace(base, compile_dit=compile_decision(device, request, base)[0])
     backend = planned_backend(base)
     notes = _notes(device, budget, base, vram)
 
-    plan, phases, steps, fits = _search(request, base, budget, backend, frozen)
+    plan, phases, steps, fits, tier_note = _search_tiers(request, base, budget, backend, frozen)
     chosen, requested = request, None
     if not fits and allow_downscale:
         for smaller in _downscaled_requests(request):
-            plan, phases, steps, fits = _search(smaller, base, budget, backend, frozen)
+            plan, phases, steps, fits, tier_note = _search_tiers(smaller, base, budget, backend, frozen)
             if fits:
                 chosen, requested = smaller, request
                 plan = replace(plan, output_size=(smaller.width, smaller.height, smaller.num_frames))
@@ -846,6 +892,8 @@ def plan_run(
                 break
     if not fits:
         raise _no_plan_error(request, base, budget, backend, frozen, allow_downscale)
+    if tier_note:
+        notes.append(tier_note)
     compile_costs = None
     if "compile_dit" not in frozen:
         compile_dit, compile_costs = compile_decision(device, chosen, plan)
@@ -953,14 +1001,12 @@ def _plan_notes(plan: Plan, device: DeviceBudget, request: Request, compile_cost
     if compile_costs is not None:
         what = "compiles the DiT's blocks" if plan.compile_dit else "runs the DiT eagerly"
         notes.append(f"the plan {what}: {compile_costs.describe(request_steps(request))}.")
-    if plan.fp8_gemm and (
-        plan.dit_blocks_resident is not None or plan.storage_dtype is not None or plan.dit_sharding == "fsdp"
-    ):
+    if plan.fp8_gemm and not plan.fast_tier_in_place:
         notes.append(
             "the fast tier's fp8 GEMMs need the DiT resident, whole and unquantised at rest; this plan "
             "streams, shards or fp8-stores it, so its blocks run exact."
         )
-    elif plan.fp8_gemm:
+    elif plan.fast_tier_in_place:
         notes.append(
             "fast tier: the DiT blocks' linears run as fp8 e4m3 GEMMs with per-row scales (lossy; "
             "bench_speed.py measures the error against the exact tier)."

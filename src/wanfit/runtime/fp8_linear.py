@@ -23,6 +23,7 @@ from wanfit.precision import FP8_MAX
 from wanfit.runtime.offload import FP8
 
 MIN_CAPABILITY = (8, 9)  # Ada (sm_89) and Hopper (sm_90) have fp8 tensor cores
+PADDED_ROW_MULTIPLE = 16  # the row counts tried when a kernel refuses others (probe_kernel)
 SMOKE_TOLERANCE = 0.1  # relative L2 error of one fp8 GEMM on unit-scale random data (~0.03 expected)
 
 
@@ -118,7 +119,44 @@ class Fp8Gemm:
 
     @property
     def nbytes(self) -> int:
-        return self.weight_t.numel() * self.weight_t.element_size() + self.scale_w.numel() * 4
+        """What this GEMM keeps beside its layer's own weights: the fp8 weight and its scales (the
+        bias is the layer's)."""
+        return sum(t.numel() * t.element_size() for t in (self.weight_t, self.scale_w))
+
+
+def quantize_peak_bytes(rows: int, cols: int) -> int:
+    """The most bytes quantize_rows holds at once for a [rows, cols] input (the input not counted):
+    the fp32 copy and its quotient by the scales, then the quotient and its clamp (8 bytes an
+    element), beside the fp32 scales [rows, 1]; the 1-byte result comes once the copy is freed."""
+    return 8 * rows * cols + 4 * rows
+
+
+def call_peak_bytes(
+    in_features: int,
+    out_features: int,
+    rows: int,
+    *,
+    dtype_bytes: int,
+    bias: bool = True,
+    compiled: bool = False,
+    row_multiple: int = 1,
+) -> int:
+    """The most bytes one Fp8Gemm call holds at once, its output included and its (contiguous) input
+    not, for `rows` activation rows in a dtype of `dtype_bytes` (the output's too).
+
+    Eagerly: the rows' padded copy (when padded), beside the larger of the quantisation
+    (quantize_peak_bytes) and the product's moment: the fp8 rows and their scales, the product, and
+    with a bias the biased output made beside it. Compiled, Inductor fuses the padding and the
+    quantisation into the op that made the input: the product's moment alone (the bias add counted
+    as eagerly, an upper bound where Inductor fuses it into the next op)."""
+    padded = -(-rows // row_multiple) * row_multiple
+    product = padded * out_features * dtype_bytes
+    biased = rows * out_features * dtype_bytes if bias else 0  # the product itself without a bias
+    product_moment = padded * in_features + 4 * padded + product + biased  # e4m3: one byte each
+    if compiled:
+        return product_moment
+    copy = padded * in_features * dtype_bytes if padded != rows else 0
+    return copy + max(quantize_peak_bytes(padded, in_features), product_moment)
 
 
 def block_linears(blocks: nn.ModuleList) -> list[nn.Module]:
@@ -150,7 +188,7 @@ def smoke_test(device: str) -> str | None:
 
 
 def row_multiple(device: str) -> int:
-    """The activation row counts the kernel takes on `device`: 1 (any), else 16 (padded to it)."""
+    """The activation row counts the kernel takes on `device`: 1 (any), else PADDED_ROW_MULTIPLE."""
     return probe_kernel(str(device))[1]
 
 
@@ -161,8 +199,8 @@ def probe_kernel(device: str) -> tuple[str | None, int]:
     failure = _check_gemm(device, rows=40)
     if failure is None:
         return None, 1
-    if _check_gemm(device, rows=48, row_multiple=16) is None:
-        return None, 16
+    if _check_gemm(device, rows=48, row_multiple=PADDED_ROW_MULTIPLE) is None:
+        return None, PADDED_ROW_MULTIPLE
     return failure, 1
 
 

@@ -66,7 +66,7 @@ class DiTLayout:
             source=plan.dit_stream_source,
             dtype=plan.torch_compute_dtype,
             sharded=sharded,
-            fp8_gemm=plan.fp8_gemm and not streamed and not sharded,
+            fp8_gemm=plan.fast_tier_in_place,
         )
 
     @property
