@@ -1,4 +1,4 @@
-"""The `wanfit` command line: generate | plan | doctor | bench | calibrate-cache.
+"""The `wanfit` command line: generate | plan | doctor | bench | calibrate-cache | demo.
 
 Each subcommand lives in wanfit.commands.<name>; this module only builds the parser and turns
 user errors into one clear sentence and a non-zero exit.
@@ -15,7 +15,7 @@ from wanfit import __version__
 from wanfit.errors import WanfitError, WanfitWarning
 
 # Subcommand modules, in the order `wanfit --help` lists them.
-COMMANDS: list[str] = ["generate", "plan", "doctor", "bench", "calibrate_cache"]
+COMMANDS: list[str] = ["generate", "plan", "doctor", "bench", "calibrate_cache", "demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,8 +21,6 @@ from wanfit.commands.lora_options import add_lora_options
 from wanfit.commands.parallel import add_parallel_options, parallel_constraints
 from wanfit.errors import ConfigError, OutputError
 
-# Without --model the built-in tiny random model runs, at a size a CPU finishes in seconds.
-TINY_DEFAULTS = {"size": "320x192", "frames": 17, "steps": 10}
 MODEL_DEFAULTS = {"size": "832x480", "frames": 81, "steps": None}
 DEFAULT_PROMPT = "a red fox running through fresh snow, cinematic lighting"
 # Settings a resumed run takes from its resume file (together they fix the frames).
@@ -33,16 +31,25 @@ PATHS = ("model", *common.COMPONENTS)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from wanfit.builtin import DEFAULT_PROMPT as BUILTIN_PROMPT
+    from wanfit.builtin import SAMPLING as BUILTIN_SAMPLING
+
+    builtin = builtin_defaults()
     p = sub.add_parser(
         "generate",
         help="generate a video from a prompt",
-        description="Generate a video from a text prompt. Without --model a built-in tiny random model runs "
-        "(it draws noise; it shows the tool works without downloading 17 GB).",
+        description="Generate a video from a text prompt. Without --model the built-in model runs: a tiny "
+        "Wan2.1 that draws one shape moving over a plain background, in seconds on a CPU, with no download "
+        f"(e.g. {BUILTIN_PROMPT!r}; `wanfit demo prompts` lists what it can draw).",
     )
     common.add_model_options(
         p, "model folder: official Wan2.1 release, diffusers layout or a ComfyUI models/ folder"
     )
-    p.add_argument("--prompt", default=None, help=f"what to draw (default: {DEFAULT_PROMPT!r})")
+    p.add_argument(
+        "--prompt",
+        default=None,
+        help=f"what to draw (default: {DEFAULT_PROMPT!r}, or {BUILTIN_PROMPT!r} without --model)",
+    )
     p.add_argument(
         "--prompts",
         type=user_path,
@@ -61,20 +68,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--size",
         default=None,
-        help=f"WIDTHxHEIGHT, multiples of 16 (default {TINY_DEFAULTS['size']} for the built-in model, "
+        help=f"WIDTHxHEIGHT, multiples of 16 (default {builtin['size']} for the built-in model, "
         f"{MODEL_DEFAULTS['size']} with --model)",
     )
     p.add_argument(
         "--frames",
         type=int,
         default=None,
-        help=f"4k+1 frames (default {TINY_DEFAULTS['frames']} built-in, {MODEL_DEFAULTS['frames']} with --model)",
+        help=f"4k+1 frames (default {builtin['frames']} built-in, {MODEL_DEFAULTS['frames']} with --model)",
     )
     p.add_argument(
         "--steps",
         type=int,
         default=None,
-        help=f"denoising steps (default {TINY_DEFAULTS['steps']} built-in, 50 with --model, or the preset's)",
+        help=f"denoising steps (default {BUILTIN_SAMPLING.num_inference_steps} built-in, 50 with --model, or the preset's)",
     )
     p.add_argument(
         "--guidance", type=float, default=None, help="classifier-free guidance (default 6; 1 = off)"
@@ -261,7 +268,7 @@ def _run(args: argparse.Namespace, current) -> int:
     print(f"wrote {settings.out} ({describe_written(written)})")
     if not common.has_model(args):
         print(
-            "note: this was the built-in tiny random model, so the video is noise. "
+            "note: this was the built-in shapes model (`wanfit demo prompts` lists what it can draw). "
             "Point --model at a downloaded Wan2.1 folder for real videos (see README)."
         )
     if pipe.step_cache_report is not None:
@@ -408,7 +415,7 @@ def check_settings(args: argparse.Namespace) -> Settings:
     from wanfit.pipeline import validate_request
     from wanfit.video import safe_filename
 
-    defaults = MODEL_DEFAULTS if common.has_model(args) else TINY_DEFAULTS
+    defaults = MODEL_DEFAULTS if common.has_model(args) else builtin_defaults()
     width, height = parse_size(args.size or defaults["size"])
     frames = args.frames if args.frames is not None else defaults["frames"]
     steps = args.steps if args.steps is not None else defaults["steps"]
@@ -423,7 +430,7 @@ def check_settings(args: argparse.Namespace) -> Settings:
     every = args.checkpoint_every or 0
     if every < 0:
         raise ConfigError("--checkpoint-every must be 0 (off) or a positive number of steps.")
-    prompt = DEFAULT_PROMPT if args.prompt is None else args.prompt
+    prompt = defaults.get("prompt", DEFAULT_PROMPT) if args.prompt is None else args.prompt
     out = args.out or Path(f"{safe_filename(prompt)}_{seed}.mp4")
     return Settings(
         prompt,
@@ -440,6 +447,19 @@ def check_settings(args: argparse.Namespace) -> Settings:
         args.sampler,
         args.preset,
     )
+
+
+def builtin_defaults() -> dict:
+    """The built-in model's video: a few seconds on a CPU (its sampling defaults come with the model)."""
+    from wanfit.builtin import DEFAULT_PROMPT as BUILTIN_PROMPT
+    from wanfit.builtin import SAMPLING, VIDEO_FRAMES, VIDEO_SIZE
+
+    return {
+        "size": "{}x{}".format(*VIDEO_SIZE),
+        "frames": VIDEO_FRAMES,
+        "steps": SAMPLING.num_inference_steps,
+        "prompt": BUILTIN_PROMPT,
+    }
 
 
 def resolve_request(pipe, settings: Settings, args: argparse.Namespace) -> dict:
@@ -605,17 +625,17 @@ def check_cache(planned, args: argparse.Namespace, settings: Settings, loras: li
     from wanfit.sampling.step_cache import build
     from wanfit.sampling.step_cache.tables import calibration_key
 
+    from wanfit.sampling.step_cache.tables import dit_model_key
+    from wanfit.weights.model_dir import find_model_files
+
     if not common.has_model(args):
-        from wanfit.demo import tiny_model_key
+        from wanfit.builtin import MODEL_DIR
 
-        key = tiny_model_key()
+        key = dit_model_key(find_model_files(MODEL_DIR).dit)
     else:
-        from wanfit.sampling.step_cache.tables import dit_model_key
-        from wanfit.weights.model_dir import find_model_files
-
         key = dit_model_key(find_model_files(args.model, **common.model_components(args)).dit)
     key = calibration_key(key, loras)
-    steps = settings.steps or SamplingDefaults.num_inference_steps  # (the tiny model's are set by now)
+    steps = settings.steps or SamplingDefaults.num_inference_steps  # (the built-in model's are set by now)
     plan = planned.plan
     build(plan.cache, planned.request.config, steps, model_key=key, world_size=plan.world_size)
 
@@ -627,7 +647,7 @@ def announce(result, settings: Settings, has_model: bool) -> None:
     from wanfit.pipeline import SamplingDefaults
     from wanfit.plan.timing import estimate_time, format_duration
 
-    steps = settings.steps or (SamplingDefaults.num_inference_steps if has_model else TINY_DEFAULTS["steps"])
+    steps = settings.steps or SamplingDefaults.num_inference_steps  # (the built-in model's are set by now)
     plan, req = result.plan, result.request
     given_up = f"; gave up: {', '.join(result.steps)}" if result.steps else ""
     estimate = estimate_time(result, steps)
@@ -655,14 +675,11 @@ def _load_pipeline(args, planned, *, with_text_encoder: bool = True):
     """The pipeline for the plan; with_text_encoder False: without umT5 (another process encodes)."""
     from wanfit.hardware.probe import apply_emulation_limits
     from wanfit.pipeline import WanPipeline
+    from wanfit.plan.planning import BUILTIN
 
     apply_emulation_limits(planned.hardware)  # caps memory only under --emulate on a GPU
-    if not common.has_model(args):
-        from wanfit.demo import tiny_pipeline
-
-        return tiny_pipeline(plan=planned, with_text_encoder=with_text_encoder)
     return WanPipeline.from_pretrained(
-        args.model,
+        args.model if common.has_model(args) else BUILTIN,
         plan=planned,
         progress=not args.no_progress,
         with_text_encoder=with_text_encoder,
@@ -671,13 +688,13 @@ def _load_pipeline(args, planned, *, with_text_encoder: bool = True):
 
 
 def _dit_config(args: argparse.Namespace):
-    """The DiT's config (the built-in tiny one, or the folder's config.json / headers): no weights read."""
-    from wanfit.models.configs import WAN_TINY
+    """The DiT's config (the built-in model's, or the folder's config.json / headers): no weights read."""
+    from wanfit.builtin import MODEL_DIR
     from wanfit.weights.dit_loader import folder_dit_config
     from wanfit.weights.model_dir import find_model_files
 
     if not common.has_model(args):
-        return WAN_TINY
+        return folder_dit_config(MODEL_DIR)[0]
     if not any(common.model_components(args).values()):
         return folder_dit_config(Path(args.model))[0]
     return folder_dit_config(files=find_model_files(args.model, **common.model_components(args)))[0]

@@ -112,8 +112,12 @@ class RMSNorm(nn.Module):
         self.gamma = nn.Parameter(torch.ones(dim, 1, 1) if images else torch.ones(dim, 1, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The norm is accumulated in fp32 without making an fp32 copy of x.
-        norm = torch.linalg.vector_norm(x, dim=1, keepdim=True, dtype=torch.float32)
+        if x.dtype == torch.float32:
+            # A plain sum of squares: on a CPU, vector_norm over dim 1 is 20-50x slower (forward and backward).
+            norm = x.square().sum(dim=1, keepdim=True).sqrt_()
+        else:
+            # Half precision: accumulated in fp32 without making an fp32 copy of x.
+            norm = torch.linalg.vector_norm(x, dim=1, keepdim=True, dtype=torch.float32)
         factor = (self.scale / norm.clamp_min(1e-12)).to(x.dtype)
         return (x * factor).mul_(self.gamma)
 

@@ -19,6 +19,9 @@ from pathlib import Path
 OFFICIAL_VAE = "Wan2.1_VAE.pth"
 OFFICIAL_T5 = "models_t5_umt5-xxl-enc-bf16.pth"
 OFFICIAL_TOKENIZER = Path("google") / "umt5-xxl"
+# The two pickles' safetensors twins (also read in an official folder; the built-in model ships them).
+OFFICIAL_VAE_SAFETENSORS = str(Path(OFFICIAL_VAE).with_suffix(".safetensors"))
+OFFICIAL_T5_SAFETENSORS = str(Path(OFFICIAL_T5).with_suffix(".safetensors"))
 
 # Stems of safetensors weight files: <stem>.safetensors, <stem>.safetensors.index.json, <stem>-*-of-*.
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"  # the official DiT, and diffusers' transformer/ and vae/
@@ -41,3 +44,12 @@ COMFY_VAE = ("vae",)
 
 # A tokenizer folder holds at least one of these.
 TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer_config.json")
+
+# The built-in model's folder (wanfit/builtin/model): the official layout, in safetensors throughout.
+BUILTIN_FILES = {
+    "dit": f"{DIFFUSERS_WEIGHTS}.safetensors",
+    "dit_config": "config.json",
+    "vae": OFFICIAL_VAE_SAFETENSORS,
+    "text_encoder": OFFICIAL_T5_SAFETENSORS,
+    "tokenizer": OFFICIAL_TOKENIZER,
+}

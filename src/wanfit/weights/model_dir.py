@@ -21,8 +21,10 @@ from wanfit.weights.file_names import (
     DIFFUSERS_VAE,
     DIFFUSERS_WEIGHTS,
     OFFICIAL_T5,
+    OFFICIAL_T5_SAFETENSORS,
     OFFICIAL_TOKENIZER,
     OFFICIAL_VAE,
+    OFFICIAL_VAE_SAFETENSORS,
 )
 
 COMPONENTS = ("dit", "vae", "text_encoder")
@@ -102,11 +104,13 @@ def _detect(root: Path, given: frozenset[str]) -> ModelFiles:
         )
     dit_files = f"{DIFFUSERS_WEIGHTS}*.safetensors"
     has_dit = any(root.glob(dit_files))
-    if has_dit or (root / OFFICIAL_VAE).exists():
+    vae = _either(root, OFFICIAL_VAE, OFFICIAL_VAE_SAFETENSORS)
+    if has_dit or vae is not None:
+        t5 = _either(root, OFFICIAL_T5, OFFICIAL_T5_SAFETENSORS)
         wanted = {
             dit_files: has_dit or "dit" in given,
-            OFFICIAL_VAE: (root / OFFICIAL_VAE).is_file() or "vae" in given,
-            OFFICIAL_T5: (root / OFFICIAL_T5).is_file() or "text_encoder" in given,
+            f"{OFFICIAL_VAE} (or {OFFICIAL_VAE_SAFETENSORS})": vae is not None or "vae" in given,
+            f"{OFFICIAL_T5} (or {OFFICIAL_T5_SAFETENSORS})": t5 is not None or "text_encoder" in given,
             f"{OFFICIAL_TOKENIZER}/": (root / OFFICIAL_TOKENIZER).is_dir() or "text_encoder" in given,
         }
         missing = [name for name, ok in wanted.items() if not ok]
@@ -117,8 +121,8 @@ def _detect(root: Path, given: frozenset[str]) -> ModelFiles:
             "official",
             root,
             dit=root,
-            vae=root / OFFICIAL_VAE,
-            text_encoder=root / OFFICIAL_T5,
+            vae=vae or root / OFFICIAL_VAE,
+            text_encoder=t5 or root / OFFICIAL_T5,
             tokenizer=tokenizer if tokenizer.is_dir() else None,
         )
     comfy = root / COMFY_MODELS if _is_comfy(root / COMFY_MODELS) else root
@@ -136,3 +140,8 @@ def _detect(root: Path, given: frozenset[str]) -> ModelFiles:
 
 def _is_comfy(folder: Path) -> bool:
     return folder.is_dir() and any((folder / name).is_dir() for name in (*COMFY_DIT, *COMFY_TEXT_ENCODER))
+
+
+def _either(root: Path, *names: str) -> Path | None:
+    """The first of `names` that is a file in root (the released pickle, then its safetensors twin)."""
+    return next((root / name for name in names if (root / name).is_file()), None)

@@ -53,6 +53,18 @@ def official_to_transformers_name(name: str) -> str | None:
     return None
 
 
+def transformers_to_official_name(name: str) -> str | None:
+    """The official name of one transformers tensor name (`shared.weight` has none: it is tied)."""
+    top = {hf: official for official, hf in _TOP_NAMES.items()}
+    if name in top:
+        return top[name]
+    match = _HF_BLOCK.fullmatch(name)
+    block = {hf: official for official, hf in _BLOCK_NAMES.items()}
+    if match and match.group(2) in block:
+        return f"blocks.{match.group(1)}.{block[match.group(2)]}"
+    return None
+
+
 def official_to_transformers(names: Iterable[str]) -> dict[str, str]:
     """transformers name -> official name for the umT5 tensors of an official state dict.
 

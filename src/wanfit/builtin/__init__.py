@@ -1,0 +1,91 @@
+"""The built-in model: a tiny Wan2.1 (DiT, VAE, umT5) trained to draw what its prompt says.
+
+It was trained on synthetic clips of one shape moving over a plain background (see
+wanfit.builtin.language for what it can draw, training/ for how, docs/builtin_model.md for the
+record). Its files in `MODEL_DIR` are an official-layout release folder in safetensors, read by
+the same loaders and checks as a downloaded model. `wanfit generate` runs it when no --model is
+given; in Python, `builtin_pipeline()`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from wanfit.builtin.language import Scene, prompt
+from wanfit.models.configs import DiTConfig
+from wanfit.models.vae import VAEConfig
+from wanfit.pipeline import SamplingDefaults
+
+MODEL_DIR = Path(__file__).with_name("model")
+NAME = "built-in shapes model"
+
+# The model's shape (what training builds and the shipped files hold; a test checks they agree).
+BUILTIN_DIT = DiTConfig(
+    dim=128, ffn_dim=512, freq_dim=64, num_heads=4, num_layers=4, text_dim=128, text_len=32
+)
+BUILTIN_VAE = VAEConfig(
+    base_dim=8, num_res_blocks=1
+)  # the release's latent statistics: see training/export.py
+BUILTIN_TEXT = {  # transformers' UMT5Config arguments
+    "vocab_size": 256,
+    "d_model": BUILTIN_DIT.text_dim,
+    "d_kv": 32,
+    "d_ff": 256,
+    "num_layers": 2,
+    "num_decoder_layers": 2,
+    "num_heads": 4,
+    "relative_attention_num_buckets": 32,
+    "relative_attention_max_distance": 128,
+    "feed_forward_proj": "gated-gelu",
+    "layer_norm_epsilon": 1e-6,
+    "dropout_rate": 0.0,
+}
+
+# How it samples best (measured on the attribute grid, docs/builtin_model.md). Its unconditional
+# caption in training was the empty one, so that is its negative prompt.
+SAMPLING = SamplingDefaults(guidance_scale=4.0, shift=3.0, num_inference_steps=10, negative_prompt="")
+# The video `wanfit generate` makes without --model: a few seconds on a CPU.
+VIDEO_SIZE = (64, 64)  # width, height: the size it was trained at
+VIDEO_FRAMES = 17
+DEFAULT_PROMPT = prompt(Scene("circle", "red", "right"))
+
+
+def builtin_pipeline(device: str | None = None, plan=None, model_dir: str | Path = MODEL_DIR):
+    """The built-in model as a WanPipeline, loaded from MODEL_DIR under `plan` (default: default_plan).
+
+    model_dir: another folder of the same model (a freshly trained one, say).
+    """
+    from dataclasses import asdict
+
+    from wanfit.pipeline import WanPipeline
+
+    pipe = WanPipeline.from_pretrained(model_dir, device=device, plan=plan, **asdict(SAMPLING))
+    # A few hundred kilobytes: keep it, and skip the prompt cache (encoding is quicker than a lookup).
+    pipe.text_encoder.cache = None
+    pipe.name = NAME
+    return pipe
+
+
+def builtin_request(height: int, width: int, num_frames: int, guidance: bool):
+    """The planner's Request for the built-in model (its own text encoder and VAE shapes)."""
+    from wanfit.plan.estimates import Request, TextEncoderShape
+
+    text = TextEncoderShape(
+        vocab=BUILTIN_TEXT["vocab_size"],
+        dim=BUILTIN_TEXT["d_model"],
+        ffn_dim=BUILTIN_TEXT["d_ff"],
+        num_layers=BUILTIN_TEXT["num_layers"],
+        num_heads=BUILTIN_TEXT["num_heads"],
+        num_buckets=BUILTIN_TEXT["relative_attention_num_buckets"],
+        text_len=BUILTIN_DIT.text_len,
+    )
+    return Request(
+        BUILTIN_DIT,
+        height=height,
+        width=width,
+        num_frames=num_frames,
+        guidance=guidance,
+        model_name="built-in",
+        text_encoder=text,
+        vae=BUILTIN_VAE,
+    )

@@ -1,0 +1,1 @@
+"""Training the built-in model (wanfit.builtin) on synthetic clips: see docs/builtin_model.md."""

@@ -1,0 +1,129 @@
+"""Pictures and numbers of a training run: the validation sample grid, the loss curves, a frame strip.
+
+python -m training.report curves runs/builtin/log.jsonl docs/images/builtin_loss.png
+python -m training.report strip VIDEO.mp4 docs/images/builtin_strip.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+GRID_ROWS = 15  # scenes in the validation picture: every fifth of the attribute grid
+
+
+def sample_grid(run_dir: str | Path, device: str = "cpu") -> dict | None:
+    """Export the run, generate and score the attribute grid; write eval.json and val_grid.png."""
+    from training.export import export
+
+    run_dir = Path(run_dir)
+    try:
+        from wanfit.quality import evaluate
+    except ImportError as err:  # e.g. no diffusers on a training machine
+        print(f"no sample grid: {err}")
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        model = export(run_dir / "checkpoint", Path(tmp) / "model")
+        report = evaluate(device=device, model_dir=model, psnr=False)
+    summary = report.summary()
+    (run_dir / "eval.json").write_text(
+        json.dumps({**summary, "detections": [vars(d) for d in report.detections]}, indent=1)
+    )
+    rows = [np.concatenate(list(f[::2]), axis=1) for f in report.frames[:: len(report.frames) // GRID_ROWS]]
+    Image.fromarray(np.concatenate(rows, axis=0)).save(run_dir / "val_grid.png")
+    print(json.dumps(summary))
+    return summary
+
+
+def loss_curves(log_path: str | Path, out_png: str | Path, size=(720, 260)) -> Path:
+    """A two-panel PNG: the VAE's reconstruction loss and the DiT's flow-matching loss (log scale)."""
+    records = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
+    panels = []
+    for phase, key, title in (
+        ("vae", "loss", "VAE: L1 + L2 + KL"),
+        ("dit", "loss", "DiT + text: flow matching"),
+    ):
+        points = [
+            (r["step"], r[key]) for r in records if r["phase"] == phase and key in r and "event" not in r
+        ]
+        panels.append((title, points))
+    width, height = size
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    panel_w = width // len(panels)
+    for i, (title, points) in enumerate(panels):
+        left, top, right, bottom = i * panel_w + 50, 24, (i + 1) * panel_w - 12, height - 28
+        draw.rectangle([left, top, right, bottom], outline="black")
+        draw.text((left, 6), title, fill="black")
+        if len(points) < 2:
+            continue
+        steps = [p[0] for p in points]
+        logs = [math.log10(max(p[1], 1e-8)) for p in points]
+        lo, hi = math.floor(min(logs) * 2) / 2, math.ceil(max(logs) * 2) / 2 or 0.5
+        hi = hi if hi > lo else lo + 0.5
+
+        def xy(step, value, lo=lo, hi=hi, first=steps[0], last=steps[-1], box=(left, top, right, bottom)):
+            x = box[0] + (step - first) / max(last - first, 1) * (box[2] - box[0])
+            return x, box[3] - (value - lo) / (hi - lo) * (box[3] - box[1])
+
+        tick = lo
+        while tick <= hi + 1e-9:
+            _, y = xy(steps[0], tick)
+            draw.line([left - 4, y, left, y], fill="black")
+            draw.text((4 + i * panel_w, y - 6), f"{10**tick:.3g}", fill="black")
+            tick += 0.5
+        draw.text((left, bottom + 6), f"step {steps[0]}", fill="black")
+        draw.text((right - 70, bottom + 6), f"step {steps[-1]}", fill="black")
+        draw.line([xy(s, v) for s, v in zip(steps, logs)], fill=(160, 160, 220), width=1)
+        smooth = np.convolve(logs, np.ones(9) / 9, mode="valid") if len(logs) > 9 else logs
+        offset = (len(steps) - len(smooth)) // 2
+        draw.line([xy(s, v) for s, v in zip(steps[offset:], smooth)], fill=(20, 20, 160), width=2)
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    image.save(out_png, optimize=True)
+    return out_png
+
+
+def frame_strip(frames: np.ndarray, out_png: str | Path, count: int = 5) -> Path:
+    """Evenly spaced frames of a video [F, H, W, 3] side by side, with a 2-pixel white gap."""
+    picks = np.linspace(0, len(frames) - 1, count).round().astype(int)
+    gap = np.full((frames.shape[1], 2, 3), 255, dtype=np.uint8)
+    tiles = []
+    for i in picks:
+        tiles += [frames[i], gap]
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.concatenate(tiles[:-1], axis=1)).save(out_png, optimize=True)
+    return out_png
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="what", required=True)
+    curves = sub.add_parser("curves")
+    curves.add_argument("log", type=Path)
+    curves.add_argument("out", type=Path)
+    strip = sub.add_parser("strip")
+    strip.add_argument("video", type=Path)
+    strip.add_argument("out", type=Path)
+    grid = sub.add_parser("grid")
+    grid.add_argument("run", type=Path)
+    args = p.parse_args()
+    if args.what == "curves":
+        print(loss_curves(args.log, args.out))
+    elif args.what == "strip":
+        from wanfit.video import read_video
+
+        print(frame_strip(read_video(args.video), args.out))
+    else:
+        sample_grid(args.run)
+
+
+if __name__ == "__main__":
+    main()
