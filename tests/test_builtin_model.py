@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import wanfit.attention as wa
+from tests.test_cli_model_files import RUN, _isolated, refused, truncate  # noqa: F401  (the release checks)
 from wanfit.builtin import (
     BUILTIN_DIT,
     BUILTIN_TEXT,
@@ -29,14 +29,6 @@ from wanfit.weights.file_names import BUILTIN_FILES
 from wanfit.weights.model_dir import find_model_files
 
 MIB = 2**20
-
-
-@pytest.fixture(autouse=True)
-def _isolated(monkeypatch):
-    for var in ("WANFIT_EMULATE", "WANFIT_ATTENTION"):
-        monkeypatch.delenv(var, raising=False)
-    yield
-    wa.reset()
 
 
 def test_the_folder_is_an_official_release_in_safetensors_and_small():
@@ -101,23 +93,10 @@ def test_demo_prompts_lists_what_it_can_draw(capsys):
 
 # -- a broken copy fails as a broken release does (tests/test_cli_model_files.py) --------------------
 
-RUN = ["generate", "--size", "32x32", "--frames", "5", "--steps", "2", "--no-progress"]
-
 
 @pytest.fixture
 def broken(tmp_path):
     return shutil.copytree(MODEL_DIR, tmp_path / "model")
-
-
-def refused(capsys, model, tmp_path) -> str:
-    out = tmp_path / "out" / "v.mp4"
-    code = main([*RUN, "--model", str(model), "--out", str(out)])
-    captured = capsys.readouterr()
-    lines = captured.err.strip().splitlines()
-    assert code == 2, captured.err
-    assert len(lines) == 1 and lines[0].startswith("wanfit: error: ") and lines[0].endswith("."), captured.err
-    assert "Traceback" not in captured.err and not (tmp_path / "out").exists()
-    return lines[0]
 
 
 def test_an_intact_copy_runs_as_a_model_folder(capsys, broken, tmp_path):
@@ -129,8 +108,7 @@ def test_an_intact_copy_runs_as_a_model_folder(capsys, broken, tmp_path):
 @pytest.mark.parametrize("part", ["dit", "vae", "text_encoder"])
 def test_a_truncated_file_is_named(capsys, broken, tmp_path, part):
     path = broken / BUILTIN_FILES[part]
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
+    truncate(path)
     assert f"{path} is not a readable safetensors file (truncated or corrupt?)" in refused(
         capsys, broken, tmp_path
     )

@@ -9,10 +9,9 @@ test suite that cannot tell these apart from the real sampler would pass them al
 import pytest
 
 from wanfit.builtin import SAMPLING
-from wanfit.quality import GRID, Setting, evaluate
+from wanfit.quality import GRID, GRID_SAMPLE, Report, Setting, broken_samplers, evaluate
 
-# Every fifth cell of the grid: all colours, shapes, directions and both backgrounds.
-SUBSET = GRID[::5]
+SUBSET = GRID_SAMPLE
 
 
 @pytest.fixture(scope="module")
@@ -28,41 +27,7 @@ def test_the_model_draws_what_the_prompt_says(default_report):
     assert summary["shape"] >= 0.7, summary
 
 
-def flipped_velocity(pipe):
-    """The sampler reads the DiT's velocity with the wrong sign."""
-    predict = pipe.predict_noise
-    pipe.predict_noise = lambda *args, **kwargs: -predict(*args, **kwargs)
-
-
-def swapped_guidance(pipe):
-    """Classifier-free guidance pushes away from the prompt: cond and uncond swapped."""
-    predict = pipe.predict_noise
-    pipe.predict_noise = lambda x, t, cond, uncond, guidance: predict(x, t, uncond, cond, guidance)
-
-
-def unshifted_timesteps(pipe):
-    """The solver steps along the shifted sigmas, but the DiT is told the unshifted timestep."""
-    predict, shift = pipe.predict_noise, SAMPLING.shift
-
-    def told_unshifted(x, t, cond, uncond, guidance):
-        sigma = t / 1000
-        return predict(x, 1000 * sigma / (shift - (shift - 1) * sigma), cond, uncond, guidance)
-
-    pipe.predict_noise = told_unshifted
-
-
-def raw_latents(pipe):
-    """The VAE decodes the DiT's normalised latent without denormalising it."""
-    pipe.vae.denormalize = lambda z: z
-
-
-BUGS = {
-    "velocity sign": Setting("velocity sign", patch=flipped_velocity),
-    "guidance swapped": Setting("guidance swapped", patch=swapped_guidance),
-    "shift: unshifted timesteps": Setting("unshifted timesteps", patch=unshifted_timesteps),
-    "shift inverted": Setting("shift inverted", call={"shift": 1 / SAMPLING.shift}),
-    "latent normalisation": Setting("latents not denormalised", patch=raw_latents),
-}
+BUGS = broken_samplers(SAMPLING.shift)
 
 
 @pytest.mark.parametrize("bug", list(BUGS))
@@ -75,7 +40,7 @@ def test_each_broken_sampler_is_caught(bug, default_report):
 
 def test_the_harness_reports_accuracy_and_psnr_against_the_default_path(default_report):
     subset = [default_report.frames[GRID.index(s)] for s in SUBSET]
-    reference = type(default_report)("default", SUBSET, [], subset)
+    reference = Report("default", SUBSET, [], subset)
     fewer = evaluate(Setting("6 steps", call={"num_inference_steps": 6}), scenes=SUBSET, reference=reference)
     assert 10 < fewer.psnr < 60, fewer.summary()
     same = evaluate(

@@ -1,4 +1,4 @@
-"""`wanfit generate` run in-process on the built-in tiny model: output, metadata, progress, bad input,
+"""`wanfit generate` run in-process on the built-in model: output, metadata, progress, bad input,
 output safety, Ctrl-C and resume, and a kernel that fails mid-run (issue 5 §3/§5, issue 7 §1/§3-5)."""
 
 import errno
@@ -14,6 +14,7 @@ import wanfit.attention as wa
 from wanfit import checkpointing
 from wanfit.attention import AttentionBackend, AttentionFallbackWarning
 from wanfit.attention import backends as attention_backends
+from wanfit.builtin import DEFAULT_PROMPT, SAMPLING
 from wanfit.cli import main
 from wanfit.pipeline import DenoiseState, WanPipeline
 from wanfit.video import read_mp4_comment, read_video
@@ -95,7 +96,8 @@ def test_mp4_named_from_the_prompt_with_metadata_and_a_progress_bar(capsys, tmp_
     for meta in (comment, sidecar):
         assert meta["prompt"] == prompt and meta["seed"] == 7
         assert meta["size"] == "64x48" and meta["frames"] == 9 and meta["steps"] == 2
-        assert meta["guidance"] == 6.0 and meta["shift"] == 8.0 and meta["negative_prompt"]
+        assert meta["guidance"] == SAMPLING.guidance_scale and meta["shift"] == SAMPLING.shift
+        assert meta["negative_prompt"] == SAMPLING.negative_prompt  # the built-in model's defaults
         assert meta["plan"]["device"] == "cpu" and meta["plan"]["compute_dtype"] == "float32"
     assert f"wrote {video.name}" in out
     assert "denoising" in err and "2/2" in err and "step/s" in err  # tqdm, on stderr
@@ -323,8 +325,9 @@ def test_ctrl_c_keeps_the_checkpoint_and_resume_gives_the_uninterrupted_frames(
     assert state.step == 3  # on Ctrl-C the last finished step is saved, not only every N
     assert checkpointing.load(snapshot)[0].step == 2
     assert request["seed"] == 3 and request["size"] == "48x32" and request["frames"] == 5
-    assert request["steps"] == STEPS and request["guidance"] == 6.0 and request["shift"] == 8.0
-    assert request["model"] is None and request["out"] == str(out.resolve()) and request["negative_prompt"]
+    assert request["steps"] == STEPS and request["guidance"] == SAMPLING.guidance_scale
+    assert request["shift"] == SAMPLING.shift and request["negative_prompt"] == SAMPLING.negative_prompt
+    assert request["model"] is None and request["out"] == str(out.resolve())
     assert request["prompt"] == "a red fox"
 
     dit = CountingDiT(monkeypatch)

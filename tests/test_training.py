@@ -125,7 +125,9 @@ def test_the_training_target_is_what_the_sampler_integrates(scheduler):
     steps = schedulers.set_timesteps(sched, 8, official=True)
     noise = torch.randn(x0.shape, generator=gen)
     out = pipe.denoise(DenoiseState(noise, 0), sched, steps, torch.zeros(1), None, 1.0, progress=False)
-    torch.testing.assert_close(out, x0, rtol=2e-3, atol=2e-3)
+    # Not exact: the official timesteps are int64(1000 sigma), so the oracle's sigma is off by < 1e-3.
+    assert (out - x0).norm() / x0.norm() < 1e-2
+    assert (noise - x0).norm() / x0.norm() > 1  # the sampler did the work
 
 
 def test_checkpoints_split_into_parts_and_join_back(tmp_path, monkeypatch):
@@ -146,30 +148,41 @@ def test_checkpoints_split_into_parts_and_join_back(tmp_path, monkeypatch):
     assert opt.state_dict()["state"][0]["exp_avg_sq"].dtype == torch.float32
 
 
-def test_a_smoke_run_is_reproducible_and_resumes(tmp_path, monkeypatch):
-    """Two runs with one seed give the same weights; a finished run given more steps continues: the
-    DiT from where it stopped, then the decoder alone (the encoder, so the DiT's latents, unchanged)."""
-    from training import train
+def smoke_args(tmp_path, name: str, *more: str) -> list[str]:
     from wanfit.builtin import MODEL_DIR
     from wanfit.weights.model_dir import OFFICIAL_TOKENIZER
 
+    return ["--tokenizer", str(MODEL_DIR / OFFICIAL_TOKENIZER), "--out", str(tmp_path / name), "--smoke",
+            "--device", "cpu", "--vae-batch", "1", "--dit-batch", "2", "--log-every", "1", *more]  # fmt: skip
+
+
+def test_one_seed_gives_one_run(tmp_path):
+    from training import train
+
+    runs = [train.Run(train.parse_args(smoke_args(tmp_path, n, "--vae-steps", "2"))) for n in "ab"]
+    other = train.Run(train.parse_args(smoke_args(tmp_path, "c", "--vae-steps", "2", "--seed", "1")))
+    for run in (*runs, other):
+        run._train_phase()
+    a, b, c = (run.vae.state_dict() for run in (*runs, other))
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert not all(torch.equal(a[n], c[n]) for n in a)
+
+
+def test_a_finished_run_given_more_steps_continues(tmp_path, monkeypatch):
+    """The DiT from where it stopped, then the decoder alone (the encoder, so the DiT's latents, unchanged)."""
+    from training import train
+
     monkeypatch.setattr(train, "STATS_BATCHES", 1)
     monkeypatch.setattr(train, "CHECK_CLIPS", 2)
-    common = ["--smoke", "--device", "cpu", "--vae-batch", "1", "--dit-batch", "2", "--log-every", "1"]
-    for name in ("a", "b"):
-        train.main(["--tokenizer", str(MODEL_DIR / OFFICIAL_TOKENIZER), "--out", str(tmp_path / name),
-                    "--vae-steps", "2", "--dit-steps", "2", *common])  # fmt: skip
-    a, b = (checkpoint.load(tmp_path / n / "checkpoint") for n in "ab")
+    train.main(smoke_args(tmp_path, "a", "--vae-steps", "2", "--dit-steps", "2"))
+    a = checkpoint.load(tmp_path / "a" / "checkpoint")
     assert a["phase"] == "done" and a["steps"] == {"vae": 2, "dit": 2, "decoder": 0}
-    for key in ("vae", "dit", "text", "ema"):
-        for x, y in zip(*(list(s[key].values()) if isinstance(s[key], dict) else s[key] for s in (a, b))):
-            assert torch.equal(x, y), key
-    train.main(["--resume", str(tmp_path / "a" / "checkpoint"), "--out", str(tmp_path / "a"), "--dit-steps", "3",
-                "--decoder-steps", "1", *common])  # fmt: skip
+    more = ["--dit-steps", "3", "--decoder-steps", "1", "--log-every", "1"]
+    train.main(["--resume", str(tmp_path / "a" / "checkpoint"), "--out", str(tmp_path / "a"), *more])
     c = checkpoint.load(tmp_path / "a" / "checkpoint")
     assert c["phase"] == "done" and c["steps"] == {"vae": 2, "dit": 3, "decoder": 1}
     changed = {n for n in a["vae"] if not torch.equal(a["vae"][n], c["vae"][n])}
     assert changed and all(n.startswith(("decoder.", "conv2.")) for n in changed)
     assert any(not torch.equal(c["dit"][n], a["dit"][n]) for n in a["dit"])
     phases = [json.loads(line)["phase"] for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
-    assert phases == sorted(phases, key=["vae", "dit", "decoder"].index)
+    assert phases == sorted(phases, key=["vae", "dit", "decoder"].index) and "decoder" in phases

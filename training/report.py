@@ -1,4 +1,5 @@
-"""Pictures and numbers of a training run: the validation sample grid, the loss curves, a frame strip.
+"""Pictures and numbers of a training run: the validation sample grid, the loss curves, a frame strip,
+and the accuracy table of docs/builtin_model.md.
 
 python -m training.report curves runs/builtin/log.jsonl docs/images/builtin_loss.png
 python -m training.report strip VIDEO.mp4 docs/images/builtin_strip.png
@@ -14,8 +15,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
-
-GRID_ROWS = 15  # scenes in the validation picture: every fifth of the attribute grid
 
 
 def sample_grid(run_dir: str | Path, device: str = "cpu") -> dict | None:
@@ -35,10 +34,41 @@ def sample_grid(run_dir: str | Path, device: str = "cpu") -> dict | None:
     (run_dir / "eval.json").write_text(
         json.dumps({**summary, "detections": [vars(d) for d in report.detections]}, indent=1)
     )
-    rows = [np.concatenate(list(f[::2]), axis=1) for f in report.frames[:: len(report.frames) // GRID_ROWS]]
+    from wanfit.quality import GRID, GRID_SAMPLE
+
+    rows = [np.concatenate(list(report.frames[GRID.index(s)][::2]), axis=1) for s in GRID_SAMPLE]
     Image.fromarray(np.concatenate(rows, axis=0)).save(run_dir / "val_grid.png")
     print(json.dumps(summary))
     return summary
+
+
+def accuracy_table(model_dir=None) -> str:
+    """Markdown: accuracy and PSNR on the attribute grid, default path first, then other settings."""
+    from wanfit.builtin import SAMPLING
+    from wanfit.quality import Setting, broken_samplers, evaluate
+
+    default = evaluate(model_dir=model_dir)
+    settings = [Setting(f"{n} steps", call={"num_inference_steps": n}) for n in (20, 6)] + [
+        Setting("no guidance (scale 1)", call={"guidance_scale": 1.0}),
+        Setting("cond and uncond unbatched", plan={"cfg_batch": False}),
+        *broken_samplers(SAMPLING.shift).values(),
+    ]
+    lines = [
+        "| setting | colour | shape | direction | all three | PSNR vs default (dB) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for report in [default, *(evaluate(s, reference=default, model_dir=model_dir) for s in settings)]:
+        row = report.summary()
+        psnr = "exact" if row["psnr_db"] == math.inf else f"{row['psnr_db']:.1f}"
+        name = (
+            f"default ({SAMPLING.num_inference_steps} steps, guidance {SAMPLING.guidance_scale:g}, "
+            f"shift {SAMPLING.shift:g})"
+            if report is default
+            else row["setting"]
+        )
+        lines.append(f"| {name} | {row['colour']:.0%} | {row['shape']:.0%} | {row['direction']:.0%} | "
+                     f"{row['all']:.0%} | {psnr} |")  # fmt: skip
+    return "\n".join(lines)
 
 
 def loss_curves(log_path: str | Path, out_png: str | Path, size=(720, 260)) -> Path:
@@ -114,6 +144,8 @@ def main() -> None:
     strip.add_argument("out", type=Path)
     grid = sub.add_parser("grid")
     grid.add_argument("run", type=Path)
+    table = sub.add_parser("table")
+    table.add_argument("--model", type=Path, default=None, help="another folder of the model")
     args = p.parse_args()
     if args.what == "curves":
         print(loss_curves(args.log, args.out))
@@ -121,6 +153,8 @@ def main() -> None:
         from wanfit.video import read_video
 
         print(frame_strip(read_video(args.video), args.out))
+    elif args.what == "table":
+        print(accuracy_table(args.model))
     else:
         sample_grid(args.run)
 

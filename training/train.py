@@ -300,7 +300,7 @@ class Run:
         self.out = Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.device = torch.device(args.device)
-        self.started = time.perf_counter()
+        self.started = self.last_save = time.perf_counter()
         self.log_file = (self.out / "log.jsonl").open("a")
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -335,12 +335,13 @@ class Run:
         self.phase, self.step = "vae", 0
         self.steps_done = {"vae": 0, "dit": 0, "decoder": 0}
         self.ema: EMA | None = None
-        self.optimizer = None
+        self.optimizer, self.optimizer_phase = None, None
         self.cache: LatentCache | None = None
         if state is not None:
             self.phase, self.steps_done = self._resumed_phase(state)
             self.step = self.steps_done.get(self.phase, 0)
-            if self.phase != state["phase"]:
+            legacy = "dit" if state["phase"] == "done" else state["phase"]  # before decoder phases
+            if state.get("optimizer_phase", legacy) != self.phase:
                 state = {**state, "optimizer": None}  # a later phase: its own optimizer
             self.vae.load_state_dict(state["vae"])
             self.dit.load_state_dict(state["dit"])
@@ -378,7 +379,10 @@ class Run:
         params = self._trainable()
         for p in params:
             p.requires_grad_(True)
-        lr = {"vae": self.hyper.vae_lr, "dit": self.hyper.dit_lr, "decoder": self.hyper.decoder_lr}[self.phase]
+        lr = {"vae": self.hyper.vae_lr, "dit": self.hyper.dit_lr, "decoder": self.hyper.decoder_lr}[
+            self.phase
+        ]
+        self.optimizer_phase = self.phase
         self.optimizer = torch.optim.AdamW(
             params,
             lr=lr,
@@ -419,6 +423,7 @@ class Run:
             "optimizer": None
             if self.optimizer is None
             else ckpt.compact_optimizer(self.optimizer.state_dict()),
+            "optimizer_phase": self.optimizer_phase,
             "tokenizer_files": self.tokenizer_files,
         }
         ckpt.save(state, self.out / "checkpoint")
@@ -428,7 +433,6 @@ class Run:
         return self.args.budget is not None and time.perf_counter() - self.started > self.args.budget
 
     def run(self) -> None:
-        self.last_save = time.perf_counter()
         while self.phase != "done":
             finished = self._train_phase()
             if not finished:
@@ -451,9 +455,11 @@ class Run:
         print(f"done in {time.perf_counter() - self.started:.0f} s", flush=True)
 
     def _phase_steps(self) -> int:
-        return {"vae": self.hyper.vae_steps, "dit": self.hyper.dit_steps, "decoder": self.hyper.decoder_steps}[
-            self.phase
-        ]
+        return {
+            "vae": self.hyper.vae_steps,
+            "dit": self.hyper.dit_steps,
+            "decoder": self.hyper.decoder_steps,
+        }[self.phase]
 
     def _size_phase(self) -> None:
         """--*-steps auto: fit the phase into its share of --budget, from the time of the steps so far."""
@@ -511,7 +517,9 @@ class Run:
         if h.vae_crop and not images:
             video = shape_crops(video, layouts, h.vae_crop, rng)
         salt = 0 if self.phase == "vae" else 1 << 40  # the decoder phase draws other noise
-        recon, mean, logvar = vae_forward(self.vae, video, step_generator(h.seed, self.step + salt, self.device))
+        recon, mean, logvar = vae_forward(
+            self.vae, video, step_generator(h.seed, self.step + salt, self.device)
+        )
         l1 = (recon - video).abs().mean()
         l2 = (recon - video).pow(2).mean()
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
@@ -581,7 +589,7 @@ def _tuples(value):
     return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, type=Path, help="folder for the checkpoint and the logs")
     p.add_argument("--tokenizer", type=Path, help="tokenizer folder (training.tokenizer); not with --resume")
@@ -610,8 +618,11 @@ def main(argv: list[str] | None = None) -> None:
         p.error("give --tokenizer for a new run or --resume for a continued one")
     if "auto" in (args.vae_steps, args.dit_steps) and args.budget is None:
         p.error("auto steps need --budget")
-    torch.set_num_threads(max(1, min(8, os.cpu_count() or 1)))
-    random.seed(args.seed)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     run = Run(args)
     run.run()
     if args.sample_grid and run.phase == "done":
@@ -621,4 +632,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    torch.set_num_threads(max(1, min(8, os.cpu_count() or 1)))
     sys.exit(main())

@@ -124,6 +124,8 @@ def attribute_grid(backgrounds: Sequence[str] = tuple(BACKGROUNDS)) -> tuple[Sce
 
 
 GRID = attribute_grid()
+# Every seventh cell (7 is prime to 2, 3 and 5): each colour, shape, direction and background, in 11 videos.
+GRID_SAMPLE = GRID[::7]
 # The grid's default video: small enough for CI, the size the model was trained at.
 GRID_SIZE = {"height": 64, "width": 64, "num_frames": 9}
 
@@ -208,3 +210,45 @@ def grid_psnr(frames: Sequence[np.ndarray], reference: Sequence[np.ndarray]) -> 
     errors = [np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2) for a, b in zip(frames, reference)]
     mse = float(np.mean(errors))
     return math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
+
+
+# -- negative controls: the sampler broken on purpose ----------------------------------------------
+
+
+def _flipped_velocity(pipe) -> None:
+    """The sampler reads the DiT's velocity with the wrong sign."""
+    predict = pipe.predict_noise
+    pipe.predict_noise = lambda *args, **kwargs: -predict(*args, **kwargs)
+
+
+def _swapped_guidance(pipe) -> None:
+    """Classifier-free guidance pushes away from the prompt: cond and uncond swapped."""
+    predict = pipe.predict_noise
+    pipe.predict_noise = lambda x, t, cond, uncond, guidance: predict(x, t, uncond, cond, guidance)
+
+
+def _unshifted_timesteps(pipe) -> None:
+    """The solver steps along the shifted sigmas, but the DiT is told the unshifted timestep."""
+    predict, shift = pipe.predict_noise, pipe.defaults.shift
+
+    def told_unshifted(x, t, cond, uncond, guidance):
+        sigma = t / 1000
+        return predict(x, 1000 * sigma / (shift - (shift - 1) * sigma), cond, uncond, guidance)
+
+    pipe.predict_noise = told_unshifted
+
+
+def _raw_latents(pipe) -> None:
+    """The VAE decodes the DiT's normalised latent without denormalising it."""
+    pipe.vae.denormalize = lambda z: z
+
+
+def broken_samplers(shift: float) -> dict[str, Setting]:
+    """Classic sampler bugs, each a Setting: a harness that cannot tell them from the real one is no use."""
+    return {
+        "velocity sign": Setting("velocity sign flipped", patch=_flipped_velocity),
+        "guidance": Setting("guidance swapped", patch=_swapped_guidance),
+        "shift (timesteps)": Setting("timesteps unshifted", patch=_unshifted_timesteps),
+        "shift (inverted)": Setting("shift inverted", call={"shift": 1 / shift}),
+        "latent normalisation": Setting("latents not denormalised", patch=_raw_latents),
+    }

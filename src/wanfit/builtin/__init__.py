@@ -13,6 +13,7 @@ from pathlib import Path
 
 from wanfit.builtin.language import Scene, prompt
 from wanfit.models.configs import DiTConfig
+from wanfit.models.text_encoder import UMT5_XXL
 from wanfit.models.vae import VAEConfig
 from wanfit.pipeline import SamplingDefaults
 
@@ -26,7 +27,8 @@ BUILTIN_DIT = DiTConfig(
 BUILTIN_VAE = VAEConfig(
     base_dim=8, num_res_blocks=1
 )  # the release's latent statistics: see training/export.py
-BUILTIN_TEXT = {  # transformers' UMT5Config arguments
+BUILTIN_TEXT = {  # transformers' UMT5Config arguments: umT5-XXL's, smaller
+    **UMT5_XXL,
     "vocab_size": 256,
     "d_model": BUILTIN_DIT.text_dim,
     "d_kv": 32,
@@ -34,11 +36,6 @@ BUILTIN_TEXT = {  # transformers' UMT5Config arguments
     "num_layers": 2,
     "num_decoder_layers": 2,
     "num_heads": 4,
-    "relative_attention_num_buckets": 32,
-    "relative_attention_max_distance": 128,
-    "feed_forward_proj": "gated-gelu",
-    "layer_norm_epsilon": 1e-6,
-    "dropout_rate": 0.0,
 }
 
 # How it samples best (measured on the attribute grid, docs/builtin_model.md). Its unconditional
@@ -70,15 +67,7 @@ def builtin_request(height: int, width: int, num_frames: int, guidance: bool):
     """The planner's Request for the built-in model (its own text encoder and VAE shapes)."""
     from wanfit.plan.estimates import Request, TextEncoderShape
 
-    text = TextEncoderShape(
-        vocab=BUILTIN_TEXT["vocab_size"],
-        dim=BUILTIN_TEXT["d_model"],
-        ffn_dim=BUILTIN_TEXT["d_ff"],
-        num_layers=BUILTIN_TEXT["num_layers"],
-        num_heads=BUILTIN_TEXT["num_heads"],
-        num_buckets=BUILTIN_TEXT["relative_attention_num_buckets"],
-        text_len=BUILTIN_DIT.text_len,
-    )
+    text = TextEncoderShape.from_umt5(BUILTIN_TEXT, BUILTIN_DIT.text_len)
     return Request(
         BUILTIN_DIT,
         height=height,
