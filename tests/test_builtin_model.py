@@ -120,6 +120,6 @@ def test_a_misshapen_tensor_and_a_missing_tokenizer_are_named(capsys, broken, tm
     state["head.head.weight"] = torch.zeros(3, BUILTIN_DIT.dim, dtype=torch.float16)
     save_file(state, str(path))
     line = refused(capsys, broken, tmp_path)
-    assert f"{broken} does not fit the configured DiT" in line and "head.head.weight (file [3, 128]" in line
+    assert f"{broken} does not fit the configured DiT" in line and f"head.head.weight (file [3, {BUILTIN_DIT.dim}]" in line
     shutil.rmtree(broken / "google")
     assert "lacks google/umt5-xxl/" in refused(capsys, broken, tmp_path)

@@ -28,14 +28,25 @@ def test_the_model_draws_what_the_prompt_says(default_report):
 
 
 BUGS = broken_samplers(SAMPLING.shift)
+# Measured: this model follows its prompts even when the DiT is told the unshifted timesteps (every
+# shift error tried kept at least 70% of the grid right; docs/builtin_model.md), so that bug is
+# caught by how far it moves the frames from the exact path, not by the accuracy.
+SHIFT_BUG = "shift (timesteps)"
 
 
-@pytest.mark.parametrize("bug", list(BUGS))
+@pytest.mark.parametrize("bug", [b for b in BUGS if b != SHIFT_BUG])
 def test_each_broken_sampler_is_caught(bug, default_report):
     broken = evaluate(BUGS[bug], scenes=SUBSET, psnr=False)
     right = default_report.accuracy("all")
     assert right >= 0.6
     assert broken.accuracy("all") <= right / 3, broken.summary()
+
+
+def test_a_wrong_shift_moves_the_frames_far_from_the_exact_path(default_report):
+    subset = [default_report.frames[GRID.index(s)] for s in SUBSET]
+    reference = Report("default", SUBSET, [], subset)
+    broken = evaluate(BUGS[SHIFT_BUG], scenes=SUBSET, reference=reference)
+    assert broken.psnr < 25, broken.summary()  # the exact path's own variations stay above 40 dB
 
 
 def test_the_harness_reports_accuracy_and_psnr_against_the_default_path(default_report):

@@ -66,8 +66,9 @@ def models():
 
 def test_training_encodes_captions_as_the_text_encoder_does(models):
     from wanfit.builtin import MODEL_DIR
-    from wanfit.models.text_encoder import WanTextEncoder, _load_tokenizer
-    from wanfit.weights.model_dir import OFFICIAL_TOKENIZER
+    from wanfit.models.text_encoder import WanTextEncoder
+    from wanfit.weights.text_encoder_loader import _load_tokenizer
+    from wanfit.weights.file_names import OFFICIAL_TOKENIZER
 
     _, _, text = models
     tokenizer, _ = _load_tokenizer(MODEL_DIR / OFFICIAL_TOKENIZER, [])
@@ -150,10 +151,11 @@ def test_checkpoints_split_into_parts_and_join_back(tmp_path, monkeypatch):
 
 def smoke_args(tmp_path, name: str, *more: str) -> list[str]:
     from wanfit.builtin import MODEL_DIR
-    from wanfit.weights.model_dir import OFFICIAL_TOKENIZER
+    from wanfit.weights.file_names import OFFICIAL_TOKENIZER
 
     return ["--tokenizer", str(MODEL_DIR / OFFICIAL_TOKENIZER), "--out", str(tmp_path / name), "--smoke",
-            "--device", "cpu", "--vae-batch", "1", "--dit-batch", "2", "--log-every", "1", *more]  # fmt: skip
+            "--device", "cpu", "--vae-batch", "1", "--dit-batch", "2", "--log-every", "1", "--vae-image-steps", "0",
+            "--decoder-steps", "0", *more]  # fmt: skip
 
 
 def test_one_seed_gives_one_run(tmp_path):
@@ -186,3 +188,20 @@ def test_a_finished_run_given_more_steps_continues(tmp_path, monkeypatch):
     assert any(not torch.equal(c["dit"][n], a["dit"][n]) for n in a["dit"])
     phases = [json.loads(line)["phase"] for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
     assert phases == sorted(phases, key=["vae", "dit", "decoder"].index) and "decoder" in phases
+
+
+def test_a_run_past_its_decoder_phase_given_more_dit_steps_trains_the_dit_again(tmp_path, monkeypatch):
+    """How the shipped model was extended: DiT, decoder, then more DiT steps (the decoder's stay)."""
+    from training import train
+
+    monkeypatch.setattr(train, "STATS_BATCHES", 1)
+    monkeypatch.setattr(train, "CHECK_CLIPS", 2)
+    # 41 decoder steps: the 40th used to look the decoder phase up among the auto-sized ones.
+    train.main(smoke_args(tmp_path, "a", "--vae-steps", "2", "--dit-steps", "2", "--decoder-steps", "41"))
+    a = checkpoint.load(tmp_path / "a" / "checkpoint")
+    assert a["phase"] == "done" and a["steps"] == {"vae": 2, "dit": 2, "decoder": 41}
+    train.main(["--resume", str(tmp_path / "a" / "checkpoint"), "--out", str(tmp_path / "a"), "--dit-steps", "3"])
+    c = checkpoint.load(tmp_path / "a" / "checkpoint")
+    assert c["phase"] == "done" and c["steps"] == {"vae": 2, "dit": 3, "decoder": 41}
+    assert all(torch.equal(a["vae"][n], c["vae"][n]) for n in a["vae"])
+    assert any(not torch.equal(c["dit"][n], a["dit"][n]) for n in a["dit"])

@@ -50,12 +50,12 @@ class Hyper:
     """Training hyper-parameters (stored in the checkpoint; a resumed run keeps them)."""
 
     seed: int = 0
-    vae_steps: int = 1500
+    vae_steps: int = 3000
     vae_batch: int = 32
     vae_lr: float = 1e-3
     kl_weight: float = 3e-5
-    dit_steps: int = 10000
-    dit_batch: int = 128
+    dit_steps: int = 5000
+    dit_batch: int = 256
     dit_lr: float = 3e-4
     warmup: int = 200
     train_shift: float = 3.0  # sigma = s*u / (1 + (s-1)*u), u uniform: Wan's shifted timesteps
@@ -66,9 +66,9 @@ class Hyper:
     vae_buckets: tuple = VAE_BUCKETS
     dit_buckets: tuple = DIT_BUCKETS
     vae_crop: int | None = None  # train the VAE on square crops of this size (a quarter of the work at 32)
-    vae_image_steps: int = 0  # the VAE's first steps train on single frames (see init_vae)
+    vae_image_steps: int = 1500  # the VAE's first steps train on single frames (see init_vae)
     vae_image_batch: int = 16
-    decoder_steps: int = 0
+    decoder_steps: int = 600
     decoder_lr: float = 3e-4
 
 
@@ -358,8 +358,8 @@ class Run:
                                                                             "dit": state["step"]}  # fmt: skip
         steps = {"vae": 0, "dit": 0, "decoder": 0, **steps}
         phase = state["phase"]
-        if phase == "done" and steps["decoder"] == 0 and steps["dit"] < self.hyper.dit_steps:
-            phase = "dit"  # a finished run given more DiT steps
+        if phase in ("decoder", "done") and steps["dit"] < self.hyper.dit_steps:
+            phase = "dit"  # a run past its DiT phase given more DiT steps (the decoder's do not affect it)
         elif phase in ("dit", "done") and steps["dit"] >= self.hyper.dit_steps:
             phase = "decoder" if steps["decoder"] < self.hyper.decoder_steps else "done"
         return phase, steps
@@ -463,7 +463,7 @@ class Run:
 
     def _size_phase(self) -> None:
         """--*-steps auto: fit the phase into its share of --budget, from the time of the steps so far."""
-        if not (self.auto[self.phase] and self.args.budget):
+        if not (self.auto.get(self.phase) and self.args.budget):  # the decoder phase is never auto
             return
         first, started = self.timed_from
         per_step = (time.perf_counter() - started) / (self.step - first)

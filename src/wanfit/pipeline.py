@@ -269,8 +269,9 @@ class WanPipeline:
         diffusers scheduler_config.json to use instead of the folder's own (or, for an official folder,
         instead of the official UniPC); with_text_encoder: False loads no umT5 (a process of a parallel
         run that receives the embeddings from Plan.text_encoder_rank); overrides: SamplingDefaults fields.
-        model_dir "builtin" is the built-in tiny random model that `wanfit generate` runs without
-        --model: no download, noise for frames (a folder of that name: "./builtin").
+        model_dir "builtin" is the built-in shapes model that `wanfit generate` runs without --model
+        (wanfit.builtin: its shipped release folder, with its own sampling defaults; a folder of that
+        name: "./builtin").
         """
         from wanfit import load_dit, load_text_encoder, load_vae
         from wanfit.paths import user_path
@@ -278,9 +279,16 @@ class WanPipeline:
         from wanfit.sampling.step_cache.tables import dit_model_key
         from wanfit.weights.model_dir import find_model_files
 
-        builtin = isinstance(model_dir, str) and model_dir == BUILTIN
         components = {"dit": dit, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer}
-        files = None if builtin else find_model_files(model_dir, **components)
+        if isinstance(model_dir, str) and model_dir == BUILTIN:
+            from wanfit.builtin import builtin_pipeline
+
+            return builtin_pipeline(
+                device=device, plan=plan, scheduler_config=scheduler_config, hardware=hardware,
+                constraints=constraints, height=height, width=width, num_frames=num_frames,
+                progress=progress, with_text_encoder=with_text_encoder, **components, **overrides,
+            )  # fmt: skip
+        files = find_model_files(model_dir, **components)
         planned = plan
         if isinstance(plan, str) and plan == "auto":
             from wanfit.plan.planning import Constraints, model_request, plan_for
@@ -290,22 +298,15 @@ class WanPipeline:
                 constraints = replace(constraints, device=device)
             guidance = overrides.get("guidance_scale", SamplingDefaults.guidance_scale) != 1.0
             request = model_request(
-                BUILTIN if builtin else model_dir,
+                model_dir,
                 width=width,
                 height=height,
                 frames=num_frames,
                 guidance=guidance,
-                **({} if builtin else components),
+                **components,
                 steps=overrides.get("num_inference_steps"),
             )
             planned = plan_for(request, constraints, hardware)
-        if builtin:
-            from wanfit.demo import tiny_pipeline
-
-            pipe = tiny_pipeline(device, plan=planned, with_text_encoder=with_text_encoder)
-            pipe.defaults = replace(pipe.defaults, **overrides)
-            pipe.scheduler_config = user_path(scheduler_config) if scheduler_config else None
-            return pipe
         plan = getattr(planned, "plan", planned)
         if not isinstance(plan, Plan):
             raise ConfigError(f"plan must be 'auto', a Plan or a PlanResult, not {plan!r}.")

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from wanfit.builtin import SAMPLING
 from wanfit.builtin.language import BACKGROUNDS, COLOURS, DIRECTIONS, MOTIONS, SHAPES, Scene, prompt
 
 MASK_THRESHOLD = 60  # max channel difference from the background (0-255) that counts as the shape
@@ -177,21 +178,28 @@ def evaluate(
     psnr: bool = True,
     model_dir=None,
 ) -> Report:
-    """Generate `scenes` (video i with seed i) under `setting`; detect, and compare with the default path.
+    """Generate `scenes` (seeds: scene_seed) under `setting`; detect, and compare with the default path.
 
     reference: the default setting's report over the same scenes (computed here when needed and
     not given); psnr=False skips the comparison. model_dir: another folder of the built-in model.
     """
-    from wanfit.builtin import MODEL_DIR, builtin_pipeline
-    from wanfit.plan.plan import Plan, default_plan
+    from dataclasses import replace
 
-    plan = Plan.from_dict({**default_plan(device).to_dict(), "free_text_encoder": False, **setting.plan})
-    pipe = builtin_pipeline(plan=plan, model_dir=model_dir or MODEL_DIR)
+    from wanfit.builtin import MODEL_DIR, builtin_pipeline
+    from wanfit.plan.planning import Constraints, model_request, plan_for
+
+    model_dir = model_dir or MODEL_DIR
+    guidance = setting.call.get("guidance_scale", SAMPLING.guidance_scale) != 1.0
+    request = model_request(model_dir, width=width, height=height, frames=num_frames, guidance=guidance)
+    # The planner's plan for this machine; the text encoder kept for the whole grid.
+    planned = plan_for(request, Constraints(device=device)).plan
+    plan = replace(planned, free_text_encoder=False, **setting.plan)
+    pipe = builtin_pipeline(plan=plan, model_dir=model_dir, progress=False)
     if setting.patch is not None:
         setting.patch(pipe)
     frames = [
-        pipe(prompt(scene), height=height, width=width, num_frames=num_frames, seed=i, progress=False,
-             **setting.call)
+        pipe(prompt(scene), height=height, width=width, num_frames=num_frames, seed=scene_seed(scene, i),
+             progress=False, **setting.call)
         for i, scene in enumerate(scenes)
     ]  # fmt: skip
     report = Report(setting.name, tuple(scenes), [detect(f) for f in frames], frames)
@@ -203,6 +211,11 @@ def evaluate(
             reference = evaluate(scenes=scenes, device=device, psnr=False, model_dir=model_dir, **size)
         report.psnr = grid_psnr(report.frames, reference.frames)
     return report
+
+
+def scene_seed(scene: Scene, position: int) -> int:
+    """A grid scene's seed is its place in GRID (so a subset draws the same videos); others, their position."""
+    return GRID.index(scene) if scene in GRID else position
 
 
 def grid_psnr(frames: Sequence[np.ndarray], reference: Sequence[np.ndarray]) -> float:
@@ -224,16 +237,16 @@ def _flipped_velocity(pipe) -> None:
 def _swapped_guidance(pipe) -> None:
     """Classifier-free guidance pushes away from the prompt: cond and uncond swapped."""
     predict = pipe.predict_noise
-    pipe.predict_noise = lambda x, t, cond, uncond, guidance: predict(x, t, uncond, cond, guidance)
+    pipe.predict_noise = lambda x, t, cond, uncond, *rest, **kw: predict(x, t, uncond, cond, *rest, **kw)
 
 
 def _unshifted_timesteps(pipe) -> None:
     """The solver steps along the shifted sigmas, but the DiT is told the unshifted timestep."""
     predict, shift = pipe.predict_noise, pipe.defaults.shift
 
-    def told_unshifted(x, t, cond, uncond, guidance):
+    def told_unshifted(x, t, *rest, **kw):
         sigma = t / 1000
-        return predict(x, 1000 * sigma / (shift - (shift - 1) * sigma), cond, uncond, guidance)
+        return predict(x, 1000 * sigma / (shift - (shift - 1) * sigma), *rest, **kw)
 
     pipe.predict_noise = told_unshifted
 
@@ -249,6 +262,5 @@ def broken_samplers(shift: float) -> dict[str, Setting]:
         "velocity sign": Setting("velocity sign flipped", patch=_flipped_velocity),
         "guidance": Setting("guidance swapped", patch=_swapped_guidance),
         "shift (timesteps)": Setting("timesteps unshifted", patch=_unshifted_timesteps),
-        "shift (inverted)": Setting("shift inverted", call={"shift": 1 / shift}),
         "latent normalisation": Setting("latents not denormalised", patch=_raw_latents),
     }

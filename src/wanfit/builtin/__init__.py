@@ -12,8 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from wanfit.builtin.language import Scene, prompt
-from wanfit.models.configs import DiTConfig
-from wanfit.models.text_encoder import UMT5_XXL
+from wanfit.models.configs import DiTConfig, TextEncoderConfig
 from wanfit.models.vae import VAEConfig
 from wanfit.pipeline import SamplingDefaults
 
@@ -22,21 +21,16 @@ NAME = "built-in shapes model"
 
 # The model's shape (what training builds and the shipped files hold; a test checks they agree).
 BUILTIN_DIT = DiTConfig(
-    dim=128, ffn_dim=512, freq_dim=64, num_heads=4, num_layers=4, text_dim=128, text_len=32
+    dim=192, ffn_dim=768, freq_dim=64, num_heads=6, num_layers=6, text_dim=128, text_len=32
 )
 BUILTIN_VAE = VAEConfig(
     base_dim=8, num_res_blocks=1
 )  # the release's latent statistics: see training/export.py
-BUILTIN_TEXT = {  # transformers' UMT5Config arguments: umT5-XXL's, smaller
-    **UMT5_XXL,
-    "vocab_size": 256,
-    "d_model": BUILTIN_DIT.text_dim,
-    "d_kv": 32,
-    "d_ff": 256,
-    "num_layers": 2,
-    "num_decoder_layers": 2,
-    "num_heads": 4,
-}
+# The umT5 encoder: umT5-XXL's design (gated GELU, 32 relative buckets), smaller.
+BUILTIN_TEXT_ENCODER = TextEncoderConfig(
+    vocab_size=256, d_model=BUILTIN_DIT.text_dim, d_kv=32, d_ff=256, num_layers=2, num_heads=4
+)
+BUILTIN_TEXT = BUILTIN_TEXT_ENCODER.umt5_kwargs()  # transformers' UMT5Config arguments
 
 # How it samples best (measured on the attribute grid, docs/builtin_model.md). Its unconditional
 # caption in training was the empty one, so that is its negative prompt.
@@ -47,34 +41,22 @@ VIDEO_FRAMES = 17
 DEFAULT_PROMPT = prompt(Scene("circle", "red", "right"))
 
 
-def builtin_pipeline(device: str | None = None, plan=None, model_dir: str | Path = MODEL_DIR):
-    """The built-in model as a WanPipeline, loaded from MODEL_DIR under `plan` (default: default_plan).
+def builtin_pipeline(device: str | None = None, plan="auto", model_dir: str | Path = MODEL_DIR, **kwargs):
+    """The built-in model as a WanPipeline (what WanPipeline.from_pretrained("builtin") returns),
+    loaded from MODEL_DIR like any release folder, with its own sampling defaults.
 
-    model_dir: another folder of the same model (a freshly trained one, say).
+    plan and kwargs: as WanPipeline.from_pretrained takes them ("auto" plans this machine for the
+    default video). model_dir: another folder of the same model (a freshly trained one, say).
     """
     from dataclasses import asdict
 
     from wanfit.pipeline import WanPipeline
 
-    pipe = WanPipeline.from_pretrained(model_dir, device=device, plan=plan, **asdict(SAMPLING))
-    # A few hundred kilobytes: keep it, and skip the prompt cache (encoding is quicker than a lookup).
-    pipe.text_encoder.cache = None
+    size = {"width": VIDEO_SIZE[0], "height": VIDEO_SIZE[1], "num_frames": VIDEO_FRAMES}
+    pipe = WanPipeline.from_pretrained(
+        model_dir, device=device, plan=plan, **{**size, **asdict(SAMPLING), **kwargs}
+    )
+    if pipe.text_encoder is not None:  # a few hundred kilobytes: encoding beats a prompt-cache lookup
+        pipe.text_encoder.cache = None
     pipe.name = NAME
     return pipe
-
-
-def builtin_request(height: int, width: int, num_frames: int, guidance: bool):
-    """The planner's Request for the built-in model (its own text encoder and VAE shapes)."""
-    from wanfit.plan.estimates import Request, TextEncoderShape
-
-    text = TextEncoderShape.from_umt5(BUILTIN_TEXT, BUILTIN_DIT.text_len)
-    return Request(
-        BUILTIN_DIT,
-        height=height,
-        width=width,
-        num_frames=num_frames,
-        guidance=guidance,
-        model_name="built-in",
-        text_encoder=text,
-        vae=BUILTIN_VAE,
-    )

@@ -21,7 +21,7 @@ from wanfit.plan.estimates import Request
 from wanfit.plan.plan import ATTENTION_KINDS, parse_plan_overrides
 from wanfit.plan.planner import PlanResult, budget_from_probe, parse_bytes, plan_run
 
-BUILTIN = "builtin"  # the model name of the built-in tiny model (no files)
+BUILTIN = "builtin"  # the model name of the built-in shapes model (wanfit.builtin, shipped files)
 
 
 @dataclass(frozen=True)
@@ -104,9 +104,10 @@ def _model_request(model, width: int, height: int, frames: int, guidance: bool, 
     named = any(v is not None for v in components.values())
     size = {"height": height, "width": width, "num_frames": frames, "guidance": guidance}
     if not named and (model is None or str(model) == BUILTIN):
-        from wanfit.demo import tiny_request
+        from wanfit.builtin import MODEL_DIR
 
-        return tiny_request(height, width, frames, guidance)
+        # Its shipped release folder, read like any other.
+        return replace(_model_request(MODEL_DIR, width, height, frames, guidance, components), model_name=BUILTIN)
     if not named and str(model) in DIT_PRESETS:
         return Request(DIT_PRESETS[str(model)], model_name=str(model), **size)
     from wanfit.paths import user_path
