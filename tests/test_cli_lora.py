@@ -1,4 +1,4 @@
-"""`wanfit generate --lora / --preset / --sampler` on the built-in tiny model: metadata, resume, and
+"""`wanfit generate --lora / --preset / --sampler` on the built-in model: metadata, resume, and
 every user error in one sentence with nothing written."""
 
 import json
@@ -8,7 +8,8 @@ import torch
 
 from tests.helpers import tiny_lora
 from tests.test_cli_generate import _isolated, files_in, generate, one_error_line  # noqa: F401
-from wanfit.models.configs import WAN_T2V_14B, WAN_TINY
+from wanfit.builtin import BUILTIN_DIT
+from wanfit.models.configs import WAN_T2V_14B
 from wanfit.video import read_video
 
 RUN = ["generate", "--size", "48x32", "--frames", "5", "--seed", "3", "--no-progress"]
@@ -16,7 +17,7 @@ RUN = ["generate", "--size", "48x32", "--frames", "5", "--seed", "3", "--no-prog
 
 @pytest.fixture(scope="module")
 def lora_file(tmp_path_factory):
-    factors = tiny_lora.random_factors(WAN_TINY.num_layers, WAN_TINY.dim, WAN_TINY.ffn_dim, seed=3, size=0.5)
+    factors = tiny_lora.random_factors(BUILTIN_DIT.num_layers, BUILTIN_DIT.dim, BUILTIN_DIT.ffn_dim, seed=3, size=0.5)
     return tiny_lora.save(
         tiny_lora.comfy(factors, alpha=2.0), tmp_path_factory.mktemp("loras") / "style.safetensors"
     )
@@ -109,7 +110,7 @@ def test_every_user_error_is_one_sentence_and_writes_nothing(tmp_path, capsys, l
     big_file = tiny_lora.save(tiny_lora.comfy(big), tmp_path / "loras" / "big.safetensors")
     assert "was made for another model" in refused(capsys, tmp_path, "--lora", str(big_file))
 
-    state = tiny_lora.comfy(tiny_lora.random_factors(WAN_TINY.num_layers, WAN_TINY.dim, WAN_TINY.ffn_dim))
+    state = tiny_lora.comfy(tiny_lora.random_factors(BUILTIN_DIT.num_layers, BUILTIN_DIT.dim, BUILTIN_DIT.ffn_dim))
     state["diffusion_model.vace_blocks.0.proj.lora_down.weight"] = torch.zeros(4, 64)
     odd_file = tiny_lora.save(state, tmp_path / "loras" / "odd.safetensors")
     message = refused(capsys, tmp_path, "--lora", str(odd_file))

@@ -289,7 +289,7 @@ def test_tilde_and_variables_are_expanded_in_cli_paths(capsys, tmp_path, monkeyp
 
 def test_from_pretrained_expands_the_path_and_knows_builtin(tmp_path, monkeypatch):
     from tests.helpers.tiny_model_dir import save_demo_official_layout
-    from wanfit.demo import tiny_pipeline
+    from wanfit.builtin import NAME, SAMPLING, builtin_pipeline
 
     folder = save_demo_official_layout(tmp_path / "models" / "tiny")
     monkeypatch.setenv("HOME", str(tmp_path))
@@ -299,15 +299,15 @@ def test_from_pretrained_expands_the_path_and_knows_builtin(tmp_path, monkeypatc
     for name in ("~/models/tiny", "$MODELS/tiny"):
         pipe = wanfit.WanPipeline.from_pretrained(name, device="cpu")
         assert pipe.name == str(folder) and np.array_equal(pipe("a fox", **kwargs), expected)
-    builtin = wanfit.WanPipeline.from_pretrained("builtin", device="cpu")
-    assert builtin.name == "built-in tiny random model"
-    assert np.array_equal(builtin("a fox", **kwargs), tiny_pipeline(device="cpu")("a fox", **kwargs))
+    builtin = wanfit.WanPipeline.from_pretrained("builtin", device="cpu", progress=False)
+    assert builtin.name == NAME and builtin.defaults == SAMPLING  # the shipped model, its own defaults
+    assert np.array_equal(builtin("a fox", **kwargs), builtin_pipeline(device="cpu")("a fox", **kwargs))
     assert wanfit.load_vae("~/models/tiny", device="cpu") is not None
-    assert wanfit.load_dit("$MODELS/tiny", device="cpu").config.dim == builtin.dit.config.dim
+    assert wanfit.load_dit("$MODELS/tiny", device="cpu").config.dim == pipe.dit.config.dim
 
 
 def test_the_python_api_refuses_the_seeds_the_cli_refuses(capsys, tmp_path):
-    pipe = wanfit.WanPipeline.from_pretrained("builtin", device="cpu")
+    pipe = wanfit.WanPipeline.from_pretrained("builtin", device="cpu", progress=False)
     for seed in (-1, 2**63, 1.5):
         with pytest.raises(ConfigError) as err:
             pipe("a fox", height=32, width=48, num_frames=5, num_inference_steps=1, seed=seed, progress=False)

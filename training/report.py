@@ -3,6 +3,7 @@ and the accuracy table of docs/builtin_model.md.
 
 python -m training.report curves runs/builtin/log.jsonl docs/images/builtin_loss.png
 python -m training.report strip VIDEO.mp4 docs/images/builtin_strip.png
+python -m training.report sheet docs/images/builtin_prompts.png "a red circle ..." "..."
 """
 
 from __future__ import annotations
@@ -120,16 +121,44 @@ def loss_curves(log_path: str | Path, out_png: str | Path, size=(720, 260)) -> P
     return out_png
 
 
-def frame_strip(frames: np.ndarray, out_png: str | Path, count: int = 5) -> Path:
-    """Evenly spaced frames of a video [F, H, W, 3] side by side, with a 2-pixel white gap."""
+def strip_image(frames: np.ndarray, count: int = 5, zoom: int = 3) -> np.ndarray:
+    """Evenly spaced frames of a video [F, H, W, 3] side by side, each pixel zoom x zoom, 2-pixel white gaps."""
     picks = np.linspace(0, len(frames) - 1, count).round().astype(int)
-    gap = np.full((frames.shape[1], 2, 3), 255, dtype=np.uint8)
+    big = frames[picks].repeat(zoom, axis=1).repeat(zoom, axis=2)
+    gap = np.full((big.shape[1], 2, 3), 255, dtype=np.uint8)
     tiles = []
-    for i in picks:
-        tiles += [frames[i], gap]
+    for tile in big:
+        tiles += [tile, gap]
+    return np.concatenate(tiles[:-1], axis=1)
+
+
+def frame_strip(frames: np.ndarray, out_png: str | Path, count: int = 5, zoom: int = 3) -> Path:
+    """strip_image of a video, saved as a PNG."""
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.concatenate(tiles[:-1], axis=1)).save(out_png, optimize=True)
+    Image.fromarray(strip_image(frames, count, zoom)).save(out_png, optimize=True)
+    return out_png
+
+
+def prompt_sheet(prompts: list[str], out_png: str | Path, seed: int = 0, zoom: int = 2) -> Path:
+    """One strip per prompt (the built-in model's default video), each under its prompt."""
+    from wanfit.builtin import VIDEO_FRAMES, VIDEO_SIZE, builtin_pipeline
+
+    from wanfit.plan.planning import Constraints
+
+    # The text encoder kept between prompts (the default plan frees it after one).
+    pipe = builtin_pipeline(progress=False, constraints=Constraints.from_options(settings=["free_text_encoder=false"]))
+    width, height = VIDEO_SIZE
+    rows = []
+    for text in prompts:
+        frames = pipe(text, height=height, width=width, num_frames=VIDEO_FRAMES, seed=seed, progress=False)
+        strip = strip_image(frames, zoom=zoom)
+        label = Image.new("RGB", (strip.shape[1], 16), "white")
+        ImageDraw.Draw(label).text((2, 2), text, fill="black")
+        rows += [np.asarray(label), strip, np.full((4, strip.shape[1], 3), 255, dtype=np.uint8)]
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.concatenate(rows[:-1], axis=0)).save(out_png, optimize=True)
     return out_png
 
 
@@ -142,6 +171,9 @@ def main() -> None:
     strip = sub.add_parser("strip")
     strip.add_argument("video", type=Path)
     strip.add_argument("out", type=Path)
+    sheet = sub.add_parser("sheet", help="strips of several prompts (the built-in model)")
+    sheet.add_argument("out", type=Path)
+    sheet.add_argument("prompts", nargs="+")
     grid = sub.add_parser("grid")
     grid.add_argument("run", type=Path)
     table = sub.add_parser("table")
@@ -153,6 +185,8 @@ def main() -> None:
         from wanfit.video import read_video
 
         print(frame_strip(read_video(args.video), args.out))
+    elif args.what == "sheet":
+        print(prompt_sheet(args.prompts, args.out))
     elif args.what == "table":
         print(accuracy_table(args.model))
     else:

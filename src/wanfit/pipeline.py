@@ -248,9 +248,9 @@ class WanPipeline:
         scheduler_config: str | Path | None = None,
         hardware=None,
         constraints=None,
-        height: int = 480,
-        width: int = 832,
-        num_frames: int = 81,
+        height: int | None = None,
+        width: int | None = None,
+        num_frames: int | None = None,
         progress: bool = True,
         dit: str | Path | None = None,
         vae: str | Path | None = None,
@@ -283,11 +283,14 @@ class WanPipeline:
         if isinstance(model_dir, str) and model_dir == BUILTIN:
             from wanfit.builtin import builtin_pipeline
 
+            size = {"height": height, "width": width, "num_frames": num_frames}
             return builtin_pipeline(
                 device=device, plan=plan, scheduler_config=scheduler_config, hardware=hardware,
-                constraints=constraints, height=height, width=width, num_frames=num_frames,
-                progress=progress, with_text_encoder=with_text_encoder, **components, **overrides,
+                constraints=constraints, progress=progress, with_text_encoder=with_text_encoder,
+                **{k: v for k, v in size.items() if v is not None}, **components, **overrides,
             )  # fmt: skip
+        # The video a plan="auto" is made for, unless given: the released models' default.
+        height, width, num_frames = height or 480, width or 832, num_frames or 81
         files = find_model_files(model_dir, **components)
         planned = plan
         if isinstance(plan, str) and plan == "auto":
