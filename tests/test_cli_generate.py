@@ -14,7 +14,7 @@ import wanfit.attention as wa
 from wanfit import checkpointing
 from wanfit.attention import AttentionBackend, AttentionFallbackWarning
 from wanfit.attention import backends as attention_backends
-from wanfit.builtin import DEFAULT_PROMPT, SAMPLING
+from wanfit.builtin import SAMPLING
 from wanfit.cli import main
 from wanfit.pipeline import DenoiseState, WanPipeline
 from wanfit.video import read_mp4_comment, read_video

@@ -70,7 +70,7 @@ def test_missing_folder_file_and_unknown_layout(capsys, broken, tmp_path):
     (broken / OFFICIAL_VAE).unlink()
     assert f"The official-layout folder {broken} lacks Wan2.1_VAE.pth" in refused(capsys, broken, tmp_path)
     shutil.rmtree(broken / "google")
-    assert "lacks Wan2.1_VAE.pth, google/umt5-xxl/" in refused(capsys, broken, tmp_path)
+    assert "lacks Wan2.1_VAE.pth (or Wan2.1_VAE.safetensors), google/umt5-xxl/" in refused(capsys, broken, tmp_path)
     other = tmp_path / "other"
     other.mkdir()
     (other / "weights.bin").write_bytes(b"\0" * 64)

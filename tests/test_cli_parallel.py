@@ -178,7 +178,7 @@ def test_a_resume_file_needs_the_same_number_of_processes(tmp_path, capsys):
 @pytest.mark.parametrize(
     "argv, words",
     [
-        (["--parallel", "ulysses3"], "Ulysses 3 does not divide the 4 attention heads of Wan2.1 tiny"),
+        (["--parallel", "ulysses4"], "Ulysses 4 does not divide the 6 attention heads of Wan2.1 builtin"),
         (["--parallel", "cfg2", "--guidance", "1"], "guidance is off"),
         (["--gpus", "2"], "needs 2 GPUs and this machine has 0"),
         (["--set", "ulysses=2"], "with --parallel"),

@@ -12,13 +12,17 @@ from tests.helpers import tiny_lora
 from tests.test_cli_generate import generate as run
 from tests.test_cli_generate import one_error_line
 from wanfit import checkpointing
-from wanfit.models.configs import WAN_TINY
+from wanfit.builtin import BUILTIN_DIT, MODEL_DIR
 from wanfit.pipeline import WanPipeline
+from wanfit.sampling.step_cache.tables import dit_model_key
 from wanfit.video import read_video
+from wanfit.weights.model_dir import find_model_files
 
 STEPS = 12
 RUN = ["generate", "--size", "48x32", "--frames", "5", "--steps", str(STEPS), "--seed", "3", "--no-progress"]
-FIRSTBLOCK = "firstblock:0.08"
+FIRSTBLOCK = "firstblock:0.25"  # skips some of the built-in model's steps at this size
+# Where calibrations of the built-in model are stored: named by its DiT file.
+BUILTIN_KEY = dit_model_key(find_model_files(MODEL_DIR).dit)
 
 
 @pytest.fixture(autouse=True)
@@ -41,7 +45,7 @@ def test_a_cached_run_names_the_policy_and_its_skipped_steps(capsys, tmp_path):
     assert (
         set(skipped) == {"cond", "uncond"} and skipped["cond"] and all(0 < s < STEPS for s in skipped["cond"])
     )
-    assert meta["step_cache"]["settings"]["threshold"] == 0.08
+    assert meta["step_cache"]["settings"]["threshold"] == 0.25
     assert f"step cache {FIRSTBLOCK}: skipped {len(skipped['cond'])} of {STEPS} cond steps" in stdout
 
     plain = tmp_path / "plain.mp4"
@@ -81,7 +85,7 @@ def test_calibrate_cache_then_magcache_finds_the_ratios(capsys, tmp_path):
     code, stdout, _ = run(capsys, "calibrate-cache", "--size", "48x32", "--frames", "5", "--steps", str(STEPS),
                           "--seed", "3", "--no-progress")  # fmt: skip
     assert code == 0
-    saved = tmp_path / "cache" / "step_cache" / "builtin-tiny-seed0" / f"magcache-{STEPS}.json"
+    saved = tmp_path / "cache" / "step_cache" / BUILTIN_KEY / f"magcache-{STEPS}.json"
     assert f"wrote {saved}" in stdout
     data = json.loads(saved.read_text())
     assert data["steps"] == STEPS and len(data["cond"]) == len(data["uncond"]) == STEPS
@@ -133,7 +137,7 @@ def test_ctrl_c_and_resume_of_a_cached_run_give_the_uninterrupted_frames(capsys,
     assert state.step_cache.spec == FIRSTBLOCK and state.step_cache.streams["cond"].skipped
 
     code, _, err = run(capsys, "generate", "--resume", str(ckpt), "--cache", "easycache", "--no-progress")
-    assert code == 2 and "whose step cache is firstblock:0.08, not easycache" in one_error_line(err)
+    assert code == 2 and "whose step cache is firstblock:0.25, not easycache" in one_error_line(err)
     code, _, _ = run(capsys, "generate", "--resume", str(ckpt), "--no-progress")
     assert code == 0
     assert np.array_equal(read_video(out), expected)
@@ -153,7 +157,7 @@ def test_plan_shows_the_cache_and_counts_its_memory(capsys):
 
 
 def test_a_lora_gets_its_own_calibration(capsys, tmp_path):
-    factors = tiny_lora.random_factors(WAN_TINY.num_layers, WAN_TINY.dim, WAN_TINY.ffn_dim, seed=3, size=0.5)
+    factors = tiny_lora.random_factors(BUILTIN_DIT.num_layers, BUILTIN_DIT.dim, BUILTIN_DIT.ffn_dim, seed=3, size=0.5)
     lora = tiny_lora.save(tiny_lora.comfy(factors, alpha=2.0), tmp_path / "style.safetensors")
     calibrate = [
         "calibrate-cache",
@@ -167,7 +171,7 @@ def test_a_lora_gets_its_own_calibration(capsys, tmp_path):
     ]
     assert run(capsys, *calibrate, "--lora", f"{lora}:0.8")[0] == 0
     stored = list((tmp_path / "cache" / "step_cache").iterdir())
-    assert [p.name.startswith("builtin-tiny-seed0-lora-") for p in stored] == [True]
+    assert [p.name.startswith(f"{BUILTIN_KEY}-lora-") for p in stored] == [True]
     saved = json.loads(next(stored[0].iterdir()).read_text())
     assert saved["measured"]["loras"][0]["strength"] == 0.8
 

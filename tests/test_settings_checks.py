@@ -57,8 +57,8 @@ def test_a_prompt_longer_than_the_model_reads_is_warned_with_its_token_count(cap
     from wanfit.cli import _format_warning
     from wanfit.errors import WanfitWarning
 
-    long_prompt = "a red fox runs through the snow " * 3  # the built-in model reads 16 tokens
-    with pytest.warns(WanfitWarning, match=r"is \d+ tokens long; the model reads the first 16 ") as caught:
+    long_prompt = "a red fox runs through the snow " * 3  # the built-in model reads 32 tokens
+    with pytest.warns(WanfitWarning, match=r"is \d+ tokens long; the model reads the first 32 ") as caught:
         code = main([*RUN[:-2], "--prompt", long_prompt, "--out", str(tmp_path / "v.mp4")])
     assert code == 0
     assert (

@@ -67,8 +67,8 @@ def models():
 def test_training_encodes_captions_as_the_text_encoder_does(models):
     from wanfit.builtin import MODEL_DIR
     from wanfit.models.text_encoder import WanTextEncoder
-    from wanfit.weights.text_encoder_loader import _load_tokenizer
     from wanfit.weights.file_names import OFFICIAL_TOKENIZER
+    from wanfit.weights.text_encoder_loader import _load_tokenizer
 
     _, _, text = models
     tokenizer, _ = _load_tokenizer(MODEL_DIR / OFFICIAL_TOKENIZER, [])

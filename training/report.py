@@ -143,7 +143,6 @@ def frame_strip(frames: np.ndarray, out_png: str | Path, count: int = 5, zoom: i
 def prompt_sheet(prompts: list[str], out_png: str | Path, seed: int = 0, zoom: int = 2) -> Path:
     """One strip per prompt (the built-in model's default video), each under its prompt."""
     from wanfit.builtin import VIDEO_FRAMES, VIDEO_SIZE, builtin_pipeline
-
     from wanfit.plan.planning import Constraints
 
     # The text encoder kept between prompts (the default plan frees it after one).

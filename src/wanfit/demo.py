@@ -1,7 +1,8 @@
-"""The built-in tiny model: `wanfit generate` without --model runs it, with no download.
+"""A tiny random model (DiT, VAE, umT5 of random seeded weights), built in memory in a moment.
 
-Its weights are random (seeded), so it draws noise; it exists to show the whole path (prompt ->
-text encoder -> DiT sampling -> VAE decode -> mp4) working on any machine in seconds.
+It draws noise; tests and `--tiny` benchmark checks use it where a model's weights do not matter
+(plans, placements, LoRA and cache plumbing, resume). The model `wanfit generate` runs without
+--model is the trained one in wanfit.builtin.
 """
 
 from __future__ import annotations

@@ -623,9 +623,7 @@ def check_cache(planned, args: argparse.Namespace, settings: Settings, loras: li
     the processes, before any weights load."""
     from wanfit.pipeline import SamplingDefaults
     from wanfit.sampling.step_cache import build
-    from wanfit.sampling.step_cache.tables import calibration_key
-
-    from wanfit.sampling.step_cache.tables import dit_model_key
+    from wanfit.sampling.step_cache.tables import calibration_key, dit_model_key
     from wanfit.weights.model_dir import find_model_files
 
     if not common.has_model(args):

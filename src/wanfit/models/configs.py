@@ -99,7 +99,7 @@ def latent_shape(batch: int, channels: int, height: int, width: int, num_frames:
 
 WAN_T2V_1_3B = DiTConfig()
 WAN_T2V_14B = DiTConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)
-# Tiny config for tests and the README's no-download demo.
+# Tiny config for tests (wanfit.demo's random model; the built-in trained model is wanfit.builtin's).
 WAN_TINY = DiTConfig(dim=64, ffn_dim=128, freq_dim=32, num_heads=4, num_layers=2, text_dim=32, text_len=16)
 
 # umT5-XXL, the text encoder every Wan2.1 release ships.
