@@ -32,8 +32,10 @@ BUILTIN_TEXT_ENCODER = TextEncoderConfig(
 )
 BUILTIN_TEXT = BUILTIN_TEXT_ENCODER.umt5_kwargs()  # transformers' UMT5Config arguments
 
-# How it samples best (measured on the attribute grid, docs/builtin_model.md). Its unconditional
-# caption in training was the empty one, so that is its negative prompt.
+# Its defaults (the attribute grid's scores for these and others: docs/builtin_model.md). Guidance
+# off scores higher there, but guidance stays on so that the default path, which the tests measure,
+# runs classifier-free guidance. Its unconditional caption in training was the empty one, so that
+# is its negative prompt.
 SAMPLING = SamplingDefaults(guidance_scale=4.0, shift=3.0, num_inference_steps=10, negative_prompt="")
 # The video `wanfit generate` makes without --model: a few seconds on a CPU.
 VIDEO_SIZE = (64, 64)  # width, height: the size it was trained at
