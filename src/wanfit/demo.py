@@ -84,7 +84,7 @@ def tiny_pipeline(device: str | None = None, seed: int = 0, plan=None, *, with_t
         text_encoder,
         plan=planned,
         defaults=defaults,
-        name="built-in tiny random model",
+        name="tiny random model",
         text_encoder_loader=text_encoder_loader,
         model_key=tiny_model_key(seed),
     )

@@ -1,4 +1,4 @@
-"""The built-in tiny random model (wanfit.demo) saved as an official Wan2.1 release folder.
+"""The tiny random test model (wanfit.demo) saved as an official Wan2.1 release folder.
 
 Cheaper than tests/helpers/tiny_pipeline.py (no diffusers, no tokenizer training): for tests that
 need a loadable model folder to break (truncate, corrupt, swap files), not agreement with diffusers.
