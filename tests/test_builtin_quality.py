@@ -58,4 +58,6 @@ def test_the_harness_reports_accuracy_and_psnr_against_the_default_path(default_
         Setting("cfg unbatched", plan={"cfg_batch": False}), scenes=SUBSET[:3], reference=reference
     )
     assert same.psnr > 40  # exact up to float rounding: the same prediction in two calls
-    assert set(fewer.summary()) == {"setting", "videos", "colour", "shape", "direction", "all", "psnr_db"}
+    keys = {"setting", "videos", "colour", "shape", "direction", "all", "psnr_db", "skipped"}
+    assert set(fewer.summary()) == keys
+    assert fewer.summary()["skipped"] is None and fewer.skipped() is None  # no step cache

@@ -1,9 +1,11 @@
 """Pictures and numbers of a training run: the validation sample grid, the loss curves, a frame strip,
-and the accuracy table of docs/builtin_model.md.
+and the accuracy and step-cache tables of docs/builtin_model.md.
 
 python -m training.report curves runs/builtin/log.jsonl docs/images/builtin_loss.png
 python -m training.report strip VIDEO.mp4 docs/images/builtin_strip.png
 python -m training.report sheet docs/images/builtin_prompts.png "a red circle ..." "..."
+python -m training.report table      # accuracy of the default path and other settings
+python -m training.report caches     # the step caches against the exact path
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import tempfile
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -69,6 +73,60 @@ def accuracy_table(model_dir=None) -> str:
         )
         lines.append(f"| {name} | {row['colour']:.0%} | {row['shape']:.0%} | {row['direction']:.0%} | "
                      f"{row['all']:.0%} | {psnr} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+# The step caches of docs/builtin_model.md, per step count: each at its default threshold and others.
+# TeaCache has no fit for this DiT (it refuses without coefficients=): the raw change (none) and the
+# published 1.3B fit. EasyCache computes its first ret= steps (default 10): at 10 steps it needs fewer.
+CACHE_SETTINGS: dict[int, tuple[str, ...]] = {
+    10: (
+        "teacache:0.04,coefficients=none", "teacache,coefficients=none", "teacache,coefficients=1.3B",
+        "magcache:0.06", "magcache", "magcache:0.24",
+        "easycache,ret=3", "easycache:0.1,ret=3", "easycache:0.2,ret=3",
+        "firstblock", "firstblock:0.1", "firstblock:0.2",
+    ),
+    20: (
+        "teacache:0.04,coefficients=none", "teacache,coefficients=none", "teacache,coefficients=1.3B",
+        "magcache:0.06", "magcache", "magcache:0.24",
+        "easycache", "easycache:0.1", "easycache:0.2",
+        "firstblock", "firstblock:0.1", "firstblock:0.2",
+    ),
+}  # fmt: skip
+
+
+def cache_table(model_dir=None, settings: dict[int, tuple[str, ...]] = CACHE_SETTINGS) -> str:
+    """Markdown: each step cache on the attribute grid against the exact (uncached) path at the same
+    step count: accuracy, PSNR and the DiT evaluations skipped. MagCache's ratios are calibrated for
+    each step count first, in a temporary cache folder (the user's is left alone)."""
+    from wanfit.attention.ranking import CACHE_ENV
+    from wanfit.quality import Setting, calibrate_magcache, evaluate
+
+    lines = [
+        "| steps | cache | colour | shape | direction | all three | PSNR vs exact (dB) | DiT evaluations skipped |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    with tempfile.TemporaryDirectory() as tmp, mock.patch.dict(os.environ, {CACHE_ENV: tmp}):
+        for steps, specs in settings.items():
+            calibrate_magcache(steps, model_dir=model_dir)
+            call = {"num_inference_steps": steps}
+            exact = evaluate(Setting(f"{steps} steps", call=call), psnr=False, model_dir=model_dir)
+            runs = [evaluate(Setting(spec, plan={"cache": spec}, call=call), reference=exact, model_dir=model_dir)
+                    for spec in specs]  # fmt: skip
+            evaluations = len(exact.scenes) * steps * 2  # cond and uncond
+            for report in [exact, *runs]:
+                row = report.summary()
+                skipped = row["skipped"] or [0, evaluations]
+                name = "none (exact)" if report is exact else f"`{row['setting']}`"
+                psnr = (
+                    "(reference)" if report is exact
+                    else "identical" if row["psnr_db"] == math.inf
+                    else f"{row['psnr_db']:.1f}"
+                )  # fmt: skip
+                lines.append(
+                    f"| {steps} | {name} | {row['colour']:.0%} | {row['shape']:.0%} | {row['direction']:.0%} | "
+                    f"{row['all']:.0%} | {psnr} | {skipped[0]} of {skipped[1]} ({skipped[0] / skipped[1]:.0%}) |"
+                )
     return "\n".join(lines)
 
 
@@ -146,7 +204,9 @@ def prompt_sheet(prompts: list[str], out_png: str | Path, seed: int = 0, zoom: i
     from wanfit.plan.planning import Constraints
 
     # The text encoder kept between prompts (the default plan frees it after one).
-    pipe = builtin_pipeline(progress=False, constraints=Constraints.from_options(settings=["free_text_encoder=false"]))
+    pipe = builtin_pipeline(
+        progress=False, constraints=Constraints.from_options(settings=["free_text_encoder=false"])
+    )
     width, height = VIDEO_SIZE
     rows = []
     for text in prompts:
@@ -177,6 +237,8 @@ def main() -> None:
     grid.add_argument("run", type=Path)
     table = sub.add_parser("table")
     table.add_argument("--model", type=Path, default=None, help="another folder of the model")
+    caches = sub.add_parser("caches", help="the step caches' table (docs/builtin_model.md)")
+    caches.add_argument("--model", type=Path, default=None, help="another folder of the model")
     args = p.parse_args()
     if args.what == "curves":
         print(loss_curves(args.log, args.out))
@@ -188,6 +250,8 @@ def main() -> None:
         print(prompt_sheet(args.prompts, args.out))
     elif args.what == "table":
         print(accuracy_table(args.model))
+    elif args.what == "caches":
+        print(cache_table(args.model))
     else:
         sample_grid(args.run)
 

@@ -7,7 +7,9 @@ palette colour), its motion (the centroid's path from the first frames to the la
 
 `evaluate(setting)` generates the attribute grid with the built-in model under a setting (plan
 fields, call arguments, or a patch applied to the pipeline: a lossy speed-up, or a bug put in on
-purpose) and returns the accuracy of each attribute and the PSNR against the exact default path.
+purpose) and returns the accuracy of each attribute, the PSNR against the exact default path and,
+for a step cache (plan={"cache": ...}), the DiT evaluations it skipped. `calibrate_magcache`
+measures MagCache's ratios for the model where `--cache magcache` finds them.
 """
 
 from __future__ import annotations
@@ -152,6 +154,16 @@ class Report:
     detections: list[Detection]
     frames: list[np.ndarray]
     psnr: float | None = None  # dB against the default path's frames, pooled over the grid
+    cache_reports: list[dict | None] = field(default_factory=list)  # pipe.step_cache_report per video
+
+    def skipped(self) -> tuple[int, int] | None:
+        """(DiT evaluations the step cache skipped, all there were), over the videos; an evaluation
+        is one stream (cond or uncond) at one step. None: no step cache."""
+        runs = [r for r in self.cache_reports if r is not None]
+        if not runs:
+            return None
+        done = sum(len(steps) for r in runs for steps in r["skipped"].values())
+        return done, sum(r["settings"]["steps"] * len(r["skipped"]) for r in runs)
 
     def accuracy(self, attribute: str) -> float:
         """Share of videos whose `attribute` (colour, shape, direction, or 'all' three) is right."""
@@ -163,7 +175,9 @@ class Report:
     def summary(self) -> dict:
         accuracies = {a: round(self.accuracy(a), 3) for a in ("colour", "shape", "direction", "all")}
         psnr = None if self.psnr is None else round(self.psnr, 2)
-        return {"setting": self.setting, "videos": len(self.scenes), **accuracies, "psnr_db": psnr}
+        skipped = self.skipped()
+        return {"setting": self.setting, "videos": len(self.scenes), **accuracies, "psnr_db": psnr,
+                "skipped": None if skipped is None else list(skipped)}  # fmt: skip
 
 
 def evaluate(
@@ -183,26 +197,18 @@ def evaluate(
     reference: the default setting's report over the same scenes (computed here when needed and
     not given); psnr=False skips the comparison. model_dir: another folder of the built-in model.
     """
-    from dataclasses import replace
-
-    from wanfit.builtin import MODEL_DIR, builtin_pipeline
-    from wanfit.plan.planning import Constraints, model_request, plan_for
-
-    model_dir = model_dir or MODEL_DIR
-    guidance = setting.call.get("guidance_scale", SAMPLING.guidance_scale) != 1.0
-    request = model_request(model_dir, width=width, height=height, frames=num_frames, guidance=guidance)
-    # The planner's plan for this machine; the text encoder kept for the whole grid.
-    planned = plan_for(request, Constraints(device=device)).plan
-    plan = replace(planned, free_text_encoder=False, **setting.plan)
-    pipe = builtin_pipeline(plan=plan, model_dir=model_dir, progress=False)
-    if setting.patch is not None:
-        setting.patch(pipe)
-    frames = [
-        pipe(prompt(scene), height=height, width=width, num_frames=num_frames, seed=scene_seed(scene, i),
-             progress=False, **setting.call)
-        for i, scene in enumerate(scenes)
-    ]  # fmt: skip
-    report = Report(setting.name, tuple(scenes), [detect(f) for f in frames], frames)
+    pipe = _pipeline(setting, height=height, width=width, num_frames=num_frames, device=device,
+                     model_dir=model_dir)  # fmt: skip
+    frames, cache_reports = [], []
+    for i, scene in enumerate(scenes):
+        frames.append(
+            pipe(prompt(scene), height=height, width=width, num_frames=num_frames, seed=scene_seed(scene, i),
+                 progress=False, **setting.call)
+        )  # fmt: skip
+        cache_reports.append(pipe.step_cache_report)
+    report = Report(
+        setting.name, tuple(scenes), [detect(f) for f in frames], frames, cache_reports=cache_reports
+    )
     if psnr:
         if setting.is_default:
             reference = report
@@ -211,6 +217,52 @@ def evaluate(
             reference = evaluate(scenes=scenes, device=device, psnr=False, model_dir=model_dir, **size)
         report.psnr = grid_psnr(report.frames, reference.frames)
     return report
+
+
+def _pipeline(setting: Setting, *, height: int, width: int, num_frames: int, device: str, model_dir):
+    """The built-in pipeline as the planner plans this machine for the grid, with the setting's plan
+    fields and patch; the text encoder kept for the whole grid."""
+    from dataclasses import replace
+
+    from wanfit.builtin import MODEL_DIR, builtin_pipeline
+    from wanfit.plan.planning import Constraints, model_request, plan_for
+
+    model_dir = model_dir or MODEL_DIR
+    guidance = setting.call.get("guidance_scale", SAMPLING.guidance_scale) != 1.0
+    request = model_request(model_dir, width=width, height=height, frames=num_frames, guidance=guidance)
+    planned = plan_for(request, Constraints(device=device)).plan
+    plan = replace(planned, free_text_encoder=False, **setting.plan)
+    pipe = builtin_pipeline(plan=plan, model_dir=model_dir, progress=False)
+    if setting.patch is not None:
+        setting.patch(pipe)
+    return pipe
+
+
+def calibrate_magcache(
+    steps: int = SAMPLING.num_inference_steps,
+    *,
+    height: int = GRID_SIZE["height"],
+    width: int = GRID_SIZE["width"],
+    num_frames: int = GRID_SIZE["num_frames"],
+    device: str = "cpu",
+    model_dir=None,
+):
+    """Measure MagCache's ratios of the built-in model at `steps` (its default prompt, seed 0, the
+    grid's size, its guidance and shift), as `wanfit calibrate-cache` does, and store them where
+    `--cache magcache` looks for this model: under $WANFIT_CACHE_DIR (point it at a temporary
+    folder to leave the user's cache alone). Returns the file written."""
+    from wanfit.builtin import DEFAULT_PROMPT
+    from wanfit.sampling.step_cache import calibrator
+    from wanfit.sampling.step_cache.tables import save_ratios
+
+    pipe = _pipeline(Setting(), height=height, width=width, num_frames=num_frames, device=device,
+                     model_dir=model_dir)  # fmt: skip
+    cache = calibrator(steps)
+    size = {"height": height, "width": width, "num_frames": num_frames}
+    pipe(DEFAULT_PROMPT, **size, num_inference_steps=steps, seed=0, progress=False, step_cache=cache)
+    about = {"prompt": DEFAULT_PROMPT, "size": f"{width}x{height}", "frames": num_frames, "steps": steps,
+             "guidance": SAMPLING.guidance_scale, "shift": SAMPLING.shift, "seed": 0, "loras": []}  # fmt: skip
+    return save_ratios(pipe.step_cache_key, cache.policy.measured(cache), about)
 
 
 def scene_seed(scene: Scene, position: int) -> int:
