@@ -818,8 +818,9 @@ class WanPipeline:
                 raise ConfigError(
                     f"{len(prompts)} prompts were given with {len(seeds)} seeds; give one each."
                 )
-        # on_step sees one video's state (what a resume file holds): one prompt per pass then.
-        size = self.plan.samples_per_pass if on_step is None else 1
+        # on_step sees one video's state (what a resume file holds), and a run on several processes
+        # shares one sample's work: one prompt per pass then.
+        size = self.plan.samples_per_pass if on_step is None and self.parallel is None else 1
         videos: list = []
         with self.batch():
             for start in range(0, len(prompts), size):
