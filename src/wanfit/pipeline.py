@@ -588,20 +588,23 @@ class WanPipeline:
 
         if cache is not None:
             cache.begin_step(step)
+        rows = x.shape[0]  # one per prompt of the pass
         if uncond is None:
             self.dit_calls += 1
-            noise = dit(x, t.expand(1), cond, ("cond",)).float()
+            noise = dit(x, t.expand(rows), cond, ("cond",)).float()
         elif parallel is not None and parallel.cfg_parallel:
             self.dit_calls += 1
             noise_cond, noise_uncond = parallel.guided_pair(self.dit, x, t, cond, uncond)
         elif self.plan.cfg_batch:
             self.dit_calls += 1
-            both = dit(torch.cat([x, x]), t.expand(2), torch.cat([cond, uncond]), ("cond", "uncond")).float()
+            both = dit(
+                torch.cat([x, x]), t.expand(2 * rows), torch.cat([cond, uncond]), ("cond", "uncond")
+            ).float()
             noise_cond, noise_uncond = both.chunk(2)
         else:
             self.dit_calls += 2
-            noise_cond = dit(x, t.expand(1), cond, ("cond",)).float()
-            noise_uncond = dit(x, t.expand(1), uncond, ("uncond",)).float()
+            noise_cond = dit(x, t.expand(rows), cond, ("cond",)).float()
+            noise_uncond = dit(x, t.expand(rows), uncond, ("uncond",)).float()
         if uncond is not None:
             noise = noise_uncond + guidance * (noise_cond - noise_uncond)
         if cache is not None:
@@ -779,7 +782,7 @@ class WanPipeline:
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
         shift: float | None = None,
-        seed: int | None = None,
+        seed: int | Sequence[int] | None = None,
         latents: torch.Tensor | None = None,
         progress: bool = True,
         resume: DenoiseState | None = None,
@@ -789,23 +792,71 @@ class WanPipeline:
     ) -> np.ndarray | list | None:
         """sampler: one of wanfit.sampling.schedulers.SCHEDULERS (default: the folder's or the official).
         None on the processes other than rank 0 of a run on several processes (rank 0 has the frames).
-        A list of prompts gives a list of videos, one per prompt, made one after the other with the
-        same settings (each prompt encoded once)."""
-        if not isinstance(prompt, str):
-            if resume is not None or latents is not None or step_cache is not None:
-                raise ConfigError(
-                    "resume=, latents= and step_cache= belong to one video; give one prompt with them."
-                )
-            kwargs = dict(
-                negative_prompt=negative_prompt, height=height, width=width, num_frames=num_frames,
-                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, shift=shift,
-                seed=seed, progress=progress, on_step=on_step, sampler=sampler,
+
+        A list of prompts gives a list of videos, one per prompt, with the same settings (each prompt
+        encoded once); seed: one for all of them, or a list, one per prompt. The plan's
+        prompts_per_pass of them are denoised together (Plan.samples_per_pass), each from its own
+        seed's noise with its own scheduler: the same videos as one call per prompt.
+        """
+        if isinstance(prompt, str):
+            videos = self._generate(
+                [prompt], [seed], negative_prompt, height, width, num_frames, num_inference_steps,
+                guidance_scale, shift, latents=latents, progress=progress, resume=resume,
+                on_step=on_step, sampler=sampler, step_cache=step_cache,
             )  # fmt: skip
-            with self.batch():
-                return [self(str(p), **kwargs) for p in prompt]
+            return None if videos is None else videos[0]
+        if resume is not None or latents is not None or step_cache is not None:
+            raise ConfigError(
+                "resume=, latents= and step_cache= belong to one video; give one prompt with them."
+            )
+        prompts = [str(p) for p in prompt]
+        if seed is None or isinstance(seed, numbers.Integral):
+            seeds = [seed] * len(prompts)
+        else:
+            seeds = list(seed)
+            if len(seeds) != len(prompts):
+                raise ConfigError(
+                    f"{len(prompts)} prompts were given with {len(seeds)} seeds; give one each."
+                )
+        # on_step sees one video's state (what a resume file holds), and a run on several processes
+        # shares one sample's work: one prompt per pass then.
+        size = self.plan.samples_per_pass if on_step is None and self.parallel is None else 1
+        videos: list = []
+        with self.batch():
+            for start in range(0, len(prompts), size):
+                group = self._generate(
+                    prompts[start : start + size], seeds[start : start + size], negative_prompt, height,
+                    width, num_frames, num_inference_steps, guidance_scale, shift, progress=progress,
+                    on_step=on_step, sampler=sampler,
+                )  # fmt: skip
+                videos += [None] * len(prompts[start : start + size]) if group is None else group
+        return videos
+
+    def _generate(
+        self,
+        prompts: list[str],
+        seeds: list[int | None],
+        negative_prompt: str | None,
+        height: int,
+        width: int,
+        num_frames: int,
+        num_inference_steps: int | None,
+        guidance_scale: float | None,
+        shift: float | None,
+        *,
+        latents: torch.Tensor | None = None,
+        progress: bool = True,
+        resume: DenoiseState | None = None,
+        on_step: Callable[[DenoiseState], None] | None = None,
+        sampler: str | None = None,
+        step_cache: StepCache | None = None,
+    ) -> list[np.ndarray] | None:
+        """The videos of `prompts` (one seed each) denoised in one loop: the DiT sees one row per prompt
+        (two with batched guidance); latents=, resume= and on_step= belong to a single prompt."""
         steps = self.defaults.num_inference_steps if num_inference_steps is None else num_inference_steps
         guidance = self.defaults.guidance_scale if guidance_scale is None else guidance_scale
-        validate_request(height, width, num_frames, steps, guidance, seed)
+        for seed in seeds:
+            validate_request(height, width, num_frames, steps, guidance, seed)
         if negative_prompt is None:
             negative_prompt = self.defaults.negative_prompt
         if self.plan.output_size is not None and resume is None and latents is None:
@@ -826,29 +877,43 @@ class WanPipeline:
         self._request = self._planner_request(height, width, num_frames, use_cfg)
         from tqdm.auto import tqdm
 
-        with tqdm(total=1, desc="encoding prompts", unit="batch", disable=not progress) as bar:
-            embeds = self.encode_prompts(prompt, negative_prompt, with_negative=use_cfg)
-            bar.update(1)
-        cond, uncond = embeds[0], (embeds[1] if use_cfg else None)
+        with tqdm(total=len(prompts), desc="encoding prompts", unit="batch", disable=not progress) as bar:
+            embeds = []
+            for prompt in prompts:
+                embeds.append(self.encode_prompts(prompt, negative_prompt, with_negative=use_cfg))
+                bar.update(1)
+        cond = torch.cat([e[0] for e in embeds]) if len(embeds) > 1 else embeds[0][0]
+        uncond = None
+        if use_cfg:
+            uncond = torch.cat([e[1] for e in embeds]) if len(embeds) > 1 else embeds[0][1]
         self._end_phase("text_encoder", started)
 
-        scheduler = self.make_scheduler(shift, sampler)
         folder_scheduler = sampler is None and self.scheduler_config is not None
-        timesteps = schedulers.set_timesteps(scheduler, steps, official=not folder_scheduler, device=device)
+        per_prompt = []
+        for _ in prompts:
+            scheduler = self.make_scheduler(shift, sampler)
+            timesteps = schedulers.set_timesteps(
+                scheduler, steps, official=not folder_scheduler, device=device
+            )
+            per_prompt.append(scheduler)
 
         in_channels = getattr(getattr(self.dit, "config", None), "in_dim", 16)
         shape = latent_shape(1, in_channels, height, width, num_frames)
         if resume is not None:
             state = resume
-            schedulers.restore_scheduler_state(scheduler, resume.scheduler_state)
+            schedulers.restore_scheduler_state(per_prompt[0], resume.scheduler_state)
         else:
             if latents is None:
-                latents = initial_noise(shape, 0 if seed is None else int(seed))
+                latents = torch.cat(
+                    [initial_noise(shape, 0 if seed is None else int(seed)) for seed in seeds]
+                )
             elif tuple(latents.shape) != shape:
                 raise ConfigError(f"The given latents have shape {tuple(latents.shape)}, expected {shape}.")
             state = DenoiseState(latents.to(device=device, dtype=torch.float32), 0)
-            if hasattr(scheduler, "seed_noise"):  # a sampler that re-noises: its noise follows the seed
-                scheduler.seed_noise(0 if seed is None else seed, shape)
+            for scheduler, seed in zip(per_prompt, seeds):
+                if hasattr(scheduler, "seed_noise"):  # a sampler that re-noises: its noise follows the seed
+                    scheduler.seed_noise(0 if seed is None else seed, shape)
+        scheduler = per_prompt[0] if len(per_prompt) == 1 else schedulers.PerSampleSchedulers(per_prompt)
         state.latents = state.latents.to(device=device, dtype=torch.float32)
         if self.parallel is not None:
             state.latents = self.parallel.same_latents(state.latents)
@@ -869,14 +934,20 @@ class WanPipeline:
         )
         self._end_phase("denoise", started)
         self._record_attention("denoise", ("self", "cross"))
-        self._record_steps(
-            clock.step_s, use_cfg, cached=step_cache is not None or self.plan.cache is not None
-        )
+        if len(prompts) == 1:  # the compile costs are measured for one prompt's steps
+            self._record_steps(
+                clock.step_s, use_cfg, cached=step_cache is not None or self.plan.cache is not None
+            )
         if self.parallel is not None and not self.parallel.is_output_rank:
             return None  # rank 0 decodes and writes
 
         started = time.perf_counter()
-        frames = self._oom_guard().run("vae_decode", lambda: self.decode(final, progress=progress))
+        videos = []
+        for row in range(len(prompts)):  # one video at a time: the decode's peak is one video's
+            video = final[row : row + 1]
+            videos.append(
+                self._oom_guard().run("vae_decode", lambda v=video: self.decode(v, progress=progress))
+            )
         self._end_phase("vae_decode", started)
         self._record_attention("vae_decode", ("vae",))
-        return frames
+        return videos

@@ -2,9 +2,11 @@
 
 Every line is read and checked before any model loads; a bad line gets its own error and the others
 still run. Each distinct size is planned once and the pipeline switches plans between prompts (the
-placements move only what differs); each prompt is encoded once for all its videos; each video is
-written as soon as it is done. A summary lists each output or its error, and the exit code is 2 if
-any failed.
+placements move only what differs); each prompt is encoded once for all its videos. Videos that
+share every setting but the prompt and seed are denoised together, the plan's prompts_per_pass at a
+time (the planner decides how many fit); each video is written as soon as its pass is done, and a
+pass that fails runs its videos again one by one, so each error stays its own video's. A summary
+lists each output or its error, and the exit code is 2 if any failed.
 """
 
 from __future__ import annotations
@@ -143,13 +145,18 @@ def run_batch(args: argparse.Namespace) -> int:
     if runnable:
         loras = read_loras(lora_requests(args, preset), g._dit_config(args), args.lora_skip_unknown)
         hardware = g._hardware(args)
+        # How many videos of each planned size could share a pass: the planner's prompts count.
+        shared: dict = {}
+        for job in runnable:
+            shared.setdefault(_plan_key(job.settings), {}).setdefault(_pass_key(job.settings), []).append(job)
         plans: dict = {}
         for job in runnable:  # each distinct size planned once, before anything loads
             s = job.settings
-            key = (s.width, s.height, s.frames, s.guidance != 1.0)
+            key = _plan_key(s)
             if key not in plans:
+                prompts = max(len(group) for group in shared[key].values())
                 try:
-                    plans[key] = g.plan_job(args, s, hardware, loras=loras)
+                    plans[key] = g.plan_job(args, s, hardware, loras=loras, prompts=prompts)
                     if plans[key].plan.cache is not None:
                         g.check_cache(plans[key], args, s, [lora.record(st) for lora, st in loras])
                 except WanfitError as err:  # this size fits nowhere: its lines fail, the rest run
@@ -164,8 +171,8 @@ def run_batch(args: argparse.Namespace) -> int:
         apply_loras(pipe, loras)
         try:
             with pipe.batch():
-                for job in runnable:
-                    _run_one(pipe, job, args)
+                for group in passes(runnable):
+                    _run_pass(pipe, group, args)
         except KeyboardInterrupt:
             _summary(jobs, sys.stderr)
             raise KeyboardInterrupt("interrupted; the videos listed as written are complete.") from None
@@ -173,10 +180,63 @@ def run_batch(args: argparse.Namespace) -> int:
     return 2 if any(job.error for job in jobs) else 0
 
 
+def _plan_key(s) -> tuple:
+    """What a plan is made for: videos with the same key share one plan."""
+    return (s.width, s.height, s.frames, s.guidance != 1.0)
+
+
+def _pass_key(s) -> tuple:
+    """What videos denoised in one pass must share: everything but the prompt and the seed."""
+    return (*_plan_key(s), s.guidance, s.steps, s.shift, s.sampler, s.negative_prompt)
+
+
+def passes(jobs: list[Job]) -> list[list[Job]]:
+    """The jobs in passes: those of one pass key together, in file order, the plan's prompts_per_pass
+    (Plan.samples_per_pass) at a time; the passes in the order of their first job."""
+    groups: dict = {}
+    for job in jobs:
+        groups.setdefault(_pass_key(job.settings), []).append(job)
+    out = []
+    for group in groups.values():
+        size = group[0].plan.plan.samples_per_pass
+        out += [group[i : i + size] for i in range(0, len(group), size)]
+    return sorted(out, key=lambda group: jobs.index(group[0]))
+
+
+def _run_pass(pipe, group: list[Job], args: argparse.Namespace) -> None:
+    """Make and write the videos of one pass; if the pass fails, each video again on its own, so an
+    error stays its own video's."""
+    from wanfit.commands import generate as g
+
+    if len(group) == 1:
+        _run_one(pipe, group[0], args)
+        return
+    first = group[0]
+    try:
+        if pipe.planning is not first.plan:
+            pipe.apply_plan(first.plan)  # another size: the placements move what differs
+        requests = [g.resolve_request(pipe, job.settings, args) for job in group]
+        together = {**requests[0], "prompt": [r["prompt"] for r in requests]}
+        seeds = [job.settings.seed for job in group]
+        videos = g.run_pipeline(pipe, together, first.settings, seed=seeds, progress=not args.no_progress)
+    except WanfitError as err:
+        print(
+            f"wanfit: note: a pass of {len(group)} videos failed ({err}); running them one by one.",
+            file=sys.stderr,
+        )
+        for job in group:
+            _run_one(pipe, job, args)
+        return
+    for job, request, frames in zip(group, requests, videos):
+        try:
+            _write(pipe, job, request, frames, args)
+        except WanfitError as err:
+            _failed(job, err)
+
+
 def _run_one(pipe, job: Job, args: argparse.Namespace) -> None:
     """Make and write one video; an error stays this job's."""
     from wanfit.commands import generate as g
-    from wanfit.video import write_video
 
     s = job.settings
     try:
@@ -184,23 +244,36 @@ def _run_one(pipe, job: Job, args: argparse.Namespace) -> None:
             pipe.apply_plan(job.plan)  # another size: the placements move what differs
         request = g.resolve_request(pipe, s, args)
         frames = g.run_pipeline(pipe, request, s, progress=not args.no_progress)
-        written = g.what_was_written(frames, request, job.plan)
-        metadata = {
-            **request,
-            **written,
-            **pipe.run_record(),
-            "batch": {"prompts": str(args.prompts), "line": job.line, "video": job.video + 1},
-            "lora_mode": pipe.lora_mode,
-        }
-        try:
-            write_video(frames, s.out, metadata=metadata)
-        except OSError as err:
-            raise OutputError(f"Could not write {s.out}: {err.strerror or err}.") from err
-        job.written, job.described = str(s.out), g.describe_written(written)
-        print(f"wrote {s.out} ({job.described})", flush=True)
+        _write(pipe, job, request, frames, args)
     except WanfitError as err:
-        job.error = str(err)
-        print(f"wanfit: error: {job.label}: {job.error}", file=sys.stderr, flush=True)
+        _failed(job, err)
+
+
+def _failed(job: Job, err: WanfitError) -> None:
+    job.error = str(err)
+    print(f"wanfit: error: {job.label}: {job.error}", file=sys.stderr, flush=True)
+
+
+def _write(pipe, job: Job, request: dict, frames, args: argparse.Namespace) -> None:
+    """Write one video with its metadata (the run record of the pass that made it)."""
+    from wanfit.commands import generate as g
+    from wanfit.video import write_video
+
+    s = job.settings
+    written = g.what_was_written(frames, request, job.plan)
+    metadata = {
+        **request,
+        **written,
+        **pipe.run_record(),
+        "batch": {"prompts": str(args.prompts), "line": job.line, "video": job.video + 1},
+        "lora_mode": pipe.lora_mode,
+    }
+    try:
+        write_video(frames, s.out, metadata=metadata)
+    except OSError as err:
+        raise OutputError(f"Could not write {s.out}: {err.strerror or err}.") from err
+    job.written, job.described = str(s.out), g.describe_written(written)
+    print(f"wrote {s.out} ({job.described})", flush=True)
 
 
 def _summary(jobs: list[Job], stream) -> None:

@@ -491,7 +491,9 @@ def resolve_request(pipe, settings: Settings, args: argparse.Namespace) -> dict:
 
 
 def run_pipeline(pipe, request: dict, settings: Settings, **options):
-    """The pipeline on a resolved request (generate's run, calibrate-cache's); options: progress, ..."""
+    """The pipeline on a resolved request (generate's run, calibrate-cache's); options: progress, seed
+    (a list, one per prompt, when the request's prompt is a list: a batch's pass), ..."""
+    options.setdefault("seed", settings.seed)
     return pipe(
         request["prompt"],
         negative_prompt=request["negative_prompt"],
@@ -501,7 +503,6 @@ def run_pipeline(pipe, request: dict, settings: Settings, **options):
         num_inference_steps=request["steps"],
         guidance_scale=request["guidance"],
         shift=request["shift"],
-        seed=settings.seed,
         sampler=request["sampler"],
         **options,
     )
@@ -539,7 +540,7 @@ def _hardware(args: argparse.Namespace):
     return hw
 
 
-def _job_request(args: argparse.Namespace, settings: Settings, loras=()):
+def _job_request(args: argparse.Namespace, settings: Settings, loras=(), prompts: int = 1):
     from wanfit.plan.planning import model_request
 
     return model_request(
@@ -550,20 +551,21 @@ def _job_request(args: argparse.Namespace, settings: Settings, loras=()):
         guidance=settings.guidance != 1.0,
         steps=settings.steps,
         loras=loras,
+        prompts=prompts,
         **common.model_components(args),
     )
 
 
-def plan_job(args: argparse.Namespace, settings: Settings, hw, current=None, loras=()):
+def plan_job(args: argparse.Namespace, settings: Settings, hw, current=None, loras=(), prompts: int = 1):
     """The planner's fastest plan that fits this machine (or --vram) for this job (with `loras`, as
-    read_loras gives them); PlanError if none.
+    read_loras gives them; prompts: how many a batch job has of this size); PlanError if none.
 
     In a run on several processes (current): the plan is for one GPU, and every process runs rank 0's
     (its collectives must match), on its own GPU.
     """
     from wanfit.plan.planning import plan_for
 
-    request = _job_request(args, settings, loras)
+    request = _job_request(args, settings, loras, prompts)
     world_size = current.world_size if current is not None else None
     constraints = parallel_constraints(
         args, request, common.constraints_from_args(args), world_size=world_size

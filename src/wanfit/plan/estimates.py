@@ -246,6 +246,8 @@ class Request:
     text_encoder_file_dtype: str | None = None
     steps: int | None = None  # denoising steps; None: the sampler's default (whether compiling pays)
     loras: LoraShapes | None = None  # the LoRAs the job applies (their ranks and targets), None: none
+    # Prompts of this size a batch job has (the planner may denoise several in one pass: Plan.prompts_per_pass).
+    prompts: int = 1
 
     @property
     def latent_frames(self) -> int:
@@ -449,7 +451,7 @@ def text_encoder_activations(request: Request, plan: Plan) -> int:
 
 
 def _embeddings_bytes(request: Request, plan: Plan) -> int:
-    batch = 2 if request.guidance else 1
+    batch = (2 if request.guidance else 1) * plan.samples_per_pass
     return batch * request.config.text_len * request.text_encoder.d_model * dtype_bytes(plan.compute_dtype)
 
 
@@ -499,8 +501,10 @@ def _lora_host_on_device(plan: Plan, lora: LoraMemory) -> int:
 
 
 def rank_batch(request: Request, plan: Plan) -> int:
-    """Samples in one DiT forward of one process: 2 with batched guidance, 1 under CFG-parallel."""
-    return 2 if request.guidance and plan.cfg_batch and plan.cfg_parallel == 1 else 1
+    """Samples in one DiT forward of one process: the prompts of a pass, twice with batched guidance
+    (once under CFG-parallel)."""
+    cfg = 2 if request.guidance and plan.cfg_batch and plan.cfg_parallel == 1 else 1
+    return cfg * plan.samples_per_pass
 
 
 def rank_tokens(request: Request, plan: Plan) -> int:
@@ -601,7 +605,8 @@ def estimate_denoise(request: Request, plan: Plan, backend: str, *, others: bool
         exact_act, exact_ws, _ = dit_activations(request, replace(plan, fp8_gemm=False), backend)
         buffers = act + ws - exact_act - exact_ws
     step_cache = step_cache_bytes(request, plan)
-    cache = int(LATENT_COPIES * _latent_bytes(request)) + _embeddings_bytes(request, plan) + step_cache
+    latents = LATENT_COPIES * _latent_bytes(request) * plan.samples_per_pass  # each prompt's own
+    cache = int(latents) + _embeddings_bytes(request, plan) + step_cache
     return PhaseEstimate(
         "denoise",
         weights=dit + fp8_gemms + te + vae + lora.factors + lora_host,

@@ -119,6 +119,13 @@ class Plan:
         default=False, metadata=_setting("bool", "move the DiT off the device before the VAE decode")
     )
     cfg_batch: bool = field(default=True, metadata=_setting("bool", "cond and uncond in one batch"))
+    # A batch job's compatible prompts (same size, steps, guidance, ...) denoised together: the DiT
+    # runs this many samples (twice as many with cfg_batch) per forward. The planner: 1 unless the
+    # job has several prompts and the larger pass fits (see batching_blocker for what cannot batch).
+    prompts_per_pass: int = field(
+        default=1,
+        metadata=_setting("int", "prompts of a batch job denoised in one DiT pass", minimum=1),
+    )
     # decode tile core in latent pixels (h, w), None: untiled; exact
     vae_tile: tuple[int, int] | None = field(
         default=None,
@@ -249,6 +256,23 @@ class Plan:
         """The speed tier: fast with the fp8 GEMMs in place, else exact (the step cache, lossy too, is
         named on its own)."""
         return "fast" if self.fast_tier_in_place else "exact"
+
+    @property
+    def batching_blocker(self) -> str | None:
+        """Why this plan cannot denoise several prompts in one pass (None: it can). The step cache
+        keeps one state per stream, streamed blocks and several processes are kept to one sample."""
+        if self.cache is not None:
+            return "a step cache is on"
+        if self.dit_blocks_resident is not None:
+            return "the DiT is streamed"
+        if self.world_size > 1 or self.dit_sharding != "none":
+            return "the run is on several processes"
+        return None
+
+    @property
+    def samples_per_pass(self) -> int:
+        """Prompts the pipeline denoises together under this plan (1 where batching_blocker says no)."""
+        return self.prompts_per_pass if self.batching_blocker is None else 1
 
     def attention_for(self, kind: str) -> str | None:
         """The planned backend of one kind of attention ("self", "cross", "vae")."""

@@ -899,6 +899,9 @@ def plan_run(
         compile_dit, compile_costs = compile_decision(device, chosen, plan)
         plan = replace(plan, compile_dit=compile_dit)
     plan = _with_lora_mode(plan, chosen, frozen)
+    plan, phases, batching_note = _prompts_per_pass(plan, chosen, budget, backend, frozen, phases)
+    if batching_note:
+        notes.append(batching_note)
     host = host_phases(chosen, plan)
     notes += _plan_notes(plan, device, chosen, compile_costs)
     return PlanResult(
@@ -916,6 +919,40 @@ def plan_run(
         frozen=frozen,
         lora_summary=describe_lora_mode(chosen, plan, "lora_mode" in frozen),
     )
+
+
+# The most prompts one DiT pass takes: beyond it a pass gains little (the GPU is busy already) and
+# delays every video of the group.
+MAX_PROMPTS_PER_PASS = 8
+
+
+def _prompts_per_pass(
+    plan: Plan,
+    request: Request,
+    budget: Budget,
+    backend: str,
+    frozen: frozenset[str],
+    phases: dict[str, PhaseEstimate],
+) -> tuple[Plan, dict[str, PhaseEstimate], str | None]:
+    """The most prompts of a batch job (request.prompts, at most MAX_PROMPTS_PER_PASS) whose one DiT
+    pass fits the budget, with the phases and a note; unchanged for one prompt or a user-set value."""
+    blocker = plan.batching_blocker
+    if "prompts_per_pass" in frozen:
+        note = None
+        if plan.prompts_per_pass > 1 and blocker is not None:
+            note = f"prompts_per_pass={plan.prompts_per_pass} is set, but {blocker}: one prompt per pass."
+        return plan, phases, note
+    if request.prompts < 2:
+        return plan, phases, None
+    if blocker is not None:
+        return plan, phases, f"one prompt per DiT pass: {blocker}."
+    for n in range(min(request.prompts, MAX_PROMPTS_PER_PASS), 1, -1):
+        candidate = replace(plan, prompts_per_pass=n)
+        cand_phases = estimate_phases(request, candidate, backend)
+        if _fits(cand_phases, budget) is None:
+            peak = fmt_bytes(cand_phases["denoise"].peak)
+            return candidate, cand_phases, f"{n} prompts per DiT pass (the denoising peaks at about {peak})."
+    return plan, phases, "one prompt per DiT pass: two would not fit the memory budget."
 
 
 def _leanest_on_host(

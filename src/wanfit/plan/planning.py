@@ -86,18 +86,20 @@ def model_request(
     tokenizer: str | Path | None = None,
     steps: int | None = None,
     loras=(),
+    prompts: int = 1,
 ) -> Request:
     """The job as the planner sees it. model: a folder (official, diffusers or ComfyUI), a preset name
     (1.3B, 14B), or None/"builtin"; dit / vae / text_encoder / tokenizer: files that replace the
     folder's own (all three: no folder needed). Headers only: no weights are read. steps: the
     denoising steps (None: the sampler's default), which decide whether compiling pays. loras: the
     converted LoRAs the job applies (LoraWeights, or (LoraWeights, strength) as read_loras gives
-    them): how they are applied is planned (Plan.lora_mode), and their memory counted."""
+    them): how they are applied is planned (Plan.lora_mode), and their memory counted. prompts: how
+    many prompts of this size a batch job has (the planner may denoise several in one pass)."""
     from wanfit.plan.lora import LoraShapes
 
     components = {"dit": dit, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer}
     request = _model_request(model, width, height, frames, guidance, components)
-    return replace(request, steps=steps, loras=LoraShapes.of(loras))
+    return replace(request, steps=steps, loras=LoraShapes.of(loras), prompts=prompts)
 
 
 def _model_request(model, width: int, height: int, frames: int, guidance: bool, components: dict) -> Request:
@@ -107,7 +109,9 @@ def _model_request(model, width: int, height: int, frames: int, guidance: bool, 
         from wanfit.builtin import MODEL_DIR
 
         # Its shipped release folder, read like any other.
-        return replace(_model_request(MODEL_DIR, width, height, frames, guidance, components), model_name=BUILTIN)
+        return replace(
+            _model_request(MODEL_DIR, width, height, frames, guidance, components), model_name=BUILTIN
+        )
     if not named and str(model) in DIT_PRESETS:
         return Request(DIT_PRESETS[str(model)], model_name=str(model), **size)
     from wanfit.paths import user_path

@@ -135,3 +135,19 @@ def scheduler_state(scheduler) -> dict:
 def restore_scheduler_state(scheduler, state: dict) -> None:
     for name, value in state.items():
         setattr(scheduler, name, list(value) if isinstance(value, list) else value)
+
+
+class PerSampleSchedulers:
+    """The schedulers of several videos denoised in one batch, each stepping its own rows: a multistep
+    scheduler keeps one video's history (UniPC's model outputs, a re-noising sampler's generator), so
+    one instance cannot serve several."""
+
+    def __init__(self, schedulers):
+        self.schedulers = list(schedulers)
+
+    def step(self, noise: torch.Tensor, t, latents: torch.Tensor, return_dict: bool = False):
+        rows = [
+            s.step(noise[i : i + 1], t, latents[i : i + 1], return_dict=False)[0]
+            for i, s in enumerate(self.schedulers)
+        ]
+        return (torch.cat(rows),)
