@@ -201,6 +201,17 @@ def _read_sidecar(path: Path) -> dict | None:
     return meta if isinstance(meta, dict) and meta.get("tool") == TOOL else None
 
 
+def finished_output_metadata(path: Path) -> dict | None:
+    """The metadata of `path` if it is a finished wanfit output; None otherwise. write_video puts the
+    output in place before its sidecar, each by an atomic rename, so a sidecar naming this output
+    means the output is complete (a write cut short leaves no sidecar, or only a hidden .partial)."""
+    path = Path(path)
+    meta = _read_sidecar(sidecar_path(path))
+    if meta is None or not _exists(path) or not isinstance(meta.get("out"), str):
+        return None
+    return meta if Path(meta["out"]).resolve() == path.resolve() else None
+
+
 def _is_wanfit_sidecar(path: Path) -> bool:
     return _read_sidecar(path) is not None
 

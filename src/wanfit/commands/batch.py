@@ -7,6 +7,10 @@ share every setting but the prompt and seed are denoised together, the plan's pr
 time (the planner decides how many fit); each video is written as soon as its pass is done, and a
 pass that fails runs its videos again one by one, so each error stays its own video's. A summary
 lists each output or its error, and the exit code is 2 if any failed.
+
+With --resume-batch a video whose output is already finished (its sidecar written, see
+video.finished_output_metadata) with the settings this run asks of it is skipped as done; one made
+with other settings is that video's error unless --overwrite, which makes it again.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ class Job:
     settings: object = None  # generate.Settings once checked
     plan: object = None  # its PlanResult
     error: str | None = None
+    done: bool = False  # --resume-batch: finished by an earlier run with these settings
     written: str | None = None  # the output, once written
     described: str = ""  # its frames and size
 
@@ -55,7 +60,8 @@ def check_batch_options(args: argparse.Namespace) -> None:
         raise ConfigError("--prompt and --prompts were both given; put every prompt in the file.")
     if args.resume is not None or args.checkpoint_every:
         raise ConfigError(
-            "--resume and --checkpoint-every keep one video's progress; drop them with --prompts."
+            "--resume and --checkpoint-every keep one video's progress; with --prompts, --resume-batch "
+            "skips the videos an earlier run finished."
         )
     if args.videos_per_prompt < 1:
         raise ConfigError(f"--videos-per-prompt must be at least 1, got {args.videos_per_prompt}.")
@@ -124,13 +130,40 @@ def plan_jobs(args: argparse.Namespace, items) -> list[Job]:
                     raise ConfigError(
                         f'{settings.out} is also another line\'s output; give each line its own "out".'
                     )
-                check_writable(settings.out, overwrite=args.overwrite, protected=protected)
                 outputs.add(key)
+                job.done = args.resume_batch and _finished_before(line_args, settings, args.overwrite)
+                if not job.done:
+                    check_writable(settings.out, overwrite=args.overwrite, protected=protected)
                 job.settings = settings
             except WanfitError as err:
                 job.error = str(err)
             jobs.append(job)
     return jobs
+
+
+def _finished_before(line_args: argparse.Namespace, settings, overwrite: bool) -> bool:
+    """Whether an earlier run finished this video with the settings asked of it now (the ones a
+    single video's --resume compares); a finished one made otherwise is an error unless `overwrite`."""
+    from wanfit.commands.generate import PATHS, resumed_difference
+    from wanfit.video import finished_output_metadata
+
+    saved = finished_output_metadata(settings.out)
+    if saved is None:
+        return False  # not there, or cut short: made (again)
+    asked = copy.copy(line_args)
+    asked.prompt, asked.seed, asked.frames = settings.prompt, settings.seed, settings.frames
+    asked.size, asked.steps = f"{settings.width}x{settings.height}", settings.steps
+    # The paths and the sampler are recorded as given, so leaving them unset must meet unset.
+    differs = resumed_difference(asked, saved, exact=(*PATHS, "sampler"))
+    if differs is None:
+        return True
+    if overwrite:
+        return False
+    name, value, given = differs
+    raise ConfigError(
+        f"{settings.out} was made with {name.replace('_', ' ')} {value!r}, not {given!r} as asked now; "
+        "pass --overwrite to make it again."
+    )
 
 
 def run_batch(args: argparse.Namespace) -> int:
@@ -141,7 +174,7 @@ def run_batch(args: argparse.Namespace) -> int:
     check_batch_options(args)
     preset = apply_preset(args)
     jobs = plan_jobs(args, read_prompts_file(args.prompts))
-    runnable = [job for job in jobs if job.error is None]
+    runnable = [job for job in jobs if job.error is None and not job.done]
     if runnable:
         loras = read_loras(lora_requests(args, preset), g._dit_config(args), args.lora_skip_unknown)
         hardware = g._hardware(args)
@@ -175,7 +208,9 @@ def run_batch(args: argparse.Namespace) -> int:
                     _run_pass(pipe, group, args)
         except KeyboardInterrupt:
             _summary(jobs, sys.stderr)
-            raise KeyboardInterrupt("interrupted; the videos listed as written are complete.") from None
+            raise KeyboardInterrupt(
+                "interrupted; the videos listed as written are complete (--resume-batch makes the rest)."
+            ) from None
     _summary(jobs, sys.stdout)
     return 2 if any(job.error for job in jobs) else 0
 
@@ -277,18 +312,29 @@ def _write(pipe, job: Job, request: dict, frames, args: argparse.Namespace) -> N
 
 
 def _summary(jobs: list[Job], stream) -> None:
-    done = sum(1 for job in jobs if job.written)
-    print(f"batch: {done} of {len(jobs)} videos written", file=stream)
+    written = sum(1 for job in jobs if job.written)
+    done = sum(1 for job in jobs if job.done)
+    skipped = f", {done} skipped as done before" if done else ""
+    print(f"batch: {written} of {len(jobs)} videos written{skipped}", file=stream)
     for job in jobs:
         what = (
             f"wrote {job.written} ({job.described})"
             if job.written
+            else f"done before: {job.settings.out} (skipped)"
+            if job.done
             else f"error: {job.error}"
             if job.error
             else "not run"
         )
         print(f"  {job.label}: {what}", file=stream)
     results = [
-        {"line": job.line, "video": job.video + 1, "out": job.written, "error": job.error} for job in jobs
+        {
+            "line": job.line,
+            "video": job.video + 1,
+            "out": job.written or (str(job.settings.out) if job.done else None),
+            "error": job.error,
+            "skipped": job.done,
+        }
+        for job in jobs
     ]
     print(json.dumps({"batch": results}), file=stream)

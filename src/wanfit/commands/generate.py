@@ -58,6 +58,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="a batch: one prompt a line, or JSON lines with per-prompt settings (--out: their folder)",
     )
     p.add_argument(
+        "--resume-batch",
+        action="store_true",
+        help="with --prompts: skip each video already written with the same settings, make the rest",
+    )
+    p.add_argument(
         "--videos-per-prompt",
         type=int,
         default=1,
@@ -150,6 +155,8 @@ def run(args: argparse.Namespace) -> int:
         from wanfit.commands.batch import run_batch
 
         return run_batch(args)
+    if args.resume_batch:
+        raise ConfigError("--resume-batch continues a batch; give its prompts with --prompts FILE.")
     if args.videos_per_prompt != 1:
         raise ConfigError("--videos-per-prompt belongs to a batch; give the prompts with --prompts FILE.")
 
@@ -370,14 +377,13 @@ def _resume_processes(args: argparse.Namespace, saved: dict, world_size: int | N
 
 def apply_resume_file(args: argparse.Namespace, saved: dict) -> None:
     """Take the saved run's settings; a flag that would change its frames is an error, not a surprise."""
-    for key in RESUMED:
-        given, value = getattr(args, key), saved.get(key)
-        if given is not None and not _same_setting(key, given, value):
-            given = str(given) if isinstance(given, Path) else given
-            raise ConfigError(
-                f"--resume continues the saved run, whose {key.replace('_', ' ')} is {value!r}, not "
-                f"{given!r}; drop --{key.replace('_', '-')} or start a new run."
-            )
+    differs = resumed_difference(args, saved)
+    if differs is not None:
+        key, value, given = differs
+        raise ConfigError(
+            f"--resume continues the saved run, whose {key.replace('_', ' ')} is {value!r}, not "
+            f"{given!r}; drop --{key.replace('_', '-')} or start a new run."
+        )
     for key in RESUMED:
         value = saved.get(key)
         setattr(args, key, Path(value) if key in PATHS and value is not None else value)
@@ -386,6 +392,21 @@ def apply_resume_file(args: argparse.Namespace, saved: dict) -> None:
         args.out = Path(saved["out"])
     if args.checkpoint_every is None:
         args.checkpoint_every = saved.get("checkpoint_every")
+
+
+def resumed_difference(args: argparse.Namespace, saved: dict, *, exact: tuple = ()):
+    """The first RESUMED setting in which `args` differs from the `saved` run's, as (name, saved value,
+    given value); None if none does. A setting `args` leaves unset (None) is not compared, unless it is
+    in `exact`, where unset must meet unset (values the run records as given, not resolved)."""
+    for key in RESUMED:
+        given, value = getattr(args, key), saved.get(key)
+        if given is None:
+            if key not in exact or value is None:
+                continue
+        elif _same_setting(key, given, value):
+            continue
+        return key, value, str(given) if isinstance(given, Path) else given
+    return None
 
 
 def _resume_cache(args: argparse.Namespace, saved: str | None) -> None:
