@@ -7,6 +7,7 @@ import json
 import numpy as np
 
 from tests.test_cli_generate import CountingDiT
+from tests.test_cli_lora import lora_file  # noqa: F401  (the fixture)
 from wanfit.cli import main
 from wanfit.video import read_video
 
@@ -103,6 +104,25 @@ def test_another_model_is_a_difference(tmp_path, capsys):
         f"was made with model {str(tmp_path / 'wan')!r}, not None"
         in _summary(capsys.readouterr().out)[0]["error"]
     )
+
+
+def test_other_loras_are_a_difference(tmp_path, capsys, lora_file):  # noqa: F811  (the fixture)
+    out = tmp_path / "out"
+    path = _prompts(tmp_path, ["a cat", "two dogs"])
+    assert main([*RUN, "--prompts", str(path), "--out", str(out)]) == 0
+    capsys.readouterr()
+    (out / "002_two_dogs_0.json").unlink()
+    asked = [*RUN, "--prompts", str(path), "--out", str(out), "--resume-batch", "--lora", f"{lora_file}:0.8"]
+    assert main(asked) == 2
+    summary = _summary(capsys.readouterr().out)
+    assert summary[0]["error"] == (
+        f"{out / '001_a_cat_0.mp4'} was made with no LoRA, not LoRAs style.safetensors:0.8; pass --overwrite to make it again."
+    )
+    assert "already exists" in summary[1]["error"]
+    assert main([*asked, "--overwrite"]) == 0
+    capsys.readouterr()
+    assert json.loads((out / "001_a_cat_0.json").read_text())["loras"][0]["strength"] == 0.8
+    assert main(asked) == 0 and "0 of 2 videos written, 2 skipped" in capsys.readouterr().out
 
 
 def test_resume_batch_needs_prompts(capsys):

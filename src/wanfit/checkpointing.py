@@ -91,8 +91,8 @@ def saved_lora_requests(request: dict) -> list[tuple[Path, float]]:
     return [(Path(r["path"]), float(r["strength"])) for r in request.get("loras") or []]
 
 
-def check_same_loras(request: dict, loras: list[dict], path: Path) -> None:
-    """Refuse to resume with other LoRAs (by content hash) or strengths than the saved run had."""
+def lora_difference(request: dict, loras: list[dict]) -> tuple[str, str] | None:
+    """(the saved run's LoRAs, these), described, if they differ by content hash or strength; else None."""
 
     def key(records):
         return sorted((r["sha256"], float(r["strength"])) for r in records)
@@ -102,9 +102,15 @@ def check_same_loras(request: dict, loras: list[dict], path: Path) -> None:
         return f"LoRAs {names}" if records else "no LoRA"
 
     saved = request.get("loras") or []
-    if key(saved) != key(loras):
+    return None if key(saved) == key(loras) else (describe(saved), describe(loras))
+
+
+def check_same_loras(request: dict, loras: list[dict], path: Path) -> None:
+    """Refuse to resume with other LoRAs (by content hash) or strengths than the saved run had."""
+    differs = lora_difference(request, loras)
+    if differs is not None:
         raise CheckpointError(
-            f"{path} holds a run with {describe(saved)}, not {describe(loras)}; resume it with the same "
+            f"{path} holds a run with {differs[0]}, not {differs[1]}; resume it with the same "
             "--lora files and strengths, or start a new run."
         )
 

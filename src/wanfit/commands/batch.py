@@ -99,6 +99,11 @@ def _line_args(args: argparse.Namespace, item, video: int, out_dir: Path) -> arg
     return line
 
 
+def _protected(args: argparse.Namespace) -> list[Path]:
+    """The model's files and folders: never an output to replace."""
+    return [p for p in (args.model, *common.model_components(args).values()) if p is not None]
+
+
 def plan_jobs(args: argparse.Namespace, items) -> list[Job]:
     """One Job per video of each line, checked (settings, output) before any model loads."""
     from wanfit.commands.generate import check_settings
@@ -106,7 +111,7 @@ def plan_jobs(args: argparse.Namespace, items) -> list[Job]:
     from wanfit.video import check_writable
 
     out_dir = args.out if args.out is not None else Path(".")
-    protected = [p for p in (args.model, *common.model_components(args).values()) if p is not None]
+    protected = _protected(args)
     jobs, outputs = [], set()
     for item in items:
         if isinstance(item, LineError):
@@ -166,6 +171,29 @@ def _finished_before(line_args: argparse.Namespace, settings, overwrite: bool) -
     )
 
 
+def _check_done_loras(jobs: list[Job], loras: list[dict], args: argparse.Namespace) -> None:
+    """A video done before with other LoRAs (by content hash) or strengths is not done: its error, or
+    (--overwrite) made again."""
+    from wanfit.checkpointing import lora_difference
+    from wanfit.video import check_writable, finished_output_metadata
+
+    for job in (job for job in jobs if job.done):
+        out = job.settings.out
+        differs = lora_difference(finished_output_metadata(out) or {}, loras)
+        if differs is None:
+            continue
+        job.done = False
+        if args.overwrite:
+            try:
+                check_writable(out, overwrite=True, protected=_protected(args))
+            except WanfitError as err:
+                job.error = str(err)
+        else:
+            job.error = (
+                f"{out} was made with {differs[0]}, not {differs[1]}; pass --overwrite to make it again."
+            )
+
+
 def run_batch(args: argparse.Namespace) -> int:
     from wanfit.commands import generate as g
     from wanfit.commands.lora_options import apply_loras, apply_preset, lora_requests, read_loras
@@ -174,9 +202,11 @@ def run_batch(args: argparse.Namespace) -> int:
     check_batch_options(args)
     preset = apply_preset(args)
     jobs = plan_jobs(args, read_prompts_file(args.prompts))
+    if any(job.error is None for job in jobs):  # runnable or done: both need the LoRAs known
+        loras = read_loras(lora_requests(args, preset), g._dit_config(args), args.lora_skip_unknown)
+        _check_done_loras(jobs, [lora.record(st) for lora, st in loras], args)
     runnable = [job for job in jobs if job.error is None and not job.done]
     if runnable:
-        loras = read_loras(lora_requests(args, preset), g._dit_config(args), args.lora_skip_unknown)
         hardware = g._hardware(args)
         # How many videos of each planned size could share a pass: the planner's prompts count.
         shared: dict = {}
