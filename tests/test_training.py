@@ -131,6 +131,26 @@ def test_the_training_target_is_what_the_sampler_integrates(scheduler):
     assert (noise - x0).norm() / x0.norm() > 1  # the sampler did the work
 
 
+@pytest.mark.parametrize("scheduler", ["unipc", "euler"])
+@pytest.mark.parametrize("bug", ["shift (timesteps)", "velocity sign"])
+def test_the_oracle_catches_a_broken_sampler_that_the_grid_may_not(bug, scheduler):
+    """Absolute, not relative to the default path: with the sampler broken, the oracle of the training
+    target no longer lands on x0. This is where a wrong shift shows: the trained model's prompt
+    accuracy barely moves under it (docs/builtin_model.md)."""
+    from wanfit.pipeline import DenoiseState, WanPipeline
+    from wanfit.quality import broken_samplers
+    from wanfit.sampling import schedulers
+
+    x0 = torch.randn(2, 16, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    pipe = WanPipeline(OracleDiT(x0), None, None)
+    broken_samplers(3.0)[bug].patch(pipe)
+    sched = schedulers.make_scheduler(scheduler, shift=3.0)
+    steps = schedulers.set_timesteps(sched, 8, official=True)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+    out = pipe.denoise(DenoiseState(noise, 0), sched, steps, torch.zeros(1), None, 1.0, progress=False)
+    assert (out - x0).norm() / x0.norm() > 0.1  # ten times the correct sampler's bound
+
+
 def test_checkpoints_split_into_parts_and_join_back(tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoint, "PART_BYTES", 1000)
     state = {"weights": torch.arange(1000.0), "step": 3, "text": "x"}
