@@ -60,8 +60,17 @@ def model_components(args: argparse.Namespace) -> dict:
 
 
 def has_model(args: argparse.Namespace) -> bool:
-    """Whether a real model was asked for (a folder, or parts), rather than the built-in tiny one."""
+    """Whether a model was asked for (a folder, or parts), rather than the built-in one."""
     return getattr(args, "model", None) is not None or any(model_components(args).values())
+
+
+def model_folder(args: argparse.Namespace):
+    """The folder this run reads: --model (None when only parts are named), or the built-in model's."""
+    if has_model(args):
+        return args.model
+    from wanfit.builtin import MODEL_DIR
+
+    return MODEL_DIR
 
 
 def add_hardware_options(parser: argparse.ArgumentParser) -> None:

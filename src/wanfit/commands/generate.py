@@ -202,7 +202,7 @@ def _run(args: argparse.Namespace, current) -> int:
         )
 
     if not args.no_progress and current.is_output_rank:
-        announce(planned, settings, common.has_model(args))
+        announce(planned, settings)
     pipe = _load_pipeline(args, planned, with_text_encoder=current.runs_text_encoder(planned.plan))
     apply_loras(pipe, loras, notes=current.is_output_rank)
     pipe.parallel = dit_parallel(current, pipe.plan)
@@ -649,19 +649,14 @@ def check_cache(planned, args: argparse.Namespace, settings: Settings, loras: li
     from wanfit.sampling.step_cache.tables import calibration_key, dit_model_key
     from wanfit.weights.model_dir import find_model_files
 
-    if not common.has_model(args):
-        from wanfit.builtin import MODEL_DIR
-
-        key = dit_model_key(find_model_files(MODEL_DIR).dit)
-    else:
-        key = dit_model_key(find_model_files(args.model, **common.model_components(args)).dit)
-    key = calibration_key(key, loras)
+    files = find_model_files(common.model_folder(args), **common.model_components(args))
+    key = calibration_key(dit_model_key(files.dit), loras)
     steps = settings.steps or SamplingDefaults.num_inference_steps  # (the built-in model's are set by now)
     plan = planned.plan
     build(plan.cache, planned.request.config, steps, model_key=key, world_size=plan.world_size)
 
 
-def announce(result, settings: Settings, has_model: bool) -> None:
+def announce(result, settings: Settings) -> None:
     """One line before the work: the plan's gist and a time estimate; on a CPU, a hint when it is long."""
     from dataclasses import replace
 
@@ -709,15 +704,13 @@ def _load_pipeline(args, planned, *, with_text_encoder: bool = True):
 
 
 def _dit_config(args: argparse.Namespace):
-    """The DiT's config (the built-in model's, or the folder's config.json / headers): no weights read."""
-    from wanfit.builtin import MODEL_DIR
+    """The DiT's config (the folder's config.json or headers; the built-in model's folder without
+    --model): no weights read."""
     from wanfit.weights.dit_loader import folder_dit_config
     from wanfit.weights.model_dir import find_model_files
 
-    if not common.has_model(args):
-        return folder_dit_config(MODEL_DIR)[0]
     if not any(common.model_components(args).values()):
-        return folder_dit_config(Path(args.model))[0]
+        return folder_dit_config(Path(common.model_folder(args)))[0]
     return folder_dit_config(files=find_model_files(args.model, **common.model_components(args)))[0]
 
 
