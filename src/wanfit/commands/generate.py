@@ -69,7 +69,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="N",
         help="videos of each prompt (seeds seed..seed+N-1)",
     )
-    p.add_argument("--negative-prompt", default=None, help="default: the official negative prompt")
+    p.add_argument(
+        "--negative-prompt", default=None, help="default: the model's (the official one; empty for the built-in model)"
+    )
     p.add_argument(
         "--size",
         default=None,
