@@ -44,6 +44,10 @@ if str(ROOT / "src") not in sys.path:
 GIB = 1024**3
 CGROUP = Path("/sys/fs/cgroup")
 STAT_KEYS = ("anon", "file", "file_mapped", "shmem", "unevictable")
+# What the process needs at one instant (what the planner's host estimate predicts): its anonymous
+# memory (pinned copies included), the mapped file pages it uses and shared memory. Page cache the
+# kernel may drop is not counted: under a cap it fills memory.peak up to the limit anyway.
+NEED_KEYS = ("anon", "file_mapped", "shmem")
 
 CASES = {
     "baseline": {"model": None, "ram": None, "args": []},
@@ -57,6 +61,31 @@ CASES = {
         "args": ["--emulate", "rtx4090", "--size", "1280x720"],
     },
 }
+# Item 5's sweep (--sweep): 14B on the 16 GB cards at 480p and on the 24 GB cards at 720p.
+SWEEP_14B = {"832x480": ("t4", "t4-colab", "v100"), "1280x720": ("rtx4090", "a10g", "l4")}
+
+
+def sweep_cases() -> dict[str, dict]:
+    """Every emulated card's default job (1.3B, 832x480x81), and SWEEP_14B's, each on the free host
+    RAM of the card's typical machine (`--ram`, as docs/hardware.md assumes), with no cgroup limit
+    (the groups only count), longest first."""
+    from wanfit.hardware.profiles import PROFILES
+    from wanfit.plan.hardware_doc import card_hardware
+
+    def ram(key: str) -> list[str]:
+        return ["--ram", str(card_hardware(key).host_ram_available)]
+
+    cases = {}
+    for size, keys in reversed(SWEEP_14B.items()):
+        for key in keys:
+            args = ["--emulate", key, *ram(key), "--size", size]
+            cases[f"{key}-14B-{size.split('x')[1]}p"] = {"model": "14B", "ram": None, "args": args}
+    for key, profile in PROFILES.items():
+        if profile.device_type == "cuda":
+            cases[key] = {"model": "1.3B", "ram": None, "args": ["--emulate", key, *ram(key)]}
+    return cases
+
+
 BASELINE = """
 import torch, wanfit
 x = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
@@ -72,12 +101,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("host_ram.json"))
     p.add_argument("--work", type=Path, default=Path("/tmp/wanfit-bench"), help="model folders and outputs")
-    p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of: {', '.join(CASES)}")
+    p.add_argument("--cases", default="", help=f"comma-separated (default all), of: {', '.join(CASES)}, or with --sweep a card key")
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--skip-forwards", action="store_true", help="no DiT forward timings")
     p.add_argument("--keep-models", action="store_true", help="keep the random folders for the next call")
     p.add_argument("--timeout", type=int, default=900, help="seconds per run before it is stopped")
     p.add_argument("--dry-run", action="store_true", help="predictions only, and one tiny CPU run")
+    p.add_argument("--sweep", action="store_true", help="item 5: every emulated card's default job instead")
+    p.add_argument("--parallel", type=int, default=1, help="--sweep: runs at a time (they share the GPU)")
     return p.parse_args(argv)
 
 
@@ -125,12 +156,14 @@ class Group:
 
 def run_in_group(cmd: list[str], group: Group | None, timeout: int) -> dict:
     """Run `cmd` (in `group`); its exit code, output, wall time and the group's memory figures."""
-    peaks = dict.fromkeys(STAT_KEYS, 0)
+    peaks = dict.fromkeys((*STAT_KEYS, "need"), 0)
     done = threading.Event()
 
     def sample():
         while not done.is_set():
-            for key, value in group.stat().items():
+            stat = group.stat()
+            stat["need"] = sum(stat[k] for k in NEED_KEYS)
+            for key, value in stat.items():
                 peaks[key] = max(peaks[key], value)
             done.wait(0.1)
 
@@ -226,7 +259,9 @@ def predict(case: dict, model: Path | None, group: Group | None, timeout: int) -
         return {"feasible": False, "error": result["stderr"].strip().splitlines()[-1:]}
 
 
-def measure(name: str, case: dict, model: Path | None, args, out_dir: Path, dry: bool) -> dict:
+def measure(
+    name: str, case: dict, model: Path | None, args, out_dir: Path, dry: bool, drop: bool = True
+) -> dict:
     row: dict = {"case": name, "ram_limit": case["ram"], "args": case["args"]}
     if name == "baseline":
         if dry:
@@ -248,8 +283,8 @@ def measure(name: str, case: dict, model: Path | None, args, out_dir: Path, dry:
     out = out_dir / f"{name}.mp4"
     gen = ["generate", "--steps", str(args.steps), "--no-progress", "--overwrite", "--out", str(out)]
     if dry:
-        gen += ["--size", "64x48", "--frames", "5"]  # the built-in tiny model, on the CPU
-    else:
+        gen = [*gen, "--size", "64x48", "--frames", "5"]  # the built-in tiny model, on the CPU
+    elif drop:
         drop_caches()
     group = None if dry else Group(f"wanfit-bench-{name}", case["ram"])
     try:
@@ -373,17 +408,51 @@ def forwards_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def sweep_table(rows: list[dict]) -> str:
+    """Markdown for --sweep: per card and job, each phase's device peak predicted / measured (and
+    whether it is within 10%), the host need predicted / measured, step-downs and the exit."""
+    lines = [
+        "| case | plan | text enc. pred/meas GiB | denoise pred/meas | decode pred/meas | within 10% "
+        "| host need pred/meas GiB | step-downs | exit |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | ---: |",
+    ]
+    for r in rows:
+        plan = r.get("plan", {})
+        gave = ", ".join(plan.get("gave_up", [])) or ("no plan" if not plan.get("feasible") else "fastest")
+        host = max((p["needed"] for p in plan.get("host_phases", {}).values()), default=None)
+        need = r.get("stat_max", {}).get("need")
+        steps = "; ".join(" ".join(map(str, s)) for s in r.get("oom_steps", [])) or "none"
+        lines.append(
+            f"| {r['case']} | {gave} | {_pair(r, 'text_encoder')} | {_pair(r, 'denoise')} | "
+            f"{_pair(r, 'vae_decode')} | {_within(r)} | {_gib(host)} / {_gib(need)} | {steps} | {r.get('exit')} |"
+        )
+    return "\n".join(lines)
+
+
+def _within(row: dict, tolerance: float = 0.10) -> str:
+    """'yes' when every phase's measured device peak is within `tolerance` of the prediction."""
+    phases = row.get("plan", {}).get("phases", {})
+    checks = []
+    for phase in ("text_encoder", "denoise", "vae_decode"):
+        pred = phases.get(phase, {}).get("peak")
+        meas = row.get("timings", {}).get(f"{phase}_peak_gib")
+        if pred and meas is not None:
+            checks.append(abs(meas * GIB - pred) <= tolerance * pred)
+    return "-" if not checks else ("yes" if all(checks) else "no")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    names = [n.strip() for n in args.cases.split(",") if n.strip()]
-    unknown = [n for n in names if n not in CASES]
+    cases = sweep_cases() if args.sweep else CASES
+    names = [n.strip() for n in args.cases.split(",") if n.strip()] if args.cases else list(cases)
+    unknown = [n for n in names if n not in cases]
     if unknown:
         print(
-            f"bench_host_ram: unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}.",
+            f"bench_host_ram: unknown case(s) {', '.join(unknown)}; choose from {', '.join(cases)}.",
             file=sys.stderr,
         )
         return 2
-    info: dict = {"cases": names, "steps": args.steps, "dry_run": args.dry_run}
+    info: dict = {"cases": names, "steps": args.steps, "dry_run": args.dry_run, "sweep": args.sweep}
     out_dir = args.work / "outputs"
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -395,29 +464,49 @@ def main(argv=None) -> int:
             print("bench_host_ram: needs a CUDA device and root (cgroups); use --dry-run.", file=sys.stderr)
             return 2
         info["device"], info["torch"] = torch.cuda.get_device_name(), torch.__version__
-        needed = {CASES[n]["model"] for n in names} - {None}
+        needed = {cases[n]["model"] for n in names} - {None}
         if needed or not args.skip_forwards:
             folders = ensure_models(args.work, needed)
             info["model_seconds"] = folders.pop("seconds")
-    rows = []
-    for name in names:
-        case = CASES[name]
+    rows: list[dict] = []
+    forwards: list[dict] = []
+    lock = threading.Lock()
+
+    def save() -> None:  # after every case: a call cut off keeps what it measured
+        with lock:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            body = {**info, "seconds": time.perf_counter() - started, "rows": rows, "forwards": forwards}
+            args.out.write_text(json.dumps(body, indent=2, default=str))
+
+    def one(name: str) -> None:
+        case = cases[name]
         model = folders.get(case["model"]) if case["model"] else None
-        rows.append(measure(name, case, model, args, out_dir, args.dry_run))
+        drop = args.parallel <= 1  # dropping the page cache under a neighbour's feet would skew its run
+        row = measure(name, case, model, args, out_dir, args.dry_run, drop=drop)
+        with lock:
+            rows.append(row)
+        save()
         print(f"bench_host_ram: {name} done after {time.perf_counter() - started:.0f} s", flush=True)
-    forwards = []
+
+    if args.parallel > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(args.parallel) as pool:
+            list(pool.map(one, names))
+    else:
+        for name in names:
+            one(name)
+    rows.sort(key=lambda r: names.index(r["case"]))
     if not args.dry_run and not args.skip_forwards:
         forwards = measure_forwards(folders["1.3B"])
-    info["seconds"] = time.perf_counter() - started
+    save()
     if not args.dry_run and not args.keep_models:
         import shutil
 
         for folder in (args.work / "wan-14B", args.work / "wan-1.3B"):
             shutil.rmtree(folder, ignore_errors=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({**info, "rows": rows, "forwards": forwards}, indent=2, default=str))
     print(json.dumps({k: v for k, v in info.items()}, default=str))
-    print(table(rows))
+    print(sweep_table(rows) if args.sweep else table(rows))
     if forwards:
         print()
         print(forwards_table(forwards))
