@@ -259,6 +259,12 @@ def predict(case: dict, model: Path | None, group: Group | None, timeout: int) -
         return {"feasible": False, "error": result["stderr"].strip().splitlines()[-1:]}
 
 
+def sidecar_path(out: Path) -> Path:
+    from wanfit.video import sidecar_path as where
+
+    return where(out)
+
+
 def measure(
     name: str, case: dict, model: Path | None, args, out_dir: Path, dry: bool, drop: bool = True
 ) -> dict:
@@ -280,7 +286,8 @@ def measure(
     finally:
         if plan_group:
             plan_group.close()
-    out = out_dir / f"{name}.mp4"
+    out = out_dir / name  # PNG frames: the GPU machine has no ffmpeg
+    sidecar_path(out).unlink(missing_ok=True)  # an earlier call's, perhaps of another format
     gen = ["generate", "--steps", str(args.steps), "--no-progress", "--overwrite", "--out", str(out)]
     if dry:
         gen = [*gen, "--size", "64x48", "--frames", "5"]  # the built-in tiny model, on the CPU
@@ -299,7 +306,7 @@ def measure(
     )
     row["timings"] = timings.get("timings", {})
     row["per_step_s"] = row["timings"].get("denoise_s", 0) / args.steps if row["timings"] else None
-    sidecar = out.with_suffix(".json")
+    sidecar = sidecar_path(out)
     if sidecar.is_file():
         meta = json.loads(sidecar.read_text())
         row["oom_steps"] = meta.get("oom_steps", [])
