@@ -221,9 +221,9 @@ def test_releasing_the_dit_drops_the_branch_copies_and_the_next_call_makes_them_
     apply_loras(dit, [(lora, 0.8)], "runtime")
     expected = forward(dit)
     branches = list(loras.branches)
-    assert len(branches) == WAN_TINY.num_layers * 10 and all(b._cached is not None for b in branches)
+    assert len(branches) == WAN_TINY.num_layers * 10 and all(b._up.held for b in branches)
     loras.release_device_copies()
-    assert all(b._cached is None for b in branches)
+    assert not any(c.held for b in branches for c in b.device_copies)
     torch.testing.assert_close(forward(dit), expected, rtol=0, atol=0)
     remove_loras(dit)
     assert loras.branches == []
