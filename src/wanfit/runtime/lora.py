@@ -68,9 +68,10 @@ class SharedDownProjection:
     [sum R, in], each Linear taking its columns of the result.
 
     The first member called with an input computes it for all; the others take their slice while the
-    input is the same tensor object (held here, so its identity cannot be reused) unmodified since (its
-    version) and they have not taken theirs yet; once every member has, the result is dropped. So a
-    result never outlives its forward, and a member called with another input computes afresh.
+    input is the same tensor object (held here, so its identity cannot be reused), unmodified since
+    (its version, where it has one) and they have not taken theirs yet; once every member has, the
+    result is dropped. So a result never outlives its forward, and a member called with another input,
+    or a second time, computes afresh.
     """
 
     def __init__(self, branches: list[LowRankBranch]):
@@ -85,15 +86,16 @@ class SharedDownProjection:
 
     def _clear(self) -> None:
         self._input = self._result = None
-        self._version = -1
+        self._version: int | None = None
         self._pending: set[LowRankBranch] = set()
 
     def project(self, branch: LowRankBranch, x: torch.Tensor) -> torch.Tensor:
         """x A^T for `branch` (one member), from the shared GEMM."""
-        fresh = x is self._input and x._version == self._version and branch in self._pending
+        fresh = x is self._input and branch in self._pending and _version(x) == self._version
         if not fresh:
             down = self.down.on(x.device, x.dtype)
-            self._input, self._version, self._result = x, x._version, F.linear(x, down)
+            self._input, self._result = x, F.linear(x, down)
+            self._version = _version(x)
             self._pending = set(self.members)
             self.computed += 1
         self._pending.discard(branch)
@@ -101,6 +103,15 @@ class SharedDownProjection:
         if not self._pending:
             self._clear()
         return h
+
+
+def _version(x: torch.Tensor) -> int | None:
+    """x's version counter (bumped by every in-place write), where there is one: inference tensors
+    keep none, and under torch.compile it is data-dependent (a graph break per read); there the
+    identity alone vouches, as the members read their input one after the other."""
+    if torch.compiler.is_compiling() or x.is_inference():
+        return None
+    return x._version
 
 
 class LowRankBranch:
