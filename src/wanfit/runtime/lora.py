@@ -272,8 +272,8 @@ def _shared_input_groups(dit: nn.Module, branches: dict[str, LowRankBranch]) -> 
     for i, block in enumerate(dit.blocks):
         for name, module in block.named_modules():
             prefix = f"blocks.{i}.{name}." if name else f"blocks.{i}."
-            members = [branches.get(prefix + linear) for linear in getattr(module, "shared_input_linears", ())]
-            members = [b for b in members if b is not None]
+            linears = getattr(module, "shared_input_linears", ())
+            members = [branches[prefix + n] for n in linears if prefix + n in branches]
             if len(members) > 1:
                 groups.append(members)
     return groups
