@@ -7,7 +7,9 @@
 Random real-shape weights. The LoRA is shaped like LightX2V's step-distill LoRA (rank 64 on every
 block Linear, with bias diffs, norm3 and modulation diffs, and the text/time embeddings and head).
 Per model: the merge time (fp32 math, rounded to bf16, on the GPU) and the unload time; one DiT
-forward at the job's token count without a LoRA, merged, and with the runtime low-rank branch.
+forward at the job's token count without a LoRA, merged, and with the runtime low-rank branch; on CUDA
+also with the blocks compiled (torch.compile per block, as the placement does), without a LoRA and
+with the branch (--skip-compiled: not).
 The job (1.3B, all of DiT, VAE and umT5 on the GPU): the 50-step CFG run (UniPC, guidance 5, no LoRA)
 against the 4-step distilled run with the LoRA (guidance 1), wanfit and diffusers; diffusers loads the
 same LoRA file through load_lora_weights and runs its FlowMatchLCMScheduler (its own 4-step schedule:
@@ -44,6 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--full-steps", type=int, default=50, help="steps of the CFG baseline job")
     p.add_argument("--skip-job", action="store_true")
     p.add_argument("--skip-diffusers", action="store_true")
+    p.add_argument("--skip-compiled", action="store_true", help="no forwards with the blocks compiled")
     p.add_argument("--tiny", action="store_true", help="CPU, tiny models: checks the script only")
     p.add_argument("--out", default=None)
     return p.parse_args(argv)
@@ -138,10 +141,25 @@ def bench_dit(name: str, args, device, dtype) -> dict:
     result["runtime_apply_s"], _ = timed(lambda: loras.apply([(lora, 1.0)], "runtime"), device)
     result["runtime_branch"], _ = time_forward(forward, device, warmup=1, runs=args.runs)
     loras.remove()
-    base = result["base"]["median_ms"]
-    result["runtime_branch_cost_pct"] = 100 * (result["runtime_branch"]["median_ms"] - base) / base
-    result["merged_cost_pct"] = 100 * (result["merged"]["median_ms"] - base) / base
-    for key in ("base", "merged", "runtime_branch"):
+    costs = {"runtime_branch": "base", "merged": "base"}
+    if device.type == "cuda" and not args.skip_compiled:
+        from wanfit.runtime.compile import compile_blocks, forward_with
+
+        torch.compiler.reset()
+        blocks = compile_blocks(dit.blocks)  # as the placement compiles them (static shapes)
+
+        def compiled():
+            return forward_with(dit, blocks, x, t, context)
+
+        # Two warm-ups: the first compiles (and the branch's hooks recompile once).
+        result["compiled_base"], _ = time_forward(compiled, device, warmup=2, runs=args.runs)
+        loras.apply([(lora, 1.0)], "runtime")
+        result["compiled_runtime_branch"], _ = time_forward(compiled, device, warmup=2, runs=args.runs)
+        loras.remove()
+        costs["compiled_runtime_branch"] = "compiled_base"
+    for key, base in costs.items():
+        result[f"{key}_cost_pct"] = 100 * (result[key]["median_ms"] / result[base]["median_ms"] - 1)
+    for key in {"base", *costs, *costs.values()}:
         result[key].pop("runs_ms", None)
     return result  # the DiT is freed with this frame
 

@@ -166,6 +166,8 @@ def test_streamed_plus_lora_equals_resident_plus_lora(mode, when):
         apply_loras(dit, [(lora, 0.8)], mode)
     torch.testing.assert_close(forward(dit), expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(forward(dit), expected, rtol=1e-5, atol=1e-5)  # and again (prefetch path)
+    if mode == "runtime":  # the streamed blocks' q, k, v shared their down-projection too
+        assert rig(dit)[1].shared and all(s.computed >= 2 for s in rig(dit)[1].shared)
     remove_loras(dit)
     place(dit, Plan(device="cpu"))  # back to resident
     assert streamer is not None and rig(dit)[0].streamer is None
@@ -221,9 +223,9 @@ def test_releasing_the_dit_drops_the_branch_copies_and_the_next_call_makes_them_
     apply_loras(dit, [(lora, 0.8)], "runtime")
     expected = forward(dit)
     branches = list(loras.branches)
-    assert len(branches) == WAN_TINY.num_layers * 10 and all(b._cached is not None for b in branches)
+    assert len(branches) == WAN_TINY.num_layers * 10 and all(b._up.held for b in branches)
     loras.release_device_copies()
-    assert all(b._cached is None for b in branches)
+    assert not any(c.held for b in branches for c in b.device_copies)
     torch.testing.assert_close(forward(dit), expected, rtol=0, atol=0)
     remove_loras(dit)
     assert loras.branches == []
@@ -241,3 +243,165 @@ def test_a_lora_on_a_sharded_dit_is_refused_in_one_sentence():
     with pytest.raises(ConfigError, match=r"cannot be applied to a DiT sharded across processes"):
         pipe.load_lora(make_lora(), 0.5)
     assert pipe.loras == []
+
+
+# --- the runtime branch's fused add and shared down-projection ----------------------------------
+
+
+def partial_lora(rank=8, seed=7, skip=("self_attn.k", "cross_attn.v")):
+    """A LoRA of another rank that leaves some of the Linears sharing an input alone."""
+    factors = tiny_lora.random_factors(
+        WAN_TINY.num_layers, WAN_TINY.dim, WAN_TINY.ffn_dim, rank=rank, seed=seed
+    )
+    factors = {m: f for m, f in factors.items() if not m.endswith(skip)}
+    shapes = parameter_shapes(WAN_TINY)
+    return lora_keys.convert(tiny_lora.comfy(factors, alpha=3.0), shapes)
+
+
+SHARING = ("self_attn.q", "self_attn.k", "self_attn.v", "cross_attn.k", "cross_attn.v")
+
+
+@pytest.mark.parametrize("stack", ["one", "two", "partial"])
+def test_the_branch_shares_one_down_projection_per_input_and_equals_the_merge(stack):
+    loras = {
+        "one": [(make_lora(), 0.8)],
+        "two": [(make_lora(), 0.8), (partial_lora(), -0.6)],  # ranks differ between the members
+        "partial": [(partial_lora(), 0.5)],  # q, v share; cross-attention's k alone has a branch
+    }[stack]
+    merged, branched = tiny_dit(), tiny_dit()
+    apply_loras(merged, loras, "merge")
+    apply_loras(branched, loras, "runtime")
+    state = rig(branched)[1]
+    # Per block: self-attention's q, k, v and cross-attention's k, v (the context), one GEMM each.
+    groups = [2] if stack == "partial" else [3, 2]
+    assert [len(s.members) for s in state.shared] == groups * WAN_TINY.num_layers
+    with torch.inference_mode():
+        out = branched(*inputs())
+    torch.testing.assert_close(out, forward(merged), rtol=1e-5, atol=1e-5)
+    assert all(s.computed == 1 for s in state.shared)  # one stacked GEMM per group and forward
+    # ... and none of their own: no sharing member ever made a device copy of its down factor.
+    for i in range(WAN_TINY.num_layers):
+        for name in SHARING:
+            hooks = list(branched.blocks[i].get_submodule(name)._forward_hooks.values())
+            if stack == "partial" and name in ("self_attn.k", "cross_attn.v"):
+                assert hooks == []
+                continue
+            (branch,) = hooks
+            alone = stack == "partial" and name == "cross_attn.k"
+            assert (branch.shared is None) == alone and branch._down.held == alone
+    assert all(s._input is None and s._result is None for s in state.shared)  # nothing kept after use
+    forward(branched)
+    assert all(s.computed == 2 for s in state.shared)  # a new forward computes afresh
+
+
+def test_a_shared_down_projection_is_never_reused_for_another_or_a_changed_input():
+    lora = make_lora()
+    merged, branched = tiny_dit(), tiny_dit()
+    apply_loras(merged, [(lora, 0.8)], "merge")
+    apply_loras(branched, [(lora, 0.8)], "runtime")
+    shared = rig(branched)[1].shared[0]
+    attn, reference = branched.blocks[0].self_attn, merged.blocks[0].self_attn
+    gen = torch.Generator().manual_seed(2)
+    x, y = torch.randn(1, 5, WAN_TINY.dim, generator=gen), torch.randn(1, 5, WAN_TINY.dim, generator=gen)
+    with torch.no_grad():
+        checks = [
+            (attn.q(x), reference.q(x)),
+            (attn.k(y), reference.k(y)),  # another input: computed afresh
+            (attn.k(y), reference.k(y)),  # k took its share already: afresh
+            (attn.v(y), reference.v(y)),  # v and q share the last
+            (attn.q(y), reference.q(y)),
+        ]
+        x.mul_(2)  # changed in place after q read it: k must not take the old result
+        checks += [(attn.q(x), reference.q(x)), (attn.k(x.mul_(0.5)), reference.k(x))]
+    for got, expected in checks:
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert shared.computed == 5
+
+
+def test_without_autograd_the_branch_adds_into_the_linears_output_with_autograd_beside_it():
+    dit = tiny_dit()
+    apply_loras(dit, [(make_lora(), 0.8)], "runtime")
+    layer = dit.blocks[0].ffn[2]
+    (branch,) = layer._forward_hooks.values()
+    x = torch.randn(3, WAN_TINY.ffn_dim, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        output = torch.nn.functional.linear(x, layer.weight, layer.bias)
+        expected = output + branch.down_projection(x) @ branch.up.T
+        assert branch(layer, (x,), output) is output  # in place: the fused GEMM
+    torch.testing.assert_close(output, expected, rtol=1e-6, atol=1e-6)
+    with torch.enable_grad():
+        fresh = torch.nn.functional.linear(x, layer.weight, layer.bias)
+        added = branch(layer, (x,), fresh)
+    assert added is not fresh and not torch.equal(fresh, added)  # out of place: the Linear's own is kept
+    torch.testing.assert_close(added, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_with_autograd_the_branch_adds_out_of_place_and_gives_the_same_gradients():
+    lora = make_lora()
+    merged, branched = tiny_dit(), tiny_dit()
+    apply_loras(merged, [(lora, 0.8)], "merge")
+    apply_loras(branched, [(lora, 0.8)], "runtime")
+    results = []
+    for dit in (merged, branched):
+        x, t, context = inputs()
+        x.requires_grad_(True)
+        out = dit(x, t, context)
+        out.square().sum().backward()
+        results.append((out.detach(), x.grad))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-4, atol=1e-5)
+
+
+def test_the_branch_beside_the_fast_tiers_fp8_gemm_adds_its_update_to_the_gemms_output():
+    from wanfit.runtime import fp8_linear
+
+    lora = make_lora(biases=False)  # a bias diff would be merged into the bias the GEMM shares
+    dit = tiny_dit(torch.bfloat16)
+    fp8_linear.install(dit.blocks, matmul="emulated")
+    layer = dit.blocks[1].ffn[0]
+    x = torch.randn(1, 7, WAN_TINY.dim, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    with torch.no_grad():
+        base = layer(x)
+        apply_loras(dit, [(lora, 0.8)], "runtime")
+        got = layer(x)
+        remove_loras(dit)
+        assert torch.equal(layer(x), base)  # the fp8 GEMM's own state was not written into
+    update = lora.low_rank["blocks.1.ffn.0"]
+    expected = base.float() + 0.8 * update.scale * (x.float() @ update.down.float().T) @ update.up.float().T
+    torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2)  # bf16 rounding
+    assert (got.float() - base.float()).abs().mean() > 0.1
+
+
+class _GraphCounter:
+    """aot_eager (functionalises in-place ops as Inductor does, without generating code), counting graphs."""
+
+    def __init__(self):
+        from torch._dynamo.backends.registry import lookup_backend
+
+        self.inner, self.graphs = lookup_backend("aot_eager"), 0
+
+    def __call__(self, graph, example_inputs):
+        self.graphs += 1
+        return self.inner(graph, example_inputs)
+
+
+def test_the_branch_under_torch_compile_of_the_blocks_gives_the_eager_output_with_no_extra_graphs():
+    from wanfit.runtime.compile import compile_blocks, forward_with
+
+    loras = [(make_lora(), 0.8), (partial_lora(), -0.6)]
+    dit = tiny_dit()
+    counts = []
+    with torch.no_grad():
+        for applied in (False, True):
+            if applied:
+                apply_loras(dit, loras, "runtime")
+            eager = forward(dit)
+            torch.compiler.reset()
+            backend = _GraphCounter()
+            compiled = forward_with(dit, compile_blocks(dit.blocks, backend=backend), *inputs())
+            torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+            counts.append(backend.graphs)
+    torch.compiler.reset()
+    state = rig(dit)[1]
+    assert counts[1] == counts[0]  # the branch breaks no graph
+    assert all(s.computed == 2 and s._input is None for s in state.shared)  # shared inside the graphs too

@@ -154,6 +154,10 @@ class Projections(nn.Module):
 
 
 class SelfAttention(Projections):
+    # Linears that read one and the same tensor in a forward (a runtime may share work on that input:
+    # wanfit.runtime.lora computes their LoRA down-projections in one GEMM).
+    shared_input_linears = ("q", "k", "v")
+
     def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float):
         super().__init__(dim, num_heads, qk_norm, eps)
         self.attention_chunk: int | None = None  # query rows per attention call (set by the runtime)
@@ -174,6 +178,8 @@ class SelfAttention(Projections):
 
 
 class CrossAttention(Projections):
+    shared_input_linears = ("k", "v")  # both read the context (as SelfAttention's)
+
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """x [B, L, C], context [B, Lc, C] embedded text -> [B, L, C] in the weights' dtype."""
         dtype = self.q.weight.dtype

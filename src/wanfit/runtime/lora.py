@@ -5,8 +5,10 @@ merge    W' = W + sum_i strength_i * delta_i, computed in fp32 from the base wei
          keeps the weight: the parameter, or the block streamer's stored (host or fp8) copy, so a merge
          is neither lost when a streamer copies the weights nor undone by a prefetched copy.
 runtime  y = x W^T + (x A^T) B^T beside each Linear of the blocks, B carrying strength * alpha / rank
-         (several LoRAs: their factors stacked, one branch); the weights stay as stored. Everything
-         that is no block Linear (diffs, norms, modulation, embeddings) is merged in either mode.
+         (several LoRAs: their factors stacked, one branch); the weights stay as stored. Without
+         autograd the add is fused into the up-projection's GEMM (in place on the Linear's output),
+         and Linears that read one input (q, k, v) share one down-projection GEMM. Everything that
+         is no block Linear (diffs, norms, modulation, embeddings) is merged in either mode.
 Which one runs is the plan's (Plan.lora_mode; the planner's rule is wanfit.plan.lora.lora_mode_rule);
 either runs on any placement.
 Every touched tensor's stored form is kept on the host the first time, so `remove_loras` restores
@@ -40,25 +42,115 @@ class _Original:
         return t.mul_(self.scale.to(device)) if self.scale is not None else t
 
 
-class LowRankBranch:
-    """A forward hook adding (x A^T) B^T to a Linear's output; factors cached per device and dtype."""
+class _DeviceCopy:
+    """A host fp32 tensor's copy on one device and dtype, made on first use (one kept at a time)."""
 
-    def __init__(self, down: torch.Tensor, up: torch.Tensor):
-        self.down, self.up = down, up  # fp32 masters on the host: [R, in], [out, R] (scales folded into up)
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
         self._cached: tuple | None = None
 
-    def factors(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def on(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         if self._cached is None or self._cached[0] != (device, dtype):
-            self._cached = ((device, dtype), self.down.to(device, dtype), self.up.to(device, dtype))
-        return self._cached[1], self._cached[2]
+            self._cached = ((device, dtype), self.tensor.to(device, dtype))
+        return self._cached[1]
+
+    @property
+    def held(self) -> bool:
+        return self._cached is not None
 
     def release(self) -> None:
         self._cached = None
 
+
+class SharedDownProjection:
+    """The down-projections of sibling Linears that read one input tensor (a module's
+    `shared_input_linears`, e.g. self-attention's q, k, v): one GEMM with their stacked factors
+    [sum R, in], each Linear taking its columns of the result.
+
+    The first member called with an input computes it for all; the others take their slice while the
+    input is the same tensor object (held here, so its identity cannot be reused), unmodified since
+    (its version, where it has one) and they have not taken theirs yet; once every member has, the
+    result is dropped. So a result never outlives its forward, and a member called with another input,
+    or a second time, computes afresh.
+    """
+
+    def __init__(self, branches: list[LowRankBranch]):
+        self.members = branches
+        self.down = _DeviceCopy(torch.cat([b.down for b in branches]))
+        start = 0
+        for branch in branches:
+            branch.shared, branch.span = self, slice(start, start + branch.down.shape[0])
+            start += branch.down.shape[0]
+        self.computed = 0  # stacked GEMMs run (the tests count them)
+        self._clear()
+
+    def _clear(self) -> None:
+        self._input = self._result = None
+        self._version: int | None = None
+        self._pending: set[LowRankBranch] = set()
+
+    def project(self, branch: LowRankBranch, x: torch.Tensor) -> torch.Tensor:
+        """x A^T for `branch` (one member), from the shared GEMM."""
+        fresh = x is self._input and branch in self._pending and _version(x) == self._version
+        if not fresh:
+            down = self.down.on(x.device, x.dtype)
+            self._input, self._result = x, F.linear(x, down)
+            self._version = _version(x)
+            self._pending = set(self.members)
+            self.computed += 1
+        self._pending.discard(branch)
+        h = self._result[..., branch.span]
+        if not self._pending:
+            self._clear()
+        return h
+
+
+def _version(x: torch.Tensor) -> int | None:
+    """x's version counter (bumped by every in-place write), where there is one: inference tensors
+    keep none, and under torch.compile it is data-dependent (a graph break per read); there the
+    identity alone vouches, as the members read their input one after the other."""
+    if torch.compiler.is_compiling() or x.is_inference():
+        return None
+    return x._version
+
+
+class LowRankBranch:
+    """A forward hook adding (x A^T) B^T to a block Linear's output (factors cached per device and dtype).
+
+    Without autograd the add is fused into the up-projection: `output += h B^T` by one GEMM with beta=1
+    (cuBLAS addmm_), accumulated in fp32 and rounded once, so no [tokens, out] temporary is written and
+    read again. In place is safe because the hook sits only on wanfit.models.dit.Linear, whose forward
+    returns a tensor of its own (F.linear's, or the fp8 GEMM's); with autograd on, or an output that is
+    not a plain contiguous tensor of x's dtype, the branch adds out of place.
+    """
+
+    def __init__(self, down: torch.Tensor, up: torch.Tensor):
+        self.down, self.up = down, up  # fp32 masters on the host: [R, in], [out, R] (scales folded into up)
+        self.shared: SharedDownProjection | None = None  # set when siblings share the down-projection
+        self.span = slice(0, down.shape[0])  # this branch's columns of the shared result
+        self._down, self._up = _DeviceCopy(down), _DeviceCopy(up)  # the down one unused when shared
+
+    @property
+    def device_copies(self) -> list[_DeviceCopy]:
+        return [self._up, self._down] + ([self.shared.down] if self.shared is not None else [])
+
+    def release(self) -> None:
+        for copy in self.device_copies:
+            copy.release()
+
+    def down_projection(self, x: torch.Tensor) -> torch.Tensor:
+        if self.shared is not None:
+            return self.shared.project(self, x)
+        return F.linear(x, self._down.on(x.device, x.dtype))
+
     def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         x = args[0]
-        down, up = self.factors(x.device, x.dtype)
-        return output + F.linear(F.linear(x, down), up).to(output.dtype)
+        h = self.down_projection(x)
+        up = self._up.on(x.device, x.dtype)
+        if not torch.is_grad_enabled() and output.dtype == x.dtype and output.is_contiguous():
+            output.view(-1, output.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), up.t())
+            return output
+        return output + F.linear(h, up).to(output.dtype)
 
 
 def parameter_shapes(config) -> dict[str, tuple[int, ...]]:
@@ -84,6 +176,7 @@ class DiTLoras:
         self.originals: dict[str, _Original] = {}
         self.hooks: list = []
         self.branches: list[LowRankBranch] = []
+        self.shared: list[SharedDownProjection] = []
 
     @property
     def streamer(self):
@@ -125,12 +218,14 @@ class DiTLoras:
             _write(dit, self.streamer, name, value, original.dtype)
         self.originals = originals  # tensors no LoRA touches any more were restored by _restore
 
+        by_module: dict[str, LowRankBranch] = {}
         for module_name, updates in branches.items():
             down = torch.cat([u.down.float().flatten(1) for _, u in updates])
             up = torch.cat([strength * u.scale * u.up.float().flatten(1) for strength, u in updates], dim=1)
-            branch = LowRankBranch(down, up)
+            branch = by_module[module_name] = LowRankBranch(down, up)
             self.branches.append(branch)
             self.hooks.append(dit.get_submodule(module_name).register_forward_hook(branch))
+        self.shared = [SharedDownProjection(group) for group in _shared_input_groups(dit, by_module)]
         self._reset_streamer()
 
     def remove(self) -> None:
@@ -149,6 +244,7 @@ class DiTLoras:
             hook.remove()
         self.hooks.clear()
         self.branches.clear()
+        self.shared.clear()
         for name, original in self.originals.items():
             _write_original(self.dit, self.streamer, name, original)
         self._reset_streamer()
@@ -167,6 +263,20 @@ def _block_linears(dit: nn.Module) -> set[str]:
         for name, module in block.named_modules()
         if isinstance(module, nn.Linear)
     }
+
+
+def _shared_input_groups(dit: nn.Module, branches: dict[str, LowRankBranch]) -> list[list[LowRankBranch]]:
+    """The branches of sibling Linears that read one input (a block module's `shared_input_linears`),
+    two or more of them with a branch."""
+    groups = []
+    for i, block in enumerate(dit.blocks):
+        for name, module in block.named_modules():
+            prefix = f"blocks.{i}.{name}." if name else f"blocks.{i}."
+            linears = getattr(module, "shared_input_linears", ())
+            members = [branches[prefix + n] for n in linears if prefix + n in branches]
+            if len(members) > 1:
+                groups.append(members)
+    return groups
 
 
 # --- where a parameter's value lives --------------------------------------------------------------
