@@ -17,7 +17,7 @@ def quant_int8(
     with one scale; padded rows (past L) are written as zeros."""
     blk = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
+    b = (bh // H).to(tl.int64)  # batch offsets can pass 2**31 elements
     h = bh % H
     rows = blk * BLOCK + tl.arange(0, BLOCK)
     cols = tl.arange(0, HEAD_DIM)
@@ -48,7 +48,7 @@ def quant_fp8_transposed(
     the layout the fp8 MMA wants for the B operand of P·V."""
     blk = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
+    b = (bh // H).to(tl.int64)  # batch offsets can pass 2**31 elements
     h = bh % H
     rows = blk * BLOCK + tl.arange(0, BLOCK)
     cols = tl.arange(0, HEAD_DIM)
@@ -101,7 +101,7 @@ def attention(
     """One tile of query rows of one (batch, head) against every key."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
+    b = (bh // H).to(tl.int64)  # batch offsets can pass 2**31 elements
     h = bh % H
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, HEAD_DIM)
