@@ -133,9 +133,15 @@ def test_the_fast_tier_on_an_sm90_card_runs_the_self_attention_in_int8(triton_im
     assert any("self-attention runs int8_triton (lossy" in note for note in fast.notes)
     assert fast.to_dict()["settings"]["self_attention"] == "int8_triton"  # what `wanfit plan` shows
     assert "self int8_triton" in fast.summary()
-    assert plan_for(
-        model_request("14B"), Constraints(fast=True), emulated("rtx4090")
-    ).plan.self_attention == ("int8_triton")
+    big = plan_for(model_request("14B"), Constraints(fast=True), emulated("h200")).plan
+    assert big.tier == "fast" and big.self_attention == "int8_triton"
+
+
+def test_a_declined_fast_tier_runs_nothing_lossy(triton_imports):
+    # 14B on a 24 GB card: the fp8 copies do not fit beside a resident DiT, so the plan streams it
+    # or declines the fast tier; either way its tier is exact, and so is its attention.
+    plan = plan_for(model_request("14B"), Constraints(fast=True), emulated("rtx4090")).plan
+    assert plan.tier == "exact" and backends.default_registry()[plan.self_attention].exact
 
 
 def test_the_exact_tier_never_runs_it(triton_imports):

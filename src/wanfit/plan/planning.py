@@ -185,9 +185,7 @@ def plan_for(
         notes += fast_notes
         fast = overrides["fp8_gemm"]
 
-    attention, attention_notes = select_attention(
-        request, hw, precision.compute, forced, constraints, lossy_self=fast
-    )
+    attention, attention_notes = select_attention(request, hw, precision.compute, forced, constraints)
     notes += attention_notes
     device = budget_from_probe(hw, attention["self"])
     result = plan_run(
@@ -200,7 +198,39 @@ def plan_for(
         fp8=constraints.fp8,
         attention=attention,
     )
+    if fast and forced is None and result.plan.fast_tier_in_place:
+        result, note = _fast_self_attention(result, request, hw, precision.compute)
+        notes.append(note)
     return replace(result, notes=tuple(notes) + result.notes, hardware=hw)
+
+
+def _fast_self_attention(
+    result: PlanResult, request: Request, hw: HardwareProbe, dtype
+) -> tuple[PlanResult, str]:
+    """The fast tier's self-attention: lossy kernels (int8_triton, sage) compete on speed for the DiT's
+    self-attention, where attention's time is; the winner goes into the Plan's self_attention, with a
+    note. Only where the fast tier is in place (a declined or exact-running fast tier runs nothing
+    lossy), and only a kernel of the exact choice's memory class (the estimates were made with it)."""
+    from wanfit.attention.dispatch import Dispatcher
+
+    lossy = Dispatcher(hw, allow_lossy=True)
+    call = attention_calls(request, hw, dtype, lossy)["self"]
+    chosen = lossy.select(call).backend
+    exact = result.plan.self_attention
+    registry = lossy.registry
+    if registry[chosen].exact or registry.memory_class(chosen) != registry.memory_class(exact):
+        refused = "; ".join(
+            f"{c.name} {c.reason.rstrip('.')}"
+            for c in lossy.candidates(call)
+            if not c.exact and not c.available
+        )
+        return result, f"the fast tier: the DiT's self-attention stays exact ({exact}): " + (
+            f"{refused}." if refused else "an exact kernel ranks faster here."
+        )
+    plan = replace(result.plan, self_attention=chosen)
+    return replace(result, plan=plan), (
+        f"the fast tier: the DiT's self-attention runs {chosen} (lossy: quantised q, k and v)."
+    )
 
 
 def fast_tier(hw: HardwareProbe, compute, by_flag: bool) -> tuple[bool, list[str]]:
@@ -264,26 +294,17 @@ def _check_text_encoder_device(asked: str | None, hw: HardwareProbe) -> None:
 
 
 def select_attention(
-    request: Request,
-    hw: HardwareProbe,
-    dtype,
-    forced: str | None,
-    constraints: Constraints,
-    *,
-    lossy_self: bool = False,
+    request: Request, hw: HardwareProbe, dtype, forced: str | None, constraints: Constraints
 ) -> tuple[dict[str, str | None], list[str]]:
     """The backend a dispatcher on `hw` picks for each kind of the job's attention calls.
 
     A forced backend must serve the DiT's self-attention (else one sentence says why); where it cannot
-    serve cross or VAE attention, those keep the ranked choice, with a note. lossy_self (the fast
-    tier): lossy kernels (int8_triton, sage) compete on speed for the DiT's self-attention, where
-    attention's time is; the Plan's self_attention then names the one that won, and a note says so.
+    serve cross or VAE attention, those keep the ranked choice, with a note.
     """
     from wanfit.attention.dispatch import Dispatcher
 
     dispatcher = Dispatcher(hw, forced=forced, allow_lossy=constraints.allow_lossy_attention)
     auto = Dispatcher(hw, allow_lossy=constraints.allow_lossy_attention, registry=dispatcher.registry)
-    fast_self = Dispatcher(hw, allow_lossy=True, registry=dispatcher.registry) if lossy_self else auto
     forced = dispatcher.forced  # normalised (a typo is a ConfigError there)
     calls = attention_calls(request, hw, dtype, dispatcher)
     chosen: dict[str, str | None] = {}
@@ -302,28 +323,14 @@ def select_attention(
             notes.append(
                 f"--attention {forced} cannot serve the {kind} attention ({cand.reason.rstrip('.')})."
             )
-        chooser = fast_self if kind == "self" else auto
         try:
-            chosen[kind] = chooser.select(call).backend
+            chosen[kind] = auto.select(call).backend
         except AttentionUnavailableError as err:
             if kind == "self":
                 raise
             chosen[kind] = None
             notes.append(f"no attention backend was found for the {kind} attention here: {err}")
-    if lossy_self and forced is None:
-        notes.append(_fast_attention_note(fast_self, calls["self"], chosen["self"]))
     return chosen, notes
-
-
-def _fast_attention_note(dispatcher, call, chosen: str) -> str:
-    """What the fast tier did with the DiT's self-attention: a lossy kernel, or exact and why."""
-    if not dispatcher.registry[chosen].exact:
-        return f"the fast tier: the DiT's self-attention runs {chosen} (lossy: quantised q, k and v)."
-    lossy = [c for c in dispatcher.candidates(call) if not c.exact]
-    why = "; ".join(f"{c.name} {c.reason.rstrip('.')}" for c in lossy if not c.available)
-    return f"the fast tier: the DiT's self-attention stays exact ({chosen}): " + (
-        f"{why}." if why else "an exact kernel ranks faster here."
-    )
 
 
 def attention_calls(request: Request, hw: HardwareProbe, dtype, dispatcher) -> dict:
