@@ -155,10 +155,10 @@ def test_measured_ranking_reorders_fused_kernels_but_keeps_the_fallbacks_last():
     backends = builtin_backends()
     default = rank(backends, {}, allow_lossy=False)
     assert default[:4] == ["sdpa_cudnn", "flash_attn3", "flash_attn2", "sdpa_flash"]
-    assert default[-3:] == ["sdpa_math", "chunked", "sage"]
+    assert default[-4:] == ["sdpa_math", "chunked", "int8_triton", "sage"]
     measured = rank(backends, {"sdpa_efficient": 5.0, "sdpa_cudnn": 9.0, "sdpa_math": 1.0}, allow_lossy=False)
     assert measured[:2] == ["sdpa_efficient", "sdpa_cudnn"]
-    assert measured[-3:] == ["sdpa_math", "chunked", "sage"]
+    assert measured[-4:] == ["sdpa_math", "chunked", "int8_triton", "sage"]
     d = Dispatcher(probe("h100"), measured_ms={"sdpa_efficient": 5.0, "sdpa_cudnn": 9.0})
     assert d.select(d.call_on_probe(torch.bfloat16, TOKENS)).backend == "sdpa_efficient"
     assert d.ranking_source == "measured on this card"

@@ -34,8 +34,8 @@ def test_doctor_json_under_t4_emulation(capsys):
     assert att["selected"] == "sdpa_efficient" and att["selection"]["kernel_dtype"] == "float16"
     assert att["call"]["q_len"] == 32760 and att["call"]["heads"] == 12 and att["call"]["head_dim"] == 128
     by_name = {c["name"]: c for c in att["candidates"]}
-    assert set(by_name) == {"flash_attn3", "flash_attn2", "sage", "xformers", "sdpa_cudnn", "sdpa_flash",
-                            "sdpa_efficient", "sdpa_math", "chunked"}  # fmt: skip
+    assert set(by_name) == {"flash_attn3", "flash_attn2", "sage", "int8_triton", "xformers", "sdpa_cudnn",
+                            "sdpa_flash", "sdpa_efficient", "sdpa_math", "chunked"}  # fmt: skip
     assert all(set(c) >= {"name", "available", "reason"} for c in att["candidates"])
     assert not by_name["sdpa_flash"]["available"] and "sm_75" in by_name["sdpa_flash"]["reason"]
     assert not by_name["sdpa_math"]["available"] and "48.0 GiB" in by_name["sdpa_math"]["reason"]
@@ -154,7 +154,7 @@ def test_a_faster_fallback_is_ranked_after_fused_kernels_and_the_bench_says_why(
 
     order = rank(builtin_backends(), {"chunked": 85.0, "sdpa_math": 135.0, "sdpa_efficient": 200.0}, False)
     assert order.index("sdpa_efficient") < order.index("chunked") < order.index("sdpa_math")
-    assert rank(builtin_backends(), {}, False)[-3:] == ["sdpa_math", "chunked", "sage"]
+    assert rank(builtin_backends(), {}, False)[-4:] == ["sdpa_math", "chunked", "int8_triton", "sage"]
     fallbacks = ["sdpa_math", "chunked"]
     notes = _ranking_notes(
         "sdpa_efficient", {"chunked": 85.0, "sdpa_math": 135.0, "sdpa_efficient": 200.0}, fallbacks

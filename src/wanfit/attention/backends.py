@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from wanfit.attention.chunked import chunked_attention
+from wanfit.attention.int8_attention import HEAD_DIMS as INT8_HEAD_DIMS
+from wanfit.attention.int8_attention import int8_attention
 
 FP16, BF16, FP32, FP64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 ARCH_NAMES = {
@@ -233,6 +235,12 @@ def _run_sage(q, k, v, *, scale=None, attn_mask=None):
     return _import("sageattention").sageattn(q, k, v, tensor_layout="NHD", is_causal=False, sm_scale=scale)
 
 
+def _run_int8_triton(q, k, v, *, scale=None, attn_mask=None):
+    if attn_mask is not None:
+        raise ValueError("int8_triton takes no attention mask.")
+    return int8_attention(q, k, v, scale=scale)
+
+
 def _run_xformers(q, k, v, *, scale=None, attn_mask=None):
     return _import("xformers.ops").memory_efficient_attention(q, k, v, scale=scale)
 
@@ -321,6 +329,20 @@ def builtin_backends() -> list[AttentionBackend]:
             head_dims=(64, 96, 128),
             exact=False,
             default_ms=15.5,
+        ),
+        AttentionBackend(
+            "int8_triton",
+            _run_int8_triton,
+            "int8 Q·K^T (K smoothed), fp8 P·V, in Triton (SageAttention2's method: lossy)",
+            package="triton",
+            pip_name="triton",
+            dist_names=("triton",),
+            min_capability=(8, 9),  # fp8 tensor cores (Ada, Hopper)
+            head_dims=INT8_HEAD_DIMS,
+            exact=False,
+            # A guess until benchmarks/bench_int8_attention.py measures it on the H200 (int8 and
+            # fp8 MMAs run at twice bf16's rate there; the quantisation passes cost extra).
+            default_ms=8.0,
         ),
         AttentionBackend(
             "xformers",

@@ -91,7 +91,7 @@ def add_hardware_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--allow-lossy-attention",
         action="store_true",
-        help="let lossy kernels (sage) compete on speed with exact ones",
+        help="let lossy kernels (sage, int8_triton) compete on speed with exact ones",
     )
     group.add_argument("--dtype", default=None, help="compute dtype (bf16, fp16, fp32); default: by card")
 

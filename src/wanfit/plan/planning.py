@@ -179,9 +179,11 @@ def plan_for(
     if forced is not None:
         overrides["attention"] = forced
     _check_text_encoder_device(overrides.get("text_encoder_device"), hw)
+    fast = False
     if constraints.fast or overrides.get("fp8_gemm"):
         overrides["fp8_gemm"], fast_notes = fast_tier(hw, precision.compute, constraints.fast)
         notes += fast_notes
+        fast = overrides["fp8_gemm"]
 
     attention, attention_notes = select_attention(request, hw, precision.compute, forced, constraints)
     notes += attention_notes
@@ -196,7 +198,39 @@ def plan_for(
         fp8=constraints.fp8,
         attention=attention,
     )
+    if fast and forced is None and result.plan.fast_tier_in_place:
+        result, note = _fast_self_attention(result, request, hw, precision.compute)
+        notes.append(note)
     return replace(result, notes=tuple(notes) + result.notes, hardware=hw)
+
+
+def _fast_self_attention(
+    result: PlanResult, request: Request, hw: HardwareProbe, dtype
+) -> tuple[PlanResult, str]:
+    """The fast tier's self-attention: lossy kernels (int8_triton, sage) compete on speed for the DiT's
+    self-attention, where attention's time is; the winner goes into the Plan's self_attention, with a
+    note. Only where the fast tier is in place (a declined or exact-running fast tier runs nothing
+    lossy), and only a kernel of the exact choice's memory class (the estimates were made with it)."""
+    from wanfit.attention.dispatch import Dispatcher
+
+    lossy = Dispatcher(hw, allow_lossy=True)
+    call = attention_calls(request, hw, dtype, lossy)["self"]
+    chosen = lossy.select(call).backend
+    exact = result.plan.self_attention
+    registry = lossy.registry
+    if registry[chosen].exact or registry.memory_class(chosen) != registry.memory_class(exact):
+        refused = "; ".join(
+            f"{c.name} {c.reason.rstrip('.')}"
+            for c in lossy.candidates(call)
+            if not c.exact and not c.available
+        )
+        return result, f"the fast tier: the DiT's self-attention stays exact ({exact}): " + (
+            f"{refused}." if refused else "an exact kernel ranks faster here."
+        )
+    plan = replace(result.plan, self_attention=chosen)
+    return replace(result, plan=plan), (
+        f"the fast tier: the DiT's self-attention runs {chosen} (lossy: quantised q, k and v)."
+    )
 
 
 def fast_tier(hw: HardwareProbe, compute, by_flag: bool) -> tuple[bool, list[str]]:
