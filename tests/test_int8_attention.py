@@ -125,8 +125,19 @@ def triton_imports(monkeypatch):
     monkeypatch.setattr(backends, "import_reason", lambda m, p: None if m == "triton" else real(m, p))
 
 
-def test_the_fast_tier_on_an_sm90_card_runs_the_self_attention_in_int8(triton_imports):
+def test_the_fast_tier_keeps_cudnn_where_int8_measured_slower_and_takes_int8_where_it_is_faster(
+    triton_imports, tmp_path, monkeypatch
+):
+    # The registry's speeds are the H200's of 2026-12-02: int8_triton 12.44 ms, cuDNN 10.50 ms.
+    monkeypatch.setenv("WANFIT_CACHE_DIR", str(tmp_path))
     request = model_request("1.3B")
+    kept = plan_for(request, Constraints(fast=True), emulated("h200"))
+    assert kept.plan.self_attention == "sdpa_cudnn"
+    assert any("self-attention stays exact (sdpa_cudnn)" in note for note in kept.notes)
+    # A card whose own measurement (`wanfit bench attention`) puts int8 first gets it, in the plan.
+    from wanfit.attention.ranking import save_measured
+
+    save_measured(emulated("h200"), {"int8_triton": 6.0, "sdpa_cudnn": 10.5}, {})
     fast = plan_for(request, Constraints(fast=True), emulated("h200"))
     assert fast.plan.self_attention == "int8_triton"
     assert fast.plan.cross_attention != "int8_triton" and fast.plan.vae_attention != "int8_triton"
@@ -135,6 +146,8 @@ def test_the_fast_tier_on_an_sm90_card_runs_the_self_attention_in_int8(triton_im
     assert "self int8_triton" in fast.summary()
     big = plan_for(model_request("14B"), Constraints(fast=True), emulated("h200")).plan
     assert big.tier == "fast" and big.self_attention == "int8_triton"
+    # The exact tier ignores the measurement.
+    assert plan_for(request, Constraints(), emulated("h200")).plan.self_attention == "sdpa_cudnn"
 
 
 def test_a_declined_fast_tier_runs_nothing_lossy(triton_imports):

@@ -5,10 +5,10 @@ The job's LoRAs reach planning as LoraShapes (ranks and targets, no weights) on 
 its answer in the plan, the pipeline and wanfit.runtime.lora obey it. `lora_memory` counts what each
 mode costs, for the device and host estimates (estimates.py, host_estimates.py).
 
-Checked against an H200 run of benchmarks/bench_lora.py (1.3B, 832x480x81, one sample, bf16, rank 64
-on every block Linear): the runtime branch raised the forward's peak by 0.75 GiB, estimated here at
-0.71 (0.163 of factors, 0.551 of the up-projection's output beside ffn.0's); a merge left it unchanged
-(tests/test_lora_plan.py keeps the comparison).
+Checked against an H200 run of benchmarks/bench_lora.py (2026-12-02: 1.3B, 832x480x81, one sample, bf16,
+rank 64 on every block Linear): the runtime branch raised the forward's peak by 0.20 GiB (4.65 -> 4.85),
+estimated here at 0.175 (0.163 of factors, 0.012 of q/k/v's shared down-projection); a merge left it
+unchanged (tests/test_lora_plan.py keeps the comparison).
 """
 
 from __future__ import annotations
@@ -111,6 +111,28 @@ def _block_linear_names(config) -> frozenset[str]:
     return frozenset(name for name, m in block.named_modules() if isinstance(m, nn.Linear))
 
 
+@cache
+def _shared_groups(config) -> tuple[frozenset[str], ...]:
+    """The block's Linears that read one input and share the branch's down-projection (the model's
+    `shared_input_linears`), by name within the block."""
+    import torch
+
+    from wanfit.models.dit import WanBlock
+
+    with torch.device("meta"):
+        block = WanBlock(config)
+    return tuple(
+        frozenset(f"{prefix}.{name}" if prefix else name for name in m.shared_input_linears)
+        for prefix, m in block.named_modules()
+        if getattr(m, "shared_input_linears", ())
+    )
+
+
+def _shared_group(config, name: str) -> frozenset[str]:
+    """The Linears whose down-projection is computed with `name`'s (itself alone if none)."""
+    return next((g for g in _shared_groups(config) if name in g), frozenset({name}))
+
+
 def _in_block(module: str) -> str | None:
     """'blocks.3.ffn.0' -> 'ffn.0'; None outside the blocks."""
     parts = module.split(".")
@@ -188,9 +210,9 @@ def lora_memory(request, plan: Plan) -> LoraMemory:
     """The LoRAs' memory under `plan` (nothing without LoRAs).
 
     runtime branch: the factors on the device, rank x (in + out) per block Linear in the compute dtype;
-    at each Linear call the branch holds x A^T [rows, rank] and then (x A^T) B^T [rows, out] beside the
-    Linear's own output until they are summed: one output more, counted for the largest Linear (ffn.0
-    over the FFN's rows, whose stage is the DiT's peak; the other Linears' calls fall below it).
+    at each Linear call the branch holds x A^T [rows, rank] (for Linears sharing one input, e.g. q/k/v,
+    their stacked ranks) and adds its up-projection into the Linear's output in place, so no second
+    output is held (wanfit.runtime.lora, without autograd).
     merge: MERGE_FP32_COPIES fp32 copies of the largest merged weight while it is merged, where the DiT
     was loaded (the device for a resident DiT, the host for a streamed or fp8 one); nothing after.
     Both keep on the host the stored form of every tensor merged (the base weights `unload_loras`
@@ -209,8 +231,14 @@ def lora_memory(request, plan: Plan) -> LoraMemory:
     batch, share = rank_batch(request, plan), rank_tokens(request, plan)
     ffn_rows = min(share, plan.ffn_chunk) if plan.ffn_chunk else share
     factor_elements = sum(b.rank * (b.inputs + b.outputs) for b in branches)
+    ranks: dict[str, int] = {}
+    for b in branches:
+        ranks[b.name] = max(ranks.get(b.name, 0), b.rank)
+    stacked = {  # the down-projection's width per call: a shared group's ranks stacked
+        name: sum(ranks.get(member, 0) for member in _shared_group(config, name)) for name in ranks
+    }
     branch = max(
-        (batch * (ffn_rows if b.name.startswith("ffn.") else share) * (b.outputs + b.rank) for b in branches),
+        (batch * (ffn_rows if name.startswith("ffn.") else share) * width for name, width in stacked.items()),
         default=0,
     )
     largest = max((_numel(params[name]) for name in merged), default=0)

@@ -29,11 +29,13 @@ VAE_DECODE_FLOP_PER_PIXEL = 1.25e7
 # Fixed cost of one DiT block call beyond its FLOPs (kernel launches, Python): dominates tiny models.
 BLOCK_OVERHEAD_S = {"cuda": 2e-4, "cpu": 3e-3}
 FP32_ON_TENSOR_CARDS = 1 / 8  # fp32 runs without tensor cores: about an eighth of the fp16 rate
-# LoRAs, measured on an H200 (benchmarks/bench_lora.py: 1.3B, 832x480x81, bf16, a LightX2V-shaped LoRA
-# of rank 64 on every block Linear, 305 modules): the runtime branch made each DiT forward 6.5% slower;
-# the merge took 3.7 s once, for 1.416e9 merged weight elements. The branch's share scales with its
-# factors against that LoRA's (wanfit.plan.lora.full_branch_elements), the merge with the elements merged.
-LORA_BRANCH_FORWARD_COST = 0.065
+# LoRAs, measured on an H200 (benchmarks/bench_lora.py, 2026-12-02: 1.3B, 832x480x81, bf16, a
+# LightX2V-shaped LoRA of rank 64 on every block Linear, 305 modules): the runtime branch (its add fused
+# into the up-projection, q/k/v sharing one down-projection) made each eager DiT forward 4.9% slower
+# (574.2 -> 602.6 ms) and the compiled one no slower (518.0 -> 517.9 ms); the merge took 3.3-3.7 s
+# for 1.416e9 merged weight elements. The branch's share scales with its factors against that LoRA's
+# (wanfit.plan.lora.full_branch_elements), the merge with the elements merged.
+LORA_BRANCH_FORWARD_COST = {"eager": 0.049, "compiled": 0.0}
 LORA_BRANCH_MEASURED_RANK = 64
 LORA_MERGE_S_PER_ELEMENT = 3.7 / 1.416e9
 
@@ -127,4 +129,5 @@ def lora_costs(result: PlanResult) -> tuple[float, float]:
     if mode == "merge":
         return 0.0, merge
     measured = full_branch_elements(req.config, LORA_BRANCH_MEASURED_RANK)
-    return LORA_BRANCH_FORWARD_COST * branch_elements(req.config, req.loras) / measured, merge
+    cost = LORA_BRANCH_FORWARD_COST["compiled" if result.plan.compile_dit else "eager"]
+    return cost * branch_elements(req.config, req.loras) / measured, merge
