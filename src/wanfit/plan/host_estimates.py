@@ -39,10 +39,13 @@ from wanfit.plan.plan import Plan
 from wanfit.precision import dtype_bytes
 from wanfit.runtime.offload import STAGING_BUFFERS
 
-# The process before any weight: the interpreter, torch, transformers and, on CUDA, the context and the
-# cuBLAS/cuDNN libraries' resident pages. calibrate: benchmarks/bench_host_ram.py measures it (the
-# "baseline" case: import wanfit, one matmul, one convolution and one attention call on the device).
-HOST_PROCESS_CUDA = int(2.5 * GIB)
+# The process beside its weights and buffers: the interpreter, torch, transformers and, on CUDA, the
+# context and the cuBLAS/cuDNN libraries' resident pages, and what a whole run adds to them. Measured on
+# the H200 of 2026-12-02 (benchmarks/bench_host_ram.py, cgroup memory.stat anon): 0.53 GiB for the
+# process alone (the "baseline" case: one matmul, convolution and attention call); 2.56 GiB at the peak
+# of a whole capped t4-colab run, of which 0.72 pinned staging and 0.54 the video, leaving 1.3; and with
+# that, the t4-16gb plan's load phase is predicted at 9.93 GiB against 9.14 measured (+9%).
+HOST_PROCESS_CUDA = int(1.3 * GIB)
 
 HOST_PHASES = ("text_encoder", "denoise", "vae_decode")
 # Bytes per VAE parameter in its file (the official Wan2.1_VAE.pth is fp32): only the page cache.
