@@ -41,6 +41,28 @@ def _format_warning(message, category, filename, lineno, line=None, _default=war
     return _default(message, category, filename, lineno, line)
 
 
+def required_package(err: ModuleNotFoundError) -> str | None:
+    """The distribution wanfit declares as required whose import failed with `err` (None: another's)."""
+    from importlib.metadata import PackageNotFoundError, requires
+
+    top = (err.name or "").split(".")[0]
+    if not top:
+        return None
+    try:
+        declared = requires("wanfit") or []
+    except PackageNotFoundError:  # run from a checkout without installing
+        return None
+    for line in declared:
+        if "extra ==" in line:
+            continue
+        name = line.split(";")[0].strip()
+        for stop in "<>=!~[ ":
+            name = name.split(stop)[0]
+        if name.lower().replace("-", "_") == top.lower():
+            return name
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = _format_warning
     parser = build_parser()
@@ -53,6 +75,16 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except WanfitError as err:
         print(f"wanfit: error: {err}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as err:
+        missing = required_package(err)
+        if missing is None:
+            raise
+        print(
+            f"wanfit: error: wanfit needs the {missing} package, which is not installed in this Python "
+            f"({sys.executable}); install it with: pip install {missing}",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt as err:
         # A command may say what was kept: KeyboardInterrupt("interrupted after step 3 of 10; ...").
