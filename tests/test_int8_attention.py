@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -189,3 +190,26 @@ def test_without_triton_the_fast_tier_keeps_exact_attention_and_says_why(monkeyp
     assert fast.plan.fp8_gemm and backends.default_registry()[fast.plan.self_attention].exact
     note = next(n for n in fast.notes if "self-attention stays exact" in n)
     assert "int8_triton the triton package is not installed" in note
+
+
+def test_a_step_down_off_the_fast_tier_hands_the_self_attention_back_to_the_exact_ranking(
+    triton_imports, tmp_path, monkeypatch
+):
+    from wanfit.attention.ranking import save_measured
+    from wanfit.plan.planner import step_down
+
+    monkeypatch.setenv("WANFIT_CACHE_DIR", str(tmp_path))
+    save_measured(emulated("h200"), {"int8_triton": 6.0, "sdpa_cudnn": 10.5}, {})
+    result = plan_for(model_request("1.3B"), Constraints(fast=True), emulated("h200"))
+    assert result.plan.tier == "fast" and result.plan.self_attention == "int8_triton"
+    plan, seen = result.plan, []
+    while plan is not None and plan.fast_tier_in_place:
+        plan = step_down(plan, result.request, "denoise")
+        seen.append(plan)
+    assert plan is not None and not plan.fast_tier_in_place, seen
+    assert plan.self_attention is None  # "auto": the exact ranking, never a lossy kernel
+    # A backend the user chose stays.
+    kept = step_down(replace(result.plan), result.request, "denoise", frozen={"self_attention"})
+    while kept is not None and kept.fast_tier_in_place:
+        kept = step_down(kept, result.request, "denoise", frozen={"self_attention"})
+    assert kept is not None and kept.self_attention == "int8_triton"

@@ -468,13 +468,24 @@ def step_down(
         for candidate in knob.candidates(plan, request):
             if _lowers(before, estimate_phases(request, candidate, backend), phase):
                 if host_budget is None:
-                    return candidate
+                    return _exact_attention_off_the_fast_tier(candidate, frozen)
                 budget = Budget(1 << 62, host_budget, "")  # the device: the notch already lowers it
                 fitted = _host_fit(request, candidate, budget, backend, frozen)
                 if fitted is not None:
-                    return fitted[0]
+                    return _exact_attention_off_the_fast_tier(fitted[0], frozen)
                 break  # this knob costs host RAM that is not there: try the next one
     return None
+
+
+def _exact_attention_off_the_fast_tier(plan: Plan, frozen: frozenset[str]) -> Plan:
+    """A lossy self-attention belongs to the fast tier only: a notch that takes the tier out of place
+    (streamed blocks, fp8 storage) hands the self-attention back to the exact ranking ("auto"),
+    unless the user chose that backend."""
+    name = plan.self_attention
+    registry = default_registry()
+    if plan.fast_tier_in_place or name is None or "self_attention" in frozen or name not in registry:
+        return plan
+    return plan if registry[name].exact else replace(plan, self_attention=None)
 
 
 def blocking_setting(plan: Plan, request: Request, phase: str | None, frozen: Iterable[str]) -> str | None:
