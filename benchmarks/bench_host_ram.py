@@ -415,6 +415,20 @@ def forwards_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _missing_packages() -> list[str]:
+    """wanfit's required packages this Python cannot import (a run on the GPU machine of 2026-12-02
+    lost every case to a missing diffusers)."""
+    import importlib
+
+    missing = []
+    for module, dist in (("diffusers", "diffusers"), ("transformers", "transformers"), ("ftfy", "ftfy")):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(dist)
+    return missing
+
+
 def sweep_table(rows: list[dict]) -> str:
     """Markdown for --sweep: per card and job, each phase's device peak predicted / measured (and
     whether it is within 10%), the host need predicted / measured, step-downs and the exit."""
@@ -471,6 +485,11 @@ def main(argv=None) -> int:
             print("bench_host_ram: needs a CUDA device and root (cgroups); use --dry-run.", file=sys.stderr)
             return 2
         info["device"], info["torch"] = torch.cuda.get_device_name(), torch.__version__
+        missing = _missing_packages()
+        if missing:  # every run would stop at its first step: say so before any model is written
+            print(f"bench_host_ram: install {', '.join(missing)} first (wheels: ../shared/scripts/gpu-wheels.sh).",
+                  file=sys.stderr)  # fmt: skip
+            return 2
         needed = {cases[n]["model"] for n in names} - {None}
         if needed or not args.skip_forwards:
             folders = ensure_models(args.work, needed)
