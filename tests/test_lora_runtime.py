@@ -405,3 +405,23 @@ def test_the_branch_under_torch_compile_of_the_blocks_gives_the_eager_output_wit
     state = rig(dit)[1]
     assert counts[1] == counts[0]  # the branch breaks no graph
     assert all(s.computed == 2 and s._input is None for s in state.shared)  # shared inside the graphs too
+
+
+def test_a_branch_attached_after_the_blocks_were_compiled_runs_and_its_removal_too():
+    # torch's default skips hook guards, so a graph traced without the LoRA's hooks kept running
+    # without them (the H200 run of 2026-12-02 timed such a graph as the "compiled branch").
+    from wanfit.runtime.compile import compile_blocks, forward_with
+
+    dit = tiny_dit()
+    with torch.no_grad():
+        base = forward(dit)
+        torch.compiler.reset()
+        blocks = compile_blocks(dit.blocks, backend="aot_eager")
+        torch.testing.assert_close(forward_with(dit, blocks, *inputs()), base, rtol=1e-5, atol=1e-5)
+        apply_loras(dit, [(make_lora(), 1.0)], "runtime")
+        eager = forward(dit)
+        assert (eager - base).abs().max() > 0.1  # the LoRA moves the output
+        torch.testing.assert_close(forward_with(dit, blocks, *inputs()), eager, rtol=1e-5, atol=1e-5)
+        remove_loras(dit)
+        torch.testing.assert_close(forward_with(dit, blocks, *inputs()), base, rtol=1e-5, atol=1e-5)
+    torch.compiler.reset()

@@ -25,8 +25,23 @@ def compile_blocks(blocks: Sequence[nn.Module], *, dynamic: bool = False, **opti
 
     The blocks' bound `__call__` is compiled, not the module: torch.compile(module) marks the module
     itself, and nothing of the runtime's may stay on a model.
+
+    The graphs are traced with guards on the modules' hooks: by default dynamo skips them, so a hook
+    added after the first call (a LoRA's runtime branch) would silently not run; with the guards,
+    adding or removing one traces the block again.
     """
-    return [torch.compile(block.__call__, dynamic=dynamic, **options) for block in blocks]
+    return [_with_hook_guards(torch.compile(block.__call__, dynamic=dynamic, **options)) for block in blocks]
+
+
+def _with_hook_guards(compiled: Callable) -> Callable:
+    import torch._dynamo.config as dynamo_config
+
+    def run(*args, **kwargs):
+        # Patched per call, not process-wide: a user's own compiles keep torch's default.
+        with dynamo_config.patch(skip_nnmodule_hook_guards=False):
+            return compiled(*args, **kwargs)
+
+    return run
 
 
 def forward_with(
