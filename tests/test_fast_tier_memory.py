@@ -282,3 +282,20 @@ def test_placing_the_fast_tier_peaks_at_its_largest_weights_quantisation():
     denoise = E.estimate_denoise(small, FAST, "sdpa_flash")
     assert denoise.detail["peak_stage_fp8_quantisation"] >= peak
     assert E.estimate_denoise(small, replace(FAST, fp8_gemm=False), "sdpa_flash").activations < peak
+
+
+def test_out_of_memory_recovery_gives_up_the_fast_tier_before_streaming_the_dit():
+    # A fast 1.3B plan on an H200 that runs out of memory while denoising: the guard's first notch
+    # that touches the DiT drops the fp8 copies (the tier), not its residency.
+    result = plan_for(model_request("1.3B"), Constraints(fast=True), emulated("h200"))
+    assert result.plan.fast_tier_in_place
+    plan, chain = result.plan, []
+    while plan is not None and plan.fast_tier_in_place:
+        plan = P.step_down(plan, result.request, "denoise", frozen=result.frozen)
+        chain.append(plan)
+    assert plan is not None and plan.dit_blocks_resident is None and plan.dit_sharding == "none"
+    assert not plan.fp8_gemm and plan.tier == "exact"
+    # And the exact tier's denoise estimate is below the fast one's: the notch lowers the peak.
+    before = E.estimate_phases(result.request, chain[-2] if len(chain) > 1 else result.plan, "sdpa_cudnn")
+    after = E.estimate_phases(result.request, plan, "sdpa_cudnn")
+    assert after["denoise"].peak < before["denoise"].peak

@@ -343,6 +343,12 @@ def _offload_dit(plan: Plan, request: Request) -> list[Plan]:
     return [] if plan.offload_dit_before_decode else [replace(plan, offload_dit_before_decode=True)]
 
 
+def _exact_tier(plan: Plan, request: Request) -> list[Plan]:
+    """The fast tier's fp8 copies of the block weights given back (exact GEMMs). Before streaming or
+    sharding, which would take the tier out of place anyway and cost more."""
+    return [replace(plan, fp8_gemm=False)] if plan.fast_tier_in_place else []
+
+
 def _shard_dit(plan: Plan, request: Request) -> list[Plan]:
     """Several processes: each keeps 1/world of the blocks (FSDP2), faster than streaming them from
     the host (an all-gather over NVLink per block against a copy over PCIe). Not with LoRAs, which a
@@ -425,6 +431,19 @@ KNOBS: tuple[Knob, ...] = (
     Knob("ffn_chunking", frozenset({"ffn_chunk"}), _ffn_chunks),
 )
 
+# Out-of-memory recovery's notches: the planner's, with the fast tier given up before the DiT is
+# sharded or streamed (which would take it out of place anyway, and cost more). The planner's search
+# does not need it: it plans the tier only where its copies fit (_search_tiers). No user field guards
+# it: --fast asks for the tier where it fits.
+def _recovery_knobs() -> tuple[Knob, ...]:
+    knobs = list(KNOBS)
+    at = next(i for i, knob in enumerate(knobs) if knob.name == "shard_dit")
+    knobs.insert(at, Knob("exact_tier", frozenset(), _exact_tier))
+    return tuple(knobs)
+
+
+RECOVERY_KNOBS = _recovery_knobs()
+
 
 # What the planner gives up for host RAM alone (when pinned copies of streamed blocks do not fit):
 # streaming umT5 from its mapped file costs a little once per prompt; freeing it, a reload for the
@@ -462,7 +481,7 @@ def step_down(
     backend = planned_backend(plan)
     frozen = frozenset(frozen)
     before = estimate_phases(request, plan, backend)
-    for knob in KNOBS:
+    for knob in RECOVERY_KNOBS:
         if knob.fields & frozen:
             continue
         for candidate in knob.candidates(plan, request):
