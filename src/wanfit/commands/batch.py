@@ -11,6 +11,15 @@ lists each output or its error, and the exit code is 2 if any failed.
 With --resume-batch a video whose output is already finished (its sidecar written, see
 video.finished_output_metadata) with the settings this run asks of it is skipped as done; one made
 with other settings is that video's error unless --overwrite, which makes it again.
+
+On several processes (--gpus, --parallel, torchrun) every video runs on all of them, with the
+degrees the planner gives its size (one prompt per pass: Plan.batching_blocker); rank 0 writes the
+videos, their sidecars and the summary. The processes take one path through the batch: rank 0's
+view of the jobs (what is done, what failed before any model), and after each step that may fail on
+some of them (planning a size, writing a video) the outcome they agree on (Session.agree). A failure
+inside a video's shared work (encoding, denoising) ends the run on every process, as one video's
+would: the others may be waiting in a collective for the one that failed. Rank 0 then prints the
+summary so far, and --resume-batch makes the rest.
 """
 
 from __future__ import annotations
@@ -20,7 +29,7 @@ import copy
 import json
 import numbers
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from wanfit.commands import common
@@ -195,16 +204,52 @@ def _check_done_loras(jobs: list[Job], loras: list[dict], args: argparse.Namespa
 
 
 def run_batch(args: argparse.Namespace) -> int:
+    """The batch on this process, or (--gpus, --parallel) on the processes started here; under
+    torchrun, this process's part."""
+    from wanfit.commands import generate as g
+    from wanfit.runtime.parallel import session, world_size_from_env
+
+    check_batch_options(args)
+    if world_size_from_env() == 1 and (args.gpus is not None or args.parallel is not None):
+        code = _launch(args)
+        if code is not None:
+            return code
+    with session(g._session_device(args)) as current:
+        return _run_batch(args, current)
+
+
+def _launch(args: argparse.Namespace) -> int | None:
+    """Start the batch's processes here: as many as every runnable video can share (None: one)."""
+    from wanfit.commands import generate as g
+    from wanfit.commands.lora_options import apply_preset
+    from wanfit.plan.parallel import batch_world_size
+    from wanfit.prompts_file import read_prompts_file
+
+    asked = copy.copy(args)  # the workers read the command line again
+    apply_preset(asked)
+    jobs = plan_jobs(asked, read_prompts_file(args.prompts))
+    requests = {
+        _plan_key(job.settings): g._job_request(asked, job.settings)
+        for job in jobs
+        if job.error is None and not job.done
+    }
+    if not requests:
+        return None  # nothing to make: one process says so
+    world = batch_world_size(list(requests.values()), gpus=args.gpus, spec=args.parallel)
+    return g.start_processes(args, world, "this batch", [])
+
+
+def _run_batch(args: argparse.Namespace, current) -> int:
     from wanfit.commands import generate as g
     from wanfit.commands.lora_options import apply_loras, apply_preset, lora_requests, read_loras
     from wanfit.prompts_file import read_prompts_file
 
-    check_batch_options(args)
     preset = apply_preset(args)
     jobs = plan_jobs(args, read_prompts_file(args.prompts))
     if any(job.error is None for job in jobs):  # runnable or done: both need the LoRAs known
         loras = read_loras(lora_requests(args, preset), g._dit_config(args), args.lora_skip_unknown)
         _check_done_loras(jobs, [lora.record(st) for lora, st in loras], args)
+    _take_output_ranks_view(jobs, current)
     runnable = [job for job in jobs if job.error is None and not job.done]
     if runnable:
         hardware = g._hardware(args)
@@ -218,31 +263,95 @@ def run_batch(args: argparse.Namespace) -> int:
             key = _plan_key(s)
             if key not in plans:
                 prompts = max(len(group) for group in shared[key].values())
-                try:
-                    plans[key] = g.plan_job(args, s, hardware, loras=loras, prompts=prompts)
-                    if plans[key].plan.cache is not None:
-                        g.check_cache(plans[key], args, s, [lora.record(st) for lora, st in loras])
-                except WanfitError as err:  # this size fits nowhere: its lines fail, the rest run
-                    plans[key] = err
-            if isinstance(plans[key], WanfitError):
-                job.error = str(plans[key])
+                plans[key] = _plan_size(args, s, hardware, current, loras, prompts, f"plan/{len(plans)}")
+            if isinstance(plans[key], str):  # this size fits nowhere: its lines fail, the rest run
+                job.error = plans[key]
             else:
                 job.plan = plans[key]
         runnable = [job for job in runnable if job.error is None]
     if runnable:
-        pipe = g._load_pipeline(args, runnable[0].plan)
-        apply_loras(pipe, loras)
+        first = runnable[0].plan
+        pipe = g._load_pipeline(args, first, with_text_encoder=current.runs_text_encoder(first.plan))
+        apply_loras(pipe, loras, notes=current.is_output_rank)
+        run = _Run(args, current)
         try:
             with pipe.batch():
                 for group in passes(runnable):
-                    _run_pass(pipe, group, args)
+                    _run_pass(pipe, group, run)
         except KeyboardInterrupt:
-            _summary(jobs, sys.stderr)
+            if current.is_output_rank:
+                _summary(jobs, sys.stderr)
             raise KeyboardInterrupt(
                 "interrupted; the videos listed as written are complete (--resume-batch makes the rest)."
             ) from None
+        except BaseException:
+            if current.is_parallel and current.is_output_rank:  # the run ends: what it made so far
+                _summary(jobs, sys.stderr)
+                print(
+                    "wanfit: note: the batch stopped (a failure in a video's shared work ends every "
+                    "process); the videos listed as written are complete (--resume-batch makes the rest).",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            raise
+    if not current.is_output_rank:
+        return 0  # rank 0 speaks for the run (a worker's failure would also end the others early)
     _summary(jobs, sys.stdout)
     return 2 if any(job.error for job in jobs) else 0
+
+
+@dataclass
+class _Run:
+    """What the videos of one batch run share: the options and this process's session."""
+
+    args: argparse.Namespace
+    current: object
+    parallels: dict = field(default_factory=dict)  # (cfg, ulysses) -> its DiTParallel
+
+
+def _take_output_ranks_view(jobs: list[Job], current) -> None:
+    """Rank 0's view of which jobs are done or failed before any model (what it read of the outputs
+    and the LoRAs), so that every process makes the same videos."""
+    if not current.is_parallel:
+        return
+    view = json.loads(current.share("batch/jobs", lambda: json.dumps([[j.error, j.done] for j in jobs])))
+    for job, (error, done) in zip(jobs, view, strict=True):
+        job.error, job.done = error, done
+
+
+def _plan_size(args, settings, hardware, current, loras, prompts: int, key: str):
+    """The plan (a PlanResult) for one size, rank 0's on every process, or the error every process
+    agrees on (a string)."""
+    from wanfit.commands import generate as g
+
+    error = None
+    try:
+        planned = g.plan_job(args, settings, hardware, current, loras=loras, prompts=prompts, share=False)
+        if planned.plan.cache is not None:
+            g.check_cache(planned, args, settings, [lora.record(st) for lora, st in loras])
+    except WanfitError as err:
+        error = str(err)
+    error = current.agree(key, error)
+    return error if error is not None else current.common_plan(planned, key)
+
+
+def _use_plan(pipe, planned, run: _Run) -> None:
+    """Switch the pipeline to a video's plan (another size: the placements move what differs) and, on
+    several processes, to the process groups of its degrees (made once each, on every process)."""
+    from wanfit.runtime.parallel import dit_parallel
+
+    if pipe.planning is not planned:
+        pipe.apply_plan(planned)
+    if not run.current.is_parallel:
+        return
+    plan = planned.plan
+    degrees = (plan.cfg_parallel, plan.ulysses)
+    if degrees not in run.parallels:
+        run.parallels[degrees] = dit_parallel(run.current, plan)
+    if pipe.parallel is not run.parallels[degrees]:
+        if pipe.parallel is not None:
+            pipe.parallel.detach(pipe.dit)  # the other degrees' Ulysses exchange off the attention
+        pipe.parallel = run.parallels[degrees]
 
 
 def _plan_key(s) -> tuple:
@@ -268,18 +377,18 @@ def passes(jobs: list[Job]) -> list[list[Job]]:
     return sorted(out, key=lambda group: jobs.index(group[0]))
 
 
-def _run_pass(pipe, group: list[Job], args: argparse.Namespace) -> None:
+def _run_pass(pipe, group: list[Job], run: _Run) -> None:
     """Make and write the videos of one pass; if the pass fails, each video again on its own, so an
-    error stays its own video's."""
+    error stays its own video's. (Several processes: one video a pass, Plan.batching_blocker.)"""
     from wanfit.commands import generate as g
 
     if len(group) == 1:
-        _run_one(pipe, group[0], args)
+        _run_one(pipe, group[0], run)
         return
+    args = run.args
     first = group[0]
     try:
-        if pipe.planning is not first.plan:
-            pipe.apply_plan(first.plan)  # another size: the placements move what differs
+        _use_plan(pipe, first.plan, run)
         requests = [g.resolve_request(pipe, job.settings, args) for job in group]
         together = {**requests[0], "prompt": [r["prompt"] for r in requests]}
         seeds = [job.settings.seed for job in group]
@@ -290,36 +399,53 @@ def _run_pass(pipe, group: list[Job], args: argparse.Namespace) -> None:
             file=sys.stderr,
         )
         for job in group:
-            _run_one(pipe, job, args)
+            _run_one(pipe, job, run)
         return
     for job, request, frames in zip(group, requests, videos):
         try:
             _write(pipe, job, request, frames, args)
         except WanfitError as err:
-            _failed(job, err)
+            _failed(job, str(err))
 
 
-def _run_one(pipe, job: Job, args: argparse.Namespace) -> None:
-    """Make and write one video; an error stays this job's."""
+def _run_one(pipe, job: Job, run: _Run) -> None:
+    """Make and write one video; an error stays this job's. On several processes a failure in the
+    shared work ends the run (see the module docstring); rank 0 writes, and all agree on the outcome."""
     from wanfit.commands import generate as g
+    from wanfit.plan.parallel import format_parallel
 
-    s = job.settings
+    s, args, current = job.settings, run.args, run.current
     try:
-        if pipe.planning is not job.plan:
-            pipe.apply_plan(job.plan)  # another size: the placements move what differs
+        _use_plan(pipe, job.plan, run)
         request = g.resolve_request(pipe, s, args)
+        if current.is_parallel:  # with the degrees: in the sidecar
+            request["world_size"] = current.world_size
+            request["parallel"] = format_parallel(pipe.plan.cfg_parallel, pipe.plan.ulysses)
         frames = g.run_pipeline(pipe, request, s, progress=not args.no_progress)
-        _write(pipe, job, request, frames, args)
     except WanfitError as err:
-        _failed(job, err)
+        if current.is_parallel:
+            job.error = str(err)
+            raise
+        _failed(job, str(err))
+        return
+    error = None
+    if current.is_output_rank:
+        try:
+            _write(pipe, job, request, frames, args, current)
+        except WanfitError as err:
+            error = str(err)
+    error = current.agree(f"video/{job.line}/{job.video}", error)
+    if error is not None:
+        _failed(job, error, speak=current.is_output_rank)
 
 
-def _failed(job: Job, err: WanfitError) -> None:
-    job.error = str(err)
-    print(f"wanfit: error: {job.label}: {job.error}", file=sys.stderr, flush=True)
+def _failed(job: Job, error: str, speak: bool = True) -> None:
+    job.error = error
+    if speak:
+        print(f"wanfit: error: {job.label}: {job.error}", file=sys.stderr, flush=True)
 
 
-def _write(pipe, job: Job, request: dict, frames, args: argparse.Namespace) -> None:
+def _write(pipe, job: Job, request: dict, frames, args: argparse.Namespace, current=None) -> None:
     """Write one video with its metadata (the run record of the pass that made it)."""
     from wanfit.commands import generate as g
     from wanfit.video import write_video
@@ -333,6 +459,8 @@ def _write(pipe, job: Job, request: dict, frames, args: argparse.Namespace) -> N
         "batch": {"prompts": str(args.prompts), "line": job.line, "video": job.video + 1},
         "lora_mode": pipe.lora_mode,
     }
+    if current is not None and current.is_parallel:
+        metadata["distributed_backend"] = current.backend
     try:
         write_video(frames, s.out, metadata=metadata)
     except OSError as err:

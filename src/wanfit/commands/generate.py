@@ -152,8 +152,6 @@ def run(args: argparse.Namespace) -> int:
     from wanfit.runtime.parallel import session, world_size_from_env
 
     if args.prompts is not None:
-        if args.gpus is not None or args.parallel is not None:
-            raise ConfigError("--prompts runs on one process for now; drop --gpus and --parallel.")
         from wanfit.commands.batch import run_batch
 
         return run_batch(args)
@@ -579,12 +577,21 @@ def _job_request(args: argparse.Namespace, settings: Settings, loras=(), prompts
     )
 
 
-def plan_job(args: argparse.Namespace, settings: Settings, hw, current=None, loras=(), prompts: int = 1):
+def plan_job(
+    args: argparse.Namespace,
+    settings: Settings,
+    hw,
+    current=None,
+    loras=(),
+    prompts: int = 1,
+    share: bool = True,
+):
     """The planner's fastest plan that fits this machine (or --vram) for this job (with `loras`, as
     read_loras gives them; prompts: how many a batch job has of this size); PlanError if none.
 
     In a run on several processes (current): the plan is for one GPU, and every process runs rank 0's
-    (its collectives must match), on its own GPU.
+    (its collectives must match), on its own GPU; share False: this process's own, which the caller
+    shares (Session.common_plan) once every process has one.
     """
     from wanfit.plan.planning import plan_for
 
@@ -594,7 +601,7 @@ def plan_job(args: argparse.Namespace, settings: Settings, hw, current=None, lor
         args, request, common.constraints_from_args(args), world_size=world_size
     )
     result = plan_for(request, constraints, hw)
-    if current is not None:
+    if current is not None and share:
         result = current.common_plan(result)
     for note in result.notes if current is None or current.is_output_rank else ():
         kind = "warning" if result.requested is not None and note == result.notes[0] else "note"
@@ -604,38 +611,47 @@ def plan_job(args: argparse.Namespace, settings: Settings, hw, current=None, lor
 
 def _launch(args: argparse.Namespace) -> int | None:
     """Start the processes of a run on several GPUs here (None: the run needs one process)."""
-    import torch
-
     from wanfit.errors import CheckpointError
     from wanfit.plan.parallel import format_parallel, parallel_degrees
-    from wanfit.runtime.parallel.launch import launch
 
     settings, _, saved_world, _ = _settings(args, None)
     _check_output(args, settings)
     cfg, ulysses = parallel_degrees(_job_request(args, settings), gpus=args.gpus, spec=args.parallel)
     world = cfg * ulysses
-    cache = common.constraints_from_args(args).overrides.get("cache")
-    if cache is not None and world > 1:
-        from wanfit.sampling.step_cache import refuse_parallel
-
-        refuse_parallel(cache, world)
     if saved_world is not None and saved_world != world:
         raise CheckpointError(
             f"{args.resume} was written by a run of {saved_world} process(es) and --gpus/--parallel ask "
             f"for {world}; resume it with {saved_world}."
         )
+    degrees = format_parallel(cfg, ulysses)
+    return start_processes(args, world, degrees, ["--parallel", degrees])
+
+
+def start_processes(args: argparse.Namespace, world: int, what: str, extra: list[str]) -> int | None:
+    """Run this command (its argv and `extra`) on `world` processes started here, after the checks
+    that need no model: the run's exit code, or None when one process does it (world 1). what: the
+    run, for the sentence when the GPUs are too few ('cfg2,ulysses1', 'this batch')."""
+    import torch
+
+    from wanfit.runtime.parallel.launch import launch
+
+    cache = common.constraints_from_args(args).overrides.get("cache")
+    if cache is not None and world > 1:
+        from wanfit.sampling.step_cache import refuse_parallel
+
+        refuse_parallel(cache, world)
     if world == 1:
         return None
     on_cpu = _session_device(args) == "cpu"
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if not on_cpu and count < world:
         raise ConfigError(
-            f"{format_parallel(cfg, ulysses)} needs {world} GPUs and this machine has {count}"
+            f"{what} needs {world} GPUs and this machine has {count}"
             + ("" if count else " (--device cpu runs the processes on the CPU, to try it out)")
             + "."
         )
     argv = getattr(args, "argv", None) or sys.argv[1:]
-    return launch([*argv, "--parallel", format_parallel(cfg, ulysses)], world, on_cpu=on_cpu)
+    return launch([*argv, *extra], world, on_cpu=on_cpu)
 
 
 def _session_device(args: argparse.Namespace) -> str | None:

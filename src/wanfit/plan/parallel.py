@@ -92,8 +92,7 @@ def parallel_degrees(
 
     world_size: the processes already started (torchrun); the degrees must use exactly that many.
     """
-    if gpus is not None and gpus < 1:
-        raise ConfigError(f"--gpus must be at least 1, got {gpus}.")
+    _check_gpus(gpus)
     if world_size is not None and gpus is not None and gpus < world_size:
         raise ConfigError(f"--gpus {gpus} was given, but this run was started with {world_size} processes.")
     if spec is not None:
@@ -104,8 +103,7 @@ def parallel_degrees(
             raise ConfigError(
                 f"--parallel {spec} runs {cfg * ulysses} processes, but this run was started with {world_size}."
             )
-        if limit is not None and cfg * ulysses > limit:
-            raise ConfigError(f"--parallel {spec} needs {cfg * ulysses} GPUs, more than --gpus {limit}.")
+        _check_spec_limit(spec, cfg * ulysses, limit)
         return cfg, ulysses
     cfg, ulysses = choose_degrees(request, world_size or gpus or 1)
     if world_size is not None and cfg * ulysses != world_size:
@@ -119,6 +117,31 @@ def parallel_degrees(
             f"count and CFG-parallel needs guidance; {instead}."
         )
     return cfg, ulysses
+
+
+def batch_world_size(requests: list[Request], *, gpus: int | None = None, spec: str | None = None) -> int:
+    """The processes of a batch: every video runs on all of them, each with its own degrees
+    (parallel_degrees with this world_size). --parallel: its processes; --gpus: the most GPUs, up to
+    `gpus`, whose count every video's degrees use exactly (1 always)."""
+    _check_gpus(gpus)
+    if spec is not None:
+        cfg, ulysses = parse_parallel(spec)
+        _check_spec_limit(spec, cfg * ulysses, gpus)
+        return cfg * ulysses
+    for count in range(gpus or 1, 1, -1):
+        if all(prod(choose_degrees(request, count)) == count for request in requests):
+            return count
+    return 1
+
+
+def _check_gpus(gpus: int | None) -> None:
+    if gpus is not None and gpus < 1:
+        raise ConfigError(f"--gpus must be at least 1, got {gpus}.")
+
+
+def _check_spec_limit(spec: str, processes: int, limit: int | None) -> None:
+    if limit is not None and processes > limit:
+        raise ConfigError(f"--parallel {spec} needs {processes} GPUs, more than --gpus {limit}.")
 
 
 def parallel_overrides(cfg: int, ulysses: int) -> dict:

@@ -154,21 +154,39 @@ class Session:
             value = make()
             self.store.set(key, value)
             return value
-        while not self.store.check([key]):  # not a blocking get: stop when another process failed
+        self._wait([key])
+        return self.store.get(key).decode()
+
+    def agree(self, key: str, error: str | None) -> str | None:
+        """The outcome of one step that may fail on some processes (a batch's plan or video), the same
+        on every process: each gives its own error (None: it went well), all get the lowest rank's
+        error, or None. Through the store, not a collective: waiting here for a peer that is still
+        decoding is not a collective's timeout. `key` names the step (one call per process each)."""
+        if not self.is_parallel:
+            return error
+        names = [f"agree/{key}/{rank}" for rank in range(self.world_size)]
+        self.store.set(names[self.rank], json.dumps(error))
+        self._wait(names)
+        errors = [json.loads(self.store.get(name)) for name in names]
+        return next((e for e in errors if e is not None), None)
+
+    def _wait(self, keys: list[str]) -> None:
+        """Until the store holds `keys`; not a blocking get: stop when another process failed."""
+        while not self.store.check(keys):
             if self.stop_code is not None:
                 raise SystemExit(self.stop_code)
             time.sleep(0.05)
-        return self.store.get(key).decode()
 
-    def common_plan(self, planned):
+    def common_plan(self, planned, key: str = "plan"):
         """Rank 0's plan, on this process's GPU, for every process (their collectives must match):
-        `planned` is this process's own Plan or planner result (PlanResult), returned with that plan."""
+        `planned` is this process's own Plan or planner result (PlanResult), returned with that plan;
+        `key` names the plan (a batch has one per size)."""
         if not self.is_parallel:
             return planned
         from wanfit.plan.plan import Plan
 
         own = getattr(planned, "plan", planned)
-        plan = self.local_plan(Plan.from_dict(json.loads(self.share("plan", own.to_json))))
+        plan = self.local_plan(Plan.from_dict(json.loads(self.share(key, own.to_json))))
         return plan if planned is own else replace(planned, plan=plan)
 
     def local_plan(self, plan):
@@ -227,6 +245,11 @@ class Session:
             self._watchdog.stop()
         with contextlib.suppress(Exception):  # the store's host may already have ended
             self.store.set(f"done/{self.rank}", "1")
+            if self.rank == 0:  # it may host the store: the last to leave, so no peer loses it
+                others = [f"done/{rank}" for rank in range(1, self.world_size)]
+                deadline = time.monotonic() + GRACE_S
+                while not self.store.check(others) and time.monotonic() < deadline:
+                    time.sleep(0.05)
         if dist.is_initialized():
             dist.destroy_process_group()
 
