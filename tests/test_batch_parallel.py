@@ -170,4 +170,6 @@ def test_gpus_starts_the_batchs_processes(tmp_path, reference):
         np.testing.assert_array_equal(read_video(out / name), reference[name])
     assert "batch: 3 of 3 videos written" in done.stdout
     # Several prompts a pass stay off on several processes (Plan.batching_blocker), said once.
-    assert done.stderr.splitlines() == ["wanfit: note: one prompt per DiT pass: the run is on several processes."]
+    assert done.stderr.splitlines() == [
+        "wanfit: note: one prompt per DiT pass: the run is on several processes."
+    ]

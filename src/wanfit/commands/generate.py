@@ -55,7 +55,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         type=user_path,
         default=None,
         metavar="FILE",
-        help="a batch: one prompt a line, or JSON lines with per-prompt settings (--out: their folder)",
+        help="a batch: one prompt a line, or JSON lines with per-prompt settings (--out: their folder); "
+        "with --gpus, each video on all the GPUs",
     )
     p.add_argument(
         "--resume-batch",
