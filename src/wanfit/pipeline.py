@@ -336,7 +336,8 @@ class WanPipeline:
         total = 3 if with_text_encoder else 2
         with tqdm(total=total, desc="loading DiT", unit="model", disable=not progress, leave=False) as bar:
             layout = DiTLayout.from_plan(plan)
-            dit = load_dit(files.dit, device=layout.load_device, dtype=layout.load_dtype)
+            # fp8 storage keeps an fp8 file's matrices as they are (its bytes and scales, mapped).
+            dit = load_dit(files.dit, device=layout.load_device, dtype=layout.load_dtype, keep_fp8=layout.fp8)
             bar.set_description("loading VAE")
             bar.update(1)
             vae = load_vae(files.vae, device=plan.device, dtype=dtype)

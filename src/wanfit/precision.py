@@ -22,6 +22,8 @@ DTYPES: dict[str, torch.dtype] = {
     if hasattr(torch, name)
 }
 FP8_DTYPES = tuple(d for d in DTYPES.values() if d.itemsize == 1)
+# The fp8 form weights are stored in (quantize_fp8's; an fp8 file's matrices are kept only in it).
+FP8_STORAGE_DTYPE = DTYPES.get("float8_e4m3fn")
 # What users type -> the canonical name.
 ALIASES = {
     "bf16": "bfloat16",
@@ -55,7 +57,7 @@ FP8_MAX = 448.0  # the largest finite float8_e4m3fn
 def quantize_fp8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """float8_e4m3fn with one fp32 scale per tensor: t ~= q.float() * scale (the absmax maps to 448)."""
     scale = t.detach().abs().amax().float().clamp_min(1e-12) / FP8_MAX
-    return (t.detach().float() / scale).to(torch.float8_e4m3fn), scale
+    return (t.detach().float() / scale).to(FP8_STORAGE_DTYPE), scale
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:

@@ -268,6 +268,10 @@ class WanDiT(nn.Module):
         self.blocks = nn.ModuleList(WanBlock(config) for _ in range(config.num_layers))
         self.head = Head(config)
         self._rope_cache: dict[tuple, Rope] = {}
+        # Block matrices kept in float8 as their file has them (load_dit(keep_fp8=True)): parameter
+        # name -> fp32 scale (weight = stored * scale). Only a placement that streams with fp8 storage
+        # runs them (it upcasts each block before it runs); empty: every weight in a compute dtype.
+        self.fp8_scales: dict[str, torch.Tensor] = {}
 
     def set_attention_dispatchers(self, self_attention=None, cross_attention=None) -> None:
         """Route the blocks' self- and cross-attention through these Dispatchers (None: the

@@ -370,6 +370,18 @@ def dit_streams_from_file(plan: Plan) -> bool:
     return plan.dit_blocks_resident is not None and plan.dit_stream_source == "mmap" and not fp8
 
 
+def dit_file_is_fp8(request: Request) -> bool:
+    """Whether the DiT's file holds its weights in the fp8 form fp8 storage keeps (float8_e4m3fn)."""
+    return request.dit_file_dtype == "float8_e4m3fn"
+
+
+def dit_keeps_file_fp8(request: Request, plan: Plan) -> bool:
+    """Whether the DiT's block matrices stay as an fp8 file has them (fp8 storage of an fp8 file: no
+    upcast on load, nothing quantised again; the loader's keep_fp8)."""
+    fp8 = plan.storage_dtype is not None and dtype_bytes(plan.storage_dtype) == 1
+    return fp8 and dit_file_is_fp8(request)
+
+
 def dit_block_bytes(config: DiTConfig, plan: Plan) -> int:
     """One DiT block as the plan stores it (fp8 matrices in one byte, the rest in the compute dtype)."""
     return _dit_block_bytes(config, dtype_bytes(plan.compute_dtype), plan.storage_dtype)

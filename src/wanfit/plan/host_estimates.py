@@ -23,6 +23,7 @@ from wanfit.plan.estimates import (
     Request,
     dit_block_bytes,
     dit_block_params,
+    dit_keeps_file_fp8,
     dit_params,
     dit_streams_from_file,
     estimate_phases,
@@ -109,17 +110,26 @@ def dit_host(request: Request, plan: Plan) -> _Part:
         return _Part(pinned=ring, anon=converted, mapped=0 if converted else ring, cache=file_total)
     streamed = max(0, cfg.num_layers - plan.dit_blocks_resident)
     block = dit_block_bytes(cfg, plan)
-    # A block converted (or quantised) on the host before its pinned copy is made.
-    converted = block if file_b != dtype_bytes(plan.compute_dtype) or plan.storage_dtype else 0
+    # A block converted (or quantised) on the host before its pinned copy is made; an fp8 file's
+    # matrices kept in fp8 are copied as they are (its few other tensors are converted on the device).
+    changed = file_b != dtype_bytes(plan.compute_dtype) or plan.storage_dtype
+    converted = block if changed and not dit_keeps_file_fp8(request, plan) else 0
     return _Part(pinned=streamed * block, anon=converted, cache=file_total)
 
 
 def dit_converted_on_load(request: Request, plan: Plan) -> int:
     """A DiT loaded on the host (to be streamed, or quantised when placed) keeps its file's mapped
-    tensors, except an fp8 file's, which the loader upcasts to bf16 (ordinary memory)."""
+    tensors, except an fp8 file's, which the loader upcasts to bf16 (ordinary memory); under fp8
+    storage it keeps the file's fp8 block matrices (mapped, 1 byte per weight) and converts only the
+    rest (biases, norms, modulation, embeddings and head; counted in fp32, the most they take)."""
     on_host = plan.dit_blocks_resident is not None or plan.storage_dtype is not None
     fp8_file = request.dit_file_dtype is not None and dtype_bytes(request.dit_file_dtype) == 1
-    return dit_params(request.config) * 2 if on_host and fp8_file else 0
+    if not (on_host and fp8_file):
+        return 0
+    cfg = request.config
+    if dit_keeps_file_fp8(request, plan):
+        return (dit_params(cfg) - cfg.num_layers * dit_block_params(cfg)[0]) * 4
+    return dit_params(cfg) * 2
 
 
 def text_encoder_host(request: Request, plan: Plan, *, encoding: bool) -> _Part:

@@ -9,12 +9,14 @@ each phase's estimated peak fits:
   2. the text encoder streams its blocks from host memory (CUDA; bf16 instead of fp32 on a CPU)
   3. classifier-free guidance runs cond and uncond one after the other
   4. the DiT leaves the device before the VAE decode
-  5. several processes: the DiT's blocks are sharded over them (FSDP2; then never streamed)
-  6. the DiT's blocks stream from pinned host memory, k resident (k as large as the budget allows)
-  7. the text encoder runs on the CPU (minutes instead of a second: a last resort)
-  8. the VAE decodes in spatial tiles, smaller and smaller
-  9. attention queries and FFN tokens are processed in chunks
-  10. only with allow_downscale: fewer frames or a smaller size, said loudly
+  5. an fp8 DiT file: its weights stay in fp8 as the file has them (nothing lost against the file;
+     one upcast per block and call), instead of being upcast on load
+  6. several processes: the DiT's blocks are sharded over them (FSDP2; then never streamed)
+  7. the DiT's blocks stream from pinned host memory, k resident (k as large as the budget allows)
+  8. the text encoder runs on the CPU (minutes instead of a second: a last resort)
+  9. the VAE decodes in spatial tiles, smaller and smaller
+  10. attention queries and FFN tokens are processed in chunks
+  11. only with allow_downscale: fewer frames or a smaller size, said loudly
 
 Each step is taken only if it lowers the estimate of a phase that does not fit. The fast tier's fp8
 copies (fp8_gemm) count like any other bytes; where they would push the DiT off the device, the exact
@@ -37,6 +39,7 @@ from wanfit.plan.estimates import (
     PHASES,
     PhaseEstimate,
     Request,
+    dit_file_is_fp8,
     dit_streams_from_file,
     estimate_phases,
     peak_bytes,
@@ -302,6 +305,11 @@ class Knob:
     name: str
     fields: frozenset[str]
     candidates: Callable[[Plan, Request], list[Plan]]
+    opt_in: str | None = None  # a lossy step taken only when the user set this field (their opt-in)
+
+    def usable(self, frozen: frozenset[str]) -> bool:
+        """Whether the planner may take this step: no user-set field of it, the user's opt-in if it needs one."""
+        return not self.fields & frozen and (self.opt_in is None or self.opt_in in frozen)
 
 
 def _is_cuda(plan: Plan) -> bool:
@@ -349,6 +357,15 @@ def _exact_tier(plan: Plan, request: Request) -> list[Plan]:
     return [replace(plan, fp8_gemm=False)] if plan.fast_tier_in_place else []
 
 
+def _dit_fp8_as_file(plan: Plan, request: Request) -> list[Plan]:
+    """An fp8 DiT file: keep its weights in fp8 (1 byte per weight on the host and the device, the
+    file's own bytes and scales) rather than upcast them on load; lossless against the file, and
+    cheaper than sharding or streaming the blocks (an upcast per block and call)."""
+    if not dit_file_is_fp8(request) or plan.storage_dtype is not None or plan.dit_sharding != "none":
+        return []
+    return [replace(plan, storage_dtype=FP8_STORAGE)]
+
+
 def _shard_dit(plan: Plan, request: Request) -> list[Plan]:
     """Several processes: each keeps 1/world of the blocks (FSDP2), faster than streaming them from
     the host (an all-gather over NVLink per block against a copy over PCIe). Not with LoRAs, which a
@@ -378,7 +395,8 @@ def _stream_dit(plan: Plan, request: Request) -> list[Plan]:
 
 
 def _text_encoder_fp8(plan: Plan, request: Request) -> list[Plan]:
-    """With fp8 DiT storage (--fp8, the user's opt-in to its small loss), umT5 may be stored in fp8 too."""
+    """With fp8 DiT storage (--fp8, the user's opt-in to its small loss: the knob's opt_in), umT5 may
+    be stored in fp8 too."""
     if plan.storage_dtype == FP8_STORAGE and plan.text_encoder_dtype != FP8_STORAGE:
         return [replace(plan, text_encoder_dtype=FP8_STORAGE)]
     return []
@@ -420,9 +438,10 @@ KNOBS: tuple[Knob, ...] = (
     Knob("free_text_encoder", frozenset({"free_text_encoder"}), _free_text_encoder),
     Knob("stream_text_encoder", _TEXT_ENCODER_FIELDS, _stream_text_encoder),
     Knob("text_encoder_bf16", _TEXT_ENCODER_FIELDS, _text_encoder_bf16),
-    Knob("text_encoder_fp8", _TEXT_ENCODER_FIELDS, _text_encoder_fp8),
+    Knob("text_encoder_fp8", _TEXT_ENCODER_FIELDS, _text_encoder_fp8, opt_in="storage_dtype"),
     Knob("sequential_cfg", frozenset({"cfg_batch"}), _sequential_cfg),
     Knob("offload_dit_before_decode", frozenset({"offload_dit_before_decode"}), _offload_dit),
+    Knob("dit_fp8_as_file", frozenset({"storage_dtype"}), _dit_fp8_as_file),
     Knob("shard_dit", frozenset({"dit_sharding"}), _shard_dit),
     Knob("stream_dit_blocks", frozenset({"dit_blocks_resident"}), _stream_dit),
     Knob("text_encoder_on_cpu", _TEXT_ENCODER_FIELDS, _text_encoder_on_cpu),
@@ -431,13 +450,15 @@ KNOBS: tuple[Knob, ...] = (
     Knob("ffn_chunking", frozenset({"ffn_chunk"}), _ffn_chunks),
 )
 
+
 # Out-of-memory recovery's notches: the planner's, with the fast tier given up before the DiT is
-# sharded or streamed (which would take it out of place anyway, and cost more). The planner's search
+# kept in fp8, sharded or streamed (which would take it out of place anyway, and cost more). The planner's search
 # does not need it: it plans the tier only where its copies fit (_search_tiers). No user field guards
 # it: --fast asks for the tier where it fits.
 def _recovery_knobs() -> tuple[Knob, ...]:
     knobs = list(KNOBS)
-    at = next(i for i, knob in enumerate(knobs) if knob.name == "shard_dit")
+    # fp8 storage takes the tier out of place too: the tier goes first.
+    at = next(i for i, knob in enumerate(knobs) if knob.name in ("dit_fp8_as_file", "shard_dit"))
     knobs.insert(at, Knob("exact_tier", frozenset(), _exact_tier))
     return tuple(knobs)
 
@@ -482,7 +503,7 @@ def step_down(
     frozen = frozenset(frozen)
     before = estimate_phases(request, plan, backend)
     for knob in RECOVERY_KNOBS:
-        if knob.fields & frozen:
+        if not knob.usable(frozen):
             continue
         for candidate in knob.candidates(plan, request):
             if _lowers(before, estimate_phases(request, candidate, backend), phase):
@@ -659,7 +680,7 @@ def _host_fit(
     for knob in HOST_KNOBS:
         if need <= budget.host_bytes:
             break
-        if knob.fields & frozen:
+        if not knob.usable(frozen):
             continue
         for candidate in knob.candidates(plan, request):
             cand_need = host_bytes(request, candidate)
@@ -721,7 +742,7 @@ def _search(
     while (failing := _fits(phases, budget)) is not None:
         nxt = None
         for knob in KNOBS:
-            if knob.fields & frozen:
+            if not knob.usable(frozen):
                 continue
             for candidate in knob.candidates(plan, request):
                 cand_phases = estimate_phases(request, candidate, backend)
@@ -934,6 +955,9 @@ def plan_run(
         notes.append(batching_note)
     host = host_phases(chosen, plan)
     notes += _plan_notes(plan, device, chosen, compile_costs)
+    storage_note = _dit_storage_note(plan, chosen, frozen)
+    if storage_note:
+        notes.append(storage_note)
     return PlanResult(
         plan=plan,
         request=chosen,
@@ -1000,7 +1024,7 @@ def _leanest_on_host(
     best = None
     for plan in candidates:
         for knob in HOST_KNOBS:
-            if knob.fields & frozen:
+            if not knob.usable(frozen):
                 continue
             for candidate in knob.candidates(plan, request):
                 if host_bytes(request, candidate) < host_bytes(request, plan):
@@ -1027,7 +1051,8 @@ def _no_plan_error(
             if not budget.host_margin_bytes
             else max(need_host + HOST_MARGIN_MIN, math.ceil(need_host / (1 - HOST_MARGIN_FRACTION)))
         )
-        fp8 = "; --fp8 stores the weights in half the bytes" if base.storage_dtype is None else ""
+        lean = base.storage_dtype is not None or dit_file_is_fp8(request)  # fp8 already in the leanest
+        fp8 = "" if lean else "; --fp8 stores the weights in half the bytes"
         message = (
             f"No plan fits {where}: the plan that fits the device with the least host RAM needs "
             f"{fmt_bytes(need_host)} of it, and {fmt_bytes(budget.host_bytes)} may be used "
@@ -1099,8 +1124,33 @@ def _plan_notes(plan: Plan, device: DeviceBudget, request: Request, compile_cost
         notes.append(
             "the text encoder streams its blocks from the memory-mapped checkpoint (little host RAM)."
         )
-    if plan.storage_dtype == FP8_STORAGE:
-        notes.append("fp8 weight storage (per-tensor scaled, upcast per block): small quality loss.")
     if plan.attention_chunk and default_registry().memory_class(planned_backend(plan)) == "linear":
         notes.append("attention chunking is set although the backend's workspace is already linear.")
     return notes
+
+
+def _dit_storage_note(plan: Plan, request: Request, frozen: frozenset[str]) -> str | None:
+    """Which storage the DiT's weights have under `plan`, and why (None: neither the file nor the
+    storage is fp8, the weights are kept as they compute)."""
+    file_fp8 = dit_file_is_fp8(request)
+    if plan.storage_dtype == FP8_STORAGE:
+        if file_fp8:
+            why = (
+                "you asked for it"
+                if "storage_dtype" in frozen
+                else f"in {plan.compute_dtype} the DiT would not fit the device budget without sharding "
+                "or streaming its blocks"
+            )
+            return (
+                f"DiT storage fp8: the file's own fp8 weights and scales, kept as they are (1 byte per "
+                f"weight, nothing lost against the file, upcast per block; {why})."
+            )
+        return "DiT storage fp8 (per-tensor scaled, upcast per block; you asked for it): small quality loss."
+    storage = plan.storage_dtype or plan.compute_dtype
+    if file_fp8:
+        why = "you set it" if "storage_dtype" in frozen else "it fits, and resident weights run fastest"
+        return (
+            f"DiT storage {storage}: the fp8 file's weights are upcast on load (2 bytes per weight; {why}; "
+            "--fp8 keeps them in fp8)."
+        )
+    return None

@@ -16,7 +16,8 @@ Where the streamed blocks come from (`source`):
               the file pages being read.
 `dtype`: the dtype the weights compute in (floating tensors are converted on the device when they
 travel in another one: a bf16 file under an fp16 plan). fp8=True stores 2-D weights as float8_e4m3fn
-with one fp32 scale per tensor and upcasts them right before their block runs.
+with one fp32 scale per tensor and upcasts them right before their block runs; weights loaded in that
+form already (an fp8 file's, `scales` giving theirs) are kept as they are, bytes and scale.
 
 Memory on the device: k resident blocks + the block in use + the next one being copied (+ the upcast
 copy of the block in use with fp8, or the raw copy of a block converted from the file's dtype). The
@@ -36,10 +37,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 import torch.nn as nn
 
-from wanfit.precision import quantize_fp8
+from wanfit.precision import FP8_STORAGE_DTYPE, quantize_fp8
 from wanfit.runtime.pinned import host_buffer
 
-FP8 = getattr(torch, "float8_e4m3fn", None)
+FP8 = FP8_STORAGE_DTYPE
 # Pinned staging buffers of a stream from the mapped file: one being filled while the other is copied.
 STAGING_BUFFERS = 2
 SOURCES = ("pinned", "mmap")
@@ -115,7 +116,9 @@ class BlockStreamer:
 
     source: "pinned" or "mmap" (the module docstring). dtype: the compute dtype of floating weights
     (None: as they are). fp8=True stores 2-D floating-point weights as scaled float8_e4m3fn
-    (resident ones too; streamed ones as pinned copies, whatever the source). move_inputs=True moves
+    (resident ones too; streamed ones as pinned copies, whatever the source); `scales` maps weights
+    already in float8_e4m3fn (an fp8 file's, as loaded) to their fp32 scale: those are stored as they
+    are, not quantised again, and detach() on the host gives them back. move_inputs=True moves
     a block's tensor arguments to the device first (for a model whose embedding stays on the host).
     `events` records ("fetch"|"use"|"release", index) when record=True; `max_streamed_on_device`
     is the most streamed-block copies the streamer held at once (in use or prefetched; on CUDA the
@@ -129,6 +132,7 @@ class BlockStreamer:
         *,
         resident: int,
         fp8: bool = False,
+        scales: dict[torch.Tensor, torch.Tensor] | None = None,
         source: str = "pinned",
         dtype: torch.dtype | None = None,
         pin_memory: bool | None = None,
@@ -144,6 +148,7 @@ class BlockStreamer:
         self.resident = resident_indices(n, resident)
         self.streamed = [i for i in range(n) if i not in set(self.resident)]
         self.fp8 = fp8 and FP8 is not None
+        self._file_scales = scales or {}  # a weight (the Parameter as loaded) -> its file's fp8 scale
         self.source = "pinned" if self.fp8 else source  # fp8 copies are made here, not read from a file
         self.dtype = dtype
         self.move_inputs = move_inputs
@@ -182,20 +187,30 @@ class BlockStreamer:
         (setting the slot's scale). Converted on the smaller side of the move."""
         t = tensor.detach()
         if self.fp8 and t.is_floating_point() and t.ndim == 2:
-            q, scale = quantize_fp8(t.to(device))
+            file_scale = self._file_scales.get(slot.get()) if t.dtype == FP8 else None
+            if file_scale is not None:  # an fp8 file's bytes and scale, as they are
+                q, scale = t.to(device), file_scale
+            else:
+                q, scale = quantize_fp8(t.to(device))
             slot.scale = scale.to(self.device)  # on the device: a host scalar would sync each upcast
             return q
         if t.dtype != slot.dtype and t.element_size() > slot.dtype.itemsize:
             return t.to(slot.dtype).to(device)
         return t.to(device).to(slot.dtype)
 
+    def _kept_from_file(self, slot: _Slot) -> bool:
+        """An fp8 file's weight stored as loaded: its host tensor is the mapped file, free to keep."""
+        t = slot.get()
+        return self.fp8 and t.dtype == FP8 and t.device.type == "cpu" and t in self._file_scales
+
     def _place(self) -> None:
         host = torch.device("cpu")
         for i, slots in enumerate(self._slots):
             if i not in self._next:
                 for slot in slots:
+                    kept = self._kept_from_file(slot)
                     slot.stored = self._stored_form(slot, slot.get(), self.device)
-                    if self.source == "mmap":
+                    if self.source == "mmap" or kept:
                         slot.source = slot.get().detach()  # free to keep: it is the mapped file
                     slot.set(slot.stored if slot.scale is None else self._placeholder(slot, self.device))
             elif self.source == "mmap":
@@ -204,8 +219,11 @@ class BlockStreamer:
                     slot.set(self._placeholder(slot, host))
                 self._sizes[i] = _pack(slots, [s.stored for s in slots])
             else:
+                kept = [self._kept_from_file(s) for s in slots]
                 self._pin_block(i, [self._stored_form(s, s.get(), host) for s in slots])
-                for slot in slots:
+                for slot, from_file in zip(slots, kept):
+                    if from_file:
+                        slot.source = slot.get().detach()
                     slot.set(self._placeholder(slot, host))
         if self.source == "mmap" and self.streamed:
             size = max(self._sizes.values())

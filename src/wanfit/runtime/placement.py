@@ -249,8 +249,12 @@ class DiTPlacement:
             raise PlanError(
                 "The DiT's blocks are sharded over the run's processes; they cannot be unsharded."
             )
-        # A streamed DiT was loaded in its file's dtype: what lives on the device is converted here.
-        dtype = layout.dtype if layout.streamed else None
+        # A streamed DiT (or one kept in fp8 from its file) was loaded in its file's dtypes: what lives
+        # on the device is converted here.
+        kept_fp8 = bool(_file_fp8_scales(self.dit))
+        dtype = layout.dtype if layout.streamed or kept_fp8 else None
+        if not layout.fp8:
+            _upcast_file_fp8(self.dit, layout.dtype)  # kept in fp8 for a plan that stored it so
         for child in self.dit.children():
             if child is not blocks:
                 child.to(device=device, dtype=dtype)
@@ -260,7 +264,7 @@ class DiTPlacement:
                 shard_blocks(blocks, device)
             return
         if not layout.streamed:
-            blocks.to(device)
+            blocks.to(device) if dtype is None else blocks.to(device, dtype)
             return
         k = len(blocks) if layout.blocks_resident is None else layout.blocks_resident
         self.streamer = BlockStreamer(
@@ -271,12 +275,31 @@ class DiTPlacement:
             source=layout.source,
             dtype=dtype,
             pin_memory=self.pin_memory,
+            scales={self.dit.get_parameter(n): s for n, s in _file_fp8_scales(self.dit).items()},
         )
 
     def _unstream(self) -> None:
         if self.streamer is not None:
             self.streamer.detach(HOST)
             self.streamer = None
+            # What came back upcast (merged, or moved off the host) is no fp8 file weight any more.
+            scales = _file_fp8_scales(self.dit)
+            for name in [n for n in scales if self.dit.get_parameter(n).dtype.itemsize != 1]:
+                del scales[name]
+
+
+def _file_fp8_scales(dit: nn.Module) -> dict[str, torch.Tensor]:
+    """The DiT's weights kept in fp8 as their file has them, name -> scale (WanDiT.fp8_scales)."""
+    return getattr(dit, "fp8_scales", None) or {}
+
+
+def _upcast_file_fp8(dit: nn.Module, dtype: torch.dtype) -> None:
+    """Weights kept in fp8 from their file, dequantised to `dtype` (a plan that does not store fp8)."""
+    scales = _file_fp8_scales(dit)
+    for name, scale in list(scales.items()):
+        param = dit.get_parameter(name)
+        param.data = (param.data.to(torch.float32) * scale.to(param.device)).to(dtype)
+        del scales[name]
 
 
 def _move_own_tensors(model: nn.Module, device: torch.device, dtype: torch.dtype | None = None) -> None:

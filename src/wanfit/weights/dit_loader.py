@@ -3,7 +3,7 @@
 Layouts: a diffusers `transformer/` folder (or the pipeline folder above it), the official release
 (one file, shards + index, or the model folder), and ComfyUI-style single files (official names,
 maybe under `model.diffusion_model.`, in fp32/bf16/fp16/fp8-e4m3, fp8 possibly with per-tensor
-`scale_weight`). The layout is detected from the keys; the model is built on the meta device and
+`scale_weight`; fp8 matrices upcast on load, or kept as stored with keep_fp8). The layout is detected from the keys; the model is built on the meta device and
 filled tensor by tensor from the memory-mapped file, so the weights are never held twice.
 """
 
@@ -22,7 +22,7 @@ from wanfit.errors import CheckpointError, ConfigError
 from wanfit.models.configs import DiTConfig
 from wanfit.models.dit import WanDiT
 from wanfit.paths import user_path
-from wanfit.precision import FP8_DTYPES, parse_stored_dtype, parse_weight_dtype
+from wanfit.precision import FP8_DTYPES, FP8_STORAGE_DTYPE, parse_stored_dtype, parse_weight_dtype
 from wanfit.weights import dit_keys
 from wanfit.weights.file_names import DIFFUSERS_DIT, DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS
 from wanfit.weights.io import LazyStateDict, read_json, resolve_weight_files, short_list
@@ -59,12 +59,14 @@ class DiTCheckpoint:
             )
         return dtype
 
-    def default_dtype(self) -> torch.dtype:
-        """The file's dtype (the one most parameters have); bf16 for fp8 files."""
+    def default_dtype(self, *, fp8_kept: bool = False) -> torch.dtype:
+        """The file's dtype (the one most parameters have); bf16 for fp8 files, or with fp8_kept (its
+        fp8 matrices kept as they are) the dtype most of its other tensors have."""
         counts: dict[torch.dtype, int] = {}
         for name in self.keys:
             dtype = self.stored_dtype(name)
-            counts[dtype] = counts.get(dtype, 0) + math.prod(self.shape(name))
+            if not (fp8_kept and dtype in FP8_DTYPES):
+                counts[dtype] = counts.get(dtype, 0) + math.prod(self.shape(name))
         if not counts:
             return torch.float32
         if any(d in FP8_DTYPES for d in counts):
@@ -107,27 +109,53 @@ def load_dit(
     config: DiTConfig | dict | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str | None = None,
+    keep_fp8: bool = False,
 ) -> WanDiT:
     """Load a Wan2.1 T2V DiT from a file, shard index or folder of any supported layout.
 
     config: a DiTConfig, or a dict in official names (dim, num_heads, ...) overriding what
     config.json or the tensor shapes say. dtype: the weights' dtype (default: the file's; bf16
-    for fp8 files). Returns the model in eval mode without gradients, on `device`.
+    for fp8 files). keep_fp8: the blocks' float8_e4m3fn matrices stay as the file has them (its
+    mapped bytes, nothing converted) with their scale_weight (1 without) in `model.fp8_scales`;
+    for a placement with fp8 storage, which upcasts them block by block; the rest in `dtype`, by
+    default the file's (its fp8 tensors outside the blocks in fp32). Without it fp8 weights are
+    upcast on load. Returns the model in eval mode without gradients, on `device`.
     """
     dtype = parse_weight_dtype(dtype, "load_dit") if dtype is not None else None
     checkpoint = inspect_dit(path)
     cfg = resolve_config(checkpoint, config)
     check_checkpoint(checkpoint, cfg)
-    dtype = dtype or checkpoint.default_dtype()
+    # Kept fp8: the other fp8 tensors (outside the blocks, few) dequantised exactly, in fp32; the
+    # placement converts them to the compute dtype as the upcast load would have.
+    fp8_rest = dtype or torch.float32
+    dtype = dtype or checkpoint.default_dtype(fp8_kept=keep_fp8)
     device = torch.device(device)
 
     with torch.device("meta"):
         model = WanDiT(cfg)
-    for name, _ in list(model.named_parameters()):
+    for name, param in list(model.named_parameters()):
         module_name, _, leaf = name.rpartition(".")
-        tensor = _read_converted(checkpoint, name, device, dtype)
+        if keep_fp8 and _kept_in_fp8(checkpoint, name, param):
+            tensor = checkpoint.read(name).to(device)
+            model.fp8_scales[name] = _file_scale(checkpoint, name)
+        else:
+            file_fp8 = keep_fp8 and checkpoint.stored_dtype(name) in FP8_DTYPES
+            tensor = _read_converted(checkpoint, name, device, fp8_rest if file_fp8 else dtype)
         setattr(model.get_submodule(module_name), leaf, nn.Parameter(tensor, requires_grad=False))
     return model.eval()
+
+
+def _kept_in_fp8(checkpoint: DiTCheckpoint, name: str, param: torch.Tensor) -> bool:
+    """A block matrix stored as float8_e4m3fn: the form fp8 storage keeps (the streamer's)."""
+    in_block = name.startswith("blocks.") and param.ndim == 2
+    return in_block and checkpoint.stored_dtype(name) == FP8_STORAGE_DTYPE
+
+
+def _file_scale(checkpoint: DiTCheckpoint, name: str) -> torch.Tensor:
+    """An fp8 weight's scale_weight as an fp32 scalar on the host; 1 for an unscaled file."""
+    if name not in checkpoint.scales:
+        return torch.ones((), dtype=torch.float32)
+    return checkpoint.tensors[checkpoint.scales[name]].float().reshape(())
 
 
 def inspect_dit(path: str | os.PathLike) -> DiTCheckpoint:
@@ -167,7 +195,7 @@ def map_dit_keys(tensors: LazyStateDict, path: Path, file_config: dict | None = 
                 scales[base] = key
                 continue
         if key == dit_keys.FP8_MARKER_KEY or (inner or "").endswith(dit_keys.FP8_INPUT_SCALE):
-            continue  # fp8 bookkeeping; weights are upcast on load, inputs never quantised
+            continue  # fp8 bookkeeping; inputs are never quantised
         if inner is None:
             continue  # outside the DiT prefix: another part of an all-in-one file (VAE, text encoder)
         name = to_official(inner)
