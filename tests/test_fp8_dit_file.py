@@ -208,3 +208,15 @@ def test_generated_frames_equal_with_fp8_storage_and_with_the_upcast_load(tmp_pa
     frames = sorted(p.name for p in kept.glob("*.png"))
     assert len(frames) == 5 and frames == sorted(p.name for p in upcast.glob("*.png"))
     assert all((kept / f).read_bytes() == (upcast / f).read_bytes() for f in frames)
+
+
+def test_a_wrong_fp8_file_is_refused_as_before(tmp_path):
+    from wanfit.errors import CheckpointError
+
+    torch.manual_seed(0)
+    stored, _ = to_fp8(WanDiT(WAN_TINY).state_dict(), scaled=True)
+    del stored[COMFY_PREFIX + "blocks.1.ffn.0.weight"]
+    save_file(stored, str(tmp_path / "cut.safetensors"))
+    for keep in (False, True):
+        with pytest.raises(CheckpointError, match=r"1 missing: blocks\.1\.ffn\.0\.weight"):
+            load_dit(tmp_path / "cut.safetensors", config=WAN_TINY, keep_fp8=keep)

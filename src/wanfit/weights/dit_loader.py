@@ -139,8 +139,9 @@ def load_dit(
             tensor = checkpoint.read(name).to(device)
             model.fp8_scales[name] = _file_scale(checkpoint, name)
         else:
-            file_fp8 = keep_fp8 and checkpoint.stored_dtype(name) in FP8_DTYPES
-            tensor = _read_converted(checkpoint, name, device, fp8_rest if file_fp8 else dtype)
+            outside = keep_fp8 and not name.startswith("blocks.")
+            fp8_outside = outside and checkpoint.stored_dtype(name) in FP8_DTYPES
+            tensor = _read_converted(checkpoint, name, device, fp8_rest if fp8_outside else dtype)
         setattr(model.get_submodule(module_name), leaf, nn.Parameter(tensor, requires_grad=False))
     return model.eval()
 
