@@ -452,9 +452,9 @@ KNOBS: tuple[Knob, ...] = (
 
 
 # Out-of-memory recovery's notches: the planner's, with the fast tier given up before the DiT is
-# kept in fp8, sharded or streamed (which would take it out of place anyway, and cost more). The planner's search
-# does not need it: it plans the tier only where its copies fit (_search_tiers). No user field guards
-# it: --fast asks for the tier where it fits.
+# kept in fp8, sharded or streamed (which would take it out of place anyway, and cost more). The
+# planner's search does not need it: it plans the tier only where its copies fit (_search_tiers). No
+# user field guards it: --fast asks for the tier where it fits.
 def _recovery_knobs() -> tuple[Knob, ...]:
     knobs = list(KNOBS)
     # fp8 storage takes the tier out of place too: the tier goes first.
