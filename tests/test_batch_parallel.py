@@ -9,7 +9,6 @@ import json
 import numpy as np
 import pytest
 
-import wanfit.attention as wa
 from tests.helpers.ranks import run_ranks
 from tests.test_cli_parallel import error_lines
 from wanfit.cli import main
@@ -24,12 +23,7 @@ LINES = ["a red fox", '{"prompt": "two dogs", "guidance": 1}', "a blue square"]
 NAMES = ["001_a_red_fox_3.mp4", "002_two_dogs_3.mp4", "003_a_blue_square_3.mp4"]
 
 
-@pytest.fixture(autouse=True)
-def _isolated(monkeypatch):
-    for var in ("WANFIT_EMULATE", "WANFIT_ATTENTION", "WORLD_SIZE", "RANK", "LOCAL_RANK"):
-        monkeypatch.delenv(var, raising=False)
-    yield
-    wa.reset()
+pytestmark = pytest.mark.usefixtures("one_process_env")
 
 
 def _prompts(folder, lines=LINES):

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-import wanfit.attention as wa
 from tests.helpers.ranks import run_ranks
 from wanfit import checkpointing
 from wanfit.cli import main
@@ -26,12 +25,7 @@ RUN = ["generate", "--size", "48x32", "--frames", "5", "--steps", str(STEPS), "-
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _isolated(monkeypatch):
-    for var in ("WANFIT_EMULATE", "WANFIT_ATTENTION", "WORLD_SIZE", "RANK", "LOCAL_RANK"):
-        monkeypatch.delenv(var, raising=False)
-    yield
-    wa.reset()
+pytestmark = pytest.mark.usefixtures("one_process_env")
 
 
 @pytest.fixture(scope="module")
