@@ -602,7 +602,9 @@ def test_the_cache_runs_the_blocks_as_placed(pipe):
     def counted(index, block):
         return lambda *args: (used.append(index), block(*args))[1]
 
-    placement.compiled_blocks = [counted(i, b) for i, b in enumerate(pipe.dit.blocks)]
+    from wanfit.runtime.compile import CompiledBlocks
+
+    placement.compiled_blocks = CompiledBlocks([counted(i, b) for i, b in enumerate(pipe.dit.blocks)])
     try:
         cache = build("firstblock:0", pipe.dit.config, STEPS)
         x, context = torch.randn(1, 16, 3, 6, 8), pipe.embeds[0]

@@ -20,37 +20,44 @@ import torch
 import torch.nn as nn
 
 
-def compile_blocks(blocks: Sequence[nn.Module], *, dynamic: bool = False, **options) -> list[Callable]:
+class CompiledBlocks:
+    """One compiled callable per block, run in order as WanDiT.run_blocks runs its blocks.
+
+    The calls are traced with guards on the modules' hooks: by default dynamo skips them, so a hook
+    added after the first call (a LoRA's runtime branch) would silently not run; with the guards,
+    adding or removing one traces the block again. The guard setting is patched around each run of
+    the blocks, not process-wide (a user's own compiles keep torch's default), and once per run, not
+    per block (it costs microseconds).
+    """
+
+    def __init__(self, callables: Sequence[Callable]):
+        self.callables = list(callables)
+
+    def __len__(self) -> int:
+        return len(self.callables)
+
+    def run(self, tokens: torch.Tensor, inputs, start: int = 0, end: int | None = None) -> torch.Tensor:
+        import torch._dynamo.config as dynamo_config
+
+        with dynamo_config.patch(skip_nnmodule_hook_guards=False):
+            for block in self.callables[start:end]:
+                tokens = block(tokens, inputs.e, inputs.context, inputs.rope)
+        return tokens
+
+
+def compile_blocks(blocks: Sequence[nn.Module], *, dynamic: bool = False, **options) -> CompiledBlocks:
     """A torch.compile'd callable per block (static shapes by default); `options` go to torch.compile.
 
     The blocks' bound `__call__` is compiled, not the module: torch.compile(module) marks the module
     itself, and nothing of the runtime's may stay on a model.
-
-    The graphs are traced with guards on the modules' hooks: by default dynamo skips them, so a hook
-    added after the first call (a LoRA's runtime branch) would silently not run; with the guards,
-    adding or removing one traces the block again.
     """
-    return [_with_hook_guards(torch.compile(block.__call__, dynamic=dynamic, **options)) for block in blocks]
-
-
-def _with_hook_guards(compiled: Callable) -> Callable:
-    import torch._dynamo.config as dynamo_config
-
-    def run(*args, **kwargs):
-        # Patched per call, not process-wide: a user's own compiles keep torch's default.
-        with dynamo_config.patch(skip_nnmodule_hook_guards=False):
-            return compiled(*args, **kwargs)
-
-    return run
+    return CompiledBlocks([torch.compile(block.__call__, dynamic=dynamic, **options) for block in blocks])
 
 
 def forward_with(
-    dit: nn.Module, blocks: Sequence[Callable], x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor
+    dit: nn.Module, blocks: CompiledBlocks, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor
 ) -> torch.Tensor:
     """`dit(x, timestep, context)` with its blocks run through `blocks` (WanDiT's embed / unembed around
-    them, each called as WanDiT.run_blocks calls its blocks)."""
+    them)."""
     inputs = dit.embed(x, timestep, context)
-    tokens = inputs.tokens
-    for block in blocks:
-        tokens = block(tokens, inputs.e, inputs.context, inputs.rope)
-    return dit.unembed(tokens, inputs)
+    return dit.unembed(blocks.run(inputs.tokens, inputs), inputs)

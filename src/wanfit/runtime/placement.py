@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from wanfit.errors import PlanError
 from wanfit.runtime.chunking import apply_chunking
-from wanfit.runtime.compile import compile_blocks
+from wanfit.runtime.compile import CompiledBlocks, compile_blocks
 from wanfit.runtime.offload import BlockStreamer
 
 HOST = "cpu"
@@ -109,7 +109,7 @@ class DiTPlacement:
         self.compile_options = {"dynamic": False, **(compile_options or {})}
         self.layout: DiTLayout | None = None  # None: not placed (as loaded, or released to the host)
         self.streamer: BlockStreamer | None = None
-        self.compiled_blocks: list[Callable] | None = None
+        self.compiled_blocks: CompiledBlocks | None = None
         self.fp8_gemm_bytes: int | None = None  # the fp8 weights' bytes while the fast tier is in place
         self.failures: dict[str, str] = {}  # "compile" / "fp8_gemm" -> why it was given up
 
@@ -219,10 +219,7 @@ class DiTPlacement:
         if self.compiled_blocks is None:
             return self.dit.run_blocks(inputs, tokens, start, end)
         try:
-            out = inputs.tokens if tokens is None else tokens
-            for block in self.compiled_blocks[start:end]:
-                out = block(out, inputs.e, inputs.context, inputs.rope)
-            return out
+            return self.compiled_blocks.run(inputs.tokens if tokens is None else tokens, inputs, start, end)
         except torch.OutOfMemoryError:
             raise  # memory is the OOM guard's to handle
         except Exception as err:  # a compiler error; a real model error raises again just below
