@@ -99,28 +99,29 @@ def _parameter_shapes(config) -> dict[str, tuple[int, ...]]:
 
 
 @cache
-def _block_linear_names(config) -> frozenset[str]:
-    """The Linears of a DiT block, by name within the block (what the runtime branch sits beside)."""
+def _meta_block(config):
+    """A DiT block of `config` on the meta device: its modules' names, types and declarations."""
     import torch
-    from torch import nn
 
     from wanfit.models.dit import WanBlock
 
     with torch.device("meta"):
-        block = WanBlock(config)
-    return frozenset(name for name, m in block.named_modules() if isinstance(m, nn.Linear))
+        return WanBlock(config)
+
+
+@cache
+def _block_linear_names(config) -> frozenset[str]:
+    """The Linears of a DiT block, by name within the block (what the runtime branch sits beside)."""
+    from torch import nn
+
+    return frozenset(name for name, m in _meta_block(config).named_modules() if isinstance(m, nn.Linear))
 
 
 @cache
 def _shared_groups(config) -> tuple[frozenset[str], ...]:
     """The block's Linears that read one input and share the branch's down-projection (the model's
     `shared_input_linears`), by name within the block."""
-    import torch
-
-    from wanfit.models.dit import WanBlock
-
-    with torch.device("meta"):
-        block = WanBlock(config)
+    block = _meta_block(config)
     return tuple(
         frozenset(f"{prefix}.{name}" if prefix else name for name in m.shared_input_linears)
         for prefix, m in block.named_modules()
