@@ -175,7 +175,13 @@ def run_in_group(cmd: list[str], group: Group | None, timeout: int) -> dict:
         text=True,
         preexec_fn=group.enter if group is not None else None,
         cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": f"{ROOT / 'src'}:{os.environ.get('PYTHONPATH', '')}"},
+        # No prompt cache: every run pays its text encoder, as a first run does (a cached prompt
+        # would skip the phase whose device and host peaks the table compares).
+        env={
+            **os.environ,
+            "PYTHONPATH": f"{ROOT / 'src'}:{os.environ.get('PYTHONPATH', '')}",
+            "WANFIT_PROMPT_CACHE": "0",
+        },
     )
     sampler = threading.Thread(target=sample, daemon=True) if group is not None else None
     if sampler:

@@ -137,12 +137,12 @@ def bench_dit(name: str, args, device, dtype) -> dict:
         return dit(x, t, context)
 
     result = {"config": cfg.to_dict(), "rank": args.rank, "lora_modules": len(lora.low_rank)}
-    result["base"], _ = time_forward(forward, device, warmup=1, runs=args.runs)
+    result["base"], base_out = time_forward(forward, device, warmup=1, runs=args.runs)
     result["merge_s"], _ = timed(lambda: loras.apply([(lora, 1.0)], "merge"), device)
     result["merged"], _ = time_forward(forward, device, warmup=1, runs=args.runs)
     result["unload_s"], _ = timed(lambda: loras.remove(), device)
     result["runtime_apply_s"], _ = timed(lambda: loras.apply([(lora, 1.0)], "runtime"), device)
-    result["runtime_branch"], _ = time_forward(forward, device, warmup=1, runs=args.runs)
+    result["runtime_branch"], branch_out = time_forward(forward, device, warmup=1, runs=args.runs)
     loras.remove()
     costs = {"runtime_branch": "base", "merged": "base"}
     if device.type == "cuda" and not args.skip_compiled:
@@ -155,16 +155,26 @@ def bench_dit(name: str, args, device, dtype) -> dict:
             return forward_with(dit, blocks, x, t, context)
 
         # Two warm-ups: the first compiles (and the branch's hooks recompile once).
-        result["compiled_base"], _ = time_forward(compiled, device, warmup=2, runs=args.runs)
+        result["compiled_base"], compiled_base_out = time_forward(compiled, device, warmup=2, runs=args.runs)
         loras.apply([(lora, 1.0)], "runtime")
-        result["compiled_runtime_branch"], _ = time_forward(compiled, device, warmup=2, runs=args.runs)
+        result["compiled_runtime_branch"], compiled_out = time_forward(compiled, device, warmup=2, runs=args.runs)
         loras.remove()
+        # The branch must have run in the compiled graphs (the void 2026-12-02 figure's lesson):
+        # its output is the eager branch's, and far from the compiled base's.
+        result["compiled_branch_vs_eager_branch_rel_l2"] = rel_l2(compiled_out, branch_out)
+        result["compiled_branch_vs_compiled_base_rel_l2"] = rel_l2(compiled_out, compiled_base_out)
         costs["compiled_runtime_branch"] = "compiled_base"
+    result["eager_branch_vs_base_rel_l2"] = rel_l2(branch_out, base_out)
     for key, base in costs.items():
         result[f"{key}_cost_pct"] = 100 * (result[key]["median_ms"] / result[base]["median_ms"] - 1)
     for key in {"base", *costs, *costs.values()}:
         result[key].pop("runs_ms", None)
     return result  # the DiT is freed with this frame
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
 def job(args, latents, steps: int, guidance: float) -> dict:

@@ -40,6 +40,15 @@ def is_out_of_memory(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and any(m in str(err).lower() for m in _OOM_MESSAGES)
 
 
+def memory_held() -> str:
+    """What the caching allocator held when a step failed: allocated vs reserved tells a plan that
+    was too big from one that fragmented (reserved far above allocated)."""
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return ""
+    allocated, reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
+    return f" ({allocated / 2**30:.2f} GiB allocated, {reserved / 2**30:.2f} GiB reserved)"
+
+
 def free_memory() -> None:
     """Collect garbage (the failed step's tensors) and return cached blocks to the driver."""
     gc.collect()
@@ -84,6 +93,7 @@ class OOMGuard:
                 if not is_out_of_memory(err):
                     raise
                 reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+                held = memory_held()
             # Out of the except block: the traceback, and the failed step's tensors, are gone.
             free_memory()
             plan = self.get_plan()
@@ -95,7 +105,7 @@ class OOMGuard:
                 )
             changes = plan_changes(plan, new)
             self.log(
-                f"wanfit: out of memory during {where}; stepping the plan down ({changes}) and retrying."
+                f"wanfit: out of memory during {where}{held}; stepping the plan down ({changes}) and retrying."
             )
             self.history.append((phase, what, changes))
             self.apply_plan(new)
