@@ -373,15 +373,17 @@ def test_the_branch_beside_the_fast_tiers_fp8_gemm_adds_its_update_to_the_gemms_
 
 
 class _GraphCounter:
-    """aot_eager (functionalises in-place ops as Inductor does, without generating code), counting graphs."""
+    """aot_eager (functionalises in-place ops as Inductor does, without generating code), counting the
+    graphs it compiles and the Linear calls in them."""
 
     def __init__(self):
         from torch._dynamo.backends.registry import lookup_backend
 
-        self.inner, self.graphs = lookup_backend("aot_eager"), 0
+        self.inner, self.graphs, self.linears = lookup_backend("aot_eager"), 0, 0
 
     def __call__(self, graph, example_inputs):
         self.graphs += 1
+        self.linears += sum(node.target is torch._C._nn.linear for node in graph.graph.nodes)
         return self.inner(graph, example_inputs)
 
 
@@ -390,21 +392,24 @@ def test_the_branch_under_torch_compile_of_the_blocks_gives_the_eager_output_wit
 
     loras = [(make_lora(), 0.8), (partial_lora(), -0.6)]
     dit = tiny_dit()
-    counts = []
+    backends = []
     with torch.no_grad():
         for applied in (False, True):
             if applied:
                 apply_loras(dit, loras, "runtime")
             eager = forward(dit)
             torch.compiler.reset()
-            backend = _GraphCounter()
-            compiled = forward_with(dit, compile_blocks(dit.blocks, backend=backend), *inputs())
+            backends.append(_GraphCounter())
+            compiled = forward_with(dit, compile_blocks(dit.blocks, backend=backends[-1]), *inputs())
             torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
-            counts.append(backend.graphs)
     torch.compiler.reset()
     state = rig(dit)[1]
-    assert counts[1] == counts[0]  # the branch breaks no graph
-    assert all(s.computed == 2 and s._input is None for s in state.shared)  # shared inside the graphs too
+    base, branched = backends
+    assert branched.graphs == base.graphs  # the branch breaks no graph
+    # Shared inside the graphs too: one down-projection per group (the blocks share their graphs).
+    downs = len(state.branches) - sum(len(s.members) - 1 for s in state.shared)
+    assert branched.linears - base.linears == downs // WAN_TINY.num_layers
+    assert all(s._input is None for s in state.shared)
 
 
 def test_a_branch_attached_after_the_blocks_were_compiled_runs_and_its_removal_too():
@@ -425,3 +430,41 @@ def test_a_branch_attached_after_the_blocks_were_compiled_runs_and_its_removal_t
         remove_loras(dit)
         torch.testing.assert_close(forward_with(dit, blocks, *inputs()), base, rtol=1e-5, atol=1e-5)
     torch.compiler.reset()
+
+
+def test_compiled_blocks_with_a_branch_compile_once_for_any_number_of_blocks():
+    # More blocks than dynamo's recompile limit (8): a guard failing at each forward or block would
+    # recompile until the limit left the blocks eager (the H200 run of 2026-12-02: the compiled
+    # branch took 2.4x the compiled base). New LoRA sets, one after another, reuse the graphs too.
+    from wanfit.runtime.compile import compile_blocks, forward_with
+
+    config = WAN_TINY.with_overrides(num_layers=12)
+    torch.manual_seed(0)
+    dit = WanDiT(config).eval().requires_grad_(False)
+    factors = tiny_lora.random_factors(config.num_layers, config.dim, config.ffn_dim, seed=3)
+    lora = lora_keys.convert(tiny_lora.comfy(factors, alpha=2.0), parameter_shapes(config))
+    loras = DiTLoras(dit)
+    torch.compiler.reset()
+    backend = _GraphCounter()
+    blocks = compile_blocks(dit.blocks, backend=backend)
+    x, t, context = inputs()
+    graphs = []  # graphs compiled so far, after each compiled forward with a branch
+    with torch.no_grad():
+        base = forward_with(dit, blocks, x, t, context)
+        base_graphs = backend.graphs
+        for strength in (1.0, 0.5, -0.7, 0.3, 1.2, 0.9, -0.2, 0.6, 0.8, 1.1):
+            loras.apply([(lora, strength)], "runtime")
+            eager = dit(x, t, context)  # makes the device copies (else the first call traces twice)
+            assert (eager - base).abs().max() > 0.1  # the LoRA moves the output
+            for _ in range(3):
+                compiled = forward_with(dit, blocks, x, t, context)
+                torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+                graphs.append(backend.graphs)
+            loras.remove()
+            torch.testing.assert_close(forward_with(dit, blocks, x, t, context), base, rtol=1e-5, atol=1e-5)
+    torch.compiler.reset()
+    assert base_graphs < config.num_layers  # the blocks share their graphs
+    # The first forward with the branch traced the blocks with hooks, in no more graphs than the
+    # base's (the branch breaks none); nothing was traced after it.
+    assert 0 < graphs[0] - base_graphs <= base_graphs
+    assert graphs == [graphs[0]] * len(graphs)

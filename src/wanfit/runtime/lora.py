@@ -81,7 +81,7 @@ class SharedDownProjection:
         for branch in branches:
             branch.shared, branch.span = self, slice(start, start + branch.down.shape[0])
             start += branch.down.shape[0]
-        self.computed = 0  # stacked GEMMs run (the tests count them)
+        self.computed = 0  # stacked GEMMs run eagerly (the tests count them; see project)
         self._clear()
 
     def _clear(self) -> None:
@@ -97,7 +97,11 @@ class SharedDownProjection:
             self._input, self._result = x, F.linear(x, down)
             self._version = _version(x)
             self._pending = set(self.members)
-            self.computed += 1
+            # Counted eagerly only: dynamo guards on an int it reads, so a count bumped in the graph
+            # would fail that guard at every forward (a recompile each, until the recompile limit
+            # leaves the block eager).
+            if not torch.compiler.is_compiling():
+                self.computed += 1
         self._pending.discard(branch)
         h = self._result[..., branch.span]
         if not self._pending:
