@@ -314,6 +314,9 @@ class WanPipeline:
         if not isinstance(plan, Plan):
             raise ConfigError(f"plan must be 'auto', a Plan or a PlanResult, not {plan!r}.")
         dtype = plan.torch_compute_dtype
+        from wanfit.runtime.allocator import apply_allocator
+
+        apply_allocator(plan)  # the loaders' device allocations already follow it
 
         # Streamed models are loaded on the host; their placements stream them block by block.
         def text_encoder_loader(plan: Plan = plan):

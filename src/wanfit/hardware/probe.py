@@ -63,6 +63,8 @@ class HardwareProbe:
     host_ram_limit: int | None = None
     # This process's own anonymous memory when probed: the host estimates count the whole process.
     process_rss: int | None = None
+    # PYTORCH_CUDA_ALLOC_CONF as the user set it (None: unset): the planner leaves a set one alone.
+    allocator_conf: str | None = None
 
     @property
     def sm(self) -> str | None:
@@ -122,6 +124,7 @@ def _probe_real(device_index: int | None) -> HardwareProbe:
         host_ram_source=host.source,
         host_ram_limit=host.limit,
         process_rss=process_rss(),
+        allocator_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or None,
         cpu_count=os.cpu_count() or 1,
         torch_version=torch.__version__,
         torch_cuda_version=torch.version.cuda,

@@ -141,6 +141,16 @@ class Plan:
     compile_dit: bool = field(
         default=False, metadata=_setting("bool", "torch.compile the DiT's blocks (resident DiT on CUDA)")
     )
+    # None: the allocator as the process has it (a CPU, or PYTORCH_CUDA_ALLOC_CONF set by the user).
+    cuda_expandable_segments: bool | None = field(
+        default=None,
+        metadata=_setting(
+            "bool",
+            "the CUDA caching allocator grows segments in place instead of fragmenting fixed ones",
+            optional=True,
+            none="as configured",
+        ),
+    )
     # The fast tier (--fast): lossy, opt-in, sm_89+; wanfit.runtime.fp8_linear.
     fp8_gemm: bool = field(
         default=False,
@@ -307,7 +317,7 @@ def _accepts(name: str) -> str:
     kind = spec.get("kind")
     none = " or none" if spec.get("optional") else ""
     if kind == "bool":
-        return "true or false"
+        return f"true or false{none}"
     if kind == "int":
         return f"a whole number of at least {spec.get('minimum', 0)}{none}"
     if kind == "size":

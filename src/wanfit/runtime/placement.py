@@ -484,6 +484,9 @@ class Placements:
         return cls(DiTPlacement(dit), TextEncoderPlacement(text_encoder), VAEPlacement(vae))
 
     def apply(self, plan) -> None:
+        from wanfit.runtime.allocator import apply_allocator
+
+        apply_allocator(plan)  # before anything is moved: new segments follow the plan
         self.text_encoder.apply(plan)
         self.dit.apply(plan)
         self.vae.apply(plan)
