@@ -34,22 +34,29 @@ GIB = 1024**3
 # Counts of [B, L, dim] tensors alive at each stage's peak: fp32 ones, compute-dtype ones, and
 # compute-dtype casts that exist only when the compute dtype is not fp32 (x.to(dtype) is free in fp32).
 # calibrated on the CPU (2026-11) by tracking live storages through WanBlock.forward at two sequence
-# lengths (the slope per token): the q/k RoPE side peaks at 28 bytes per token and dim in fp32 and
-# 32 in bf16; the FFN side at 12 (fp32) / 14 (bf16) bytes per token and dim plus two [B, L, ffn_dim]
-# hidden tensors. To be rechecked on the GPU by benchmarks/bench_memory.py.
-ROPE_STAGE_FP32 = 6.0  # x, modulated h, fp32 normed q and k, the RoPE output and a temporary
-ROPE_STAGE_COMPUTE = 1.0
-ROPE_STAGE_CASTS = 3.0
+# lengths (the slope per token), then on the H200 (2026-12-02, benchmarks/bench_host_ram.py --sweep,
+# max_memory_allocated of each denoise phase): the CPU counts were one fp32 [B, L, dim] high on the
+# RoPE side (14B at 480p, where it is the peak: 14.04 GiB predicted, 13.40 measured) and one low on the
+# FFN side (1.3B, where it is: 0.19 GiB per sample under, batch 1 and 2, bf16 and fp16). The FFN side's
+# missing one is the block's input, which its caller still holds while the block has made two new
+# residual streams.
+# RoPE, while k is rotated: x, modulated h, fp32 normed q and k, k's rotation (fp32); v and q's rotation
+# (its cast; in fp32 the rotation itself); the input's cast and k's, once made (half precision only).
+ROPE_STAGE_FP32 = 5.0
+ROPE_STAGE_COMPUTE = 2.0
+ROPE_STAGE_CASTS = 2.0
 # At the attention call: x, h (fp32); q, k, v (compute); plus the backend's workspace.
 ATTN_STAGE_FP32 = 2.0
 ATTN_STAGE_COMPUTE = 3.0
 ATTN_STAGE_CASTS = 0.0
-# Cross-attention: x, the norm3 output, q's fp32 RMSNorm (fp32); the input cast and q (compute).
-CROSS_STAGE_FP32 = 3.0
+# Cross-attention: the block's input (its caller holds it), x, the norm3 output, q's fp32 RMSNorm
+# (fp32); the input cast and q (compute).
+CROSS_STAGE_FP32 = 4.0
 CROSS_STAGE_COMPUTE = 2.0
 CROSS_STAGE_CASTS = 0.0
-# FFN at the GELU: x, modulated h (fp32); h's cast (compute); ffn.0 and GELU outputs [B, T, ffn_dim].
-FFN_STAGE_FP32 = 2.0
+# FFN at the GELU: the block's input, x, modulated h (fp32); h's cast (compute); ffn.0 and GELU
+# outputs [B, T, ffn_dim].
+FFN_STAGE_FP32 = 3.0
 FFN_STAGE_COMPUTE = 1.0
 FFN_STAGE_CASTS = 2.0
 FFN_HIDDEN_TENSORS = 2.0
@@ -529,10 +536,10 @@ def dit_activations(request: Request, plan: Plan, backend: str) -> tuple[int, in
     CFG (1 under CFG-parallel), over its Ulysses share of the L tokens (all of them without Ulysses).
 
     Per block, with n = B*L tokens, d = dim, c = compute-dtype bytes, k = c if c < 4 else 0 (casts):
-      RoPE stage      n*d*(6*4 + 1*c + 3*k)
+      RoPE stage      n*d*(5*4 + 2*c + 2*k)
       attention stage n*d*(2*4 + 3*c) + workspace(self-attention over L keys)
-      cross stage     n*d*(3*4 + 2*c) + workspace(cross-attention over text_len keys)
-      FFN stage       n*d*(2*4 + 1*c + 2*k) + 2*c*B*T*ffn_dim   (T = ffn_chunk or L; + n*d*c output)
+      cross stage     n*d*(4*4 + 2*c) + workspace(cross-attention over text_len keys)
+      FFN stage       n*d*(3*4 + 1*c + 2*k) + 2*c*B*T*ffn_dim   (T = ffn_chunk or L; + n*d*c output)
     (the counts are the CAPITAL constants above). Around the blocks: the text context
     [B, text_len, dim], and RoPE tables (L x head_dim x 4 bytes). Under Ulysses (U processes, n over
     the share) the self-attention runs H/U heads over all L queries (in query chunks) and keys, and
