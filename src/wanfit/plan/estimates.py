@@ -35,16 +35,17 @@ GIB = 1024**3
 # compute-dtype casts that exist only when the compute dtype is not fp32 (x.to(dtype) is free in fp32).
 # calibrated on the CPU (2026-11) by tracking live storages through WanBlock.forward at two sequence
 # lengths (the slope per token), then on the H200 (2026-12-02, benchmarks/bench_host_ram.py --sweep,
-# max_memory_allocated of each denoise phase): the CPU counts were one fp32 [B, L, dim] high on the
-# RoPE side (14B at 480p, where it is the peak: 14.04 GiB predicted, 13.40 measured) and one low on the
-# FFN side (1.3B, where it is: 0.19 GiB per sample under, batch 1 and 2, bf16 and fp16). The FFN side's
-# missing one is the block's input, which its caller still holds while the block has made two new
-# residual streams.
+# max_memory_allocated of each denoise phase, results/2026-12-02c-h200): the FFN side was one fp32
+# [B, L, dim] low (the 1.3B, where it is the peak: 0.19 GiB per sample under, batch 1 and 2, bf16 and
+# fp16): the block's input, which its caller still holds while the block has made two new residual
+# streams. The RoPE side (the 14B's peak) was 2 bytes per token and dim high in half precision: 30
+# measured (14B 480p, batch 2, fp16: 13.40 GiB), 32 counted on the CPU.
 # RoPE, while k is rotated: x, modulated h, fp32 normed q and k, k's rotation (fp32); v and q's rotation
-# (its cast; in fp32 the rotation itself); the input's cast and k's, once made (half precision only).
+# (its cast; in fp32 the rotation itself); casts of the input, of k's rotation and a transient (half
+# precision only; the last from the measurement).
 ROPE_STAGE_FP32 = 5.0
 ROPE_STAGE_COMPUTE = 2.0
-ROPE_STAGE_CASTS = 2.0
+ROPE_STAGE_CASTS = 3.0
 # At the attention call: x, h (fp32); q, k, v (compute); plus the backend's workspace.
 ATTN_STAGE_FP32 = 2.0
 ATTN_STAGE_COMPUTE = 3.0
@@ -536,7 +537,7 @@ def dit_activations(request: Request, plan: Plan, backend: str) -> tuple[int, in
     CFG (1 under CFG-parallel), over its Ulysses share of the L tokens (all of them without Ulysses).
 
     Per block, with n = B*L tokens, d = dim, c = compute-dtype bytes, k = c if c < 4 else 0 (casts):
-      RoPE stage      n*d*(5*4 + 2*c + 2*k)
+      RoPE stage      n*d*(5*4 + 2*c + 3*k)
       attention stage n*d*(2*4 + 3*c) + workspace(self-attention over L keys)
       cross stage     n*d*(4*4 + 2*c) + workspace(cross-attention over text_len keys)
       FFN stage       n*d*(3*4 + 1*c + 2*k) + 2*c*B*T*ffn_dim   (T = ffn_chunk or L; + n*d*c output)
