@@ -454,7 +454,7 @@ def test_compiled_blocks_with_a_branch_compile_once_for_any_number_of_blocks():
         base_graphs = backend.graphs
         for strength in (1.0, 0.5, -0.7, 0.3, 1.2, 0.9, -0.2, 0.6, 0.8, 1.1):
             loras.apply([(lora, strength)], "runtime")
-            eager = dit(x, t, context)  # makes the device copies (else the first call traces twice)
+            eager = dit(x, t, context)
             assert (eager - base).abs().max() > 0.1  # the LoRA moves the output
             for _ in range(3):
                 compiled = forward_with(dit, blocks, x, t, context)
@@ -468,3 +468,80 @@ def test_compiled_blocks_with_a_branch_compile_once_for_any_number_of_blocks():
     # base's (the branch breaks none); nothing was traced after it.
     assert 0 < graphs[0] - base_graphs <= base_graphs
     assert graphs == [graphs[0]] * len(graphs)
+
+
+class _PostGradGraphs:
+    """Inductor's graphs after its post-grad passes (re-inplacing included), one per compile."""
+
+    def __init__(self):
+        from torch._inductor.custom_graph_pass import CustomGraphPass
+
+        graphs = self.graphs = []
+
+        class Record(CustomGraphPass):
+            def __call__(self, graph):
+                graphs.append(graph)
+
+            def uuid(self):
+                return None
+
+        self.record = Record()
+
+    def patch(self):
+        import torch._functorch.config as functorch_config
+        import torch._inductor.config as inductor_config
+
+        # No caches: a cached graph would skip the passes (and this count).
+        return inductor_config.patch(post_grad_custom_post_pass=self.record, fx_graph_cache=False), (
+            functorch_config.patch(enable_autograd_cache=False)
+        )
+
+    def count(self, graphs, *targets) -> int:
+        return sum(node.target in targets for graph in graphs for node in graph.nodes)
+
+
+def test_inductor_runs_the_compiled_branch_in_place_and_traces_it_once_after_apply():
+    # Traced, the eager branch's addmm_ became an out-of-place addmm reading the Linear's output,
+    # which cuBLAS copies before its GEMM (two extra passes over every Linear output, the 2026-12-02c
+    # H200 compiled branch's +13%); and the first compiled forward after `apply` copied the factors in
+    # its graph, so the next traced again.
+    from wanfit.runtime.compile import compile_blocks, forward_with
+
+    aten = torch.ops.aten
+    dit = tiny_dit()
+    loras = DiTLoras(dit)
+    recorder = _PostGradGraphs()
+    patch_inductor, patch_autograd_cache = recorder.patch()
+    torch.compiler.reset()
+    with torch.no_grad(), patch_inductor, patch_autograd_cache:
+        blocks = compile_blocks(dit.blocks)
+        base = forward_with(dit, blocks, *inputs())
+        base_graphs = list(recorder.graphs)
+        compiles = []  # graphs compiled so far, after each compiled forward with a branch
+        for strength in (0.8, -0.5):
+            loras.apply([(make_lora(), strength)], "runtime")
+            for _ in range(2):  # no eager forward first: `apply` made the device copies
+                compiled = forward_with(dit, blocks, *inputs())
+                compiles.append(len(recorder.graphs))
+            torch.testing.assert_close(compiled, dit(*inputs()), rtol=1e-5, atol=1e-5)
+            loras.remove()
+            torch.testing.assert_close(forward_with(dit, blocks, *inputs()), base, rtol=0, atol=0)
+        assert len(recorder.graphs) == compiles[0]  # the base's graphs ran again
+    torch.compiler.reset()
+    branched = recorder.graphs[len(base_graphs) :]
+    # One trace of the hooked graphs, none after it: not per forward, nor per LoRA set.
+    assert 0 < len(branched) <= len(base_graphs) and compiles == [compiles[0]] * len(compiles)
+    # Per block (the blocks share their graphs): the base's GEMMs, one down-projection per branch
+    # or shared group, and each up-projection one in-place GEMM into the Linear's output; no copy,
+    # no out-of-place addmm, no op left functionalised.
+    block_linears = 10
+    groups = [2, 3]  # cross-attention's k, v; self-attention's q, k, v
+    in_place = torch.ops.wanfit.add_low_rank_product_.default
+    assert recorder.count(branched, in_place) == block_linears
+    assert recorder.count(branched, aten.addmm.default) == recorder.count(base_graphs, aten.addmm.default)
+    downs = block_linears - sum(n - 1 for n in groups)
+    assert recorder.count(branched, aten.mm.default) - recorder.count(base_graphs, aten.mm.default) == downs
+    copies = (aten.copy_.default, aten.copy.default, aten.clone.default)
+    assert recorder.count(branched, *copies) == recorder.count(base_graphs, *copies)
+    functionalised = torch.ops.higher_order.auto_functionalized, torch.ops.higher_order.auto_functionalized_v2
+    assert recorder.count(branched, *functionalised) == 0

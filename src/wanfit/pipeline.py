@@ -663,6 +663,7 @@ class WanPipeline:
         )
         self.step_cache_report = None
         self.placement.dit.place(self.plan)
+        self.lora.make_device_copies()  # where the blocks now run, before a compiled block traces
         guard = self._oom_guard()
         bar = tqdm(
             total=len(timesteps),

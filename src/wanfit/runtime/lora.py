@@ -125,7 +125,8 @@ class LowRankBranch:
     (cuBLAS addmm_), accumulated in fp32 and rounded once, so no [tokens, out] temporary is written and
     read again. In place is safe because the hook sits only on wanfit.models.dit.Linear, whose forward
     returns a tensor of its own (F.linear's, or the fp8 GEMM's); with autograd on, or an output that is
-    not a plain contiguous tensor of x's dtype, the branch adds out of place.
+    not a plain contiguous tensor of x's dtype, the branch adds out of place. Traced by torch.compile,
+    the same GEMM runs as an opaque op that mutates its output (inductor keeps it in place).
     """
 
     def __init__(self, down: torch.Tensor, up: torch.Tensor):
@@ -142,6 +143,12 @@ class LowRankBranch:
         for copy in self.device_copies:
             copy.release()
 
+    def make_device_copies(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Copy the factors to `device` in `dtype` now, outside any compiled code (a copy made while
+        dynamo traces is a step of that graph, and the next call traces again without it)."""
+        for copy in (self._up, self._down if self.shared is None else self.shared.down):
+            copy.on(device, dtype)
+
     def down_projection(self, x: torch.Tensor) -> torch.Tensor:
         if self.shared is not None:
             return self.shared.project(self, x)
@@ -151,10 +158,27 @@ class LowRankBranch:
         x = args[0]
         h = self.down_projection(x)
         up = self._up.on(x.device, x.dtype)
+        if torch.compiler.is_compiling() and output.dtype == x.dtype and output.is_contiguous():
+            # Traced, addmm_ would be functionalised into an out-of-place addmm reading a full
+            # [tokens, out] input, which cuBLAS copies to the result first (two more passes over the
+            # output than eager's); an opaque op that mutates stays in place (inductor re-inplaces it).
+            _add_product_(output, h, up)
+            return output
         if not torch.is_grad_enabled() and output.dtype == x.dtype and output.is_contiguous():
             output.view(-1, output.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), up.t())
             return output
         return output + F.linear(h, up).to(output.dtype)
+
+
+@torch.library.custom_op("wanfit::add_low_rank_product_", mutates_args=("output",))
+def _add_product_(output: torch.Tensor, h: torch.Tensor, up: torch.Tensor) -> None:
+    """output += h up^T, in place by one GEMM with beta=1 (output contiguous; h may be a column slice)."""
+    output.view(-1, output.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), up.t())
+
+
+@_add_product_.register_fake
+def _(output: torch.Tensor, h: torch.Tensor, up: torch.Tensor) -> None:
+    return None
 
 
 def parameter_shapes(config) -> dict[str, tuple[int, ...]]:
@@ -181,6 +205,7 @@ class DiTLoras:
         self.hooks: list = []
         self.branches: list[LowRankBranch] = []
         self.shared: list[SharedDownProjection] = []
+        self.branch_modules: dict[LowRankBranch, str] = {}  # branch -> its Linear's name
 
     @property
     def streamer(self):
@@ -230,7 +255,18 @@ class DiTLoras:
             self.branches.append(branch)
             self.hooks.append(dit.get_submodule(module_name).register_forward_hook(branch))
         self.shared = [SharedDownProjection(group) for group in _shared_input_groups(dit, by_module)]
+        self.branch_modules = {branch: name for name, branch in by_module.items()}
         self._reset_streamer()
+        self.make_device_copies()
+
+    def make_device_copies(self) -> None:
+        """Put the branches' factors where their Linears compute, in their compute dtype, before the
+        (compiled) blocks run: on the DiT's device once placed (the pipeline calls this again after
+        placing it), so the first compiled forward traces once, reading them as inputs."""
+        for branch, module in self.branch_modules.items():
+            weight = f"{module}.weight"
+            device = _compute_device(self.dit, self.streamer, weight)
+            branch.make_device_copies(device, _compute_dtype(self.dit, self.streamer, weight))
 
     def remove(self) -> None:
         """Back to the exact base weights: every touched tensor restored, every branch removed."""
@@ -249,6 +285,7 @@ class DiTLoras:
         self.hooks.clear()
         self.branches.clear()
         self.shared.clear()
+        self.branch_modules.clear()
         for name, original in self.originals.items():
             _write_original(self.dit, self.streamer, name, original)
         self._reset_streamer()
@@ -308,6 +345,12 @@ def _compute_device(dit: nn.Module, streamer, name: str) -> torch.device:
     """Where to compute a merge: the run's device (a streamed block's stored copy lives on the host)."""
     module, leaf, streamer, _ = _locate(dit, streamer, name)
     return streamer.device if streamer is not None else module._parameters[leaf].device
+
+
+def _compute_dtype(dit: nn.Module, streamer, name: str) -> torch.dtype:
+    """The dtype a parameter computes in (a Linear casts its input to it): a streamed one's copy's."""
+    module, leaf, _, found = _locate(dit, streamer, name)
+    return found[1].dtype if found is not None else module._parameters[leaf].dtype
 
 
 def _write(dit: nn.Module, streamer, name: str, value: torch.Tensor, dtype: torch.dtype) -> None:
