@@ -46,7 +46,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--compile", action="store_true", help="also time wanfit with compiled blocks")
+    p.add_argument(
+        "--compile", action="store_true",
+        help="also time wanfit with compiled blocks, and diffusers with compile_repeated_blocks(fullgraph=True)",
+    )  # fmt: skip
+    p.add_argument(
+        "--profile", action="store_true", help="CUDA: one more call of each variant under torch.profiler"
+    )
     p.add_argument("--skip-diffusers", action="store_true", help="time wanfit only")
     p.add_argument(
         "--dry-run", action="store_true", help="CPU, tiny model and latent: checks the script only"
@@ -146,6 +152,9 @@ def time_forward(fn, device: torch.device, warmup: int, runs: int) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
+    if args.profile:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from kernel_profile import kernel_profile
     if args.dry_run:
         device, dtype = torch.device("cpu"), torch.float32
         cfg, grid = TINY, (3, 4, 6)
@@ -192,12 +201,11 @@ def run(args: argparse.Namespace) -> dict:
     )
     result["weights_gib"] = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
 
-    outputs = {}
+    outputs, calls = {}, {}
     x32 = x.float()  # wanfit keeps latents in fp32; the values are the same bf16-rounded ones
     try:
-        result["wanfit"], outputs["wanfit"] = time_forward(
-            lambda: model(x32, timestep, context), device, args.warmup, args.runs
-        )
+        calls["wanfit"] = lambda: model(x32, timestep, context)
+        result["wanfit"], outputs["wanfit"] = time_forward(calls["wanfit"], device, args.warmup, args.runs)
     except Exception as err:
         result["wanfit"] = {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc(limit=3)}
     if args.compile and "wanfit" in outputs:
@@ -208,10 +216,12 @@ def run(args: argparse.Namespace) -> dict:
             t0 = time.perf_counter()
             with torch.no_grad():
                 forward_with(model, compiled, x32, timestep, context)
-            torch.cuda.synchronize(device)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             result["compile_first_call_s"] = time.perf_counter() - t0
+            calls["wanfit_compiled"] = lambda: forward_with(model, compiled, x32, timestep, context)
             result["wanfit_compiled"], outputs["wanfit_compiled"] = time_forward(
-                lambda: forward_with(model, compiled, x32, timestep, context), device, args.warmup, args.runs
+                calls["wanfit_compiled"], device, args.warmup, args.runs
             )
         except Exception as err:
             result["wanfit_compiled"] = {
@@ -219,20 +229,34 @@ def run(args: argparse.Namespace) -> dict:
                 "trace": traceback.format_exc(limit=3),
             }
     if reference is not None:
-        try:
-            result["diffusers"], outputs["diffusers"] = time_forward(
-                lambda: reference(
-                    hidden_states=x, timestep=timestep, encoder_hidden_states=context, return_dict=False
-                )[0],
-                device,
-                args.warmup,
-                args.runs,
-            )
-        except Exception as err:
-            result["diffusers"] = {
-                "error": f"{type(err).__name__}: {err}",
-                "trace": traceback.format_exc(limit=3),
-            }
+
+        def diffusers_call():
+            return reference(
+                hidden_states=x, timestep=timestep, encoder_hidden_states=context, return_dict=False
+            )[0]
+
+        variants = ["diffusers"] + (["diffusers_compiled"] if args.compile and device.type == "cuda" else [])
+        for name in variants:
+            try:
+                if name == "diffusers_compiled":  # changes the model in place: after its eager runs
+                    reference.compile_repeated_blocks(fullgraph=True)
+                    t0 = time.perf_counter()
+                    with torch.no_grad():
+                        diffusers_call()
+                    torch.cuda.synchronize(device)
+                    result["diffusers_compile_first_call_s"] = time.perf_counter() - t0
+                result[name], outputs[name] = time_forward(diffusers_call, device, args.warmup, args.runs)
+                if args.profile:
+                    result.setdefault("profile", {})[name] = kernel_profile(diffusers_call)
+            except Exception as err:
+                result[name] = {
+                    "error": f"{type(err).__name__}: {err}",
+                    "trace": traceback.format_exc(limit=3),
+                }
+    if args.profile:  # wanfit's variants (diffusers' were profiled as they ran: its compile is in place)
+        for name in ("wanfit", "wanfit_compiled"):
+            if name in calls:
+                result.setdefault("profile", {})[name] = kernel_profile(calls[name])
 
     if "wanfit" in outputs and "diffusers" in outputs:
         a, b = outputs["wanfit"].float(), outputs["diffusers"].float()
@@ -253,8 +277,8 @@ def table(result: dict) -> str:
         f"{result['tokens']} tokens, {result['config']['num_layers']} layers",
         f"{'model':<10} {'median ms':>10} {'min ms':>10} {'peak GiB':>9}",
     ]
-    for name in ("wanfit", "wanfit_compiled", "diffusers"):
-        if name == "wanfit_compiled" and name not in result:
+    for name in ("wanfit", "wanfit_compiled", "diffusers", "diffusers_compiled"):
+        if name.endswith("_compiled") and name not in result:
             continue
         r = result.get(name)
         if r is None:
@@ -275,6 +299,10 @@ def table(result: dict) -> str:
             f"{result['diffusers']['median_ms'] / result['wanfit_compiled']['median_ms']:.3f}; "
             f"first compiled call {result['compile_first_call_s']:.1f} s"
         )
+    for name, prof in (result.get("profile") or {}).items():
+        if prof:  # device ms per kernel kind, one profiled call
+            kinds = ", ".join(f"{kind} {ms:.1f}" for kind, ms in prof["by_kind_ms"].items())
+            lines.append(f"profile {name}: {prof['device_ms']:.1f} ms on the device: {kinds}")
     return "\n".join(lines)
 
 

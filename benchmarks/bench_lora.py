@@ -44,12 +44,17 @@ def parse_args(argv=None):
     p.add_argument("--layers", type=int, default=None, help="DiT blocks (default: all)")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument(
-        "--full-steps", type=int, default=50,
+        "--full-steps",
+        type=int,
+        default=50,
         help="steps of the CFG baseline job (0: none; e.g. bench_cache's uncached 50-step jobs in the same call)",
     )
     p.add_argument("--skip-job", action="store_true")
     p.add_argument("--skip-diffusers", action="store_true")
     p.add_argument("--skip-compiled", action="store_true", help="no forwards with the blocks compiled")
+    p.add_argument(
+        "--profile", action="store_true", help="CUDA: one more forward of each variant under torch.profiler"
+    )
     p.add_argument("--tiny", action="store_true", help="CPU, tiny models: checks the script only")
     p.add_argument("--out", default=None)
     return p.parse_args(argv)
@@ -117,6 +122,7 @@ def converted(state: dict, cfg):
 def bench_dit(name: str, args, device, dtype) -> dict:
     """Merge and unload time, and one forward: base, merged, runtime branch."""
     from bench_dit import latent_shape, random_weights_wanfit, time_forward
+    from kernel_profile import kernel_profile
 
     from wanfit.models.configs import DIT_PRESETS
     from wanfit.runtime.lora import DiTLoras
@@ -137,12 +143,20 @@ def bench_dit(name: str, args, device, dtype) -> dict:
         return dit(x, t, context)
 
     result = {"config": cfg.to_dict(), "rank": args.rank, "lora_modules": len(lora.low_rank)}
+    profiles = result.setdefault("profile", {}) if args.profile else None
+
+    def profiled(name: str, fn) -> None:
+        if profiles is not None:
+            profiles[name] = kernel_profile(fn)
+
     result["base"], base_out = time_forward(forward, device, warmup=1, runs=args.runs)
+    profiled("base", forward)
     result["merge_s"], _ = timed(lambda: loras.apply([(lora, 1.0)], "merge"), device)
     result["merged"], _ = time_forward(forward, device, warmup=1, runs=args.runs)
     result["unload_s"], _ = timed(lambda: loras.remove(), device)
     result["runtime_apply_s"], _ = timed(lambda: loras.apply([(lora, 1.0)], "runtime"), device)
     result["runtime_branch"], branch_out = time_forward(forward, device, warmup=1, runs=args.runs)
+    profiled("runtime_branch", forward)
     loras.remove()
     costs = {"runtime_branch": "base", "merged": "base"}
     if device.type == "cuda" and not args.skip_compiled:
@@ -156,8 +170,12 @@ def bench_dit(name: str, args, device, dtype) -> dict:
 
         # Two warm-ups: the first compiles (and the branch's hooks recompile once).
         result["compiled_base"], compiled_base_out = time_forward(compiled, device, warmup=2, runs=args.runs)
+        profiled("compiled_base", compiled)
         loras.apply([(lora, 1.0)], "runtime")
-        result["compiled_runtime_branch"], compiled_out = time_forward(compiled, device, warmup=2, runs=args.runs)
+        result["compiled_runtime_branch"], compiled_out = time_forward(
+            compiled, device, warmup=2, runs=args.runs
+        )
+        profiled("compiled_runtime_branch", compiled)
         loras.remove()
         # The branch must have run in the compiled graphs (the void 2026-12-02 figure's lesson):
         # its output is the eager branch's, and far from the compiled base's.
