@@ -53,6 +53,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--profile", action="store_true", help="CUDA: one more call of each variant under torch.profiler"
     )
+    p.add_argument(
+        "--ffn-gelu-in-place", action="store_true",
+        help="also time wanfit eager with Plan.ffn_gelu_in_place (the GELU over ffn.0's output)",
+    )  # fmt: skip
     p.add_argument("--skip-diffusers", action="store_true", help="time wanfit only")
     p.add_argument(
         "--dry-run", action="store_true", help="CPU, tiny model and latent: checks the script only"
@@ -208,6 +212,18 @@ def run(args: argparse.Namespace) -> dict:
         result["wanfit"], outputs["wanfit"] = time_forward(calls["wanfit"], device, args.warmup, args.runs)
     except Exception as err:
         result["wanfit"] = {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc(limit=3)}
+    if args.ffn_gelu_in_place and "wanfit" in outputs:
+        from wanfit.runtime.chunking import apply_chunking
+
+        apply_chunking(model.blocks, attention_chunk=None, ffn_chunk=None, ffn_gelu_in_place=True)
+        calls["wanfit_gelu_in_place"] = lambda: model(x32, timestep, context)
+        result["wanfit_gelu_in_place"], outputs["wanfit_gelu_in_place"] = time_forward(
+            calls["wanfit_gelu_in_place"], device, args.warmup, args.runs
+        )
+        result["gelu_in_place_equal_to_eager"] = bool(
+            torch.equal(outputs["wanfit_gelu_in_place"], outputs["wanfit"])
+        )
+        apply_chunking(model.blocks, attention_chunk=None, ffn_chunk=None, ffn_gelu_in_place=False)
     if args.compile and "wanfit" in outputs:
         from wanfit.runtime.compile import compile_blocks, forward_with
 
@@ -254,7 +270,7 @@ def run(args: argparse.Namespace) -> dict:
                     "trace": traceback.format_exc(limit=3),
                 }
     if args.profile:  # wanfit's variants (diffusers' were profiled as they ran: its compile is in place)
-        for name in ("wanfit", "wanfit_compiled"):
+        for name in ("wanfit", "wanfit_gelu_in_place", "wanfit_compiled"):
             if name in calls:
                 result.setdefault("profile", {})[name] = kernel_profile(calls[name])
 
@@ -275,19 +291,19 @@ def table(result: dict) -> str:
     lines = [
         f"bench_dit on {result['device']} ({result['dtype']}), latent {result['latent']}, "
         f"{result['tokens']} tokens, {result['config']['num_layers']} layers",
-        f"{'model':<10} {'median ms':>10} {'min ms':>10} {'peak GiB':>9}",
+        f"{'model':<20} {'median ms':>10} {'min ms':>10} {'peak GiB':>9}",
     ]
-    for name in ("wanfit", "wanfit_compiled", "diffusers", "diffusers_compiled"):
-        if name.endswith("_compiled") and name not in result:
+    for name in ("wanfit", "wanfit_gelu_in_place", "wanfit_compiled", "diffusers", "diffusers_compiled"):
+        if name != "wanfit" and name != "diffusers" and name not in result:
             continue
         r = result.get(name)
         if r is None:
-            lines.append(f"{name:<10} {'skipped: ' + result.get('diffusers_error', 'not run'):>10}")
+            lines.append(f"{name:<20} {'skipped: ' + result.get('diffusers_error', 'not run'):>10}")
         elif "error" in r:
-            lines.append(f"{name:<10} error: {r['error'][:100]}")
+            lines.append(f"{name:<20} error: {r['error'][:100]}")
         else:
             peak = f"{r['peak_gib']:.2f}" if "peak_gib" in r else "-"
-            lines.append(f"{name:<10} {r['median_ms']:>10.1f} {r['min_ms']:>10.1f} {peak:>9}")
+            lines.append(f"{name:<20} {r['median_ms']:>10.1f} {r['min_ms']:>10.1f} {peak:>9}")
     if "speedup_diffusers_over_wanfit" in result:
         lines.append(
             f"diffusers/wanfit time ratio {result['speedup_diffusers_over_wanfit']:.3f}; "

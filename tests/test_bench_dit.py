@@ -21,3 +21,9 @@ def test_latent_shape_of_the_reference_video():
     assert latent_shape("832x480", 81) == (21, 60, 104)
     with pytest.raises(SystemExit):
         latent_shape("830x480", 81)
+
+
+def test_dry_run_times_the_gelu_in_place_lever_and_it_changes_no_bit(tmp_path):
+    result = main(["--dry-run", "--ffn-gelu-in-place", "--skip-diffusers", "--out", str(tmp_path / "b.json")])
+    assert result["wanfit_gelu_in_place"]["median_ms"] > 0
+    assert result["gelu_in_place_equal_to_eager"] is True

@@ -238,3 +238,31 @@ def test_attention_and_ffn_chunking_give_the_same_output():
         assert model.blocks[0].self_attn.attention_chunk == 7 and model.blocks[0].ffn_chunk == 11
         chunked = model(x, t, context)
     torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)
+
+
+def test_the_ffn_gelu_in_place_gives_the_same_bits_and_writes_over_ffn0s_output():
+    from wanfit.models.configs import WAN_TINY
+    from wanfit.runtime.chunking import apply_chunking
+
+    torch.manual_seed(0)
+    model = WanDiT(WAN_TINY).eval()
+    x, t, context = torch.randn(1, 16, 3, 6, 10), torch.tensor([700.0]), torch.randn(1, 16, WAN_TINY.text_dim)
+    seen = {}
+    ffn = model.blocks[0].ffn
+    ffn[0].register_forward_hook(lambda m, a, out: seen.__setitem__("ffn0_out", out.data_ptr()))
+    ffn[2].register_forward_pre_hook(lambda m, a: seen.__setitem__("ffn2_in", a[0].data_ptr()))
+    with torch.no_grad():
+        separate = model(x, t, context)
+        assert seen["ffn2_in"] != seen["ffn0_out"]  # GELU wrote a tensor of its own
+        apply_chunking(model.blocks, attention_chunk=None, ffn_chunk=None, ffn_gelu_in_place=True)
+        in_place = model(x, t, context)
+        assert seen["ffn2_in"] == seen["ffn0_out"]  # GELU wrote over ffn.0's output
+        apply_chunking(model.blocks, attention_chunk=None, ffn_chunk=11, ffn_gelu_in_place=True)
+        chunked = model(x, t, context)  # each chunk's hidden written over as well
+    assert torch.equal(in_place, separate)
+    torch.testing.assert_close(chunked, separate, atol=1e-5, rtol=1e-5)
+    # With autograd on (training the built-in model) it keeps the GELU's input for the backward.
+    out = model(x, t, context)
+    assert seen["ffn2_in"] != seen["ffn0_out"]
+    out.sum().backward()
+    assert model.blocks[0].ffn[0].weight.grad is not None

@@ -23,6 +23,7 @@ RESIDENT = Plan()
 STREAMED_2 = Plan(dit_blocks_resident=2)
 STREAMED_1 = Plan(dit_blocks_resident=1)
 CHUNKED = Plan(attention_chunk=7, ffn_chunk=11)  # 45 tokens: uneven chunks
+GELU_IN_PLACE = Plan(ffn_gelu_in_place=True)
 FP8 = Plan(storage_dtype="float8_e4m3fn")
 COMPILED = Plan(compile_dit=True)
 STREAMED_NONE = Plan(dit_blocks_resident=4)  # all 4 blocks resident: a streamer that streams none
@@ -74,7 +75,7 @@ def dit_state(placement: DiTPlacement) -> dict:
         "resident": None if placement.streamer is None else placement.streamer.resident,
         "compiled": placement.compiled_blocks is not None,
         "tensors": {n: (t.device, t.dtype, tuple(t.shape)) for n, t in dit.state_dict().items()},
-        "chunks": [(b.ffn_chunk, b.self_attn.attention_chunk) for b in dit.blocks],
+        "chunks": [(b.ffn_chunk, b.self_attn.attention_chunk, b.ffn_gelu_in_place) for b in dit.blocks],
     }
 
 
@@ -84,6 +85,8 @@ TRANSITIONS = {
     "streamed 2 -> streamed 1": (STREAMED_2, STREAMED_1),
     "resident -> chunked": (RESIDENT, CHUNKED),
     "chunked -> streamed 1": (CHUNKED, STREAMED_1),
+    "resident -> GELU in place": (RESIDENT, GELU_IN_PLACE),
+    "GELU in place -> chunked": (GELU_IN_PLACE, CHUNKED),
     "resident -> fp8": (RESIDENT, FP8),
     "resident -> compiled": (RESIDENT, COMPILED),
     "compiled -> resident": (COMPILED, RESIDENT),

@@ -210,3 +210,13 @@ def test_phase_estimates_serialise():
     d = phases["denoise"].to_dict()
     assert d["peak"] == d["weights"] + d["activations"] + d["workspace"] + d["cache"]
     assert E.peak_bytes(phases) == max(p.peak for p in phases.values())
+
+
+def test_the_ffn_gelu_in_place_plans_one_hidden_tensor_less():
+    """At 832x480x81 batch 2 in bf16 the FFN stage peaks (1.3B); writing the GELU over ffn.0's output
+    takes one [B, L, ffn_dim] tensor off it, down to the next stage's peak (RoPE)."""
+    base = E.dit_activations(REQ, _plan(), "sdpa_flash")
+    in_place = E.dit_activations(REQ, _plan(ffn_gelu_in_place=True), "sdpa_flash")
+    assert base[2] == "ffn" and in_place[0] < base[0]
+    hidden = 2 * REQ.tokens * WAN_T2V_1_3B.ffn_dim * 2
+    assert base[0] - in_place[0] <= hidden

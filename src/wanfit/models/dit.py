@@ -215,6 +215,9 @@ class WanBlock(nn.Module):
         )
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
         self.ffn_chunk: int | None = None  # tokens per FFN call (set by the runtime to bound memory)
+        # Inference: the GELU overwrites ffn.0's output, one [B, L, ffn_dim] tensor less at the FFN's
+        # peak (the same values; set by the runtime).
+        self.ffn_gelu_in_place = False
 
     def forward(self, x: torch.Tensor, e: torch.Tensor, context: torch.Tensor, rope: Rope) -> torch.Tensor:
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float() + e).unbind(1)
@@ -227,8 +230,18 @@ class WanBlock(nn.Module):
         x = x + self.cross_attn(self.norm3(x), context)
 
         h = modulate(self.norm2(x), shift_ff, scale_ff)
-        ffn = run_in_chunks(lambda rows: linear(self.ffn, rows), h, self.ffn_chunk)
+        ffn = run_in_chunks(self.feed_forward, h, self.ffn_chunk)
         return torch.addcmul(x, ffn, gate_ff.unsqueeze(1))
+
+    def feed_forward(self, h: torch.Tensor) -> torch.Tensor:
+        """ffn.2(GELU(ffn.0(h))) in the weights' dtype; with ffn_gelu_in_place and no autograd (whose
+        GELU backward needs its input) the GELU writes over ffn.0's output."""
+        if not self.ffn_gelu_in_place or torch.is_grad_enabled():
+            return linear(self.ffn, h)
+        first, gelu, second = self.ffn
+        hidden = linear(first, h)
+        torch.ops.aten.gelu_(hidden, approximate=gelu.approximate)
+        return second(hidden)
 
 
 class Head(nn.Module):

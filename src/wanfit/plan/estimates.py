@@ -61,6 +61,7 @@ FFN_STAGE_FP32 = 3.0
 FFN_STAGE_COMPUTE = 1.0
 FFN_STAGE_CASTS = 2.0
 FFN_HIDDEN_TENSORS = 2.0
+FFN_HIDDEN_TENSORS_GELU_IN_PLACE = 1.0  # Plan.ffn_gelu_in_place: the GELU writes over ffn.0's output
 # With ffn_chunk, the chunks' outputs are gathered in one [B, L, dim] compute-dtype buffer.
 FFN_CHUNK_OUTPUT_TENSORS = 1.0
 # RoPE cos and sin tables: [L, head_dim/2] fp32 each -> 4 bytes x head_dim per token.
@@ -562,7 +563,8 @@ def dit_activations(request: Request, plan: Plan, backend: str) -> tuple[int, in
     )
     ffn_rows = min(share, plan.ffn_chunk) if plan.ffn_chunk else share
     ffn_out = FFN_CHUNK_OUTPUT_TENSORS * n * d * c if plan.ffn_chunk and plan.ffn_chunk < share else 0
-    ffn_hidden = FFN_HIDDEN_TENSORS * batch * ffn_rows * cfg.ffn_dim * c
+    hidden = FFN_HIDDEN_TENSORS_GELU_IN_PLACE if plan.ffn_gelu_in_place else FFN_HIDDEN_TENSORS
+    ffn_hidden = hidden * batch * ffn_rows * cfg.ffn_dim * c
     if plan.fast_tier_in_place:
         ffn_hidden = max(ffn_hidden, fp8_ffn_bytes(cfg, batch * ffn_rows, plan))
     k = c if c < 4 else 0

@@ -168,6 +168,14 @@ class Plan:
         default=None,
         metadata=_setting("int", "tokens per FFN call", minimum=16, optional=True, none="whole sequence"),
     )
+    # Exact (the same values); not yet chosen by the planner: its speed and memory on a GPU are to be
+    # measured (benchmarks/bench_dit.py --ffn-gelu-in-place).
+    ffn_gelu_in_place: bool = field(
+        default=False,
+        metadata=_setting(
+            "bool", "the FFN's GELU written over ffn.0's output: one [tokens, ffn_dim] tensor less"
+        ),
+    )
     # (width, height, frames) when the planner had to lower the request (--allow-downscale only)
     output_size: tuple[int, int, int] | None = field(
         default=None,

@@ -1,11 +1,14 @@
-"""Chunking switches the runtime sets on DiT blocks (the plan's attention_chunk and ffn_chunk).
+"""Memory switches the runtime sets on DiT blocks (the plan's attention_chunk, ffn_chunk and
+ffn_gelu_in_place).
 
-`apply_chunking(dit.blocks, attention_chunk=..., ffn_chunk=...)` sets, on every block:
+`apply_chunking(dit.blocks, attention_chunk=..., ffn_chunk=..., ffn_gelu_in_place=...)` sets, on
+every block:
     block.ffn_chunk: int | None        tokens per FFN call (None: the whole sequence at once)
+    block.ffn_gelu_in_place: bool      the FFN's GELU over ffn.0's output (inference only)
     block.self_attn.attention_chunk    query rows per self-attention call (None: all at once); on the
                                        block itself when it has no `self_attn` child
-The blocks honour them with wanfit.models.dit.run_in_chunks: the result is the same; only the
-largest intermediate (FFN hidden, attention workspace) shrinks.
+The blocks honour them (wanfit.models.dit.run_in_chunks, WanBlock.feed_forward): the result is the
+same; only the largest intermediate (FFN hidden, attention workspace) shrinks.
 """
 
 from __future__ import annotations
@@ -13,8 +16,16 @@ from __future__ import annotations
 import torch.nn as nn
 
 
-def apply_chunking(blocks: nn.ModuleList, *, attention_chunk: int | None, ffn_chunk: int | None) -> None:
+def apply_chunking(
+    blocks: nn.ModuleList,
+    *,
+    attention_chunk: int | None,
+    ffn_chunk: int | None,
+    ffn_gelu_in_place: bool = False,
+) -> None:
     for block in blocks:
         block.ffn_chunk = ffn_chunk
+        if hasattr(block, "ffn_gelu_in_place"):
+            block.ffn_gelu_in_place = ffn_gelu_in_place
         attention = block.self_attn if isinstance(getattr(block, "self_attn", None), nn.Module) else block
         attention.attention_chunk = attention_chunk

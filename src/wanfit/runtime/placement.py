@@ -45,6 +45,7 @@ class DiTLayout:
     compiled: bool  # blocks run through torch.compile'd callables
     attention_chunk: int | None
     ffn_chunk: int | None
+    ffn_gelu_in_place: bool = False
     source: str = "pinned"  # where streamed blocks come from (offload.SOURCES)
     dtype: torch.dtype | None = None  # the compute dtype a streamed DiT is converted to when placed
     sharded: bool = False  # blocks sharded over the run's processes (Plan.dit_sharding "fsdp")
@@ -63,6 +64,7 @@ class DiTLayout:
             compiled=plan.compile_dit and not streamed and not sharded,
             attention_chunk=plan.attention_chunk,
             ffn_chunk=plan.ffn_chunk,
+            ffn_gelu_in_place=plan.ffn_gelu_in_place,
             source=plan.dit_stream_source,
             dtype=plan.torch_compute_dtype,
             sharded=sharded,
@@ -131,8 +133,9 @@ class DiTPlacement:
             self._move(new)
         elif self.streamer is not None:
             self.streamer.reset()  # drop the copies a call that raised left behind, and the prefetch
-        if old is None or (old.attention_chunk, old.ffn_chunk) != (new.attention_chunk, new.ffn_chunk):
-            apply_chunking(self.dit.blocks, attention_chunk=new.attention_chunk, ffn_chunk=new.ffn_chunk)
+        switches = ("attention_chunk", "ffn_chunk", "ffn_gelu_in_place")
+        if old is None or any(getattr(old, s) != getattr(new, s) for s in switches):
+            apply_chunking(self.dit.blocks, **{s: getattr(new, s) for s in switches})
         self._place_fp8_gemms(new)
         if new.compiled and self.compiled_blocks is None and "compile" not in self.failures:
             self.compiled_blocks = compile_blocks(self.dit.blocks, **self.compile_options)
