@@ -158,25 +158,27 @@ class LowRankBranch:
         x = args[0]
         h = self.down_projection(x)
         up = self._up.on(x.device, x.dtype)
-        if torch.compiler.is_compiling() and output.dtype == x.dtype and output.is_contiguous():
+        if not torch.is_grad_enabled() and output.dtype == x.dtype and output.is_contiguous():
             # Traced, addmm_ would be functionalised into an out-of-place addmm reading a full
             # [tokens, out] input, which cuBLAS copies to the result first (two more passes over the
-            # output than eager's); an opaque op that mutates stays in place (inductor re-inplaces it).
-            _add_product_(output, h, up)
-            return output
-        if not torch.is_grad_enabled() and output.dtype == x.dtype and output.is_contiguous():
-            output.view(-1, output.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), up.t())
+            # output than eager's); the opaque op that mutates stays in place (inductor re-inplaces it).
+            add = _add_product_op if torch.compiler.is_compiling() else _add_product
+            add(output, h, up)
             return output
         return output + F.linear(h, up).to(output.dtype)
 
 
-@torch.library.custom_op("wanfit::add_low_rank_product_", mutates_args=("output",))
-def _add_product_(output: torch.Tensor, h: torch.Tensor, up: torch.Tensor) -> None:
+def _add_product(output: torch.Tensor, h: torch.Tensor, up: torch.Tensor) -> None:
     """output += h up^T, in place by one GEMM with beta=1 (output contiguous; h may be a column slice)."""
     output.view(-1, output.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), up.t())
 
 
-@_add_product_.register_fake
+_add_product_op = torch.library.custom_op("wanfit::add_low_rank_product_", mutates_args=("output",))(
+    _add_product
+)
+
+
+@_add_product_op.register_fake
 def _(output: torch.Tensor, h: torch.Tensor, up: torch.Tensor) -> None:
     return None
 
