@@ -103,8 +103,7 @@ def quantise(
 ) -> Quantised:
     """The kernel's inputs, made by the small Triton kernels (q, k: int8 per tile; v: fp8 per channel)."""
     quant_int8, quant_fp8, _ = _kernels()
-    batch, lq, heads, d = q.shape
-    lk = k.shape[1]
+    batch, _, heads, d, lk = _shapes(q, k, v)
     tiles = tile_config(d)
     mean = k.mean(dim=1, dtype=torch.float32).contiguous() if smooth_k else None  # [B, H, D]
     out = []
@@ -142,6 +141,15 @@ def quantise(
     return Quantised(*out, v=v8, v_scale=v_scale)
 
 
+def _shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int, int, int]:
+    """(batch, Lq, heads, head dim, Lk) of q [B, Lq, H, D] over k, v [B, Lk, H, D]; ValueError otherwise."""
+    batch, lq, heads, d = q.shape
+    lk = k.shape[1]
+    if k.shape != (batch, lk, heads, d) or v.shape != k.shape:
+        raise ValueError(f"int8 attention needs k and v shaped [B, Lk, H, D] like q {tuple(q.shape)}.")
+    return batch, lq, heads, d, lk
+
+
 def int8_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -153,10 +161,7 @@ def int8_attention(
 ) -> torch.Tensor:
     """Attention of q [B, Lq, H, D] over k/v [B, Lk, H, D] (bf16/fp16, CUDA or Triton's interpreter),
     lossy: int8 Q·K^T, fp8 (or fp16) P·V. Returns [B, Lq, H, D] in q's dtype."""
-    batch, lq, heads, d = q.shape
-    lk = k.shape[1]
-    if k.shape != (batch, lk, heads, d) or v.shape != k.shape:
-        raise ValueError(f"int8 attention needs k and v shaped [B, Lk, H, D] like q {tuple(q.shape)}.")
+    batch, lq, heads, d, lk = _shapes(q, k, v)
     tiles = tile_config(d)
     qt = quantise(q, k, v, scale=scale, smooth_k=smooth_k, pv=pv)
     out = torch.empty(batch, lq, heads, d, dtype=q.dtype, device=q.device)
@@ -208,8 +213,7 @@ def int8_attention_reference(
 ) -> torch.Tensor:
     """The kernel's quantised math in plain torch, fp32 (any device): same blocks, same scales, the
     same online softmax over key blocks and the same P rounding. Returns [B, Lq, H, D] in q's dtype."""
-    batch, lq, heads, d = q.shape
-    lk = k.shape[1]
+    batch, lq, heads, d, lk = _shapes(q, k, v)
     tiles = tile_config(d)
     qf, kf, vf = (t.transpose(1, 2).float() for t in (q, k, v))  # [B, H, L, D]
     if smooth_k:

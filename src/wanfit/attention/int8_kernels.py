@@ -6,6 +6,16 @@ import triton.language as tl
 
 
 @triton.jit
+def row_block(H, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """This program's place: its block of rows, its (batch, head) and their index ranges."""
+    blk = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)  # batch offsets can pass 2**31 elements
+    rows = blk * BLOCK + tl.arange(0, BLOCK)
+    return blk, bh, b, bh % H, rows, tl.arange(0, HEAD_DIM)
+
+
+@triton.jit
 def quant_int8(
     X, Mean, Y, S,
     sxb, sxl, sxh, sxd,
@@ -15,12 +25,7 @@ def quant_int8(
 ):  # fmt: skip
     """One block of rows of one (batch, head): optionally minus the mean, times factor, to int8
     with one scale; padded rows (past L) are written as zeros."""
-    blk = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)  # batch offsets can pass 2**31 elements
-    h = bh % H
-    rows = blk * BLOCK + tl.arange(0, BLOCK)
-    cols = tl.arange(0, HEAD_DIM)
+    blk, bh, b, h, rows, cols = row_block(H, BLOCK, HEAD_DIM)
     inside = rows[:, None] < L
     x = tl.load(X + b * sxb + h * sxh + rows[:, None] * sxl + cols[None, :] * sxd, mask=inside, other=0.0).to(
         tl.float32
@@ -46,12 +51,7 @@ def quant_fp8_transposed(
 ):  # fmt: skip
     """V / its per-channel scale, to fp8, stored [D, L] per (batch, head): the tokens contiguous,
     the layout the fp8 MMA wants for the B operand of P·V."""
-    blk = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)  # batch offsets can pass 2**31 elements
-    h = bh % H
-    rows = blk * BLOCK + tl.arange(0, BLOCK)
-    cols = tl.arange(0, HEAD_DIM)
+    blk, bh, b, h, rows, cols = row_block(H, BLOCK, HEAD_DIM)
     x = tl.load(
         X + b * sxb + h * sxh + rows[:, None] * sxl + cols[None, :] * sxd,
         mask=rows[:, None] < L,
@@ -99,12 +99,7 @@ def attention(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PV_FP8: tl.constexpr,
 ):  # fmt: skip
     """One tile of query rows of one (batch, head) against every key."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)  # batch offsets can pass 2**31 elements
-    h = bh % H
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, HEAD_DIM)
+    pid_m, bh, b, h, rows, cols = row_block(H, BLOCK_M, HEAD_DIM)
     keys = tl.arange(0, BLOCK_N)
     q = tl.load(Q8 + b * sqb + h * sqh + rows[:, None] * sqm + cols[None, :])  # padded: no mask
     q_scale = tl.load(QS + bh * NQ + pid_m)
