@@ -70,3 +70,21 @@ def test_the_table_sets_predictions_beside_measurements():
         in text
     )
     assert "6.00 / 6.20" in text and "| 1.50 |" in text
+
+
+def test_the_sweep_table_counts_anonymous_memory_not_reclaimable_mapped_pages():
+    plan = {
+        "feasible": True,
+        "gave_up": ["stream_dit_blocks"],
+        "host_phases": {"denoise": {"needed": 20 * GIB, "peak": 58 * GIB}},
+        "phases": {"denoise": {"peak": 20 * GIB}},
+    }
+    row = {
+        "case": "l4-14B-720p", "plan": plan, "memory_peak": 57 * GIB, "exit": 0, "oom_steps": [],
+        "stat_max": {"anon": 19 * GIB, "shmem": GIB, "file_mapped": 27 * GIB, "need": 47 * GIB},
+        "timings": {"denoise_peak_gib": 20.5},
+    }  # fmt: skip
+    text = B.sweep_table([row])
+    # need = anon + shmem (20), not the 47 that counted the loader's mapped file pages
+    assert "| 20.00 / 20.00 | 58.00 / 57.00 | 27.00 | none | 0 |" in text
+    assert "| yes |" in text
