@@ -23,7 +23,7 @@ RESIDENT = Plan()
 STREAMED_2 = Plan(dit_blocks_resident=2)
 STREAMED_1 = Plan(dit_blocks_resident=1)
 CHUNKED = Plan(attention_chunk=7, ffn_chunk=11)  # 45 tokens: uneven chunks
-GELU_IN_PLACE = Plan(ffn_gelu_in_place=True)
+GELU_OFF = Plan(ffn_gelu_in_place=False)  # the default writes it in place
 FP8 = Plan(storage_dtype="float8_e4m3fn")
 COMPILED = Plan(compile_dit=True)
 STREAMED_NONE = Plan(dit_blocks_resident=4)  # all 4 blocks resident: a streamer that streams none
@@ -85,8 +85,8 @@ TRANSITIONS = {
     "streamed 2 -> streamed 1": (STREAMED_2, STREAMED_1),
     "resident -> chunked": (RESIDENT, CHUNKED),
     "chunked -> streamed 1": (CHUNKED, STREAMED_1),
-    "resident -> GELU in place": (RESIDENT, GELU_IN_PLACE),
-    "GELU in place -> chunked": (GELU_IN_PLACE, CHUNKED),
+    "resident -> GELU not in place": (RESIDENT, GELU_OFF),
+    "GELU not in place -> chunked": (GELU_OFF, CHUNKED),
     "resident -> fp8": (RESIDENT, FP8),
     "resident -> compiled": (RESIDENT, COMPILED),
     "compiled -> resident": (COMPILED, RESIDENT),
