@@ -26,6 +26,7 @@ from wanfit.attention.dispatch import (
     Candidate,
     Dispatcher,
     Selection,
+    live_dispatcher,
 )
 from wanfit.hardware.probe import HardwareProbe
 
@@ -103,13 +104,44 @@ def attention(
     """
     if q.device.type == "meta":  # shape propagation only (models built on the meta device)
         return q.new_empty(*q.shape[:-1], v.shape[-1])
-    return _dispatch(q, k, v, scale, attn_mask, dispatcher)
+    if not torch.compiler.is_compiling():
+        return _dispatch(q, k, v, scale, attn_mask, dispatcher)
+    key = 0 if dispatcher is None else getattr(dispatcher, "key", None)
+    if key is None:  # a stand-in without a key (tests): called outside the graph
+        return _dispatch_outside_graph(q, k, v, scale, attn_mask, dispatcher)
+    return _dispatch_op(q, k, v, scale, attn_mask, key)
 
 
-@torch.compiler.disable
 def _dispatch(q, k, v, scale, attn_mask, dispatcher):
-    # Opaque to torch.compile: the dispatcher's caches, smoke tests and fallbacks are Python state.
     return (dispatcher or get_dispatcher())(q, k, v, scale=scale, attn_mask=attn_mask)
+
+
+_dispatch_outside_graph = torch.compiler.disable(_dispatch)
+
+
+# Traced by torch.compile, attention is one opaque op of the block's graph: the dispatcher's caches,
+# smoke tests and fallbacks are Python state that dynamo must not trace, and a graph break there
+# (torch.compiler.disable, before) split every block into three graphs, each compiled and guarded on
+# its own (the H200's cold compile took 2.3x diffusers' one graph per block). The model's dispatcher
+# travels as its key (Dispatcher.key; 0: the process-wide one).
+@torch.library.custom_op("wanfit::attention", mutates_args=())
+def _dispatch_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float | None,
+    attn_mask: torch.Tensor | None,
+    dispatcher_key: int,
+) -> torch.Tensor:
+    dispatcher = live_dispatcher(dispatcher_key) if dispatcher_key else None
+    out = _dispatch(q, k, v, scale, attn_mask, dispatcher)
+    # Contiguous, as the fake below says: compiled code indexes the result by the fake's strides.
+    return out.contiguous()
+
+
+@_dispatch_op.register_fake
+def _(q, k, v, scale, attn_mask, dispatcher_key):
+    return q.new_empty(*q.shape[:-1], v.shape[-1])
 
 
 def explain(call: AttentionCall | None = None) -> dict:

@@ -9,7 +9,9 @@ cannot run: selection then rests on the declared requirements alone.
 
 from __future__ import annotations
 
+import itertools
 import warnings
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -87,6 +89,15 @@ def _dtype_text(dtype: torch.dtype | None) -> str | None:
     return None if dtype is None else str(dtype).removeprefix("torch.")
 
 
+_live: weakref.WeakValueDictionary[int, Dispatcher] = weakref.WeakValueDictionary()
+_next_key = itertools.count(1)  # 0 stands for the process-wide dispatcher
+
+
+def live_dispatcher(key: int) -> Dispatcher | None:
+    """The dispatcher whose `key` this is, while it lives."""
+    return _live.get(key)
+
+
 class Dispatcher:
     """Selection and fallback state for one process (or one test)."""
 
@@ -110,6 +121,10 @@ class Dispatcher:
         self.hw = hw
         self.strict = strict
         self.kind = kind
+        # An int that compiled code carries to the attention op in its place (an op takes no Python
+        # objects; wanfit.attention looks the dispatcher up by it when the op runs).
+        self.key = next(_next_key)
+        _live[self.key] = self
         self.served: dict[str, int] = {}  # backend -> calls it served (what actually ran)
         self.switches: list[dict] = []  # forced backend -> the one that took over, and why
         self.registry = registry if registry is not None else default_registry()
