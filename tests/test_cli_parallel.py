@@ -63,7 +63,12 @@ def test_generate_on_several_processes_gives_the_same_frames(tmp_path, capfd, re
     world = 4 if "ulysses2" in degrees else 2
     results = run_ranks(_generate, world, argv, in_session=False, timeout=120)
     assert [r.exitcode for r in results] == [0] * world, results
-    np.testing.assert_array_equal(read_video(out), reference)
+    frames = read_video(out)
+    if world == 2:  # CFG-parallel: each rank runs the reference's own GEMMs, so the same bits
+        np.testing.assert_array_equal(frames, reference)
+    else:  # Ulysses shards the tokens: GEMMs over fewer rows may round their last bits differently
+        diff = np.abs(frames.astype(np.int16) - reference.astype(np.int16))
+        assert diff.max() <= 1 and (diff > 0).mean() < 1e-2, (diff.max(), (diff > 0).mean())
     # Rank 0 alone wrote: the frames and one sidecar, nothing else (no temporaries, no resume file).
     assert sorted(p.name for p in tmp_path.iterdir()) == ["frames", "frames.json"]
     meta = json.loads((tmp_path / "frames.json").read_text())
