@@ -3,9 +3,9 @@ on when it pays, wanfit.plan.compile_costs, and always for the fast tier).
 
 Inductor fuses each block's LayerNorms, modulation, RMSNorms, RoPE and gated residuals into a few
 kernels, and the fast tier's activation quantisation into the op before each fp8 GEMM; eager
-PyTorch runs each as separate passes over a [L, dim] fp32 tensor. Attention stays
-outside the compiled graph (wanfit.attention is opaque to dynamo), so the dispatcher still
-chooses the kernel. All blocks share one graph, so the compile cost is paid once per shape.
+PyTorch runs each as separate passes over a [L, dim] fp32 tensor. Attention is one opaque op in
+the graph (wanfit::attention), so the dispatcher still chooses the kernel when it runs and no graph
+breaks there. All blocks share that one graph, so the compile cost is paid once per shape.
 
 The blocks themselves are never changed: `compile_blocks` returns one compiled callable per block,
 and `forward_with` runs the DiT through them. Dropping the callables
