@@ -117,6 +117,9 @@ def test_unload_restores_the_base_weights_bit_for_bit(mode, dtype):
     after = state_of(dit)
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
     assert torch.equal(forward(dit), out_before)  # no branch left behind
+    assert all(
+        getattr(m, "low_rank", None) is None and getattr(m, "gemm", None) is None for m in dit.modules()
+    )
 
 
 def test_two_loras_add():
@@ -168,6 +171,10 @@ def test_streamed_plus_lora_equals_resident_plus_lora(mode, when):
     torch.testing.assert_close(forward(dit), expected, rtol=1e-5, atol=1e-5)  # and again (prefetch path)
     if mode == "runtime":  # the streamed blocks' q, k, v shared their down-projection too
         assert rig(dit)[1].shared and all(s.computed >= 2 for s in rig(dit)[1].shared)
+        with _Gemms() as gemms:  # and on the streamed weights the base GEMM went last
+            forward(dit)
+        ks = {shape[0] for op, _, shape in gemms.calls if op is torch.ops.aten.addmm_.default}
+        assert ks == {WAN_TINY.dim, WAN_TINY.ffn_dim}  # K: the Linears' input widths, not the rank
     remove_loras(dit)
     place(dit, Plan(device="cpu"))  # back to resident
     assert streamer is not None and rig(dit)[0].streamer is None
@@ -282,11 +289,10 @@ def test_the_branch_shares_one_down_projection_per_input_and_equals_the_merge(st
     # ... and none of their own: no sharing member ever made a device copy of its down factor.
     for i in range(WAN_TINY.num_layers):
         for name in SHARING:
-            hooks = list(branched.blocks[i].get_submodule(name)._forward_hooks.values())
+            branch = branched.blocks[i].get_submodule(name).low_rank
             if stack == "partial" and name in ("self_attn.k", "cross_attn.v"):
-                assert hooks == []
+                assert branch is None
                 continue
-            (branch,) = hooks
             alone = stack == "partial" and name == "cross_attn.k"
             assert (branch.shared is None) == alone and branch._down.held == alone
     assert all(s._input is None and s._result is None for s in state.shared)  # nothing kept after use
@@ -318,21 +324,57 @@ def test_a_shared_down_projection_is_never_reused_for_another_or_a_changed_input
     assert shared.computed == 5
 
 
-def test_without_autograd_the_branch_adds_into_the_linears_output_with_autograd_beside_it():
+class _Gemms(torch.utils._python_dispatch.TorchDispatchMode):
+    """The addmm / addmm_ calls under it: (op, the result's data_ptr, mat2's shape)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in (torch.ops.aten.addmm.default, torch.ops.aten.addmm_.default):
+            self.calls.append((func, out.data_ptr(), tuple(args[2].shape)))
+        return out
+
+
+def test_on_its_own_weight_the_base_gemm_adds_into_the_up_projections_output():
+    """No autograd, no `gemm`: y = b + h B^T first, then the base GEMM adds x W^T into y in place;
+    the same output as the product-then-add order (taken beside a replaced product)."""
+    aten = torch.ops.aten
     dit = tiny_dit()
     apply_loras(dit, [(make_lora(), 0.8)], "runtime")
     layer = dit.blocks[0].ffn[2]
-    (branch,) = layer._forward_hooks.values()
+    branch = layer.low_rank
     x = torch.randn(3, WAN_TINY.ffn_dim, generator=torch.Generator().manual_seed(5))
+    weight_t, up_t = tuple(layer.weight.t().shape), tuple(branch.up.t().shape)
     with torch.no_grad():
-        output = torch.nn.functional.linear(x, layer.weight, layer.bias)
-        expected = output + branch.down_projection(x) @ branch.up.T
-        assert branch(layer, (x,), output) is output  # in place: the fused GEMM
-    torch.testing.assert_close(output, expected, rtol=1e-6, atol=1e-6)
-    with torch.enable_grad():
-        fresh = torch.nn.functional.linear(x, layer.weight, layer.bias)
-        added = branch(layer, (x,), fresh)
-    assert added is not fresh and not torch.equal(fresh, added)  # out of place: the Linear's own is kept
+        expected = (
+            torch.nn.functional.linear(x, layer.weight, layer.bias) + branch.down_projection(x) @ branch.up.T
+        )
+        with _Gemms() as gemms:
+            out = layer(x)
+        # The small GEMM wrote the output; the base GEMM added into that buffer, which is returned.
+        assert [(op, shape) for op, _, shape in gemms.calls] == [
+            (aten.addmm.default, up_t),
+            (aten.addmm_.default, weight_t),
+        ]
+        assert gemms.calls[0][1] == gemms.calls[1][1] == out.data_ptr()
+        # The other order, as beside a replaced product: the up-projection adds into its output.
+        layer.gemm = lambda x: torch.nn.functional.linear(x, layer.weight, layer.bias)
+        with _Gemms() as gemms:
+            other = layer(x)
+        layer.gemm = None
+        assert [(op, shape) for op, _, shape in gemms.calls] == [
+            (aten.addmm.default, weight_t),
+            (aten.addmm_.default, up_t),
+        ]
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out, other, rtol=1e-6, atol=1e-6)
+    assert (out - torch.nn.functional.linear(x, layer.weight, layer.bias)).abs().mean() > 0.01
+    with torch.enable_grad(), _Gemms() as gemms:
+        added = layer(x)
+    assert all(op is not aten.addmm_.default for op, _, _ in gemms.calls)  # out of place
     torch.testing.assert_close(added, expected, rtol=1e-6, atol=1e-6)
 
 
@@ -372,6 +414,36 @@ def test_the_branch_beside_the_fast_tiers_fp8_gemm_adds_its_update_to_the_gemms_
     assert (got.float() - base.float()).abs().mean() > 0.1
 
 
+def test_the_fast_tier_placed_after_a_branch_keeps_it_and_its_removal_keeps_the_fast_tier():
+    """The slots are separate: fp8 GEMMs installed or dropped under a branch leave it in place, and
+    removing the LoRA leaves the fp8 GEMM (the placement may re-place the DiT at any time)."""
+    from wanfit.runtime import fp8_linear
+
+    lora = make_lora(biases=False)
+    dit = tiny_dit(torch.bfloat16)
+    layer = dit.blocks[1].ffn[0]
+    x = torch.randn(1, 7, WAN_TINY.dim, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    with torch.no_grad():
+        apply_loras(dit, [(lora, 0.8)], "runtime")
+        exact = layer(x)  # the branch on the bf16 weight: the base GEMM last
+        fp8_linear.install(dit.blocks, matmul="emulated")
+        gemm = layer.gemm
+        fast = layer(x)
+        fast_base = gemm(x)
+        remove_loras(dit)
+        assert layer.low_rank is None and layer.gemm is gemm
+        assert torch.equal(layer(x), fast_base)
+        fp8_linear.uninstall(dit.blocks)
+        apply_loras(dit, [(lora, 0.8)], "runtime")
+        fp8_linear.install(dit.blocks, matmul="emulated")
+        fp8_linear.uninstall(dit.blocks)
+        assert torch.equal(layer(x), exact)  # the branch outlived the fast tier
+    update = lora.low_rank["blocks.1.ffn.0"]
+    branch = 0.8 * update.scale * (x.float() @ update.down.float().T) @ update.up.float().T
+    torch.testing.assert_close(fast.float(), fast_base.float() + branch, rtol=2e-2, atol=2e-2)
+    assert branch.abs().mean() > 0.1
+
+
 class _GraphCounter:
     """aot_eager (functionalises in-place ops as Inductor does, without generating code), counting the
     graphs it compiles and the Linear calls in them."""
@@ -407,8 +479,10 @@ def test_the_branch_under_torch_compile_of_the_blocks_gives_the_eager_output_wit
     base, branched = backends
     assert branched.graphs == base.graphs  # the branch breaks no graph
     # Shared inside the graphs too: one down-projection per group (the blocks share their graphs).
+    # The graphs' F.linear calls are those alone: each Linear's own product runs in the in-place op.
     downs = len(state.branches) - sum(len(s.members) - 1 for s in state.shared)
-    assert branched.linears - base.linears == downs // WAN_TINY.num_layers
+    assert base.linears == len(state.branches) // WAN_TINY.num_layers
+    assert branched.linears == downs // WAN_TINY.num_layers
     assert all(s._input is None for s in state.shared)
 
 
@@ -531,13 +605,25 @@ def test_inductor_runs_the_compiled_branch_in_place_and_traces_it_once_after_app
     branched = recorder.graphs[len(base_graphs) :]
     # One trace of the hooked graphs, none after it: not per forward, nor per LoRA set.
     assert 0 < len(branched) <= len(base_graphs) and compiles == [compiles[0]] * len(compiles)
-    # Per block (the blocks share their graphs): the base's GEMMs, one down-projection per branch
-    # or shared group, and each up-projection one in-place GEMM into the Linear's output; no copy,
-    # no out-of-place addmm, no op left functionalised.
+    # Per block (the blocks share their graphs): one down-projection per branch or shared group,
+    # each up-projection one GEMM writing the Linear's output (b + h B^T, as the base's addmm did),
+    # and each base GEMM one in-place GEMM into it (K: the Linear's input width, not the rank); no
+    # copy, no out-of-place addmm, no op left functionalised.
     block_linears = 10
     groups = [2, 3]  # cross-attention's k, v; self-attention's q, k, v
     in_place = torch.ops.wanfit.add_low_rank_product_.default
     assert recorder.count(branched, in_place) == block_linears
+    widths = {
+        node.args[2].meta["val"].shape
+        for graph in branched
+        for node in graph.nodes
+        if node.target is in_place
+    }
+    assert widths == {
+        (WAN_TINY.dim, WAN_TINY.dim),
+        (WAN_TINY.ffn_dim, WAN_TINY.dim),
+        (WAN_TINY.dim, WAN_TINY.ffn_dim),
+    }
     assert recorder.count(branched, aten.addmm.default) == recorder.count(base_graphs, aten.addmm.default)
     downs = block_linears - sum(n - 1 for n in groups)
     assert recorder.count(branched, aten.mm.default) - recorder.count(base_graphs, aten.mm.default) == downs

@@ -39,15 +39,23 @@ class DiTInputs:
 
 
 class Linear(nn.Linear):
-    """A block's nn.Linear whose product the runtime may replace: `gemm(x)`, a callable holding this
-    layer's weight in another form (the fast tier's fp8 GEMM, wanfit.runtime.fp8_linear); None: the
-    layer's own weight. A model-level setting like the attention dispatcher: nothing else changes."""
+    """A block's nn.Linear with two runtime slots, model-level settings like the attention dispatcher:
+    gemm      a callable replacing the product, holding this layer's weight in another form (the fast
+              tier's fp8 GEMM, wanfit.runtime.fp8_linear); None: the layer's own weight.
+    low_rank  a callable `low_rank(layer, x)` computing the whole forward with a low-rank branch
+              beside the product (a LoRA's, wanfit.runtime.lora); None: the product alone.
+    Separate slots, so either may be set or cleared whatever the other holds."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True):
         super().__init__(in_features, out_features, bias)
         self.gemm = None
+        self.low_rank = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.product(x) if self.low_rank is None else self.low_rank(self, x)
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        """x W^T + b, by `gemm` where one is set."""
         return F.linear(x, self.weight, self.bias) if self.gemm is None else self.gemm(x)
 
 

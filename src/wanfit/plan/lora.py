@@ -212,8 +212,8 @@ def lora_memory(request, plan: Plan) -> LoraMemory:
 
     runtime branch: the factors on the device, rank x (in + out) per block Linear in the compute dtype;
     at each Linear call the branch holds x A^T [rows, rank] (for Linears sharing one input, e.g. q/k/v,
-    their stacked ranks) and adds its up-projection into the Linear's output in place, so no second
-    output is held (wanfit.runtime.lora, without autograd).
+    their stacked ranks) and writes the Linear's output once, one GEMM adding into the other's
+    result in place, so no second output is held (wanfit.runtime.lora, without autograd).
     merge: MERGE_FP32_COPIES fp32 copies of the largest merged weight while it is merged, where the DiT
     was loaded (the device for a resident DiT, the host for a streamed or fp8 one); nothing after.
     Both keep on the host the stored form of every tensor merged (the base weights `unload_loras`

@@ -6,14 +6,15 @@ merge    W' = W + sum_i strength_i * delta_i, computed in fp32 from the base wei
          is neither lost when a streamer copies the weights nor undone by a prefetched copy.
 runtime  y = x W^T + (x A^T) B^T beside each Linear of the blocks, B carrying strength * alpha / rank
          (several LoRAs: their factors stacked, one branch); the weights stay as stored. Without
-         autograd the add is fused into the up-projection's GEMM (in place on the Linear's output),
-         and Linears that read one input (q, k, v) share one down-projection GEMM. Everything that
-         is no block Linear (diffs, norms, modulation, embeddings) is merged in either mode.
+         autograd the add is fused into a GEMM's epilogue (on the layer's own weight the base GEMM's,
+         adding x W^T into b + h B^T), and Linears that read one input (q, k, v) share one
+         down-projection GEMM. Everything that is no block Linear (diffs, norms, modulation,
+         embeddings) is merged in either mode.
 Which one runs is the plan's (Plan.lora_mode; the planner's rule is wanfit.plan.lora.lora_mode_rule);
 either runs on any placement.
 Every touched tensor's stored form is kept on the host the first time, so `remove_loras` restores
 the base weights bit for bit and a new LoRA set is always computed from the base. The pipeline owns
-the state (DiTLoras); nothing is stored on the model.
+the state (DiTLoras); the model holds only the branches, in its block Linears' `low_rank` slots.
 """
 
 from __future__ import annotations
@@ -119,14 +120,19 @@ def _version(x: torch.Tensor) -> int | None:
 
 
 class LowRankBranch:
-    """A forward hook adding (x A^T) B^T to a block Linear's output (factors cached per device and dtype).
+    """A block Linear's forward with (x A^T) B^T beside its product (factors cached per device and
+    dtype), set in the Linear's `low_rank` slot (wanfit.models.dit.Linear).
 
-    Without autograd the add is fused into the up-projection: `output += h B^T` by one GEMM with beta=1
-    (cuBLAS addmm_), accumulated in fp32 and rounded once, so no [tokens, out] temporary is written and
-    read again. In place is safe because the hook sits only on wanfit.models.dit.Linear, whose forward
-    returns a tensor of its own (F.linear's, or the fp8 GEMM's); with autograd on, or an output that is
-    not a plain contiguous tensor of x's dtype, the branch adds out of place. Traced by torch.compile,
-    the same GEMM runs as an opaque op that mutates its output (inductor keeps it in place).
+    Without autograd each add is fused into a GEMM with beta=1 (cuBLAS addmm_, accumulated in fp32
+    and rounded once), so no [tokens, out] temporary is written and read again. On the layer's own
+    weight (no `gemm`) the base GEMM goes last: y = b + h B^T by the small GEMM (K = rank, memory-bound:
+    it writes the output once), then y += x W^T by the compute-bound base GEMM, whose epilogue reads y
+    hidden under its compute (the other order reads and writes the whole output once more, ~29 ms of
+    a 1.3B forward's 41 ms branch on an H200). Beside a replaced product (the fast tier's fp8 `gemm`)
+    the up-projection adds into the product's output. The weight and bias are read at each call (the
+    block streamer swaps their storage). With autograd on, or an output that is not a plain contiguous
+    tensor of x's dtype, the add is out of place. Traced by torch.compile, the in-place GEMM runs as an
+    opaque op that mutates its output (inductor keeps it in place).
     """
 
     def __init__(self, down: torch.Tensor, up: torch.Tensor):
@@ -154,23 +160,35 @@ class LowRankBranch:
             return self.shared.project(self, x)
         return F.linear(x, self._down.on(x.device, x.dtype))
 
-    def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        x = args[0]
+    def __call__(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         h = self.down_projection(x)
         up = self._up.on(x.device, x.dtype)
+        if module.gemm is None and module.weight.dtype == x.dtype:
+            # The base GEMM last, adding into the small one's output (see the class docstring).
+            output, (a, b) = _product(h, up, module.bias), (x, module.weight)
+        else:
+            output, (a, b) = module.product(x), (h, up)
         if not torch.is_grad_enabled() and output.dtype == x.dtype and output.is_contiguous():
             # Traced, addmm_ would be functionalised into an out-of-place addmm reading a full
             # [tokens, out] input, which cuBLAS copies to the result first (two more passes over the
             # output than eager's); the opaque op that mutates stays in place (inductor re-inplaces it).
             add = _add_product_op if torch.compiler.is_compiling() else _add_product
-            add(output, h, up)
+            add(output, a, b)
             return output
-        return output + F.linear(h, up).to(output.dtype)
+        return output + F.linear(a, b).to(output.dtype)
 
 
-def _add_product(output: torch.Tensor, h: torch.Tensor, up: torch.Tensor) -> None:
-    """output += h up^T, in place by one GEMM with beta=1 (output contiguous; h may be a column slice)."""
-    output.view(-1, output.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), up.t())
+def _product(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """a b^T + bias by one GEMM over a's rows: a column slice (of a shared down-projection) stays a
+    strided view, which F.linear would multiply batched and then add the bias in a pass of its own."""
+    rows = a.reshape(-1, a.shape[-1])
+    out = rows @ b.t() if bias is None else torch.addmm(bias, rows, b.t())
+    return out.view(*a.shape[:-1], b.shape[0])
+
+
+def _add_product(output: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """output += a b^T, in place by one GEMM with beta=1 (output contiguous; a may be a column slice)."""
+    output.view(-1, output.shape[-1]).addmm_(a.reshape(-1, a.shape[-1]), b.t())
 
 
 _add_product_op = torch.library.custom_op("wanfit::add_low_rank_product_", mutates_args=("output",))(
@@ -179,7 +197,7 @@ _add_product_op = torch.library.custom_op("wanfit::add_low_rank_product_", mutat
 
 
 @_add_product_op.register_fake
-def _(output: torch.Tensor, h: torch.Tensor, up: torch.Tensor) -> None:
+def _(output: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     return None
 
 
@@ -192,7 +210,7 @@ def parameter_shapes(config) -> dict[str, tuple[int, ...]]:
 
 
 class DiTLoras:
-    """The LoRAs applied to one DiT, owned by its pipeline (nothing is stored on the model).
+    """The LoRAs applied to one DiT, owned by its pipeline (on the model: only the Linears' branches).
 
     placement: the DiT's runtime placement (wanfit.runtime.placement.DiTPlacement) or None for a bare
     model; its streamer, when there is one, holds the stored copies a merge must write into.
@@ -204,7 +222,6 @@ class DiTLoras:
         self.loras: list[tuple[LoraWeights, float]] = []
         self.mode: str = "merge"
         self.originals: dict[str, _Original] = {}
-        self.hooks: list = []
         self.branches: list[LowRankBranch] = []
         self.shared: list[SharedDownProjection] = []
         self.branch_modules: dict[LowRankBranch, str] = {}  # branch -> its Linear's name
@@ -255,9 +272,9 @@ class DiTLoras:
             up = torch.cat([strength * u.scale * u.up.float().flatten(1) for strength, u in updates], dim=1)
             branch = by_module[module_name] = LowRankBranch(down, up)
             self.branches.append(branch)
-            self.hooks.append(dit.get_submodule(module_name).register_forward_hook(branch))
+            self.branch_modules[branch] = module_name  # named before set: _restore clears the named slots
+            dit.get_submodule(module_name).low_rank = branch
         self.shared = [SharedDownProjection(group) for group in _shared_input_groups(dit, by_module)]
-        self.branch_modules = {branch: name for name, branch in by_module.items()}
         self._reset_streamer()
         self.make_device_copies()
 
@@ -282,9 +299,8 @@ class DiTLoras:
             branch.release()
 
     def _restore(self) -> None:
-        for hook in self.hooks:
-            hook.remove()
-        self.hooks.clear()
+        for module in self.branch_modules.values():
+            self.dit.get_submodule(module).low_rank = None
         self.branches.clear()
         self.shared.clear()
         self.branch_modules.clear()
@@ -300,11 +316,14 @@ class DiTLoras:
 
 
 def _block_linears(dit: nn.Module) -> set[str]:
+    """The block Linears that take a branch: those with a `low_rank` slot (wanfit.models.dit.Linear)."""
+    from wanfit.models.dit import Linear
+
     return {
         f"blocks.{i}.{name}"
         for i, block in enumerate(dit.blocks)
         for name, module in block.named_modules()
-        if isinstance(module, nn.Linear)
+        if isinstance(module, Linear)
     }
 
 
