@@ -29,14 +29,14 @@ VAE_DECODE_FLOP_PER_PIXEL = 1.25e7
 # Fixed cost of one DiT block call beyond its FLOPs (kernel launches, Python): dominates tiny models.
 BLOCK_OVERHEAD_S = {"cuda": 2e-4, "cpu": 3e-3}
 FP32_ON_TENSOR_CARDS = 1 / 8  # fp32 runs without tensor cores: about an eighth of the fp16 rate
-# LoRAs, measured on an H200 (benchmarks/bench_lora.py, 2026-12-02: 1.3B, 832x480x81, bf16, a
-# LightX2V-shaped LoRA of rank 64 on every block Linear, 305 modules): the runtime branch (its add fused
-# into the up-projection, q/k/v sharing one down-projection) made each eager DiT forward 4.9% slower
-# (574.2 -> 602.6 ms); the merge took 3.3-3.7 s for 1.416e9 merged weight elements. (Its compiled
-# figure is void: the graphs ran without the branch's hooks, see wanfit.runtime.compile; until it is
-# measured again the eager cost stands for both.) The branch's share scales with its factors against
-# that LoRA's (wanfit.plan.lora.full_branch_elements), the merge with the elements merged.
-LORA_BRANCH_FORWARD_COST = 0.049
+# LoRAs, measured on an H200 (benchmarks/bench_lora.py, 2026-12-02, last call: 1.3B, 832x480x81,
+# bf16, a LightX2V-shaped LoRA of rank 64 on every block Linear, 305 modules): the runtime branch (the
+# base GEMM adding into the small one's output, q/k/v sharing one down-projection) made each eager
+# DiT forward 3.8% slower (577.1 -> 599.2 ms) and each compiled one 5.0% (511.5 -> 537.2 ms); the
+# merge took 2.3-3.7 s for 1.416e9 merged weight elements. The planner's estimate takes the larger
+# share for both. The branch's share scales with its factors against that LoRA's
+# (wanfit.plan.lora.full_branch_elements), the merge with the elements merged.
+LORA_BRANCH_FORWARD_COST = 0.050
 LORA_BRANCH_MEASURED_RANK = 64
 LORA_MERGE_S_PER_ELEMENT = 3.7 / 1.416e9
 
