@@ -79,6 +79,10 @@ def test_presets_name_their_settings():
         1.0,
     )
     assert set(PRESETS) == {"lightx2v-4step", "causvid", "self-forcing"}
+    # Self-Forcing's configs: [1000, 750, 500, 250] warped with timestep_shift 5, CFG off: the same
+    # schedule as LightX2V's 4-step one.
+    sf = PRESETS["self-forcing"]
+    assert (sf.sampler, sf.steps, sf.shift, sf.guidance) == ("distilled", 4, 5.0, 1.0)
     assert all(p.sampler in schedulers.SCHEDULERS and p.guidance == 1.0 for p in PRESETS.values())
     with pytest.raises(ConfigError, match="Unknown preset 'turbo'"):
         get_preset("turbo")

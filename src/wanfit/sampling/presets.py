@@ -35,10 +35,12 @@ PRESETS = {
         ),
         # Kijai's CausVid LoRA notes: CFG 1, strength about 0.5 with the flowmatch_causvid schedule, 4-9 steps.
         Preset("causvid", "causvid", 8, 1.0, 1.0, 0.5, "Kijai's CausVid LoRA (flowmatch_causvid, CFG 1)"),
-        # The self-forcing (lightx2v cfg/step-distill) LoRA as ComfyUI users run it: LCM sampler with the
-        # simple schedule (the same steps and re-noising as 'distilled'), 4 steps, shift 8, CFG 1, strength 1.
+        # Self-Forcing's own configs (guandeh17/Self-Forcing, configs/self_forcing_dmd.yaml): denoising_step_list
+        # [1000, 750, 500, 250] warped through the flow sigmas (warp_denoising_step), timestep_shift 5,
+        # each step x0 then re-noised: 'distilled'; CFG off (the distilled model has it built in).
+        # ComfyUI workflows for the LoRA extracted from it often use shift 8 (`--shift 8`).
         Preset(
-            "self-forcing", "distilled", 4, 8.0, 1.0, 1.0, "Kijai's lightx2v self-forcing LoRA (LCM, shift 8)"
+            "self-forcing", "distilled", 4, 5.0, 1.0, 1.0, "Self-Forcing configs/self_forcing_dmd.yaml (shift 5)"
         ),
     )
 }
