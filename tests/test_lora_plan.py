@@ -22,7 +22,7 @@ from wanfit.plan.lora import LoraShapes, lora_memory
 from wanfit.plan.plan import Plan, parse_plan_overrides
 from wanfit.plan.planner import budget_from_probe, plan_run
 from wanfit.plan.planning import Constraints, model_request, plan_for
-from wanfit.plan.timing import LORA_BRANCH_FORWARD_COST, estimate_time
+from wanfit.plan.timing import estimate_time
 
 BLOCK_LINEARS = tuple(tiny_lora.MODULES)
 TINY_CALL = dict(height=32, width=48, num_frames=5, num_inference_steps=2, seed=1, progress=False)
@@ -188,7 +188,7 @@ def test_the_time_estimate_pays_the_branch_per_step_or_the_merge_once():
     assert estimate_time(resident, 50).lora_merge_s > 1.0  # 1.4e9 elements at the H200's 3.7 s
     unlora = replace(streamed, request=replace(streamed.request, loras=None))
     ratio = estimate_time(streamed, 50).denoise_s / estimate_time(unlora, 50).denoise_s
-    assert ratio == pytest.approx(1 + LORA_BRANCH_FORWARD_COST)  # rank 64 on every block Linear: the measured LoRA
+    assert ratio == pytest.approx(1.050)  # rank 64 on every block Linear: the measured LoRA (compiled, 5.0%)
 
 
 # --- the CLI ----------------------------------------------------------------------------------------------

@@ -107,7 +107,7 @@ def attention(
     if not torch.compiler.is_compiling():
         return _dispatch(q, k, v, scale, attn_mask, dispatcher)
     key = 0 if dispatcher is None else getattr(dispatcher, "key", None)
-    if key is None:  # a stand-in without a key (tests): called outside the graph
+    if key is None:  # a dispatcher that is no Dispatcher (Ulysses' wrapper, test doubles): outside the graph
         return _dispatch_outside_graph(q, k, v, scale, attn_mask, dispatcher)
     return _dispatch_op(q, k, v, scale, attn_mask, key)
 

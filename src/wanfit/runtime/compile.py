@@ -24,9 +24,9 @@ class CompiledBlocks:
     """One compiled callable per block, run in order as WanDiT.run_blocks runs its blocks.
 
     The calls are traced with guards on the modules' hooks: by default dynamo skips them, so a hook
-    added after the first call would silently not run (dynamo does guard module attributes, such as
-    the block Linears' `low_rank` slot a LoRA's runtime branch sits in); with the guards,
-    adding or removing one traces the block again. The guard setting is patched around each run of
+    added after the first call (the pipeline's per-block progress hook) would silently not run; with
+    the guards, adding or removing one traces the block again. (A LoRA's runtime branch needs no hook
+    guard: it sits in the block Linears' `low_rank` slot, an attribute dynamo guards anyway.) The guard setting is patched around each run of
     the blocks, not process-wide (a user's own compiles keep torch's default), and once per run, not
     per block (it costs microseconds).
     """
