@@ -319,6 +319,8 @@ def table(result: dict) -> str:
         if prof:  # device ms per kernel kind, one profiled call
             kinds = ", ".join(f"{kind} {ms:.1f}" for kind, ms in prof["by_kind_ms"].items())
             lines.append(f"profile {name}: {prof['device_ms']:.1f} ms on the device: {kinds}")
+            if prof.get("gaps"):  # the device's idle time inside the call, in long and in all gaps
+                lines.append(f"  device timeline {name}: " + ", ".join(f"{k} {v:.4g}" for k, v in prof["gaps"].items()))
     return "\n".join(lines)
 
 

@@ -1,13 +1,13 @@
-"""int8_triton (lossy: int8 Q·K^T, fp8 P·V) beside bf16 cuDNN and flash SDPA and SageAttention, on this GPU.
+"""int8_triton (lossy: int8 Q·K^T, fp8 P·V) beside bf16 cuDNN and flash SDPA, SageAttention and FlashAttention-4, on this GPU.
 
     python3 benchmarks/bench_int8_attention.py --out $OUT/int8_attention.json   # H200: under 60 s
     python3 benchmarks/bench_int8_attention.py --dry-run --out /tmp/int8.json   # CPU: logic only
 
 Two shapes, batch 1, bf16, self-attention as the DiT runs it: 1.3B at 480p (32,760 tokens, 12 heads
 of 128) and 14B at 720p (75,600 tokens, 40 heads of 128). Per shape: the median ms (CUDA events,
-after warm-ups) of int8_triton, its quantisation passes alone, sdpa_cudnn, sdpa_flash and sage (when
-sageattention imports). At the 1.3B shape, the error of int8_triton against cuDNN's bf16 output
-(relative L2 and max abs) on three inputs: random normal q/k/v, K with a per-channel offset (what
+after warm-ups) of int8_triton, its quantisation passes alone, sdpa_cudnn, sdpa_flash, sage and flash_attn4 (when
+sageattention, flash-attn-4 import). At the 1.3B shape, the error of int8_triton against cuDNN's bf16 output
+(relative L2 and max abs; sage's and flash_attn4's relative L2 too) on three inputs: random normal q/k/v, K with a per-channel offset (what
 smoothing K is for), and q/k with outlier channels; on the first 1,024 query rows, int8_triton's and
 cuDNN's error against fp32 attention, and int8_triton against the plain-torch reference of its own
 quantised math (wanfit.attention.int8_attention.int8_attention_reference: the kernel's correctness
@@ -41,7 +41,7 @@ from wanfit.attention.int8_attention import int8_attention_reference, quantise  
 
 SHAPES = {"1.3B_480p": (1, 32760, 12, 128), "14B_720p": (1, 75600, 40, 128)}  # B, L, H, D
 DRY_SHAPES = {"1.3B_480p": (1, 300, 2, 128), "14B_720p": (1, 520, 2, 64)}
-GPU_BACKENDS = ("int8_triton", "sdpa_cudnn", "sdpa_flash", "sage")
+GPU_BACKENDS = ("int8_triton", "sdpa_cudnn", "sdpa_flash", "sage", "flash_attn4")
 CHECK_ROWS = 1024  # query rows checked against fp32 and the reference (a multiple of the q tile)
 INPUTS = ("random", "k_offset", "outliers")
 
@@ -91,7 +91,8 @@ class Run:
         else:
             self.backends = {}
             for name in GPU_BACKENDS:
-                reason = import_reason("sageattention", "sageattention") if name == "sage" else None
+                package = registry[name].package  # sage and flash_attn4 only where they import
+                reason = import_reason(package, registry[name].pip_name or package) if package else None
                 if reason is None:
                     self.backends[name] = registry[name].run
         self.result = {
@@ -99,6 +100,7 @@ class Run:
             "torch": torch.__version__,
             "triton": _version("triton"),
             "sageattention": _version("sageattention"),
+            "flash_attn_4": _version("flash-attn-4"),
             "python": platform.python_version(),
             "dry_run": args.dry_run,
             "dtype": "bfloat16",
@@ -222,8 +224,14 @@ def errors(run: Run, name: str, shape, inputs: tuple[str, ...]) -> None:
                 qs = q[:, :rows]
                 fp32 = reference_attention(qs.float(), k.float(), v.float())
                 same_math = int8_attention_reference(qs, k, v)
+                others = {  # the other kernels against cuDNN's bf16 output, all rows
+                    f"{b}_rel_l2_vs_bf16_exact": rel_l2(run.backends[b](q, k, v), ref_bf16)
+                    for b in ("flash_attn4", "sage")
+                    if b in run.backends and not run.args.dry_run
+                }
             run.sync()
             return {
+                **others,
                 "rel_l2_vs_bf16_exact": rel_l2(out, ref_bf16),
                 "max_abs_vs_bf16_exact": max_abs(out, ref_bf16),
                 f"rel_l2_vs_fp32_first_{rows}_rows": rel_l2(out[:, :rows], fp32),

@@ -20,7 +20,7 @@ from wanfit.hardware import probe
 from wanfit.precision import default_compute_dtype
 
 TOKENS = 32760  # the default job: 1.3B, 832x480, 81 frames
-NEVER_BELOW_SM80 = {"flash_attn2", "flash_attn3", "sdpa_flash", "sdpa_cudnn", "sage", "sdpa_math"}
+NEVER_BELOW_SM80 = {"flash_attn4", "flash_attn2", "flash_attn3", "sdpa_flash", "sdpa_cudnn", "sage", "sdpa_math"}
 
 
 @pytest.fixture(autouse=True)
@@ -70,10 +70,12 @@ def test_ampere_and_newer_get_a_fast_fused_kernel(card):
     assert sel.backend == "sdpa_cudnn" and sel.kernel_dtype == torch.bfloat16 and not sel.cast
     _, _, sel = _job_selection(card, _installed_everywhere())
     expected = "flash_attn3" if card == "h100" else "flash_attn2"
-    # cuDNN ranks first in the default table; without it the flash kernels follow.
-    no_cudnn = Registry(b for b in _installed_everywhere() if b.name != "sdpa_cudnn")
+    # flash-attn-4 ranks first in the default table, then cuDNN; without both the other flash kernels follow.
+    assert sel.backend == "flash_attn4"
+    no_fa4 = Registry(b for b in _installed_everywhere() if b.name != "flash_attn4")
+    assert _job_selection(card, no_fa4)[2].backend == "sdpa_cudnn"
+    no_cudnn = Registry(b for b in no_fa4 if b.name != "sdpa_cudnn")
     assert _job_selection(card, no_cudnn)[2].backend == expected
-    assert sel.backend == "sdpa_cudnn"
 
 
 def test_sage_is_chosen_only_when_lossy_kernels_are_allowed():
@@ -84,7 +86,7 @@ def test_sage_is_chosen_only_when_lossy_kernels_are_allowed():
     fast_sage = Registry(
         dataclasses.replace(b, default_ms=1.0) if b.name == "sage" else b for b in _installed_everywhere()
     )
-    assert _job_selection("h100", fast_sage)[2].backend == "sdpa_cudnn"
+    assert _job_selection("h100", fast_sage)[2].backend == "flash_attn4"  # the fastest exact one
     assert _job_selection("h100", fast_sage, allow_lossy=True)[2].backend == "sage"
 
 
@@ -154,7 +156,7 @@ def test_forcing_through_the_environment_and_configure(monkeypatch):
 def test_measured_ranking_reorders_fused_kernels_but_keeps_the_fallbacks_last():
     backends = builtin_backends()
     default = rank(backends, {}, allow_lossy=False)
-    assert default[:4] == ["sdpa_cudnn", "flash_attn3", "flash_attn2", "sdpa_flash"]
+    assert default[:5] == ["flash_attn4", "sdpa_cudnn", "flash_attn3", "flash_attn2", "sdpa_flash"]
     assert default[-4:] == ["sdpa_math", "chunked", "int8_triton", "sage"]
     measured = rank(backends, {"sdpa_efficient": 5.0, "sdpa_cudnn": 9.0, "sdpa_math": 1.0}, allow_lossy=False)
     assert measured[:2] == ["sdpa_efficient", "sdpa_cudnn"]

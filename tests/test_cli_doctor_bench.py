@@ -34,7 +34,7 @@ def test_doctor_json_under_t4_emulation(capsys):
     assert att["selected"] == "sdpa_efficient" and att["selection"]["kernel_dtype"] == "float16"
     assert att["call"]["q_len"] == 32760 and att["call"]["heads"] == 12 and att["call"]["head_dim"] == 128
     by_name = {c["name"]: c for c in att["candidates"]}
-    assert set(by_name) == {"flash_attn3", "flash_attn2", "sage", "int8_triton", "xformers", "sdpa_cudnn",
+    assert set(by_name) == {"flash_attn4", "flash_attn3", "flash_attn2", "sage", "int8_triton", "xformers", "sdpa_cudnn",
                             "sdpa_flash", "sdpa_efficient", "sdpa_math", "chunked"}  # fmt: skip
     assert all(set(c) >= {"name", "available", "reason"} for c in att["candidates"])
     assert not by_name["sdpa_flash"]["available"] and "sm_75" in by_name["sdpa_flash"]["reason"]

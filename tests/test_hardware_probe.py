@@ -22,7 +22,7 @@ def test_real_probe_on_this_machine_is_a_cpu_with_its_ram():
     assert hw.host_ram_total and hw.host_ram_total > hw.host_ram_available > 0
     assert hw.total_memory == hw.host_ram_total
     assert hw.torch_version == torch.__version__
-    assert {p.name for p in hw.kernel_packages} == {"flash_attn", "flash_attn_3", "sageattention", "triton", "xformers"}
+    assert {p.name for p in hw.kernel_packages} == {"flash_attn_4", "flash_attn", "flash_attn_3", "sageattention", "triton", "xformers"}
 
 
 @pytest.mark.parametrize(
