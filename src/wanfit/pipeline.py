@@ -235,7 +235,14 @@ class WanPipeline:
             "step_cache": self.step_cache_report,
             # What ran: "fast" names the lossy fp8 GEMMs; a plan's fast tier the card refused runs exact.
             "tier": self.placement.dit.tier,
-            "given_up": dict(self.placement.dit.failures),
+            "given_up": {
+                **self.placement.dit.failures,
+                **(
+                    {"cuda_graph": next(iter(self.placement.dit.graph_failures.values()))}
+                    if self.placement.dit.graph_failures
+                    else {}
+                ),
+            },
         }
 
     @classmethod
@@ -673,10 +680,14 @@ class WanPipeline:
             disable=not progress,
             bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.3g}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]",
         )
-        # The bar moves with every DiT block, so a long first step shows progress and an ETA too.
+        # The bar moves with every DiT block, so a long first step shows progress and an ETA too;
+        # per step only when the blocks replay as a CUDA graph: a hook would run at its capture only
+        # (and, traced with the compiled blocks, a hook added or removed would change what the graph
+        # recorded).
         blocks = getattr(self.dit, "blocks", None)
         hooks = []
-        if progress and isinstance(blocks, torch.nn.ModuleList) and len(blocks):
+        per_block = not self.placement.dit.graphed
+        if progress and per_block and isinstance(blocks, torch.nn.ModuleList) and len(blocks):
             passes = (
                 2 if uncond is not None and not self.plan.cfg_batch and self.plan.cfg_parallel == 1 else 1
             )
