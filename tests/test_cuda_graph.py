@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from tests.helpers.fake_cuda_graph import FakeOps
 from tests.helpers.hardware import emulated
 from wanfit.cli import main
 from wanfit.commands import common
@@ -104,35 +105,6 @@ def test_set_reads_the_field_as_a_bool():
 
 
 # ----------------------------------------------------------------------------------- the runner
-
-
-class FakeGraph:
-    """A captured graph: replay runs the captured function again on the static buffers it read."""
-
-    def __init__(self, fn, out):
-        self.fn, self.out = fn, out
-
-    def replay(self):
-        self.out.copy_(self.fn())
-
-
-class FakeOps:
-    def __init__(self, fail: Exception | None = None):
-        self.fail = fail
-        self.warmed = 0
-        self.captured = 0
-
-    def warm_up(self, fn, iterations, device):
-        self.warmed += iterations
-        for _ in range(iterations):
-            fn()
-
-    def capture(self, fn, device):
-        if self.fail is not None:
-            raise self.fail
-        self.captured += 1
-        out = fn()
-        return FakeGraph(fn, out), out
 
 
 def block(tokens, e, context, rope):
