@@ -753,8 +753,8 @@ class WanPipeline:
 
     def _record_steps(self, step_s: list[float], guidance: bool, cached: bool) -> None:
         """Step times into the timings, and, for a resident DiT on a real CUDA card with every step
-        computed in full (no step cache) on one process, into this card's compile costs (what the
-        planner weighs when it decides whether to compile)."""
+        computed in full (no step cache, no CUDA graph) on one process, into this card's compile costs
+        (what the planner weighs when it decides whether to compile)."""
         from wanfit.plan import compile_costs
 
         if len(step_s) >= 2:
@@ -771,6 +771,7 @@ class WanPipeline:
             or placed.layout is None
             or placed.layout.streamed
             or "compile" in placed.failures
+            or placed.graphed  # replayed steps are not what the planner weighs a compile by
         ):
             return
         key, _ = compile_costs.job(
