@@ -314,3 +314,35 @@ def test_the_pipeline_obeys_the_field_and_moves_progress_per_step_under_a_graph(
         assert "cuda_graph" not in pipe.run_record()["given_up"]
     else:
         assert ops.captured == 0 and not placed.graphed and all(n == 1 for n in hooks_seen)
+
+
+@torch.no_grad()
+def test_a_compile_that_fails_in_the_warm_up_runs_eagerly_without_graphs(cuda_anywhere, dit_inputs):
+    def failing(graph, example_inputs):
+        raise RuntimeError("no compiler here")
+
+    ops = FakeOps()
+    placement = make_placement(ops)
+    placement.compile_options["backend"] = failing
+    eager = placement.dit(*dit_inputs)
+    placement.place(Plan(**GRAPHED))
+    with pytest.warns(WanfitWarning, match="compiling the DiT's blocks failed"):
+        out = placement(*dit_inputs)
+    torch.testing.assert_close(out, eager)
+    assert "compile" in placement.failures and placement.compiled_blocks is None and not placement.graphed
+    assert ops.captured == 0
+
+
+def test_a_pipeline_whose_capture_fails_runs_compiled_and_records_why(cuda_anywhere):
+    from wanfit.demo import tiny_pipeline
+
+    torch.compiler.reset()
+    pipe = tiny_pipeline(device="cpu")
+    placed = pipe.placement.dit
+    placed.compile_options = {"dynamic": False, "backend": EagerBackend()}
+    placed.graph_ops = FakeOps(fail=RuntimeError("capture not supported"))
+    pipe.plan = replace(pipe.plan, **GRAPHED)
+    with pytest.warns(WanfitWarning, match="CUDA graph failed"):
+        pipe("a fox", height=32, width=48, num_frames=5, num_inference_steps=2, progress=False)
+    given_up = pipe.run_record()["given_up"]
+    assert "capture not supported" in given_up["cuda_graph"] and "compile" not in given_up

@@ -48,6 +48,9 @@ class CudaGraphOps:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.device(device), torch.cuda.graph(graph):
             out = fn()
+        # The warm-up's activations sit cached for its side stream, which nothing uses again: without
+        # this they would stay reserved beside the graph's own pool (a second forward's worth).
+        torch.cuda.empty_cache()
         return graph, out
 
 
