@@ -5,8 +5,9 @@ A compiled 1.3B forward on an H200 (32,760 tokens) spends ~504 ms on the device 
 time: the rest are gaps between kernels while the host launches them. A graph launches the whole
 block loop at once. It replays fixed kernels on fixed addresses, so each input shape gets its own
 graph with static input buffers: a call copies its inputs in, replays, and returns the static output.
-That output is overwritten by the next replay of its graph; the placement's forward (its only
-caller) hands it to the DiT's head before anything replays again, so it is not cloned.
+That output is overwritten by the next replay of its graph; the callers (the placement's forward,
+bench_dit's) hand it to the DiT's head, which writes a new tensor, before anything replays again, so
+it is not cloned.
 
 Memory: a graph's private pool keeps the forward's activations from its capture on, as reserved
 memory (max_memory_allocated does not count them during a replay: compare max_memory_reserved). The
