@@ -7,12 +7,7 @@
 Real 1.3B config (optionally fewer layers), random bf16 weights, latent 16 x F x H/8 x W/8, context
 512 x 4096. diffusers' random model is converted to official names with wanfit's converter and
 loaded into wanfit (load_state_dict(assign=True), sharing the tensors). Times are CUDA-event medians
-after warm-up, with each call's wall time beside them (the host's launch gaps show there); peak memory
-is torch.cuda.max_memory_allocated over the timed forwards (weights included), and peak_reserved_gib
-torch.cuda.max_memory_reserved over one more forward after emptying the cache: a CUDA graph's pool
-holds its activations as reserved memory that max_memory_allocated does not count during a replay.
-
-    python3 benchmarks/bench_dit.py --compile --cuda-graph --skip-diffusers --out $OUT/graph.json
+after warm-up; peak memory is torch.cuda.max_memory_allocated over one forward (weights included).
 """
 
 from __future__ import annotations
@@ -38,8 +33,6 @@ from wanfit.models.configs import WAN_T2V_1_3B, DiTConfig  # noqa: E402
 from wanfit.models.dit import WanDiT  # noqa: E402
 from wanfit.weights.dit_keys import diffusers_to_official  # noqa: E402
 
-# The CUDA graph calls of the graph variant (None: torch.cuda's); a test's fake runs it on the CPU.
-GRAPH_OPS = None
 TINY = DiTConfig(dim=64, ffn_dim=96, freq_dim=32, num_heads=2, num_layers=2, text_dim=32, text_len=16)
 
 
@@ -58,10 +51,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="also time wanfit with compiled blocks, and diffusers with compile_repeated_blocks(fullgraph=True)",
     )  # fmt: skip
     p.add_argument(
-        "--cuda-graph", action="store_true",
-        help="with --compile: also time wanfit's compiled blocks replayed as a CUDA graph (Plan.cuda_graph)",
-    )  # fmt: skip
-    p.add_argument(
         "--profile", action="store_true", help="CUDA: one more call of each variant under torch.profiler"
     )
     p.add_argument(
@@ -73,10 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--dry-run", action="store_true", help="CPU, tiny model and latent: checks the script only"
     )
     p.add_argument("--out", default=None, help="write the results as JSON here")
-    args = p.parse_args(argv)
-    if args.cuda_graph and not args.compile:
-        p.error("--cuda-graph replays the compiled blocks: pass --compile too.")
-    return args
+    return p.parse_args(argv)
 
 
 def latent_shape(size: str, frames: int) -> tuple[int, int, int]:
@@ -140,12 +126,11 @@ def cuda_or_exit() -> torch.device:
 
 
 def time_forward(fn, device: torch.device, warmup: int, runs: int) -> dict:
-    """Median ms over `runs` after `warmup` (device time by CUDA events, and wall time); peak memory on
-    CUDA, allocated over the timed runs and reserved over one more run from an emptied cache."""
+    """Median ms over `runs` after `warmup`; peak memory of one forward on CUDA."""
     with torch.no_grad():
         for _ in range(warmup):
             out = fn()
-        times, wall = [], []
+        times = []
         cuda = device.type == "cuda"
         if cuda:
             torch.cuda.synchronize(device)
@@ -154,30 +139,19 @@ def time_forward(fn, device: torch.device, warmup: int, runs: int) -> dict:
         for _ in range(runs):
             if cuda:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                torch.cuda.synchronize(device)
-                t0 = time.perf_counter()
                 start.record()
                 out = fn()
                 end.record()
                 torch.cuda.synchronize(device)
-                wall.append((time.perf_counter() - t0) * 1000)
                 times.append(start.elapsed_time(end))
             else:
                 t0 = time.perf_counter()
                 out = fn()
                 times.append((time.perf_counter() - t0) * 1000)
-        wall = wall or times
-        result = {"median_ms": statistics.median(times), "min_ms": min(times), "runs_ms": times}
-        result["wall_median_ms"] = statistics.median(wall)
-        if cuda:
-            result["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-            result["peak_over_start_gib"] = (torch.cuda.max_memory_allocated(device) - base) / 2**30
-            del out  # the reserved peak's run holds one output, like the timed ones
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
-            out = fn()
-            torch.cuda.synchronize(device)
-            result["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
+    result = {"median_ms": statistics.median(times), "min_ms": min(times), "runs_ms": times}
+    if cuda:
+        result["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        result["peak_over_start_gib"] = (torch.cuda.max_memory_allocated(device) - base) / 2**30
     return result, out
 
 
@@ -270,8 +244,6 @@ def run(args: argparse.Namespace) -> dict:
                 "error": f"{type(err).__name__}: {err}",
                 "trace": traceback.format_exc(limit=3),
             }
-    if args.cuda_graph and "wanfit_compiled" in outputs:
-        graph_variant(result, outputs, calls, model, compiled, (x32, timestep, context), device, args)
     if reference is not None:
 
         def diffusers_call():
@@ -298,12 +270,9 @@ def run(args: argparse.Namespace) -> dict:
                     "trace": traceback.format_exc(limit=3),
                 }
     if args.profile:  # wanfit's variants (diffusers' were profiled as they ran: its compile is in place)
-        for name in ("wanfit", "wanfit_gelu_in_place", "wanfit_compiled", "wanfit_compiled_graph"):
+        for name in ("wanfit", "wanfit_gelu_in_place", "wanfit_compiled"):
             if name in calls:
-                try:
-                    result.setdefault("profile", {})[name] = kernel_profile(calls[name])
-                except Exception as err:  # the profiler and graph replays: a failure costs the row only
-                    result.setdefault("profile_errors", {})[name] = f"{type(err).__name__}: {err}"
+                result.setdefault("profile", {})[name] = kernel_profile(calls[name])
 
     if "wanfit" in outputs and "diffusers" in outputs:
         a, b = outputs["wanfit"].float(), outputs["diffusers"].float()
@@ -318,65 +287,23 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
-def graph_variant(result, outputs, calls, model, compiled, args_in, device, args) -> None:
-    """wanfit_compiled_graph: the same compiled blocks replayed as a CUDA graph (wanfit.runtime.cuda_graph),
-    timed like wanfit_compiled, with its error against the compiled forward (the same kernels: ~0)."""
-    from wanfit.runtime.compile import forward_with
-    from wanfit.runtime.cuda_graph import GraphedBlocks
-
-    name = "wanfit_compiled_graph"
-    if device.type != "cuda" and GRAPH_OPS is None:
-        result[name] = {"skipped": "CUDA graphs need a CUDA device"}
-        return
-    try:
-        graphs = GraphedBlocks(compiled, ops=GRAPH_OPS)
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            forward_with(model, graphs, *args_in)  # warm-up on a side stream, then the capture
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        result["graph_capture_first_call_s"] = time.perf_counter() - t0
-        if graphs.failures:
-            result[name] = {"error": "capture failed: " + next(iter(graphs.failures.values()))}
-            return
-        calls[name] = lambda: forward_with(model, graphs, *args_in)
-        result[name], outputs[name] = time_forward(calls[name], device, args.warmup, args.runs)
-        result[name]["replays"] = graphs.replays
-    except Exception as err:
-        result[name] = {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc(limit=3)}
-        return
-    a, b = outputs[name].float(), outputs["wanfit_compiled"].float()
-    result["rel_l2_graph_vs_compiled"] = ((a - b).norm() / b.norm()).item()
-    result["graph_equal_to_compiled"] = bool(torch.equal(outputs[name], outputs["wanfit_compiled"]))
-    compiled_r, graph_r = result["wanfit_compiled"], result[name]
-    result["speedup_graph_over_compiled"] = compiled_r["median_ms"] / graph_r["median_ms"]
-    result["wall_speedup_graph_over_compiled"] = compiled_r["wall_median_ms"] / graph_r["wall_median_ms"]
-
-
 def table(result: dict) -> str:
     lines = [
         f"bench_dit on {result['device']} ({result['dtype']}), latent {result['latent']}, "
         f"{result['tokens']} tokens, {result['config']['num_layers']} layers",
-        f"{'model':<22} {'median ms':>10} {'min ms':>10} {'wall ms':>10} {'peak GiB':>9} {'reserved':>9}",
+        f"{'model':<20} {'median ms':>10} {'min ms':>10} {'peak GiB':>9}",
     ]
-    names = ("wanfit", "wanfit_gelu_in_place", "wanfit_compiled", "wanfit_compiled_graph", "diffusers")
-    for name in (*names, "diffusers_compiled"):
+    for name in ("wanfit", "wanfit_gelu_in_place", "wanfit_compiled", "diffusers", "diffusers_compiled"):
         if name != "wanfit" and name != "diffusers" and name not in result:
             continue
         r = result.get(name)
         if r is None:
-            lines.append(f"{name:<22} {'skipped: ' + result.get('diffusers_error', 'not run'):>10}")
+            lines.append(f"{name:<20} {'skipped: ' + result.get('diffusers_error', 'not run'):>10}")
         elif "error" in r:
-            lines.append(f"{name:<22} error: {r['error'][:100]}")
-        elif "skipped" in r:
-            lines.append(f"{name:<22} skipped: {r['skipped']}")
+            lines.append(f"{name:<20} error: {r['error'][:100]}")
         else:
             peak = f"{r['peak_gib']:.2f}" if "peak_gib" in r else "-"
-            reserved = f"{r['peak_reserved_gib']:.2f}" if "peak_reserved_gib" in r else "-"
-            lines.append(
-                f"{name:<22} {r['median_ms']:>10.1f} {r['min_ms']:>10.1f} {r['wall_median_ms']:>10.1f} "
-                f"{peak:>9} {reserved:>9}"
-            )
+            lines.append(f"{name:<20} {r['median_ms']:>10.1f} {r['min_ms']:>10.1f} {peak:>9}")
     if "speedup_diffusers_over_wanfit" in result:
         lines.append(
             f"diffusers/wanfit time ratio {result['speedup_diffusers_over_wanfit']:.3f}; "
@@ -387,13 +314,6 @@ def table(result: dict) -> str:
             f"diffusers/wanfit_compiled time ratio "
             f"{result['diffusers']['median_ms'] / result['wanfit_compiled']['median_ms']:.3f}; "
             f"first compiled call {result['compile_first_call_s']:.1f} s"
-        )
-    if "speedup_graph_over_compiled" in result:
-        lines.append(
-            f"graph vs compiled: time ratio {result['speedup_graph_over_compiled']:.3f} (events), "
-            f"{result['wall_speedup_graph_over_compiled']:.3f} (wall); rel L2 "
-            f"{result['rel_l2_graph_vs_compiled']:.2e} (bitwise equal: {result['graph_equal_to_compiled']}); "
-            f"first call (warm-up + capture) {result['graph_capture_first_call_s']:.1f} s"
         )
     for name, prof in (result.get("profile") or {}).items():
         if prof:  # device ms per kernel kind, one profiled call

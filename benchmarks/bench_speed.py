@@ -11,8 +11,6 @@ Real Wan2.1 T2V-1.3B configs (DiT, VAE, umT5-XXL) with random weights, shared by
   wanfit_eager         the exact tier, blocks eager (--set compile_dit=false)
   wanfit_compiled      the exact tier, blocks compiled (--set compile_dit=true)
   wanfit_fast          the fast tier (--fast: fp8 GEMMs, compiled blocks)
-  wanfit_compiled_graph  with --cuda-graph: wanfit_compiled replaying its blocks as a CUDA graph
-                       (--set compile_dit=true --set cuda_graph=true): forwards and the short job
 
 Measured: one DiT forward at 832x480x81 (32,760 tokens), batch 1 for all and batch 2 (guidance
 batched, what wanfit's pipeline runs) for the eager ones: CUDA-event median ms, the first call's
@@ -59,12 +57,6 @@ from bench_pipeline import PROMPT, SCHEDULER, build_models, job_request  # noqa:
 
 NEGATIVE = "blurry, static"
 VARIANTS = ("diffusers_eager", "diffusers_compiled", "wanfit_eager", "wanfit_compiled", "wanfit_fast")
-GRAPH = "wanfit_compiled_graph"  # --cuda-graph only
-SETTINGS = {  # each wanfit variant's --set, on top of the planner's choices
-    "wanfit_eager": ["compile_dit=false"],
-    "wanfit_compiled": ["compile_dit=true"],
-    GRAPH: ["compile_dit=true", "cuda_graph=true"],
-}
 # 50-step jobs, most wanted first: wanfit as planned, then the fast tier (its 50-step error against
 # the planned exact job), then diffusers' default (its 10-step job extrapolates well), then the rest.
 LONG_PRIORITY = ("wanfit_planned", "wanfit_fast", "diffusers_eager", "diffusers_compiled", "wanfit_eager")
@@ -87,10 +79,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--layers", type=int, default=None, help="DiT blocks (default: all 30)")
     p.add_argument("--text-layers", type=int, default=None, help="umT5 blocks (default: all 24)")
-    p.add_argument(
-        "--cuda-graph", action="store_true",
-        help=f"also run {GRAPH}: the compiled exact tier with Plan.cuda_graph (forwards, short job)",
-    )  # fmt: skip
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny models: checks the script only")
     p.add_argument("--out", default=None, help="write the results as JSON here (after every stage)")
     return p.parse_args(argv)
@@ -267,7 +255,9 @@ class Models:
         from wanfit.plan.planning import Constraints, plan_for
 
         request = job_request(self.args, self.cfg, self.parts, steps=steps)
-        settings = SETTINGS.get(variant, [])
+        settings = {"wanfit_eager": ["compile_dit=false"], "wanfit_compiled": ["compile_dit=true"]}.get(
+            variant, []
+        )
         fast = variant == "wanfit_fast" and not self.args.dry_run
         planned = plan_for(
             request, Constraints.from_options(device=str(self.device), settings=settings, fast=fast)
@@ -312,9 +302,6 @@ class Models:
             result["peak_gib"] = result["dit_gib"] + result.get("peak_over_start_gib", 0.0)
             result["tier"], result["compiled"] = placement.tier, placement.compiled_blocks is not None
             result["given_up"] = dict(placement.failures)
-            result["cuda_graph"] = placement.graphed  # the plan's, where it applies (not on a CPU)
-            if placement.graph_failures:
-                result["given_up"]["cuda_graph"] = next(iter(placement.graph_failures.values()))
             return result, out.float().cpu()
         finally:
             self.leave(pipe)
@@ -358,7 +345,6 @@ class Models:
             "peak_gib": max(peaks, default=None),
             "tier": record["tier"],
             "compile_dit": pipe.plan.compile_dit,
-            "cuda_graph": pipe.plan.cuda_graph,
             "given_up": record["given_up"],
             "plan_notes": list(getattr(plan, "notes", ())),
         }, frames
@@ -536,18 +522,16 @@ def run(args) -> dict:
     # 2. Short jobs: every variant but diffusers compiled (stage 4), each compile cold as a user pays it.
     if r.fits(f"{short}-step job diffusers_eager", job_guess(short, False), reserve):
         do_job("diffusers_eager", short, lambda: m.diffusers_job(short))
-    graph = (GRAPH,) if args.cuda_graph else ()
-    for variant in ("wanfit_eager", "wanfit_compiled", *graph, "wanfit_fast"):
+    for variant in ("wanfit_eager", "wanfit_compiled", "wanfit_fast"):
         if r.fits(f"{short}-step job {variant}", job_guess(short, variant != "wanfit_eager"), reserve):
             do_job(variant, short, lambda v=variant: m.wanfit_job(v, short))
 
     # 3. Compiled forwards. Batch 2 first, after torch._dynamo.reset(): dynamo traces again and
     # Inductor finds the job's graphs in its caches, as a second run's compile does. Then batch 1.
     torch._dynamo.reset()
-    for variant in ("wanfit_compiled", *graph):
-        if r.fits(f"forward {variant} batch 2", forward_guess(2, True), reserve):
-            do_forward(variant, 2, lambda v=variant: m.wanfit_forward(v, 2))
-    for variant in ("wanfit_compiled", *graph, "wanfit_fast"):
+    if r.fits("forward wanfit_compiled batch 2", forward_guess(2, True), reserve):
+        do_forward("wanfit_compiled", 2, lambda: m.wanfit_forward("wanfit_compiled", 2))
+    for variant in ("wanfit_compiled", "wanfit_fast"):
         if r.fits(f"forward {variant} batch 1", forward_guess(1, True), reserve):
             do_forward(variant, 1, lambda v=variant: m.wanfit_forward(v, 1))
     r.result["compile"] = compile_summary(r.result, long)
@@ -632,9 +616,6 @@ def accuracy(outputs: dict, frames: dict, short: int, long: int) -> dict:
             other = outputs.get((variant, batch))
             if exact is not None and other is not None:
                 out[f"forward_b{batch}_rel_l2_{variant}_vs_wanfit_eager"] = rel_l2(other, exact)
-        compiled, graphed = outputs.get(("wanfit_compiled", batch)), outputs.get((GRAPH, batch))
-        if compiled is not None and graphed is not None:  # the same kernels: ~0
-            out[f"forward_b{batch}_rel_l2_{GRAPH}_vs_wanfit_compiled"] = rel_l2(graphed, compiled)
     for steps in (short, long):
         exact = frames.get(("wanfit_eager", steps))
         if exact is None:  # the long jobs: the planner's exact run stands in for the eager one
@@ -649,9 +630,6 @@ def accuracy(outputs: dict, frames: dict, short: int, long: int) -> dict:
             other = frames.get((variant, steps))
             if exact is not None and other is not None and other is not exact:
                 out[f"job{steps}_mean_abs_uint8_{variant}_vs_exact"] = mean_abs(other, exact)
-    compiled, graphed = frames.get(("wanfit_compiled", short)), frames.get((GRAPH, short))
-    if compiled is not None and graphed is not None:
-        out[f"job{short}_mean_abs_uint8_{GRAPH}_vs_wanfit_compiled"] = mean_abs(graphed, compiled)
     return out
 
 
@@ -685,7 +663,7 @@ def table(result: dict) -> str:
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     b1, b2 = result["forward"]["b1"], result["forward"]["b2"]
-    for v in (*VARIANTS, *([GRAPH] if GRAPH in b1 or GRAPH in b2 else [])):
+    for v in VARIANTS:
         one, two = b1.get(v, {}), b2.get(v, {})
         ratio = result["ratios"].get(f"forward_b1_{v}_over_diffusers_compiled")
         lines.append(
@@ -729,8 +707,7 @@ def ran_as(r: dict) -> str:
         return "-"
     compiled = r.get("compiled", r.get("compile_dit"))
     given_up = f", gave up {', '.join(r['given_up'])}" if r.get("given_up") else ""
-    graph = ", CUDA graph" if r.get("cuda_graph") else ""
-    return f"{r['tier']}, {'compiled' if compiled else 'eager'}{graph}{given_up}"
+    return f"{r['tier']}, {'compiled' if compiled else 'eager'}{given_up}"
 
 
 def main(argv=None) -> dict:

@@ -27,22 +27,3 @@ def test_dry_run_times_the_gelu_in_place_lever_and_it_changes_no_bit(tmp_path):
     result = main(["--dry-run", "--ffn-gelu-in-place", "--skip-diffusers", "--out", str(tmp_path / "b.json")])
     assert result["wanfit_gelu_in_place"]["median_ms"] > 0
     assert result["gelu_in_place_equal_to_eager"] is True
-
-
-def test_dry_run_times_the_graph_variant_against_the_compiled_one(tmp_path, monkeypatch):
-    from benchmarks import bench_dit
-    from tests.helpers.fake_cuda_graph import FakeOps
-
-    ops = FakeOps()
-    monkeypatch.setattr(bench_dit, "GRAPH_OPS", ops)
-    result = main(["--dry-run", "--compile", "--cuda-graph", "--skip-diffusers", "--out", str(tmp_path / "g.json")])
-    graph = result["wanfit_compiled_graph"]
-    assert graph["median_ms"] > 0 and ops.captured == 1 and graph["replays"] >= 1 + 1 + 2  # first, warm-up, runs
-    assert result["graph_equal_to_compiled"] is True and result["rel_l2_graph_vs_compiled"] == 0.0
-    assert result["speedup_graph_over_compiled"] > 0
-
-
-def test_the_graph_variant_needs_compile(capsys):
-    with pytest.raises(SystemExit):
-        main(["--dry-run", "--cuda-graph"])
-    assert "pass --compile too" in capsys.readouterr().err

@@ -51,19 +51,3 @@ def test_a_stage_that_would_end_past_the_budget_is_skipped_and_said(monkeypatch)
     assert "predicted 50 s at 60 s of 100" in run.result["skipped"][1]["why"]
     jobs = {"a": {"total_s": 20.0, "median_step_s": 1.5}, "b": {"total_s": 9.0, "median_step_s": None}}
     assert extrapolated(jobs, 10, 50) == {"a": 80.0}
-
-
-def test_dry_run_with_cuda_graph_adds_the_graph_variant_which_the_cpu_runs_without_one(tmp_path, capsys):
-    from benchmarks.bench_speed import GRAPH
-
-    result = main(["--dry-run", "--cuda-graph", "--out", str(tmp_path / "speed.json")])
-    assert result["errors"] == {}
-    assert GRAPH in result["forward"]["b1"] and GRAPH in result["forward"]["b2"]
-    job = result["jobs"]["2"][GRAPH]
-    assert job["compile_dit"] and job["cuda_graph"] is False  # the planner's rule: not on a CPU
-    assert any(n.startswith("cuda_graph is off: the DiT does not run on CUDA") for n in job["plan_notes"])
-    assert result["forward"]["b1"][GRAPH]["cuda_graph"] is False
-    errors = result["errors_vs_exact"]
-    assert errors[f"forward_b1_rel_l2_{GRAPH}_vs_wanfit_compiled"] < 1e-6
-    assert errors[f"job2_mean_abs_uint8_{GRAPH}_vs_wanfit_compiled"] < 0.5
-    assert f"| {GRAPH} | exact, compiled |" in capsys.readouterr().out

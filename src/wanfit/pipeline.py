@@ -235,14 +235,7 @@ class WanPipeline:
             "step_cache": self.step_cache_report,
             # What ran: "fast" names the lossy fp8 GEMMs; a plan's fast tier the card refused runs exact.
             "tier": self.placement.dit.tier,
-            "given_up": {
-                **self.placement.dit.failures,
-                **(
-                    {"cuda_graph": next(iter(self.placement.dit.graph_failures.values()))}
-                    if self.placement.dit.graph_failures
-                    else {}
-                ),
-            },
+            "given_up": dict(self.placement.dit.failures),
         }
 
     @classmethod
@@ -680,14 +673,10 @@ class WanPipeline:
             disable=not progress,
             bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.3g}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]",
         )
-        # The bar moves with every DiT block, so a long first step shows progress and an ETA too;
-        # per step only when the blocks replay as a CUDA graph: a hook would run at its capture only
-        # (and, traced with the compiled blocks, a hook added or removed would change what the graph
-        # recorded).
+        # The bar moves with every DiT block, so a long first step shows progress and an ETA too.
         blocks = getattr(self.dit, "blocks", None)
         hooks = []
-        per_block = not self.placement.dit.graphed
-        if progress and per_block and isinstance(blocks, torch.nn.ModuleList) and len(blocks):
+        if progress and isinstance(blocks, torch.nn.ModuleList) and len(blocks):
             passes = (
                 2 if uncond is not None and not self.plan.cfg_batch and self.plan.cfg_parallel == 1 else 1
             )
@@ -753,8 +742,8 @@ class WanPipeline:
 
     def _record_steps(self, step_s: list[float], guidance: bool, cached: bool) -> None:
         """Step times into the timings, and, for a resident DiT on a real CUDA card with every step
-        computed in full (no step cache, no CUDA graph) on one process, into this card's compile costs
-        (what the planner weighs when it decides whether to compile)."""
+        computed in full (no step cache) on one process, into this card's compile costs (what the
+        planner weighs when it decides whether to compile)."""
         from wanfit.plan import compile_costs
 
         if len(step_s) >= 2:
@@ -771,7 +760,6 @@ class WanPipeline:
             or placed.layout is None
             or placed.layout.streamed
             or "compile" in placed.failures
-            or placed.graphed  # replayed steps are not what the planner weighs a compile by
         ):
             return
         key, _ = compile_costs.job(

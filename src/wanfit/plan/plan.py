@@ -141,14 +141,6 @@ class Plan:
     compile_dit: bool = field(
         default=False, metadata=_setting("bool", "torch.compile the DiT's blocks (resident DiT on CUDA)")
     )
-    # Opt-in until measured (issue 15): replaying the blocks removes the gaps between their kernels
-    # (~20 ms of a 525 ms compiled 1.3B forward on an H200). cuda_graph_blocker says where it cannot apply.
-    cuda_graph: bool = field(
-        default=False,
-        metadata=_setting(
-            "bool", "replay the DiT's compiled blocks as a CUDA graph (resident DiT on CUDA, fixed shapes)"
-        ),
-    )
     # None: the allocator as the process has it (a CPU, or PYTORCH_CUDA_ALLOC_CONF set by the user).
     cuda_expandable_segments: bool | None = field(
         default=None,
@@ -294,24 +286,6 @@ class Plan:
             return "the DiT is streamed"
         if self.world_size > 1 or self.dit_sharding != "none":
             return "the run is on several processes"
-        return None
-
-    @property
-    def cuda_graph_blocker(self) -> str | None:
-        """Why the DiT's blocks cannot replay as a CUDA graph under this plan (None: they can). The one
-        rule: the planner turns cuda_graph off with it, the placement obeys it. A graph replays fixed
-        kernels on fixed addresses, so only compiled blocks, resident on one CUDA device, every step
-        computed in full (a LoRA's runtime branch is captured like any other kernel)."""
-        if not self.device.startswith("cuda"):
-            return "the DiT does not run on CUDA"
-        if self.dit_blocks_resident is not None or (self.storage_dtype or "").startswith("float8"):
-            return "the DiT's blocks are streamed"
-        if self.world_size > 1 or self.dit_sharding != "none":
-            return "the run is on several processes"
-        if not self.compile_dit:
-            return "the DiT's blocks are not compiled (--set compile_dit=true)"
-        if self.cache is not None:
-            return "a step cache is on (it runs some blocks, not the whole loop)"
         return None
 
     @property

@@ -522,11 +522,11 @@ def step_down(
         for candidate in knob.candidates(plan, request):
             if _lowers(before, estimate_phases(request, candidate, backend), phase):
                 if host_budget is None:
-                    return _graph_where_it_applies(_exact_attention_off_the_fast_tier(candidate, frozen))[0]
+                    return _exact_attention_off_the_fast_tier(candidate, frozen)
                 budget = Budget(1 << 62, host_budget, "")  # the device: the notch already lowers it
                 fitted = _host_fit(request, candidate, budget, backend, frozen)
                 if fitted is not None:
-                    return _graph_where_it_applies(_exact_attention_off_the_fast_tier(fitted[0], frozen))[0]
+                    return _exact_attention_off_the_fast_tier(fitted[0], frozen)
                 break  # this knob costs host RAM that is not there: try the next one
     return None
 
@@ -540,14 +540,6 @@ def _exact_attention_off_the_fast_tier(plan: Plan, frozen: frozenset[str]) -> Pl
     if plan.fast_tier_in_place or name is None or "self_attention" in frozen or name not in registry:
         return plan
     return plan if registry[name].exact else replace(plan, self_attention=None)
-
-
-def _graph_where_it_applies(plan: Plan) -> tuple[Plan, str | None]:
-    """The plan with cuda_graph off where Plan.cuda_graph_blocker says it cannot apply, and why (a note)."""
-    blocker = plan.cuda_graph_blocker if plan.cuda_graph else None
-    if blocker is None:
-        return plan, None
-    return replace(plan, cuda_graph=False), f"cuda_graph is off: {blocker}."
 
 
 def blocking_setting(plan: Plan, request: Request, phase: str | None, frozen: Iterable[str]) -> str | None:
@@ -975,9 +967,6 @@ def plan_run(
     plan, phases, batching_note = _prompts_per_pass(plan, chosen, budget, backend, frozen, phases)
     if batching_note:
         notes.append(batching_note)
-    plan, graph_note = _graph_where_it_applies(plan)  # after compile_dit is decided
-    if graph_note:
-        notes.append(graph_note)
     host = host_phases(chosen, plan)
     notes += _plan_notes(plan, device, chosen, compile_costs)
     storage_note = _dit_storage_note(plan, chosen, frozen)
@@ -1118,11 +1107,6 @@ def _plan_notes(plan: Plan, device: DeviceBudget, request: Request, compile_cost
     if compile_costs is not None:
         what = "compiles the DiT's blocks" if plan.compile_dit else "runs the DiT eagerly"
         notes.append(f"the plan {what}: {compile_costs.describe(request_steps(request))}.")
-    if plan.cuda_graph:
-        notes.append(
-            "the DiT's compiled blocks replay as a CUDA graph, captured once per input shape (opt-in; "
-            "the progress bar moves per step, not per block)."
-        )
     if plan.fp8_gemm and not plan.fast_tier_in_place:
         notes.append(
             "the fast tier's fp8 GEMMs need the DiT resident, whole and unquantised at rest; this plan "

@@ -9,8 +9,7 @@ breaks there. All blocks share that one graph, so the compile cost is paid once 
 
 The blocks themselves are never changed: `compile_blocks` returns one compiled callable per block,
 and `forward_with` runs the DiT through them. Dropping the callables
-is all it takes to run eagerly again (the placement does that when the plan streams the DiT). With
-Plan.cuda_graph the placement replays the whole loop from a CUDA graph (wanfit.runtime.cuda_graph).
+is all it takes to run eagerly again (the placement does that when the plan streams the DiT).
 """
 
 from __future__ import annotations

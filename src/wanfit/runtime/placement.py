@@ -2,8 +2,7 @@
 
 One placement object per component, owned by the pipeline:
     DiTPlacement          device; blocks streamed (k resident), sharded (FSDP2) or not; fp8 storage;
-                          compiled blocks, replayed as CUDA graphs or not; the fast tier's fp8
-                          GEMMs; chunking
+                          compiled blocks; the fast tier's fp8 GEMMs; chunking
     TextEncoderPlacement  device; blocks streamed or not; compute dtype
     VAEPlacement          device; decode tiling
 Each holds a frozen layout derived from a Plan (what it has put in place) and the live objects that
@@ -24,7 +23,6 @@ import torch.nn as nn
 from wanfit.errors import PlanError
 from wanfit.runtime.chunking import apply_chunking
 from wanfit.runtime.compile import CompiledBlocks, compile_blocks
-from wanfit.runtime.cuda_graph import GraphedBlocks
 from wanfit.runtime.offload import BlockStreamer
 
 HOST = "cpu"
@@ -52,7 +50,6 @@ class DiTLayout:
     dtype: torch.dtype | None = None  # the compute dtype a streamed DiT is converted to when placed
     sharded: bool = False  # blocks sharded over the run's processes (Plan.dit_sharding "fsdp")
     fp8_gemm: bool = False  # the blocks' linears run as fp8 GEMMs (the fast tier; resident, unsharded)
-    cuda_graph: bool = False  # the compiled blocks replay as CUDA graphs (wanfit.runtime.cuda_graph)
 
     @classmethod
     def from_plan(cls, plan) -> DiTLayout:
@@ -72,7 +69,6 @@ class DiTLayout:
             dtype=plan.torch_compute_dtype,
             sharded=sharded,
             fp8_gemm=plan.fast_tier_in_place,
-            cuda_graph=plan.cuda_graph and plan.cuda_graph_blocker is None,
         )
 
     @property
@@ -102,53 +98,22 @@ class DiTPlacement:
     The DiT is placed when a denoising phase starts (`place`) and may be released to the host before
     the VAE decode (`release`); in between, `apply` follows plan changes. Call the placement, not the
     model, to run the DiT as placed: `placement(x, timestep, context)`.
-    compile_options: passed to torch.compile for each block (e.g. a test's backend); graph_ops: the
-    CUDA graph calls (wanfit.runtime.cuda_graph.CudaGraphOps; a test's fake).
+    compile_options: passed to torch.compile for each block (e.g. a test's backend).
     A compile that fails, or an fp8 GEMM that fails its smoke test, leaves the blocks eager or exact
     for the rest of the process, with one warning; `failures` says why.
     """
 
     def __init__(
-        self,
-        dit: nn.Module,
-        *,
-        pin_memory: bool | None = None,
-        compile_options: dict | None = None,
-        graph_ops=None,
+        self, dit: nn.Module, *, pin_memory: bool | None = None, compile_options: dict | None = None
     ):
         self.dit = dit
         self.pin_memory = pin_memory
         self.compile_options = {"dynamic": False, **(compile_options or {})}
         self.layout: DiTLayout | None = None  # None: not placed (as loaded, or released to the host)
         self.streamer: BlockStreamer | None = None
-        self._compiled_blocks: CompiledBlocks | None = None
-        # The compiled blocks' CUDA graphs: captured for the weights, layout and plan in place, so any
-        # change of those drops them (_drop_graphs), and so does dropping the compiled blocks.
-        self.graphs: GraphedBlocks | None = None
-        self.graph_ops = graph_ops
-        self.graph_failures: dict[tuple, str] = {}  # input key -> why its capture failed (kept all run)
-        self._graphed_plan = None
+        self.compiled_blocks: CompiledBlocks | None = None
         self.fp8_gemm_bytes: int | None = None  # the fp8 weights' bytes while the fast tier is in place
         self.failures: dict[str, str] = {}  # "compile" / "fp8_gemm" -> why it was given up
-
-    @property
-    def compiled_blocks(self) -> CompiledBlocks | None:
-        return self._compiled_blocks
-
-    @compiled_blocks.setter
-    def compiled_blocks(self, blocks: CompiledBlocks | None) -> None:
-        if blocks is not self._compiled_blocks:
-            self._drop_graphs()  # captured through the old callables
-        self._compiled_blocks = blocks
-
-    @property
-    def graphed(self) -> bool:
-        """Whether the forward replays CUDA graphs (per-block hooks then run at capture only)."""
-        return self.graphs is not None
-
-    def _drop_graphs(self) -> None:
-        self.graphs = None
-        self._graphed_plan = None
 
     @property
     def tier(self) -> str:
@@ -164,10 +129,6 @@ class DiTPlacement:
         if not self.placeable:
             return
         old, new = self.layout, DiTLayout.from_plan(plan)
-        if plan != self._graphed_plan:
-            # A graph replays the kernels and addresses of its capture: a plan change (a backend, a
-            # chunk size, a move) is not seen by a replay, so the graphs are captured again.
-            self._drop_graphs()
         if old is None or old.where != new.where:
             self._move(new)
         elif self.streamer is not None:
@@ -180,13 +141,6 @@ class DiTPlacement:
             self.compiled_blocks = compile_blocks(self.dit.blocks, **self.compile_options)
         elif not new.compiled:
             self.compiled_blocks = None  # the blocks themselves were never changed: eager again
-        if new.cuda_graph and self.compiled_blocks is not None and self.graphs is None:
-            self.graphs, self._graphed_plan = (
-                GraphedBlocks(self.compiled_blocks, ops=self.graph_ops, failures=self.graph_failures),
-                plan,
-            )
-        elif not new.cuda_graph:
-            self._drop_graphs()
         self.layout = new
 
     def _place_fp8_gemms(self, layout: DiTLayout) -> None:
@@ -218,10 +172,8 @@ class DiTPlacement:
 
     def weights_changed(self) -> None:
         """The blocks' weights were rewritten (a LoRA merged or removed): quantised copies are stale,
-        so they are made again when the DiT is next placed; CUDA graphs read the old ones, or miss a
-        LoRA branch added since, so they are captured again."""
+        so they are made again when the DiT is next placed."""
         self._drop_fp8_gemms()
-        self._drop_graphs()
 
     def _give_up(self, what: str, why: str) -> None:
         import warnings
@@ -241,7 +193,6 @@ class DiTPlacement:
         blocks keep their shards where they are (1/world of the blocks each)."""
         self._unstream()
         self._drop_fp8_gemms()
-        self._drop_graphs()  # their pools, and the weights' addresses they read
         if self.layout is not None and self.layout.sharded:
             for child in self.dit.children():
                 if child is not self.dit.blocks:
@@ -254,15 +205,10 @@ class DiTPlacement:
             torch.cuda.empty_cache()
 
     def __call__(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """The DiT's forward as placed (through the compiled blocks when compiled, replayed as a CUDA
-        graph when the plan says so: only here, where the head reads the graph's static output before
-        anything replays again)."""
+        """The DiT's forward as placed (through the compiled blocks when compiled)."""
         if self.compiled_blocks is None:
             return self.dit(x, timestep, context)
         inputs = self.dit.embed(x, timestep, context)
-        if self.graphs is not None:
-            graphs = self.graphs
-            return self.dit.unembed(self._compiled(lambda: graphs.run(inputs.tokens, inputs), inputs), inputs)
         return self.dit.unembed(self.run_blocks(inputs), inputs)
 
     # The forward's parts as placed, for a step cache (wanfit.sampling.step_cache) that runs some blocks.
@@ -275,19 +221,8 @@ class DiTPlacement:
         eagerly from then on (the blocks are pure: the slice is simply run again)."""
         if self.compiled_blocks is None:
             return self.dit.run_blocks(inputs, tokens, start, end)
-        blocks = self.compiled_blocks
-        return self._compiled(
-            lambda: blocks.run(inputs.tokens if tokens is None else tokens, inputs, start, end),
-            inputs,
-            tokens,
-            start,
-            end,
-        )
-
-    def _compiled(self, run: Callable[[], torch.Tensor], inputs, tokens=None, start: int = 0, end=None):
-        """run(), a compiled run of blocks start..end; on a compiler error, those blocks eagerly."""
         try:
-            return run()
+            return self.compiled_blocks.run(inputs.tokens if tokens is None else tokens, inputs, start, end)
         except torch.OutOfMemoryError:
             raise  # memory is the OOM guard's to handle
         except Exception as err:  # a compiler error; a real model error raises again just below
