@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import importlib
 import math
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -102,7 +103,8 @@ class AttentionBackend:
     head_dim_multiple: int | None = None
     supports_mask: bool = False
     exact: bool = True
-    torch_check: Callable[[], str | None] | None = None  # does this torch build have the kernel?
+    # Does this build (torch's, or the package's) have the kernel? A reason when not.
+    torch_check: Callable[[], str | None] | None = None
     default_ms: float = math.inf  # default-table speed at the job's shape (lower ranks higher)
     # Scratch memory beyond q, k, v: "linear" O(L) (fused kernels), "quadratic" (the L x L score
     # matrix is materialised), "bounded" (a fixed budget); the planner's estimates read it.
@@ -232,8 +234,23 @@ def _run_flash_attn3(q, k, v, *, scale=None, attn_mask=None):
 
 
 def _run_flash_attn4(q, k, v, *, scale=None, attn_mask=None):
-    out = _import("flash_attn.cute").flash_attn_func(q, k, v, softmax_scale=scale)
+    fa4 = _import("flash_attn.cute")
+    with warnings.catch_warnings():
+        # Its CuTe DSL warns on every kernel compile about an argument it treats as a constant.
+        warnings.filterwarnings("ignore", ".*cannot be converted to a JitArgument", UserWarning)
+        out = fa4.flash_attn_func(q, k, v, softmax_scale=scale)
     return out[0] if isinstance(out, tuple) else out  # (out, lse)
+
+
+def _flash_attn2_check() -> str | None:
+    """flash-attn-4 installs only the `flash_attn.cute` part of the `flash_attn` namespace: an import of
+    `flash_attn` then succeeds without FlashAttention-2 in it."""
+    if import_reason("flash_attn", "flash-attn") is None and not hasattr(_import("flash_attn"), "flash_attn_func"):
+        return (
+            "the flash_attn package here is FlashAttention-4's namespace only, without FlashAttention-2 "
+            "(pip install flash-attn)."
+        )
+    return None
 
 
 def _run_sage(q, k, v, *, scale=None, attn_mask=None):
@@ -314,9 +331,9 @@ def builtin_backends() -> list[AttentionBackend]:
             min_capability=(8, 0),  # its interface takes sm_8x to sm_12x
             max_head_dim=128,  # sm_90 takes up to 256, sm_100 128: the common bound
             head_dim_multiple=8,
-            # Issue 15's H100 run: 11.31 ms against cuDNN's 11.73 in the same run, placed at that ratio
-            # to this table's cuDNN figure.
-            default_ms=11.0,
+            # Measured (benchmarks/bench_int8_attention.py, H200, 2026-12-02, 4.0.0b36): 8.87 ms against
+            # cuDNN's 11.24 in the same run, placed at that ratio to this table's cuDNN figure.
+            default_ms=9.0,
         ),
         AttentionBackend(
             "flash_attn2",
@@ -325,6 +342,7 @@ def builtin_backends() -> list[AttentionBackend]:
             package="flash_attn",
             pip_name="flash-attn",
             dist_names=("flash-attn", "flash_attn"),
+            torch_check=_flash_attn2_check,
             min_capability=(8, 0),
             max_head_dim=256,
             default_ms=17.5,

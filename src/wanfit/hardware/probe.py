@@ -510,9 +510,11 @@ def find_kernel_packages() -> tuple[KernelPackage, ...]:
     for module, dists in default_registry().packages():
         name = dists[0].replace("-", "_")
         try:
-            installed = importlib.util.find_spec(module) is not None
+            spec = importlib.util.find_spec(module)
         except (ImportError, ValueError):
-            installed = False
+            spec = None
+        # A namespace without an __init__ (flash-attn-4 leaves `flash_attn` one) is not the package.
+        installed = spec is not None and spec.origin not in (None, "namespace")
         version = None
         if installed:
             for dist in dists:
