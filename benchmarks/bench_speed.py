@@ -79,6 +79,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--layers", type=int, default=None, help="DiT blocks (default: all 30)")
     p.add_argument("--text-layers", type=int, default=None, help="umT5 blocks (default: all 24)")
+    p.add_argument(
+        "--jobs-only", action="store_true",
+        help="only the short and long jobs of wanfit as planned and diffusers eager (no forwards, no compiles)",
+    )  # fmt: skip
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny models: checks the script only")
     p.add_argument("--out", default=None, help="write the results as JSON here (after every stage)")
     return p.parse_args(argv)
@@ -508,7 +512,9 @@ def run(args) -> dict:
         return steps * 2 * b1_s() + TEXT_AND_DECODE_GUESS_S + (COMPILE_GUESS_S if compiles else 0.0)
 
     # Until diffusers' compiled forward is measured (stage 4), keep time for it.
-    reserve = forward_guess(1, compiles=True)
+    reserve = 0.0 if args.jobs_only else forward_guess(1, compiles=True)
+    if args.jobs_only:
+        return jobs_only(args, r, m, do_job, job_guess)
 
     # 1. Eager forwards (diffusers eager before its compile changes the model).
     for batch in (1, 2):
@@ -568,6 +574,27 @@ def run(args) -> dict:
             do_job(variant, long, lambda v=variant: m.wanfit_job(v, long))
 
     r.result["errors_vs_exact"] = accuracy(outputs, frames, short, long)
+    r.result["ratios"] = ratios(r.result)
+    r.save()
+    return r.result
+
+
+def jobs_only(args, r: Run, m: Models, do_job, job_guess) -> dict:
+    """--jobs-only: the short job of wanfit eager (the planner's first-run choice for a long job is
+    checked) and of diffusers eager, then the long jobs of wanfit as planned and diffusers eager."""
+    short, long = args.steps, args.long_steps
+    for variant, fn in (
+        ("diffusers_eager", lambda: m.diffusers_job(short)),
+        ("wanfit_eager", lambda: m.wanfit_job("wanfit_eager", short)),
+    ):
+        if r.fits(f"{short}-step job {variant}", job_guess(short, False)):
+            do_job(variant, short, fn)
+    for variant, fn in (
+        ("wanfit_planned", lambda: m.wanfit_job("wanfit_planned", long)),
+        ("diffusers_eager", lambda: m.diffusers_job(long)),
+    ):
+        if r.fits(f"{long}-step job {variant}", job_guess(long, False)):
+            do_job(variant, long, fn)
     r.result["ratios"] = ratios(r.result)
     r.save()
     return r.result
