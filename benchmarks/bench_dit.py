@@ -3,6 +3,7 @@
     PYTHONPATH=/tmp/site python3 benchmarks/bench_dit.py --out $OUT/bench_dit.json
     python3 benchmarks/bench_dit.py --layers 4 --size 480x320 --frames 33   # shorter
     python3 benchmarks/bench_dit.py --dry-run                               # CPU, tiny model, logic only
+    python3 benchmarks/bench_dit.py --fused-elementwise --skip-diffusers    # + eager with the fused kernels
 
 Real 1.3B config (optionally fewer layers), random bf16 weights, latent 16 x F x H/8 x W/8, context
 512 x 4096. diffusers' random model is converted to official names with wanfit's converter and
@@ -56,6 +57,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--ffn-gelu-in-place", action="store_true",
         help="also time wanfit eager with Plan.ffn_gelu_in_place (the GELU over ffn.0's output)",
+    )  # fmt: skip
+    p.add_argument(
+        "--fused-elementwise", action="store_true",
+        help="also time wanfit eager with Plan.fused_elementwise (Triton: LayerNorm+modulate, RMSNorm+RoPE)",
     )  # fmt: skip
     p.add_argument("--skip-diffusers", action="store_true", help="time wanfit only")
     p.add_argument(
@@ -155,6 +160,39 @@ def time_forward(fn, device: torch.device, warmup: int, runs: int) -> dict:
     return result, out
 
 
+def time_fused(model: WanDiT, call, device: torch.device, args: argparse.Namespace) -> dict:
+    """wanfit eager with the fused elementwise kernels in the blocks' slots, timed as `wanfit` is; the
+    slots are cleared after. Off CUDA the kernels run only under TRITON_INTERPRET=1 (else skipped)."""
+    import os
+
+    from wanfit.runtime import fused_elementwise
+
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return {"skipped": "no CUDA device (set TRITON_INTERPRET=1 to run the kernels interpreted)"}
+    if device.type == "cuda":
+        failure = fused_elementwise.runtime_failure(str(device))
+    else:
+        failure = None if fused_elementwise.available() else "Triton is not installed"
+    if failure is not None:
+        return {"skipped": failure}
+    fused_elementwise.install(model.blocks)
+    try:
+        timed, out = time_forward(call, device, args.warmup, args.runs)
+    except Exception as err:
+        return {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc(limit=3)}
+    finally:
+        fused_elementwise.install(model.blocks, None)
+
+    def fused_call():  # for the profiler: the slots set only while it runs
+        fused_elementwise.install(model.blocks)
+        try:
+            return call()
+        finally:
+            fused_elementwise.install(model.blocks, None)
+
+    return {**timed, "call": fused_call, "out": out}
+
+
 def run(args: argparse.Namespace) -> dict:
     if args.profile:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -212,6 +250,13 @@ def run(args: argparse.Namespace) -> dict:
         result["wanfit"], outputs["wanfit"] = time_forward(calls["wanfit"], device, args.warmup, args.runs)
     except Exception as err:
         result["wanfit"] = {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc(limit=3)}
+    if args.fused_elementwise and "wanfit" in outputs:
+        result["wanfit_fused"] = time_fused(model, lambda: model(x32, timestep, context), device, args)
+        if "median_ms" in result["wanfit_fused"]:
+            calls["wanfit_fused"] = result["wanfit_fused"].pop("call")
+            outputs["wanfit_fused"] = result["wanfit_fused"].pop("out")
+            a, b = outputs["wanfit_fused"].float(), outputs["wanfit"].float()
+            result["rel_l2_fused_vs_wanfit"] = ((a - b).norm() / b.norm()).item()
     if args.ffn_gelu_in_place and "wanfit" in outputs:
         from wanfit.runtime.chunking import apply_chunking
 
@@ -270,7 +315,7 @@ def run(args: argparse.Namespace) -> dict:
                     "trace": traceback.format_exc(limit=3),
                 }
     if args.profile:  # wanfit's variants (diffusers' were profiled as they ran: its compile is in place)
-        for name in ("wanfit", "wanfit_gelu_in_place", "wanfit_compiled"):
+        for name in ("wanfit", "wanfit_fused", "wanfit_gelu_in_place", "wanfit_compiled"):
             if name in calls:
                 result.setdefault("profile", {})[name] = kernel_profile(calls[name])
 
@@ -293,7 +338,8 @@ def table(result: dict) -> str:
         f"{result['tokens']} tokens, {result['config']['num_layers']} layers",
         f"{'model':<20} {'median ms':>10} {'min ms':>10} {'peak GiB':>9}",
     ]
-    for name in ("wanfit", "wanfit_gelu_in_place", "wanfit_compiled", "diffusers", "diffusers_compiled"):
+    names = ("wanfit", "wanfit_fused", "wanfit_gelu_in_place", "wanfit_compiled", "diffusers", "diffusers_compiled")
+    for name in names:
         if name != "wanfit" and name != "diffusers" and name not in result:
             continue
         r = result.get(name)
@@ -301,6 +347,8 @@ def table(result: dict) -> str:
             lines.append(f"{name:<20} {'skipped: ' + result.get('diffusers_error', 'not run'):>10}")
         elif "error" in r:
             lines.append(f"{name:<20} error: {r['error'][:100]}")
+        elif "skipped" in r:
+            lines.append(f"{name:<20} skipped: {r['skipped']}")
         else:
             peak = f"{r['peak_gib']:.2f}" if "peak_gib" in r else "-"
             lines.append(f"{name:<20} {r['median_ms']:>10.1f} {r['min_ms']:>10.1f} {peak:>9}")
@@ -308,6 +356,12 @@ def table(result: dict) -> str:
         lines.append(
             f"diffusers/wanfit time ratio {result['speedup_diffusers_over_wanfit']:.3f}; "
             f"rel L2 wanfit vs diffusers {result['rel_l2_wanfit_vs_diffusers']:.2e}"
+        )
+    if "rel_l2_fused_vs_wanfit" in result:
+        lines.append(
+            f"wanfit/wanfit_fused time ratio "
+            f"{result['wanfit']['median_ms'] / result['wanfit_fused']['median_ms']:.3f}; "
+            f"rel L2 wanfit_fused vs wanfit {result['rel_l2_fused_vs_wanfit']:.2e}"
         )
     if "wanfit_compiled" in result and "median_ms" in result["wanfit_compiled"] and "diffusers" in result:
         lines.append(

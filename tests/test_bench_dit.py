@@ -27,3 +27,11 @@ def test_dry_run_times_the_gelu_in_place_lever_and_it_changes_no_bit(tmp_path):
     result = main(["--dry-run", "--ffn-gelu-in-place", "--skip-diffusers", "--out", str(tmp_path / "b.json")])
     assert result["wanfit_gelu_in_place"]["median_ms"] > 0
     assert result["gelu_in_place_equal_to_eager"] is True
+
+
+def test_dry_run_without_cuda_says_the_fused_kernels_were_skipped(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    result = main(["--dry-run", "--fused-elementwise", "--skip-diffusers", "--out", str(tmp_path / "b.json")])
+    assert "no CUDA device" in result["wanfit_fused"]["skipped"]
+    assert "rel_l2_fused_vs_wanfit" not in result
+    assert "wanfit_fused         skipped: no CUDA device" in capsys.readouterr().out

@@ -59,6 +59,14 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias) if self.gemm is None else self.gemm(x)
 
 
+def eager_kernels(slot):
+    """A module's `elementwise` slot where its fused kernels may run: eager, no autograd (the kernels
+    have no backward; a compiled graph keeps the torch ops, which Inductor fuses itself); else None."""
+    if slot is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return None
+    return slot
+
+
 def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Run a Linear (or Sequential starting with one) in its weights' dtype; returns that dtype."""
     weight = next(layer.parameters())
@@ -169,16 +177,25 @@ class SelfAttention(Projections):
     def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float):
         super().__init__(dim, num_heads, qk_norm, eps)
         self.attention_chunk: int | None = None  # query rows per attention call (set by the runtime)
+        # Fused kernels for RMSNorm + RoPE (wanfit.runtime.fused_elementwise, set by the runtime);
+        # None: the torch ops. Used only as WanBlock.elementwise is.
+        self.elementwise = None
 
     def forward(self, x: torch.Tensor, rope: Rope) -> torch.Tensor:
         """x [B, L, C] (any dtype) -> [B, L, C] in the weights' dtype (the block adds it in fp32)."""
         dtype = self.q.weight.dtype
         x = x.to(dtype)
-        q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))
-        k = self.norm_k(self.k(x)).unflatten(-1, (self.num_heads, -1))
-        v = self.v(x).unflatten(-1, (self.num_heads, -1))
-        q, k = apply_rope(q, rope).to(dtype), apply_rope(k, rope).to(dtype)
-        v = v.to(dtype)
+        fused = eager_kernels(self.elementwise)
+        if fused is not None and isinstance(self.norm_q, RMSNorm) and isinstance(self.norm_k, RMSNorm):
+            q, k = (
+                fused.rms_norm_rope(proj(x).to(dtype), norm.weight, rope, self.num_heads, norm.eps)
+                for proj, norm in ((self.q, self.norm_q), (self.k, self.norm_k))
+            )
+        else:
+            q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))
+            k = self.norm_k(self.k(x)).unflatten(-1, (self.num_heads, -1))
+            q, k = apply_rope(q, rope).to(dtype), apply_rope(k, rope).to(dtype)
+        v = self.v(x).unflatten(-1, (self.num_heads, -1)).to(dtype)
         out = run_in_chunks(
             lambda rows: attention(rows, k, v, dispatcher=self.dispatcher), q, self.attention_chunk
         ).flatten(2)
@@ -226,18 +243,30 @@ class WanBlock(nn.Module):
         # Inference: the GELU overwrites ffn.0's output, one [B, L, ffn_dim] tensor less at the FFN's
         # peak (the same values; set by the runtime).
         self.ffn_gelu_in_place = False
+        # Fused kernels for the modulated norms (wanfit.runtime.fused_elementwise, set by the runtime):
+        # used eagerly and without autograd only; None: the torch ops.
+        self.elementwise = None
 
     def forward(self, x: torch.Tensor, e: torch.Tensor, context: torch.Tensor, rope: Rope) -> torch.Tensor:
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float() + e).unbind(1)
+        fused = eager_kernels(self.elementwise)
 
         # Residual updates stay in fp32; addcmul and add read the half-precision branch outputs directly
         # (type promotion), one pass each instead of an upcast, a multiply and an add.
-        h = modulate(self.norm1(x), shift_sa, scale_sa)
+        if fused is None:
+            h = modulate(self.norm1(x), shift_sa, scale_sa)
+        else:  # written in the dtype self_attn casts its input to, in the same pass
+            h = fused.layer_norm_modulate(
+                x, shift_sa, scale_sa, self.norm1.eps, self.self_attn.q.weight.dtype
+            )
         x = torch.addcmul(x, self.self_attn(h, rope), gate_sa.unsqueeze(1))
 
         x = x + self.cross_attn(self.norm3(x), context)
 
-        h = modulate(self.norm2(x), shift_ff, scale_ff)
+        if fused is None:
+            h = modulate(self.norm2(x), shift_ff, scale_ff)
+        else:  # in the dtype the FFN's first linear casts its input to
+            h = fused.layer_norm_modulate(x, shift_ff, scale_ff, self.norm2.eps, self.ffn[0].weight.dtype)
         ffn = run_in_chunks(self.feed_forward, h, self.ffn_chunk)
         return torch.addcmul(x, ffn, gate_ff.unsqueeze(1))
 

@@ -177,6 +177,13 @@ class Plan:
             "bool", "the FFN's GELU written over ffn.0's output: one [tokens, ffn_dim] tensor less"
         ),
     )
+    # wanfit.runtime.fused_elementwise: eager blocks' LayerNorm + modulation and RMSNorm + RoPE as one
+    # Triton kernel each. The planner: on CUDA sm_80+ with Triton when the kernels pass their smoke test
+    # and the blocks run eagerly (compiled blocks fuse the torch ops themselves). Off under autograd.
+    fused_elementwise: bool = field(
+        default=False,
+        metadata=_setting("bool", "the eager DiT blocks' norms, modulation and RoPE as fused Triton kernels"),
+    )
     # (width, height, frames) when the planner had to lower the request (--allow-downscale only)
     output_size: tuple[int, int, int] | None = field(
         default=None,

@@ -95,6 +95,10 @@ class DeviceBudget:
     # What compiling cost and saved on this card, job key -> entry (wanfit.plan.compile_costs).
     compile_measured: dict | None = None
     allocator_conf: str | None = None  # PYTORCH_CUDA_ALLOC_CONF as the user set it
+    # Why the fused elementwise kernels (Plan.fused_elementwise) cannot run here, None: they can;
+    # fused_elementwise_declared: judged from an emulated card's declarations, not run.
+    fused_elementwise_refused: str | None = "the device was not probed for them"
+    fused_elementwise_declared: bool = False
 
     @property
     def torch_device(self) -> str:
@@ -123,6 +127,8 @@ def budget_from_probe(hw, attention_backend: str | None = None) -> DeviceBudget:
     """
     host_free = hw.host_ram_available if hw.host_ram_available is not None else hw.free_memory
     device = hw.device_type if hw.device_index is None else f"{hw.device_type}:{hw.device_index}"
+    from wanfit.runtime import fused_elementwise
+
     compilable = False
     if hw.device_type == "cuda" and hw.device_present and not hw.emulated:
         import importlib.util
@@ -149,6 +155,8 @@ def budget_from_probe(hw, attention_backend: str | None = None) -> DeviceBudget:
         host_self_bytes=hw.process_rss or 0,
         compile_measured=compile_measured,
         allocator_conf=getattr(hw, "allocator_conf", None),
+        fused_elementwise_refused=fused_elementwise.status(hw),
+        fused_elementwise_declared=bool(hw.emulated) or not hw.device_present,
     )
 
 
@@ -300,6 +308,12 @@ def compile_decision(device: DeviceBudget, request: Request, plan: Plan):
     )
     costs = compile_costs.costs_for(device.compile_measured, key, work)
     return costs.pays(request_steps(request)), costs
+
+
+def fused_elementwise_decision(device: DeviceBudget, plan: Plan) -> bool:
+    """The fused elementwise kernels where they run (device.fused_elementwise_refused is None) and the
+    blocks run eagerly: compiled blocks get the same fusion from Inductor, from the torch ops."""
+    return device.fused_elementwise_refused is None and not plan.compile_dit
 
 
 def request_steps(request: Request) -> int:
@@ -963,6 +977,12 @@ def plan_run(
     if "compile_dit" not in frozen:
         compile_dit, compile_costs = compile_decision(device, chosen, plan)
         plan = replace(plan, compile_dit=compile_dit)
+    if "fused_elementwise" not in frozen:
+        plan = replace(plan, fused_elementwise=fused_elementwise_decision(device, plan))
+    elif plan.fused_elementwise and device.fused_elementwise_refused is not None:
+        raise ConfigError(
+            f"--set fused_elementwise=true was asked for, but {device.fused_elementwise_refused}."
+        )
     plan = _with_lora_mode(plan, chosen, frozen)
     plan, phases, batching_note = _prompts_per_pass(plan, chosen, budget, backend, frozen, phases)
     if batching_note:
@@ -1095,6 +1115,24 @@ def _notes(device: DeviceBudget, budget: Budget, plan: Plan, vram: int | None) -
     return notes
 
 
+def _fused_elementwise_note(plan: Plan, device: DeviceBudget) -> str:
+    what = "the DiT blocks' norms, modulation and RoPE"
+    if plan.fused_elementwise:
+        how = (
+            "planned from the card's declared capability (emulated: not run)"
+            if device.fused_elementwise_declared
+            else "they passed their smoke test"
+        )
+        return f"{what} run as fused Triton kernels in eager blocks ({how}; off under autograd)."
+    if device.fused_elementwise_refused is not None:
+        why = f"fused kernels cannot run: {device.fused_elementwise_refused}"
+    elif plan.compile_dit:
+        why = "the compiled blocks fuse them already"
+    else:
+        why = "--set fused_elementwise=false"
+    return f"{what} run as torch ops ({why})."
+
+
 def _plan_notes(plan: Plan, device: DeviceBudget, request: Request, compile_costs=None) -> list[str]:
     notes = []
     if plan.text_encoder_dtype == FP8_STORAGE:
@@ -1107,6 +1145,8 @@ def _plan_notes(plan: Plan, device: DeviceBudget, request: Request, compile_cost
     if compile_costs is not None:
         what = "compiles the DiT's blocks" if plan.compile_dit else "runs the DiT eagerly"
         notes.append(f"the plan {what}: {compile_costs.describe(request_steps(request))}.")
+    if device.kind == "cuda":
+        notes.append(_fused_elementwise_note(plan, device))
     if plan.fp8_gemm and not plan.fast_tier_in_place:
         notes.append(
             "the fast tier's fp8 GEMMs need the DiT resident, whole and unquantised at rest; this plan "

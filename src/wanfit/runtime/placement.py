@@ -50,18 +50,20 @@ class DiTLayout:
     dtype: torch.dtype | None = None  # the compute dtype a streamed DiT is converted to when placed
     sharded: bool = False  # blocks sharded over the run's processes (Plan.dit_sharding "fsdp")
     fp8_gemm: bool = False  # the blocks' linears run as fp8 GEMMs (the fast tier; resident, unsharded)
+    fused_elementwise: bool = False  # eager blocks' norms/modulation/RoPE as fused Triton kernels
 
     @classmethod
     def from_plan(cls, plan) -> DiTLayout:
         fp8 = plan.storage_dtype is not None and plan.storage_dtype.startswith("float8")
         streamed = plan.dit_blocks_resident is not None or fp8
         sharded = plan.dit_sharding == "fsdp"
+        # Compiled blocks would trace the streamer's (or FSDP's) hooks: compile only a resident DiT.
+        compiled = plan.compile_dit and not streamed and not sharded
         return cls(
             device=_device_name(plan.device),
             blocks_resident=plan.dit_blocks_resident,
             fp8=fp8,
-            # Compiled blocks would trace the streamer's (or FSDP's) hooks: compile only a resident DiT.
-            compiled=plan.compile_dit and not streamed and not sharded,
+            compiled=compiled,
             attention_chunk=plan.attention_chunk,
             ffn_chunk=plan.ffn_chunk,
             ffn_gelu_in_place=plan.ffn_gelu_in_place,
@@ -69,6 +71,8 @@ class DiTLayout:
             dtype=plan.torch_compute_dtype,
             sharded=sharded,
             fp8_gemm=plan.fast_tier_in_place,
+            # Inductor fuses the compiled blocks' torch ops itself: the kernels serve eager blocks.
+            fused_elementwise=plan.fused_elementwise and not compiled,
         )
 
     @property
@@ -137,6 +141,7 @@ class DiTPlacement:
         if old is None or any(getattr(old, s) != getattr(new, s) for s in switches):
             apply_chunking(self.dit.blocks, **{s: getattr(new, s) for s in switches})
         self._place_fp8_gemms(new)
+        self._place_fused_elementwise(new)
         if new.compiled and self.compiled_blocks is None and "compile" not in self.failures:
             self.compiled_blocks = compile_blocks(self.dit.blocks, **self.compile_options)
         elif not new.compiled:
@@ -161,6 +166,21 @@ class DiTPlacement:
             self.compiled_blocks = None  # graphs traced through the exact linears
         elif not want and self.fp8_gemm_bytes is not None:
             self._drop_fp8_gemms()
+
+    def _place_fused_elementwise(self, layout: DiTLayout) -> None:
+        """Set the blocks' fused-kernel slots (after a smoke test on the device), or clear them."""
+        from wanfit.runtime import fused_elementwise
+
+        want = layout.fused_elementwise and "fused_elementwise" not in self.failures
+        if want:
+            failure = fused_elementwise.runtime_failure(layout.device)
+            if failure is not None:
+                self._give_up(
+                    "fused_elementwise",
+                    f"the fused elementwise kernels cannot run ({failure}); the blocks use torch ops",
+                )
+                want = False
+        fused_elementwise.install(self.dit.blocks, fused_elementwise.KERNELS if want else None)
 
     def _drop_fp8_gemms(self) -> None:
         if self.fp8_gemm_bytes is not None:

@@ -1,0 +1,206 @@
+"""Hand-fused Triton kernels for the DiT blocks' elementwise work in eager mode (Plan.fused_elementwise).
+
+Eager, a block's norms, modulation, RoPE and casts are several passes over fp32 activations each;
+torch.compile fuses them but costs seconds cold. These kernels do the same math in one pass per token
+row, fp32 inside, writing the dtype the next Linear reads:
+    layer_norm_modulate(x, shift, scale, eps, out_dtype)   LayerNorm (no affine), shift/scale, cast
+    rms_norm_rope(x, weight, rope, num_heads, eps)         RMSNorm over all heads, RoPE, cast
+The runtime installs `KERNELS` on the blocks' `elementwise` slots (`install`); the blocks use them only
+eagerly and without autograd (wanfit.models.dit). Results match the torch ops to fp32 rounding (the
+reductions run in another order), then the cast.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import types
+
+import torch
+import torch.nn as nn
+
+MIN_CAPABILITY = (8, 0)  # Ampere: the GPUs these kernels were written and measured for
+
+try:  # Triton is optional (CI and CPU installs have none): the torch ops run instead
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised where Triton is absent
+    triton = None
+
+
+def available() -> bool:
+    return triton is not None
+
+
+def _block(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def _warps(block: int) -> int:
+    return 8 if block >= 2048 else 4 if block >= 512 else 2
+
+
+if triton is not None:
+
+    @triton.jit
+    def _layer_norm_modulate_kernel(
+        x_ptr, shift_ptr, scale_ptr, out_ptr, length, channels, mod_stride, eps, BLOCK: tl.constexpr
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        batch = row // length
+        cols = tl.arange(0, BLOCK)
+        mask = cols < channels
+        x = tl.load(x_ptr + row * channels + cols, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(x, axis=0) / channels
+        centred = tl.where(mask, x - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / channels + eps)
+        shift = tl.load(shift_ptr + batch * mod_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        scale = tl.load(scale_ptr + batch * mod_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        y = centred * rstd * (1.0 + scale) + shift
+        tl.store(out_ptr + row * channels + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _rms_norm_rope_kernel(
+        x_ptr, w_ptr, rope_ptr, out_ptr, length, channels, rope_stride, eps,
+        HALF_HEAD: tl.constexpr, BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        row = tl.program_id(0).to(tl.int64)
+        token = row % length
+        pair = tl.arange(0, BLOCK)  # channel pairs (2j, 2j + 1) of the row
+        mask = pair < channels // 2
+        base = row * channels + 2 * pair
+        even = tl.load(x_ptr + base, mask=mask, other=0.0).to(tl.float32)
+        odd = tl.load(x_ptr + base + 1, mask=mask, other=0.0).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(even * even + odd * odd, axis=0) / channels + eps)
+        even = even * rstd * tl.load(w_ptr + 2 * pair, mask=mask, other=0.0).to(tl.float32)
+        odd = odd * rstd * tl.load(w_ptr + 2 * pair + 1, mask=mask, other=0.0).to(tl.float32)
+        angle = token * rope_stride + 2 * (pair % HALF_HEAD)  # the pair's rotation within its head
+        cos = tl.load(rope_ptr + angle, mask=mask, other=1.0)
+        sin = tl.load(rope_ptr + angle + 1, mask=mask, other=0.0)
+        dtype = out_ptr.dtype.element_ty
+        tl.store(out_ptr + base, (even * cos - odd * sin).to(dtype), mask=mask)
+        tl.store(out_ptr + base + 1, (even * sin + odd * cos).to(dtype), mask=mask)
+
+
+def layer_norm_modulate(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """(LayerNorm_no_affine(x) * (1 + scale) + shift).to(out_dtype) in one pass.
+
+    x [B, L, C] fp32; shift, scale [B, C] fp32 (rows may be strided, as `unbind` gives them)."""
+    x = x.float().contiguous()
+    batch, length, channels = x.shape
+    shift, scale = (t.float().expand(batch, channels) for t in (shift, scale))
+    if shift.stride() != scale.stride() or shift.stride(-1) != 1:
+        shift, scale = shift.contiguous(), scale.contiguous()
+    out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    block = _block(channels)
+    _layer_norm_modulate_kernel[(batch * length,)](
+        x, shift, scale, out, length, channels, shift.stride(0), eps, BLOCK=block, num_warps=_warps(block)
+    )
+    return out
+
+
+def rms_norm_rope(
+    x: torch.Tensor, weight: torch.Tensor, rope: torch.Tensor, num_heads: int, eps: float
+) -> torch.Tensor:
+    """apply_rope(RMSNorm(x).unflatten(-1, (num_heads, -1)), rope).to(x.dtype) in one pass.
+
+    x [B, L, C] (a Linear's output); weight [C]; rope complex64 [L, 1, head_dim / 2] -> [B, L, H, D]."""
+    x = x.contiguous()
+    batch, length, channels = x.shape
+    half_head = channels // num_heads // 2
+    angles = torch.view_as_real(rope).reshape(rope.shape[0], half_head * 2)
+    if angles.stride(-1) != 1:
+        angles = angles.contiguous()
+    out = torch.empty_like(x)
+    block = _block(channels // 2)
+    _rms_norm_rope_kernel[(batch * length,)](
+        x, weight.contiguous(), angles, out, length, channels, angles.stride(0), eps,
+        HALF_HEAD=half_head, BLOCK=block, num_warps=_warps(block),
+    )  # fmt: skip
+    return out.unflatten(-1, (num_heads, -1))
+
+
+# What the blocks' `elementwise` slot holds (wanfit.models.dit reads these two names).
+KERNELS = types.SimpleNamespace(layer_norm_modulate=layer_norm_modulate, rms_norm_rope=rms_norm_rope)
+
+
+def install(blocks: nn.ModuleList, kernels=KERNELS) -> None:
+    """Set (kernels) or clear (None) the `elementwise` slot of every block and its self-attention."""
+    for block in blocks:
+        for module in (block, getattr(block, "self_attn", None)):
+            if module is not None and hasattr(module, "elementwise"):
+                module.elementwise = kernels
+
+
+def unavailable_reason(
+    kind: str, capability: tuple[int, int] | None, *, need_triton: bool = True
+) -> str | None:
+    """Why the kernels cannot run on a device of this kind and capability (None: they can)."""
+    if kind != "cuda":
+        return "they run on CUDA GPUs only"
+    if capability is None or tuple(capability) < MIN_CAPABILITY:
+        sm = f"sm_{capability[0]}{capability[1]}" if capability else "of unknown compute capability"
+        return f"they need compute capability 8.0 or newer, and this GPU is {sm}"
+    if need_triton and importlib.util.find_spec("triton") is None:
+        return "Triton is not installed"
+    return None
+
+
+def status(hw) -> str | None:
+    """Why the kernels cannot run on the probed device, None: they can. A real CUDA device runs the
+    smoke test (once per process); an emulated or absent card is judged by its declared capability
+    alone, so plans made under emulation stay the same on any machine."""
+    if hw.emulated or not hw.device_present:
+        return unavailable_reason(hw.device_type, hw.compute_capability, need_triton=False)
+    reason = unavailable_reason(hw.device_type, hw.compute_capability)
+    if reason is not None:
+        return reason
+    failure = smoke_test(f"cuda:{hw.device_index or 0}")
+    return None if failure is None else f"they failed their smoke test ({failure})"
+
+
+def runtime_failure(device: str) -> str | None:
+    """Why the kernels cannot run on `device` in this process (None: they passed the smoke test)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "they run on CUDA GPUs only"
+    if triton is None:
+        return "Triton is not installed"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return smoke_test(f"cuda:{index}")
+
+
+@functools.cache
+def smoke_test(device: str) -> str | None:
+    """None when both kernels on `device` match the torch ops on small inputs; else what went wrong
+    (once per process)."""
+    from wanfit.models.dit import apply_rope, modulate, rope_frequencies
+
+    if triton is None:
+        return "Triton is not installed"
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 37, 128, generator=gen)
+    shift, scale = torch.randn(2, 2, 128, generator=gen).unbind(1)
+    q = torch.randn(2, 37, 128, generator=gen).to(torch.bfloat16)
+    weight = torch.rand(128, generator=gen) + 0.5
+    rope = rope_frequencies((1, 37, 1), 64)
+    try:
+        with torch.no_grad():
+            ln = layer_norm_modulate(*(t.to(device) for t in (x, shift, scale)), 1e-6, torch.bfloat16)
+            rr = rms_norm_rope(q.to(device), weight.to(device), rope.to(device), 2, 1e-6)
+            ln, rr = ln.float().cpu(), rr.float().cpu()
+    except Exception as err:  # no kernel for this card, a Triton that cannot compile here
+        lines = str(err).strip().splitlines()
+        return f"{type(err).__name__}: {lines[0][:200] if lines else ''}"
+    want_ln = modulate(torch.nn.functional.layer_norm(x, (128,), eps=1e-6), shift, scale)
+    normed = torch.nn.functional.rms_norm(q.float(), (128,), weight, 1e-6).unflatten(-1, (2, -1))
+    want_rr = apply_rope(normed, rope)
+    # bf16 outputs: a rounding step (2^-8 relative) apart at most, where the fp32 values straddle one.
+    errors = {
+        "layer_norm_modulate": ((ln - want_ln).abs() / (want_ln.abs() + 1e-3)).max().item(),
+        "rms_norm_rope": ((rr - want_rr).abs() / (want_rr.abs() + 1e-3)).max().item(),
+    }
+    bad = [f"{name} is off by {err:.2g}" for name, err in errors.items() if not err < 1e-2]
+    return "; ".join(bad) or None

@@ -1,0 +1,268 @@
+"""Plan.fused_elementwise (wanfit.runtime.fused_elementwise): the Triton kernels against the torch ops
+(under Triton's interpreter, when Triton is installed), the blocks' slots (None: today's torch ops
+bit for bit; used only eagerly, without autograd, in the Linear's dtype), the planner's rule and the
+placement that sets the slots."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import types
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.helpers.hardware import emulated
+from tests.test_placement import CountingBackend, make_dit
+from wanfit.errors import ConfigError, WanfitWarning
+from wanfit.models import dit as D
+from wanfit.models.configs import WAN_TINY
+from wanfit.plan.plan import Plan
+from wanfit.plan.planning import Constraints, model_request, plan_for
+from wanfit.runtime import fused_elementwise as fe
+from wanfit.runtime.placement import DiTLayout
+
+NO_TRITON = (
+    "Triton is not installed (CI does not install it): the kernels run only under its interpreter here"
+)
+FUSED = Plan(fused_elementwise=True)
+
+
+@pytest.fixture
+def dit_inputs():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 16, 3, 6, 10, generator=g)
+    return x, torch.tensor([700.0]), torch.randn(1, 16, WAN_TINY.text_dim, generator=g)
+
+
+def tiny_model(dtype=torch.float32) -> D.WanDiT:
+    torch.manual_seed(0)
+    model = D.WanDiT(WAN_TINY).to(dtype).eval()
+    with torch.no_grad():  # norm weights of ones would hide a missing weight
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.add_(0.1 * torch.randn_like(param))
+    return model
+
+
+# --- the torch path, as it was before the slots ------------------------------------------------------
+
+
+def todays_self_attention(attn: D.SelfAttention, x, rope):
+    dtype = attn.q.weight.dtype
+    x = x.to(dtype)
+    q = attn.norm_q(attn.q(x)).unflatten(-1, (attn.num_heads, -1))
+    k = attn.norm_k(attn.k(x)).unflatten(-1, (attn.num_heads, -1))
+    v = attn.v(x).unflatten(-1, (attn.num_heads, -1))
+    q, k = D.apply_rope(q, rope).to(dtype), D.apply_rope(k, rope).to(dtype)
+    out = D.attention(q, k, v.to(dtype), dispatcher=attn.dispatcher).flatten(2)
+    return attn.o(out.to(dtype))
+
+
+def todays_block(block: D.WanBlock, x, e, context, rope):
+    shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (block.modulation.float() + e).unbind(1)
+    h = D.modulate(block.norm1(x), shift_sa, scale_sa)
+    x = torch.addcmul(x, todays_self_attention(block.self_attn, h, rope), gate_sa.unsqueeze(1))
+    x = x + block.cross_attn(block.norm3(x), context)
+    h = D.modulate(block.norm2(x), shift_ff, scale_ff)
+    return torch.addcmul(x, D.linear(block.ffn, h), gate_ff.unsqueeze(1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_with_no_kernels_set_the_blocks_compute_todays_torch_ops_bit_for_bit(dit_inputs, dtype):
+    model = tiny_model(dtype)
+    with torch.no_grad():
+        inputs = model.embed(*dit_inputs)
+        got = expected = inputs.tokens
+        for block in model.blocks:
+            assert block.elementwise is None and block.self_attn.elementwise is None
+            got = block(got, inputs.e, inputs.context, inputs.rope)
+            expected = todays_block(block, expected, inputs.e, inputs.context, inputs.rope)
+    assert torch.equal(got, expected)
+
+
+# --- the slots, with torch stand-ins for the kernels (no Triton needed) ------------------------------
+
+
+class TorchKernels(types.SimpleNamespace):
+    """The kernels' contract in torch ops, recording each call's dtypes."""
+
+    def __init__(self):
+        super().__init__(calls=[])
+
+    def layer_norm_modulate(self, x, shift, scale, eps, out_dtype):
+        self.calls.append(("layer_norm_modulate", x.dtype, out_dtype))
+        return D.modulate(F.layer_norm(x, x.shape[-1:], eps=eps), shift, scale).to(out_dtype)
+
+    def rms_norm_rope(self, x, weight, rope, num_heads, eps):
+        self.calls.append(("rms_norm_rope", x.dtype, x.dtype))
+        normed = F.rms_norm(x.float(), x.shape[-1:], weight.float(), eps).unflatten(-1, (num_heads, -1))
+        return D.apply_rope(normed, rope).to(x.dtype)
+
+
+def test_the_slots_take_over_the_norms_and_rope_and_write_the_linears_dtype(dit_inputs):
+    model = tiny_model(torch.bfloat16)
+    kernels = TorchKernels()
+    with torch.no_grad():
+        expected = model(*dit_inputs)
+        fe.install(model.blocks, kernels)
+        got = model(*dit_inputs)
+    # Per block: norm1 and norm2 (fp32 in, the linears' bf16 out), q and k (bf16 in and out).
+    per_block = [
+        ("layer_norm_modulate", torch.float32, torch.bfloat16),
+        ("rms_norm_rope", torch.bfloat16, torch.bfloat16),
+        ("rms_norm_rope", torch.bfloat16, torch.bfloat16),
+        ("layer_norm_modulate", torch.float32, torch.bfloat16),
+    ]
+    assert kernels.calls == per_block * len(model.blocks)
+    assert torch.equal(got, expected)  # the same math, the cast the Linear made moved into the kernel
+
+
+def test_the_slots_are_not_used_under_autograd_or_when_compiled(dit_inputs):
+    model = tiny_model()
+    kernels = TorchKernels()
+    fe.install(model.blocks, kernels)
+    out = model(*dit_inputs)  # autograd on: the kernels have no backward
+    out.sum().backward()
+    assert kernels.calls == [] and model.blocks[0].self_attn.q.weight.grad is not None
+    torch.compiler.reset()
+    backend = CountingBackend()
+    compiled = torch.compile(model.blocks[0], backend=backend, dynamic=False)
+    with torch.no_grad():
+        inputs = model.embed(*dit_inputs)
+        compiled(inputs.tokens, inputs.e, inputs.context, inputs.rope)
+    assert backend.runs > 0 and kernels.calls == []  # the graph keeps the torch ops (Inductor fuses them)
+
+
+def test_install_sets_and_clears_every_slot():
+    model = tiny_model()
+    fe.install(model.blocks)
+    assert all(b.elementwise is fe.KERNELS and b.self_attn.elementwise is fe.KERNELS for b in model.blocks)
+    fe.install(model.blocks, None)
+    assert all(b.elementwise is None and b.self_attn.elementwise is None for b in model.blocks)
+
+
+# --- the Triton kernels, under the interpreter -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def interpreted() -> dict:
+    """What tests/helpers/fused_interpreted.py measures under Triton's interpreter (a process of its
+    own: the interpreter must be chosen before Triton is first imported)."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip(NO_TRITON)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    run = subprocess.run(
+        [sys.executable, str(Path(__file__).parent / "helpers" / "fused_interpreted.py")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    return json.loads(run.stdout)
+
+
+# One rounding step of the output dtype at the largest |value| (the interpreter's fp32 -> bf16 cast
+# truncates, so a whole step, not half); fp32: the reductions' different order.
+STEP = {"bfloat16": 2.0**-7, "float16": 2.0**-10}
+
+
+def within_a_step(case: dict) -> bool:
+    scale = 2.0 ** int(torch.tensor(case["max_abs_fp32"]).log2().floor())
+    return case["max_abs_vs_fp32"] <= STEP.get(case["dtype"], 1e-6) * scale
+
+
+def test_layer_norm_modulate_matches_the_torch_ops(interpreted):
+    cases = interpreted["layer_norm"]
+    assert [c["dtype"] for c in cases] == ["bfloat16", "float16", "float32", "bfloat16"]
+    for case in cases:
+        assert case["shape_ok"] and within_a_step(case), case
+
+
+def test_rms_norm_rope_matches_the_torch_ops(interpreted):
+    for case in interpreted["rope"]:
+        channels, heads, dtype = case["case"]
+        assert case["dtype"] == dtype and case["shape"] == [2, 37, heads, channels // heads]
+        assert within_a_step(case), case
+        assert case["rotation_matters"] > 1.0  # the rope shard rotates the pairs: an unrotated result fails
+
+
+def test_the_whole_model_with_the_kernels_is_close_to_the_torch_ops(interpreted):
+    model = interpreted["model"]
+    assert model["float32"]["rel_l2"] < 1e-5
+    assert model["bfloat16"]["rel_l2"] < 1e-2  # bf16 rounding moved to other places (and truncated here)
+    assert model["float32"]["cleared_equal"] and model["bfloat16"]["cleared_equal"]
+    assert interpreted["smoke_test"] is None
+
+
+# --- the planner --------------------------------------------------------------------------------------
+
+
+def planned(card: str, **overrides):
+    return plan_for(model_request("1.3B"), Constraints(overrides=overrides), emulated(card))
+
+
+def test_an_emulated_h200_running_eagerly_plans_the_kernels_from_its_declarations():
+    result = planned("h200")
+    assert not result.plan.compile_dit and result.plan.fused_elementwise
+    assert any("fused Triton kernels" in n and "emulated: not run" in n for n in result.notes)
+
+
+def test_the_cpu_and_cards_before_ampere_keep_the_torch_ops():
+    assert not plan_for(
+        model_request("1.3B"), Constraints(device="cpu"), emulated("cpu")
+    ).plan.fused_elementwise
+    t4 = planned("t4")
+    assert not t4.plan.fused_elementwise
+    assert any("compute capability 8.0 or newer" in n and "sm_75" in n for n in t4.notes)
+
+
+def test_compiled_blocks_keep_the_torch_ops():
+    result = planned("h200", compile_dit=True)
+    assert result.plan.compile_dit and not result.plan.fused_elementwise
+    assert any("compiled blocks fuse them already" in n for n in result.notes)
+    # Forced on with compiled blocks, the placement still leaves the slots empty.
+    assert not DiTLayout.from_plan(replace(FUSED, compile_dit=True)).fused_elementwise
+    assert DiTLayout.from_plan(FUSED).fused_elementwise
+
+
+def test_the_users_setting_wins():
+    result = planned("h200", fused_elementwise=False)
+    assert not result.plan.fused_elementwise
+    assert any("--set fused_elementwise=false" in n for n in result.notes)
+    with pytest.raises(ConfigError, match=r"fused_elementwise=true was asked for, but .*compute capability"):
+        planned("t4", fused_elementwise=True)
+
+
+def test_the_plan_is_the_same_on_any_machine_under_emulation(monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)  # as if no Triton here
+    assert planned("h200").plan.fused_elementwise
+
+
+# --- the placement --------------------------------------------------------------------------------------
+
+
+def test_the_placement_sets_the_slots_after_the_smoke_test_and_clears_them(monkeypatch):
+    monkeypatch.setattr(fe, "runtime_failure", lambda device: None)
+    placement = make_dit()
+    placement.place(FUSED)
+    assert all(b.elementwise is fe.KERNELS for b in placement.dit.blocks)
+    placement.apply(Plan())
+    assert all(b.elementwise is None and b.self_attn.elementwise is None for b in placement.dit.blocks)
+
+
+def test_kernels_that_cannot_run_leave_the_torch_ops_with_one_warning(dit_inputs):
+    placement = make_dit()  # the CPU: no kernels
+    with pytest.warns(WanfitWarning, match="fused elementwise kernels cannot run"):
+        placement.place(FUSED)
+    assert "CUDA GPUs only" in placement.failures["fused_elementwise"]
+    assert all(b.elementwise is None for b in placement.dit.blocks)
+    exact = make_dit()
+    exact.place(Plan())
+    with torch.no_grad():
+        assert torch.equal(placement(*dit_inputs), exact(*dit_inputs))
