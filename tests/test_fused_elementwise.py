@@ -146,6 +146,12 @@ def test_install_sets_and_clears_every_slot():
     assert all(b.elementwise is None and b.self_attn.elementwise is None for b in model.blocks)
 
 
+def test_a_rope_of_another_length_is_refused_before_any_kernel_runs():
+    rope = D.rope_frequencies((1, 4, 1), 4)  # 4 tokens, for an x of 5
+    with pytest.raises(ValueError, match="does not match 2 heads"):
+        fe.rms_norm_rope(torch.zeros(1, 5, 8), torch.ones(8), rope, 2, 1e-6)
+
+
 # --- the Triton kernels, under the interpreter -------------------------------------------------------
 
 
@@ -252,6 +258,10 @@ def test_the_placement_sets_the_slots_after_the_smoke_test_and_clears_them(monke
     placement = make_dit()
     placement.place(FUSED)
     assert all(b.elementwise is fe.KERNELS for b in placement.dit.blocks)
+    placement.release()  # on the host: the torch ops
+    assert all(b.elementwise is None for b in placement.dit.blocks)
+    placement.place(FUSED)
+    assert all(b.self_attn.elementwise is fe.KERNELS for b in placement.dit.blocks)
     placement.apply(Plan())
     assert all(b.elementwise is None and b.self_attn.elementwise is None for b in placement.dit.blocks)
 

@@ -110,6 +110,10 @@ def rms_norm_rope(
     x = x.contiguous()
     batch, length, channels = x.shape
     half_head = channels // num_heads // 2
+    if rope.shape[0] != length or 2 * half_head * num_heads != channels:
+        raise ValueError(
+            f"rms_norm_rope: x {tuple(x.shape)} does not match {num_heads} heads and rope {tuple(rope.shape)}."
+        )
     angles = torch.view_as_real(rope).reshape(rope.shape[0], half_head * 2)
     if angles.stride(-1) != 1:
         angles = angles.contiguous()

@@ -213,6 +213,10 @@ class DiTPlacement:
         blocks keep their shards where they are (1/world of the blocks each)."""
         self._unstream()
         self._drop_fp8_gemms()
+        if self.placeable:  # host blocks run the torch ops; `place` sets the kernels again
+            from wanfit.runtime import fused_elementwise
+
+            fused_elementwise.install(self.dit.blocks, None)
         if self.layout is not None and self.layout.sharded:
             for child in self.dit.children():
                 if child is not self.dit.blocks:
