@@ -232,6 +232,8 @@ def test_compiled_blocks_keep_the_torch_ops():
     result = planned("h200", compile_dit=True)
     assert result.plan.compile_dit and not result.plan.fused_elementwise
     assert any("compiled blocks fuse them already" in n for n in result.notes)
+    forced = planned("h200", compile_dit=True, fused_elementwise=True)
+    assert any("run as torch ops (the compiled blocks fuse them already)" in n for n in forced.notes)
     # Forced on with compiled blocks, the placement still leaves the slots empty.
     assert not DiTLayout.from_plan(replace(FUSED, compile_dit=True)).fused_elementwise
     assert DiTLayout.from_plan(FUSED).fused_elementwise
