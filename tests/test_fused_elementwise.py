@@ -233,7 +233,7 @@ def test_compiled_blocks_keep_the_torch_ops():
     assert result.plan.compile_dit and not result.plan.fused_elementwise
     assert any("compiled blocks fuse them already" in n for n in result.notes)
     forced = planned("h200", compile_dit=True, fused_elementwise=True)
-    assert any("run as torch ops (the compiled blocks fuse them already)" in n for n in forced.notes)
+    assert any("run as torch ops: the compiled blocks fuse them already" in n for n in forced.notes)
     # Forced on with compiled blocks, the placement still leaves the slots empty.
     assert not DiTLayout.from_plan(replace(FUSED, compile_dit=True)).fused_elementwise
     assert DiTLayout.from_plan(FUSED).fused_elementwise
@@ -270,7 +270,7 @@ def test_the_placement_sets_the_slots_after_the_smoke_test_and_clears_them(monke
 
 def test_kernels_that_cannot_run_leave_the_torch_ops_with_one_warning(dit_inputs):
     placement = make_dit()  # the CPU: no kernels
-    with pytest.warns(WanfitWarning, match="fused elementwise kernels cannot run"):
+    with pytest.warns(WanfitWarning, match="fused elementwise kernels run on CUDA GPUs only; the blocks run the torch ops"):
         placement.place(FUSED)
     assert "CUDA GPUs only" in placement.failures["fused_elementwise"]
     assert all(b.elementwise is None for b in placement.dit.blocks)

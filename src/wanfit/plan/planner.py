@@ -1119,18 +1119,18 @@ def _fused_elementwise_note(plan: Plan, device: DeviceBudget) -> str:
     what = "the DiT blocks' norms, modulation and RoPE"
     if plan.fused_elementwise and not plan.compile_dit:
         how = (
-            "planned from the card's declared capability (emulated: not run)"
+            "judged from the card's declared capability (emulated: not run)"
             if device.fused_elementwise_declared
             else "they passed their smoke test"
         )
-        return f"{what} run as fused Triton kernels in eager blocks ({how}; off under autograd)."
+        return f"{what} run as fused Triton kernels in the eager blocks, off under autograd; {how}."
     if plan.compile_dit:
         why = "the compiled blocks fuse them already"
     elif device.fused_elementwise_refused is not None:
-        why = f"fused kernels cannot run: {device.fused_elementwise_refused}"
+        why = device.fused_elementwise_refused
     else:
         why = "--set fused_elementwise=false"
-    return f"{what} run as torch ops ({why})."
+    return f"{what} run as torch ops: {why}."
 
 
 def _plan_notes(plan: Plan, device: DeviceBudget, request: Request, compile_costs=None) -> list[str]:

@@ -143,12 +143,12 @@ def unavailable_reason(
 ) -> str | None:
     """Why the kernels cannot run on a device of this kind and capability (None: they can)."""
     if kind != "cuda":
-        return "they run on CUDA GPUs only"
+        return "the fused elementwise kernels run on CUDA GPUs only"
     if capability is None or tuple(capability) < MIN_CAPABILITY:
         sm = f"sm_{capability[0]}{capability[1]}" if capability else "of unknown compute capability"
-        return f"they need compute capability 8.0 or newer, and this GPU is {sm}"
+        return f"the fused elementwise kernels need compute capability 8.0 or newer, and this GPU is {sm}"
     if need_triton and importlib.util.find_spec("triton") is None:
-        return "Triton is not installed"
+        return "the fused elementwise kernels need Triton, which is not installed"
     return None
 
 
@@ -162,18 +162,19 @@ def status(hw) -> str | None:
     if reason is not None:
         return reason
     failure = smoke_test(f"cuda:{hw.device_index or 0}")
-    return None if failure is None else f"they failed their smoke test ({failure})"
+    return None if failure is None else f"the fused elementwise kernels failed their smoke test ({failure})"
 
 
 def runtime_failure(device: str) -> str | None:
     """Why the kernels cannot run on `device` in this process (None: they passed the smoke test)."""
     device = torch.device(device)
     if device.type != "cuda":
-        return "they run on CUDA GPUs only"
+        return "the fused elementwise kernels run on CUDA GPUs only"
     if triton is None:
-        return "Triton is not installed"
+        return "the fused elementwise kernels need Triton, which is not installed"
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return smoke_test(f"cuda:{index}")
+    failure = smoke_test(f"cuda:{index}")
+    return None if failure is None else f"the fused elementwise kernels failed their smoke test ({failure})"
 
 
 @functools.cache
@@ -183,7 +184,7 @@ def smoke_test(device: str) -> str | None:
     from wanfit.models.dit import apply_rope, modulate, rope_frequencies
 
     if triton is None:
-        return "Triton is not installed"
+        return "the fused elementwise kernels need Triton, which is not installed"
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 37, 128, generator=gen)
     shift, scale = torch.randn(2, 2, 128, generator=gen).unbind(1)

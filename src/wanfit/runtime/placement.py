@@ -175,10 +175,7 @@ class DiTPlacement:
         if want:
             failure = fused_elementwise.runtime_failure(layout.device)
             if failure is not None:
-                self._give_up(
-                    "fused_elementwise",
-                    f"the fused elementwise kernels cannot run ({failure}); the blocks use torch ops",
-                )
+                self._give_up("fused_elementwise", f"{failure}; the blocks run the torch ops")
                 want = False
         fused_elementwise.install(self.dit.blocks, fused_elementwise.KERNELS if want else None)
 
