@@ -98,6 +98,14 @@ class TorchKernels(types.SimpleNamespace):
         self.calls.append(("layer_norm_modulate", x.dtype, out_dtype))
         return D.modulate(F.layer_norm(x, x.shape[-1:], eps=eps), shift, scale).to(out_dtype)
 
+    def layer_norm_affine(self, x, weight, bias, eps, out_dtype):
+        self.calls.append(("layer_norm_affine", x.dtype, out_dtype))
+        return F.layer_norm(x.float(), x.shape[-1:], weight.float(), bias.float(), eps).to(out_dtype)
+
+    def rms_norm(self, x, weight, eps):
+        self.calls.append(("rms_norm", x.dtype, x.dtype))
+        return F.rms_norm(x.float(), x.shape[-1:], weight.float(), eps).to(x.dtype)
+
     def rms_norm_rope(self, x, weight, rope, num_heads, eps):
         self.calls.append(("rms_norm_rope", x.dtype, x.dtype))
         normed = F.rms_norm(x.float(), x.shape[-1:], weight.float(), eps).unflatten(-1, (num_heads, -1))
@@ -111,11 +119,14 @@ def test_the_slots_take_over_the_norms_and_rope_and_write_the_linears_dtype(dit_
         expected = model(*dit_inputs)
         fe.install(model.blocks, kernels)
         got = model(*dit_inputs)
-    # Per block: norm1 and norm2 (fp32 in, the linears' bf16 out), q and k (bf16 in and out).
+    # Per block: norm1, norm3 and norm2 (fp32 in, the linears' bf16 out); self-attention's q and k and
+    # cross-attention's q (bf16 in and out; the text's k stays torch ops).
     per_block = [
         ("layer_norm_modulate", torch.float32, torch.bfloat16),
         ("rms_norm_rope", torch.bfloat16, torch.bfloat16),
         ("rms_norm_rope", torch.bfloat16, torch.bfloat16),
+        ("layer_norm_affine", torch.float32, torch.bfloat16),
+        ("rms_norm", torch.bfloat16, torch.bfloat16),
         ("layer_norm_modulate", torch.float32, torch.bfloat16),
     ]
     assert kernels.calls == per_block * len(model.blocks)
@@ -141,9 +152,10 @@ def test_the_slots_are_not_used_under_autograd_or_when_compiled(dit_inputs):
 def test_install_sets_and_clears_every_slot():
     model = tiny_model()
     fe.install(model.blocks)
-    assert all(b.elementwise is fe.KERNELS and b.self_attn.elementwise is fe.KERNELS for b in model.blocks)
+    slots = lambda b: (b.elementwise, b.self_attn.elementwise, b.cross_attn.elementwise)  # noqa: E731
+    assert all(slots(b) == (fe.KERNELS,) * 3 for b in model.blocks)
     fe.install(model.blocks, None)
-    assert all(b.elementwise is None and b.self_attn.elementwise is None for b in model.blocks)
+    assert all(slots(b) == (None,) * 3 for b in model.blocks)
 
 
 def test_a_rope_of_another_length_is_refused_before_any_kernel_runs():
@@ -196,6 +208,13 @@ def test_rms_norm_rope_matches_the_torch_ops(interpreted):
         assert case["dtype"] == dtype and case["shape"] == [2, 37, heads, channels // heads]
         assert within_a_step(case), case
         assert case["rotation_matters"] > 1.0  # the rope shard rotates the pairs: an unrotated result fails
+
+
+def test_the_affine_layer_norm_and_the_plain_rms_norm_match_the_torch_ops(interpreted):
+    cases = interpreted["plain"]
+    assert [c["case"] for c in cases] == [["layer_norm_affine", "bfloat16"], ["rms_norm", "bfloat16"]]
+    for case in cases:
+        assert case["shape_ok"] and case["dtype"] == "bfloat16" and within_a_step(case), case
 
 
 def test_the_whole_model_with_the_kernels_is_close_to_the_torch_ops(interpreted):
@@ -270,7 +289,9 @@ def test_the_placement_sets_the_slots_after_the_smoke_test_and_clears_them(monke
 
 def test_kernels_that_cannot_run_leave_the_torch_ops_with_one_warning(dit_inputs):
     placement = make_dit()  # the CPU: no kernels
-    with pytest.warns(WanfitWarning, match="fused elementwise kernels run on CUDA GPUs only; the blocks run the torch ops"):
+    with pytest.warns(
+        WanfitWarning, match="fused elementwise kernels run on CUDA GPUs only; the blocks run the torch ops"
+    ):
         placement.place(FUSED)
     assert "CUDA GPUs only" in placement.failures["fused_elementwise"]
     assert all(b.elementwise is None for b in placement.dit.blocks)

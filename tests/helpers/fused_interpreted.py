@@ -66,6 +66,30 @@ def rope_cases() -> list:
     return out
 
 
+def plain_cases() -> list:
+    """The affine LayerNorm (norm3) and RMSNorm without RoPE (cross-attention's q), bf16 out."""
+    g = torch.Generator().manual_seed(5)
+    x = 3.0 * torch.randn(2, 37, 96, generator=g) + 0.5
+    weight, bias = torch.rand(96, generator=g) + 0.5, torch.randn(96, generator=g)
+    q = (2.0 * torch.randn(2, 37, 96, generator=g)).to(torch.bfloat16)
+    runs = (
+        ("layer_norm_affine", fe.layer_norm_affine(x, weight, bias, 1e-6, torch.bfloat16),
+         F.layer_norm(x, (96,), weight, bias, 1e-6)),
+        ("rms_norm", fe.rms_norm(q, weight.to(torch.bfloat16), 1e-6),
+         F.rms_norm(q.float(), (96,), weight.to(torch.bfloat16).float(), 1e-6)),
+    )  # fmt: skip
+    return [
+        {
+            "case": [name, "bfloat16"],
+            "dtype": str(got.dtype).removeprefix("torch."),
+            "shape_ok": got.shape == want.shape,
+            "max_abs_vs_fp32": (got.float() - want).abs().max().item(),
+            "max_abs_fp32": want.abs().max().item(),
+        }
+        for name, got, want in runs
+    ]
+
+
 def whole_model() -> dict:
     """The tiny DiT's output with the blocks' slots set vs None, fp32 and bf16 weights."""
     out = {}
@@ -93,6 +117,7 @@ if __name__ == "__main__":
         {
             "layer_norm": layer_norm_cases(),
             "rope": rope_cases(),
+            "plain": plain_cases(),
             "model": whole_model(),
             "smoke_test": fe.smoke_test("cpu"),
         },

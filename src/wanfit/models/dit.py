@@ -167,6 +167,9 @@ class Projections(nn.Module):
         # The attention dispatcher (a model-level setting: WanDiT.set_attention_dispatchers); None:
         # the process-wide one.
         self.dispatcher = None
+        # Fused kernels for the q/k norms (and self-attention's RoPE): wanfit.runtime.fused_elementwise,
+        # set by the runtime; None: the torch ops. Used only as WanBlock.elementwise is.
+        self.elementwise = None
 
 
 class SelfAttention(Projections):
@@ -177,9 +180,6 @@ class SelfAttention(Projections):
     def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float):
         super().__init__(dim, num_heads, qk_norm, eps)
         self.attention_chunk: int | None = None  # query rows per attention call (set by the runtime)
-        # Fused kernels for RMSNorm + RoPE (wanfit.runtime.fused_elementwise, set by the runtime);
-        # None: the torch ops. Used only as WanBlock.elementwise is.
-        self.elementwise = None
 
     def forward(self, x: torch.Tensor, rope: Rope) -> torch.Tensor:
         """x [B, L, C] (any dtype) -> [B, L, C] in the weights' dtype (the block adds it in fp32)."""
@@ -209,7 +209,12 @@ class CrossAttention(Projections):
         """x [B, L, C], context [B, Lc, C] embedded text -> [B, L, C] in the weights' dtype."""
         dtype = self.q.weight.dtype
         x, context = x.to(dtype), context.to(dtype)
-        q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1)).to(dtype)
+        fused = eager_kernels(self.elementwise)
+        if fused is not None and isinstance(self.norm_q, RMSNorm):  # the video's tokens (k: the text's)
+            q = fused.rms_norm(self.q(x).to(dtype), self.norm_q.weight, self.norm_q.eps)
+            q = q.unflatten(-1, (self.num_heads, -1))
+        else:
+            q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1)).to(dtype)
         k = self.norm_k(self.k(context)).unflatten(-1, (self.num_heads, -1)).to(dtype)
         v = self.v(context).unflatten(-1, (self.num_heads, -1))
         out = attention(q, k, v, dispatcher=self.dispatcher).flatten(2)
@@ -261,7 +266,14 @@ class WanBlock(nn.Module):
             )
         x = torch.addcmul(x, self.self_attn(h, rope), gate_sa.unsqueeze(1))
 
-        x = x + self.cross_attn(self.norm3(x), context)
+        norm3 = self.norm3
+        if fused is None or not isinstance(norm3, LayerNorm) or norm3.weight is None:
+            x = x + self.cross_attn(norm3(x), context)
+        else:  # in the dtype cross_attn casts its input to (no name holds it past the call)
+            dtype = self.cross_attn.q.weight.dtype
+            x = x + self.cross_attn(
+                fused.layer_norm_affine(x, norm3.weight, norm3.bias, norm3.eps, dtype), context
+            )
 
         if fused is None:
             h = modulate(self.norm2(x), shift_ff, scale_ff)

@@ -3,8 +3,10 @@
 Eager, a block's norms, modulation, RoPE and casts are several passes over fp32 activations each;
 torch.compile fuses them but costs seconds cold. These kernels do the same math in one pass per token
 row, fp32 inside, writing the dtype the next Linear reads:
-    layer_norm_modulate(x, shift, scale, eps, out_dtype)   LayerNorm (no affine), shift/scale, cast
-    rms_norm_rope(x, weight, rope, num_heads, eps)         RMSNorm over all heads, RoPE, cast
+    layer_norm_modulate(x, shift, scale, eps, out_dtype)   LayerNorm (no affine), shift/scale, cast: norm1, norm2
+    layer_norm_affine(x, weight, bias, eps, out_dtype)     LayerNorm with its affine, cast: norm3
+    rms_norm_rope(x, weight, rope, num_heads, eps)         RMSNorm over all heads, RoPE: self-attention q, k
+    rms_norm(x, weight, eps)                               RMSNorm: cross-attention q
 The runtime installs `KERNELS` on the blocks' `elementwise` slots (`install`); the blocks use them only
 eagerly and without autograd (wanfit.models.dit). Results match the torch ops to fp32 rounding (the
 reductions run in another order), then the cast.
@@ -44,8 +46,10 @@ if triton is not None:
 
     @triton.jit
     def _layer_norm_modulate_kernel(
-        x_ptr, shift_ptr, scale_ptr, out_ptr, length, channels, mod_stride, eps, BLOCK: tl.constexpr
-    ):
+        x_ptr, shift_ptr, scale_ptr, out_ptr, length, channels, mod_stride, eps,
+        ONE_PLUS: tl.constexpr, BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        # ONE_PLUS: the modulation's (1 + scale); else scale is an affine LayerNorm's weight.
         row = tl.program_id(0).to(tl.int64)
         batch = row // length
         cols = tl.arange(0, BLOCK)
@@ -56,14 +60,17 @@ if triton is not None:
         rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / channels + eps)
         shift = tl.load(shift_ptr + batch * mod_stride + cols, mask=mask, other=0.0).to(tl.float32)
         scale = tl.load(scale_ptr + batch * mod_stride + cols, mask=mask, other=0.0).to(tl.float32)
-        y = centred * rstd * (1.0 + scale) + shift
+        if ONE_PLUS:
+            scale = 1.0 + scale
+        y = centred * rstd * scale + shift
         tl.store(out_ptr + row * channels + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _rms_norm_rope_kernel(
         x_ptr, w_ptr, rope_ptr, out_ptr, length, channels, rope_stride, eps,
-        HALF_HEAD: tl.constexpr, BLOCK: tl.constexpr,
+        ROTATE: tl.constexpr, HALF_HEAD: tl.constexpr, BLOCK: tl.constexpr,
     ):  # fmt: skip
+        # ROTATE False: RMSNorm alone (rope_ptr unused).
         row = tl.program_id(0).to(tl.int64)
         token = row % length
         pair = tl.arange(0, BLOCK)  # channel pairs (2j, 2j + 1) of the row
@@ -74,12 +81,14 @@ if triton is not None:
         rstd = 1.0 / tl.sqrt(tl.sum(even * even + odd * odd, axis=0) / channels + eps)
         even = even * rstd * tl.load(w_ptr + 2 * pair, mask=mask, other=0.0).to(tl.float32)
         odd = odd * rstd * tl.load(w_ptr + 2 * pair + 1, mask=mask, other=0.0).to(tl.float32)
-        angle = token * rope_stride + 2 * (pair % HALF_HEAD)  # the pair's rotation within its head
-        cos = tl.load(rope_ptr + angle, mask=mask, other=1.0)
-        sin = tl.load(rope_ptr + angle + 1, mask=mask, other=0.0)
+        if ROTATE:
+            angle = token * rope_stride + 2 * (pair % HALF_HEAD)  # the pair's rotation within its head
+            cos = tl.load(rope_ptr + angle, mask=mask, other=1.0)
+            sin = tl.load(rope_ptr + angle + 1, mask=mask, other=0.0)
+            even, odd = even * cos - odd * sin, even * sin + odd * cos
         dtype = out_ptr.dtype.element_ty
-        tl.store(out_ptr + base, (even * cos - odd * sin).to(dtype), mask=mask)
-        tl.store(out_ptr + base + 1, (even * sin + odd * cos).to(dtype), mask=mask)
+        tl.store(out_ptr + base, even.to(dtype), mask=mask)
+        tl.store(out_ptr + base + 1, odd.to(dtype), mask=mask)
 
 
 def layer_norm_modulate(
@@ -96,8 +105,26 @@ def layer_norm_modulate(
     out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     block = _block(channels)
     _layer_norm_modulate_kernel[(batch * length,)](
-        x, shift, scale, out, length, channels, shift.stride(0), eps, BLOCK=block, num_warps=_warps(block)
-    )
+        x, shift, scale, out, length, channels, shift.stride(0), eps,
+        ONE_PLUS=True, BLOCK=block, num_warps=_warps(block),
+    )  # fmt: skip
+    return out
+
+
+def layer_norm_affine(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """F.layer_norm(x, weight, bias) in fp32, then cast to out_dtype, in one pass. x [B, L, C]."""
+    x = x.float().contiguous()
+    batch, length, channels = x.shape
+    weight = weight.float().contiguous()
+    bias = weight.new_zeros(channels) if bias is None else bias.float().contiguous()
+    out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    block = _block(channels)
+    _layer_norm_modulate_kernel[(batch * length,)](
+        x, bias, weight, out, length, channels, 0, eps,
+        ONE_PLUS=False, BLOCK=block, num_warps=_warps(block),
+    )  # fmt: skip
     return out
 
 
@@ -121,19 +148,37 @@ def rms_norm_rope(
     block = _block(channels // 2)
     _rms_norm_rope_kernel[(batch * length,)](
         x, weight.contiguous(), angles, out, length, channels, angles.stride(0), eps,
-        HALF_HEAD=half_head, BLOCK=block, num_warps=_warps(block),
+        ROTATE=True, HALF_HEAD=half_head, BLOCK=block, num_warps=_warps(block),
     )  # fmt: skip
     return out.unflatten(-1, (num_heads, -1))
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """F.rms_norm(x, weight) in fp32, then cast to x.dtype, in one pass. x [B, L, C], C even."""
+    x = x.contiguous()
+    batch, length, channels = x.shape
+    out = torch.empty_like(x)
+    block = _block(channels // 2)
+    _rms_norm_rope_kernel[(batch * length,)](
+        x, weight.contiguous(), x, out, length, channels, 0, eps,
+        ROTATE=False, HALF_HEAD=1, BLOCK=block, num_warps=_warps(block),
+    )  # fmt: skip
+    return out
+
+
 # What the blocks' `elementwise` slot holds (wanfit.models.dit reads these two names).
-KERNELS = types.SimpleNamespace(layer_norm_modulate=layer_norm_modulate, rms_norm_rope=rms_norm_rope)
+KERNELS = types.SimpleNamespace(
+    layer_norm_modulate=layer_norm_modulate,
+    layer_norm_affine=layer_norm_affine,
+    rms_norm_rope=rms_norm_rope,
+    rms_norm=rms_norm,
+)
 
 
 def install(blocks: nn.ModuleList, kernels=KERNELS) -> None:
-    """Set (kernels) or clear (None) the `elementwise` slot of every block and its self-attention."""
+    """Set (kernels) or clear (None) the `elementwise` slot of every block and its attentions."""
     for block in blocks:
-        for module in (block, getattr(block, "self_attn", None)):
+        for module in (block, getattr(block, "self_attn", None), getattr(block, "cross_attn", None)):
             if module is not None and hasattr(module, "elementwise"):
                 module.elementwise = kernels
 
@@ -179,7 +224,7 @@ def runtime_failure(device: str) -> str | None:
 
 @functools.cache
 def smoke_test(device: str) -> str | None:
-    """None when both kernels on `device` match the torch ops on small inputs; else what went wrong
+    """None when the kernels on `device` match the torch ops on small inputs; else what went wrong
     (once per process)."""
     from wanfit.models.dit import apply_rope, modulate, rope_frequencies
 
@@ -195,17 +240,23 @@ def smoke_test(device: str) -> str | None:
         with torch.no_grad():
             ln = layer_norm_modulate(*(t.to(device) for t in (x, shift, scale)), 1e-6, torch.bfloat16)
             rr = rms_norm_rope(q.to(device), weight.to(device), rope.to(device), 2, 1e-6)
-            ln, rr = ln.float().cpu(), rr.float().cpu()
+            la = layer_norm_affine(x.to(device), weight.to(device), shift[0].to(device), 1e-6, torch.bfloat16)
+            rn = rms_norm(q.to(device), weight.to(device), 1e-6)
+            ln, rr, la, rn = (t.float().cpu() for t in (ln, rr, la, rn))
     except Exception as err:  # no kernel for this card, a Triton that cannot compile here
         lines = str(err).strip().splitlines()
         return f"{type(err).__name__}: {lines[0][:200] if lines else ''}"
     want_ln = modulate(torch.nn.functional.layer_norm(x, (128,), eps=1e-6), shift, scale)
     normed = torch.nn.functional.rms_norm(q.float(), (128,), weight, 1e-6).unflatten(-1, (2, -1))
-    want_rr = apply_rope(normed, rope)
-    # bf16 outputs: a rounding step (2^-8 relative) apart at most, where the fp32 values straddle one.
+    wanted = {
+        "layer_norm_modulate": (ln, want_ln),
+        "rms_norm_rope": (rr, apply_rope(normed, rope)),
+        "layer_norm_affine": (la, torch.nn.functional.layer_norm(x, (128,), weight, shift[0], 1e-6)),
+        "rms_norm": (rn, normed.flatten(-2)),
+    }
+    # bf16 outputs: a rounding step (at most 2^-7 relative) apart, where the fp32 values straddle one.
     errors = {
-        "layer_norm_modulate": ((ln - want_ln).abs() / (want_ln.abs() + 1e-3)).max().item(),
-        "rms_norm_rope": ((rr - want_rr).abs() / (want_rr.abs() + 1e-3)).max().item(),
+        name: ((got - want).abs() / (want.abs() + 1e-3)).max().item() for name, (got, want) in wanted.items()
     }
     bad = [f"{name} is off by {err:.2g}" for name, err in errors.items() if not err < 1e-2]
     return "; ".join(bad) or None
