@@ -88,28 +88,22 @@ def test_with_no_kernels_set_the_blocks_compute_todays_torch_ops_bit_for_bit(dit
 # --- the slots, with torch stand-ins for the kernels (no Triton needed) ------------------------------
 
 
-class TorchKernels(types.SimpleNamespace):
-    """The kernels' contract in torch ops, recording each call's dtypes."""
+class TorchKernels:
+    """The kernels' contract in torch ops (the module's own fallback, TORCH_OPS), recording each call's
+    dtypes (in, out)."""
 
     def __init__(self):
-        super().__init__(calls=[])
+        self.calls = []
 
-    def layer_norm_modulate(self, x, shift, scale, eps, out_dtype):
-        self.calls.append(("layer_norm_modulate", x.dtype, out_dtype))
-        return D.modulate(F.layer_norm(x, x.shape[-1:], eps=eps), shift, scale).to(out_dtype)
+    def __getattr__(self, name):
+        op = getattr(fe.TORCH_OPS, name)
 
-    def layer_norm_affine(self, x, weight, bias, eps, out_dtype):
-        self.calls.append(("layer_norm_affine", x.dtype, out_dtype))
-        return F.layer_norm(x.float(), x.shape[-1:], weight.float(), bias.float(), eps).to(out_dtype)
+        def call(x, *args):
+            out = op(x, *args)
+            self.calls.append((name, x.dtype, out.dtype))
+            return out
 
-    def rms_norm(self, x, weight, eps):
-        self.calls.append(("rms_norm", x.dtype, x.dtype))
-        return F.rms_norm(x.float(), x.shape[-1:], weight.float(), eps).to(x.dtype)
-
-    def rms_norm_rope(self, x, weight, rope, num_heads, eps):
-        self.calls.append(("rms_norm_rope", x.dtype, x.dtype))
-        normed = F.rms_norm(x.float(), x.shape[-1:], weight.float(), eps).unflatten(-1, (num_heads, -1))
-        return D.apply_rope(normed, rope).to(x.dtype)
+        return call
 
 
 def test_the_slots_take_over_the_norms_and_rope_and_write_the_linears_dtype(dit_inputs):
@@ -278,11 +272,13 @@ def test_the_placement_sets_the_slots_after_the_smoke_test_and_clears_them(monke
     monkeypatch.setattr(fe, "runtime_failure", lambda device: None)
     placement = make_dit()
     placement.place(FUSED)
-    assert all(b.elementwise is fe.KERNELS for b in placement.dit.blocks)
+    guarded = placement.dit.blocks[0].elementwise
+    assert isinstance(guarded, fe.GuardedKernels) and guarded.kernels is fe.KERNELS
+    assert all(b.elementwise is guarded for b in placement.dit.blocks)
     placement.release()  # on the host: the torch ops
     assert all(b.elementwise is None for b in placement.dit.blocks)
     placement.place(FUSED)
-    assert all(b.self_attn.elementwise is fe.KERNELS for b in placement.dit.blocks)
+    assert all(isinstance(b.self_attn.elementwise, fe.GuardedKernels) for b in placement.dit.blocks)
     placement.apply(Plan())
     assert all(b.elementwise is None and b.self_attn.elementwise is None for b in placement.dit.blocks)
 
@@ -299,3 +295,58 @@ def test_kernels_that_cannot_run_leave_the_torch_ops_with_one_warning(dit_inputs
     exact.place(Plan())
     with torch.no_grad():
         assert torch.equal(placement(*dit_inputs), exact(*dit_inputs))
+
+
+# --- a kernel that raises at run time: given up for the process, the call and later ones run torch ops --
+
+
+class RaisingKernels:
+    def __init__(self, error):
+        self.error, self.calls = error, 0
+
+    def __getattr__(self, name):
+        def call(*args):
+            self.calls += 1
+            raise self.error
+
+        return call
+
+
+def test_a_kernel_that_raises_is_given_up_once_and_the_blocks_get_the_torch_ops_result(dit_inputs):
+    model = tiny_model(torch.bfloat16)
+    raising, told = RaisingKernels(RuntimeError("PTX JIT failed\nmore")), []
+    guarded = fe.GuardedKernels(kernels=raising, on_failure=told.append)
+    with torch.no_grad():
+        fe.install(model.blocks, TorchKernels())
+        expected = model(*dit_inputs)
+        fe.install(model.blocks, guarded)
+        got = model(*dit_inputs)
+        again = model(*dit_inputs)
+    assert torch.equal(got, expected) and torch.equal(again, expected)
+    assert raising.calls == 1  # after the first failure no kernel is tried again
+    assert told == ["the fused layer_norm_modulate kernel raised RuntimeError: PTX JIT failed"]
+    assert guarded.failure == told[0]
+
+
+def test_out_of_memory_in_a_kernel_is_not_given_up_but_passed_to_the_runtime():
+    guarded = fe.GuardedKernels(kernels=RaisingKernels(torch.OutOfMemoryError("CUDA out of memory")))
+    x = torch.randn(1, 4, 8)
+    with pytest.raises(torch.OutOfMemoryError):
+        guarded.rms_norm(x, torch.ones(8), 1e-6)
+    assert guarded.failure is None
+    with pytest.raises(AttributeError):
+        guarded.not_a_kernel  # noqa: B018  only the four kernels' names
+
+
+def test_the_placement_records_and_warns_once_when_a_kernel_gives_up(monkeypatch):
+    from wanfit.runtime.placement import DiTPlacement
+
+    monkeypatch.setattr(fe, "runtime_failure", lambda device: None)  # as if it passed on a GPU
+    placement = DiTPlacement(tiny_model())
+    placement._place_fused_elementwise(replace(DiTLayout.from_plan(FUSED), device="cpu"))
+    slot = placement.dit.blocks[0].elementwise
+    assert isinstance(slot, fe.GuardedKernels) and placement.dit.blocks[1].self_attn.elementwise is slot
+    slot.kernels = RaisingKernels(ValueError("bad rope"))
+    with pytest.warns(WanfitWarning, match="fused rms_norm kernel raised ValueError: bad rope"):
+        slot.rms_norm(torch.randn(1, 4, 8), torch.ones(8), 1e-6)
+    assert "torch ops for the rest of the process" in placement.failures["fused_elementwise"]

@@ -7,7 +7,7 @@ row, fp32 inside, writing the dtype the next Linear reads:
     layer_norm_affine(x, weight, bias, eps, out_dtype)     LayerNorm with its affine, cast: norm3
     rms_norm_rope(x, weight, rope, num_heads, eps)         RMSNorm over all heads, RoPE: self-attention q, k
     rms_norm(x, weight, eps)                               RMSNorm: cross-attention q
-The runtime installs `KERNELS` on the blocks' `elementwise` slots (`install`); the blocks use them only
+The runtime installs them (as GuardedKernels) on the blocks' `elementwise` slots (`install`); the blocks use them only
 eagerly and without autograd (wanfit.models.dit). Results match the torch ops to fp32 rounding (the
 reductions run in another order), then the cast.
 """
@@ -20,6 +20,7 @@ import types
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 MIN_CAPABILITY = (8, 0)  # Ampere: the GPUs these kernels were written and measured for
 
@@ -166,13 +167,72 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return out
 
 
-# What the blocks' `elementwise` slot holds (wanfit.models.dit reads these two names).
+# The same math in torch ops, what a call runs once the kernels were given up (GuardedKernels).
+def layer_norm_modulate_torch(x, shift, scale, eps, out_dtype):
+    from wanfit.models.dit import modulate
+
+    return modulate(F.layer_norm(x.float(), (x.shape[-1],), eps=eps), shift.float(), scale.float()).to(out_dtype)
+
+
+def layer_norm_affine_torch(x, weight, bias, eps, out_dtype):
+    bias = None if bias is None else bias.float()
+    return F.layer_norm(x.float(), (x.shape[-1],), weight.float(), bias, eps).to(out_dtype)
+
+
+def rms_norm_rope_torch(x, weight, rope, num_heads, eps):
+    from wanfit.models.dit import apply_rope
+
+    normed = F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps).unflatten(-1, (num_heads, -1))
+    return apply_rope(normed, rope).to(x.dtype)
+
+
+def rms_norm_torch(x, weight, eps):
+    return F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps).to(x.dtype)
+
+
 KERNELS = types.SimpleNamespace(
     layer_norm_modulate=layer_norm_modulate,
     layer_norm_affine=layer_norm_affine,
     rms_norm_rope=rms_norm_rope,
     rms_norm=rms_norm,
 )
+TORCH_OPS = types.SimpleNamespace(
+    layer_norm_modulate=layer_norm_modulate_torch,
+    layer_norm_affine=layer_norm_affine_torch,
+    rms_norm_rope=rms_norm_rope_torch,
+    rms_norm=rms_norm_torch,
+)
+
+
+class GuardedKernels:
+    """What the blocks' `elementwise` slot holds (wanfit.models.dit calls these four names): the
+    kernels, until one raises (other than out of memory, which the runtime's guard handles). Then, as
+    an attention backend that raises is, they are given up for the rest of the process:
+    `on_failure(why)` is told once (the placement warns and records it), and that call and every later
+    one run the torch ops."""
+
+    def __init__(self, kernels=KERNELS, fallback=TORCH_OPS, on_failure=None):
+        self.kernels, self.fallback, self.on_failure = kernels, fallback, on_failure
+        self.failure: str | None = None
+
+    def __getattr__(self, name: str):
+        if name.startswith("_") or not hasattr(TORCH_OPS, name):
+            raise AttributeError(name)
+
+        def call(*args):
+            if self.failure is None:
+                try:
+                    return getattr(self.kernels, name)(*args)
+                except torch.OutOfMemoryError:
+                    raise
+                except Exception as err:
+                    lines = str(err).strip().splitlines()
+                    self.failure = f"the fused {name} kernel raised {type(err).__name__}: {lines[0][:200] if lines else ''}"
+                    if self.on_failure is not None:
+                        self.on_failure(self.failure)
+            return getattr(self.fallback, name)(*args)
+
+        return call
 
 
 def install(blocks: nn.ModuleList, kernels=KERNELS) -> None:

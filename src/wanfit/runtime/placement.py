@@ -177,7 +177,14 @@ class DiTPlacement:
             if failure is not None:
                 self._give_up("fused_elementwise", f"{failure}; the blocks run the torch ops")
                 want = False
-        fused_elementwise.install(self.dit.blocks, fused_elementwise.KERNELS if want else None)
+        kernels = None
+        if want:
+            kernels = fused_elementwise.GuardedKernels(
+                on_failure=lambda why: self._give_up(
+                    "fused_elementwise", f"{why}; the blocks run the torch ops for the rest of the process"
+                )
+            )
+        fused_elementwise.install(self.dit.blocks, kernels)
 
     def _drop_fp8_gemms(self) -> None:
         if self.fp8_gemm_bytes is not None:
