@@ -8,13 +8,11 @@ import json
 import os
 import subprocess
 import sys
-import types
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from tests.helpers.hardware import emulated
 from tests.test_placement import CountingBackend, make_dit
