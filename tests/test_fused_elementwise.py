@@ -4,17 +4,13 @@ bit for bit; used only eagerly, without autograd, in the Linear's dtype), the pl
 placement that sets the slots."""
 
 import importlib.util
-import json
-import os
-import subprocess
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
 
 from tests.helpers.hardware import emulated
+from tests.helpers.interpreted import run_interpreted
 from tests.test_placement import CountingBackend, make_dit
 from wanfit.errors import ConfigError, WanfitWarning
 from wanfit.models import dit as D
@@ -163,18 +159,7 @@ def test_a_rope_of_another_length_is_refused_before_any_kernel_runs():
 def interpreted() -> dict:
     """What tests/helpers/fused_interpreted.py measures under Triton's interpreter (a process of its
     own: the interpreter must be chosen before Triton is first imported)."""
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip(NO_TRITON)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    run = subprocess.run(
-        [sys.executable, str(Path(__file__).parent / "helpers" / "fused_interpreted.py")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert run.returncode == 0, run.stderr[-2000:]
-    return json.loads(run.stdout)
+    return run_interpreted("fused_interpreted.py", NO_TRITON)
 
 
 # One rounding step of the output dtype at the largest |value| (the interpreter's fp32 -> bf16 cast

@@ -2,18 +2,13 @@
 exact attention (the torch reference, always), the Triton kernel against that reference (under
 Triton's interpreter, when Triton is installed), and who may choose it (the fast tier's plans only)."""
 
-import importlib.util
-import json
-import os
-import subprocess
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
 
 from tests.helpers.hardware import emulated
+from tests.helpers.interpreted import run_interpreted
 from wanfit.attention import backends
 from wanfit.attention.chunked import reference_attention
 from wanfit.attention.dispatch import Dispatcher
@@ -80,18 +75,7 @@ def test_unsupported_head_dims_are_refused_in_one_sentence():
 def interpreted() -> dict:
     """What tests/helpers/int8_interpreted.py measures of the kernels under Triton's interpreter (a
     process of its own: the interpreter must be chosen before Triton is first imported)."""
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip(NO_TRITON)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    run = subprocess.run(
-        [sys.executable, str(Path(__file__).parent / "helpers" / "int8_interpreted.py")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert run.returncode == 0, run.stderr[-2000:]
-    return json.loads(run.stdout)
+    return run_interpreted("int8_interpreted.py", NO_TRITON)
 
 
 def test_the_kernels_quantise_q_and_k_as_the_reference_does(interpreted):
