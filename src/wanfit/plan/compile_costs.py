@@ -28,6 +28,10 @@ COSTS_FILE = "compile_costs.json"
 # 1.07 s against 1.22 s eager, and the first compiled step about 17 s longer (cold Inductor cache).
 H100_SAVING_S = 0.14
 H100_COMPILE_S = 17.0
+# H200, the same job, its eager blocks' elementwise work in the fused kernels (Plan.fused_elementwise;
+# docs/benchmarks.md, 2026-12-02 fifth run, flash_attn4): eager steps took 0.949 s against 0.935 s
+# compiled (two calls, on two machines of that card). What compiling saves once those kernels run.
+FUSED_EAGER_SAVING_S = 0.014
 # The fused elementwise work grows with tokens x dim x blocks x batch; that job's:
 H100_WORK = 32760 * 1536 * 30 * 2
 MIN_STEPS_TO_MEASURE = 3  # the first step, and at least two to take a steady step time from
@@ -90,10 +94,14 @@ def load_measured(hw, path: Path | None = None) -> dict[str, dict]:
     return dict(entry) if isinstance(entry, dict) else {}
 
 
-def costs_for(measured: Mapping[str, dict] | None, key: str, work: int) -> CompileCosts:
+def costs_for(
+    measured: Mapping[str, dict] | None, key: str, work: int, *, fused_eager: bool = False
+) -> CompileCosts:
     """The costs the planner expects for job `key` (of `work`, see job) on a card with `measured`.
 
-    The saving: measured for this job (eager and compiled steps), else the H100's scaled by the work.
+    The saving: measured for this job (eager and compiled steps), else the H100's scaled by the work,
+    or, when the eager blocks would run the fused elementwise kernels (`fused_eager`), the H200's
+    against those.
     The compile: the latest measured for this job (the Inductor cache is warm after the first), else
     the largest first compile measured on this card for any job, else the H100's.
     """
@@ -102,6 +110,9 @@ def costs_for(measured: Mapping[str, dict] | None, key: str, work: int) -> Compi
     if "eager_step_s" in entry and "compiled_step_s" in entry:
         saving = float(entry["eager_step_s"]) - float(entry["compiled_step_s"])
         saving_source = "saving measured on this card"
+    elif fused_eager:
+        saving = FUSED_EAGER_SAVING_S * work / H100_WORK
+        saving_source = "saving: the H200's against the fused eager blocks, scaled to this job"
     else:
         saving = H100_SAVING_S * work / H100_WORK
         saving_source = "saving: H100 numbers scaled to this job"

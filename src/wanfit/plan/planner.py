@@ -288,10 +288,11 @@ def _text_encoder_storage(device: DeviceBudget, request: Request) -> str:
     return "float32" if device.kind == "cpu" else "bfloat16"
 
 
-def compile_decision(device: DeviceBudget, request: Request, plan: Plan):
+def compile_decision(device: DeviceBudget, request: Request, plan: Plan, *, fused_eager: bool = False):
     """(compile the DiT's blocks?, the CompileCosts it rests on or None): only a resident DiT on a
     compilable card; the fast tier always (its quantisation is fused only when compiled); otherwise
-    when steps x the saving per step beats the compile (wanfit.plan.compile_costs)."""
+    when steps x the saving per step beats the compile (wanfit.plan.compile_costs). fused_eager: the
+    eager blocks would run the fused elementwise kernels, which leave compiling less to save."""
     from wanfit.plan import compile_costs
 
     resident = plan.dit_blocks_resident is None and plan.storage_dtype is None and plan.dit_sharding != "fsdp"
@@ -306,7 +307,7 @@ def compile_decision(device: DeviceBudget, request: Request, plan: Plan):
         cfg_batch=plan.cfg_batch,
         dtype=plan.compute_dtype,
     )
-    costs = compile_costs.costs_for(device.compile_measured, key, work)
+    costs = compile_costs.costs_for(device.compile_measured, key, work, fused_eager=fused_eager)
     return costs.pays(request_steps(request)), costs
 
 
@@ -975,7 +976,11 @@ def plan_run(
         notes.append(tier_note)
     compile_costs = None
     if "compile_dit" not in frozen:
-        compile_dit, compile_costs = compile_decision(device, chosen, plan)
+        # Eager, the blocks would run the fused kernels unless they cannot here or the user said no.
+        fused_eager = device.fused_elementwise_refused is None and (
+            "fused_elementwise" not in frozen or plan.fused_elementwise
+        )
+        compile_dit, compile_costs = compile_decision(device, chosen, plan, fused_eager=fused_eager)
         plan = replace(plan, compile_dit=compile_dit)
     if "fused_elementwise" not in frozen:
         plan = replace(plan, fused_elementwise=fused_elementwise_decision(device, plan))
