@@ -208,3 +208,24 @@ def test_a_registered_backend_takes_part_in_selection():
     assert d.select(d.call_on_probe(torch.float64, 64, head_dim=16)).backend == "sdpa_math"
     with pytest.raises(ValueError, match="already registered"):
         registry.register(AttentionBackend("cpu_fast", run, "again"))
+
+
+def test_a_measured_ranking_names_installed_kernels_it_has_no_time_for():
+    # The card's bench timed cuDNN before flash-attn-4 was installed: cuDNN stays first, and says why.
+    hw = probe("h100")
+    fa4 = next(p for p in hw.kernel_packages if p.module == "flash_attn.cute")
+    hw = dataclasses.replace(
+        hw,
+        kernel_packages=tuple(
+            dataclasses.replace(p, installed=True) if p is fa4 else p for p in hw.kernel_packages
+        ),
+    )
+    # (The default registry: its entries name their real packages, which the probe's list is about.)
+    d = Dispatcher(hw, measured_ms={"sdpa_cudnn": 11.2, "sdpa_flash": 18.6})
+    sel = d.select(d.call_on_probe(torch.bfloat16, TOKENS))
+    assert sel.backend == "sdpa_cudnn"
+    assert "installed but not in this card's measurements" in sel.reason and "flash_attn4" in sel.reason
+    assert "wanfit bench attention" in sel.reason and "flash_attn3" not in sel.reason  # not installed
+    # With no measurement there is nothing to say: the default table ranks flash_attn4 first anyway.
+    d = Dispatcher(hw, measured_ms={})
+    assert "not in this card's measurements" not in d.select(d.call_on_probe(torch.bfloat16, TOKENS)).reason

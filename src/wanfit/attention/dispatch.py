@@ -286,11 +286,31 @@ class Dispatcher:
                 why = f"best-ranked available backend ({self.ranking_source})"
                 if skipped:
                     why += f"; ranked higher but unavailable here: {', '.join(skipped)}"
+                unmeasured = self._unmeasured_kernels(name)
+                if unmeasured:  # e.g. flash-attn-4 installed after the card's bench: ranked last until timed
+                    why += (
+                        f"; installed but not in this card's measurements, so ranked after them: "
+                        f"{', '.join(unmeasured)} (`wanfit bench attention` times them)"
+                    )
                 return self._selection(cand, call, device, why)
             skipped.append(name)
         raise AttentionUnavailableError(
             f"No attention backend can serve this call on {call.where()}; the last one, {skipped[-1]}, {cand.reason}"
         )
+
+    def _unmeasured_kernels(self, selected: str) -> list[str]:
+        """Exact kernels ranked below `selected` only for want of a measurement here, whose package is
+        installed (a measured ranking puts every measured kernel first)."""
+        if not self.measured_ms or selected not in self.measured_ms:
+            return []
+        names = []
+        for b in self.registry:
+            if b.name in self.measured_ms or b.role != "kernel" or not b.exact or b.package is None:
+                continue
+            package = self.hw.package(b.package)  # as probed: nothing heavy is imported
+            if package is not None and package.installed:
+                names.append(b.name)
+        return names
 
     def selection_for(
         self, name: str, call: AttentionCall, device: torch.device | None, *, auto: bool = True
