@@ -103,8 +103,7 @@ class AttentionBackend:
     head_dim_multiple: int | None = None
     supports_mask: bool = False
     exact: bool = True
-    # Does this build (torch's, or the package's) have the kernel? A reason when not.
-    torch_check: Callable[[], str | None] | None = None
+    torch_check: Callable[[], str | None] | None = None  # does this torch build have the kernel?
     default_ms: float = math.inf  # default-table speed at the job's shape (lower ranks higher)
     # Scratch memory beyond q, k, v: "linear" O(L) (fused kernels), "quadratic" (the L x L score
     # matrix is materialised), "bounded" (a fixed budget); the planner's estimates read it.
@@ -189,11 +188,22 @@ def _import(module: str):
     return importlib.import_module(module)
 
 
+def namespace_only(spec) -> bool:
+    """Whether a module spec is a bare namespace (no __init__): what another distribution's subpackage
+    leaves behind (flash-attn-4 leaves a `flash_attn` one, without FlashAttention-2), not the package."""
+    return spec is not None and spec.origin in (None, "namespace")
+
+
 @functools.cache
 def import_reason(module: str, pip_name: str) -> str | None:
     """None when `module` imports; else why not, in one sentence (cached per process)."""
     try:
-        _import(module)
+        imported = _import(module)
+        if namespace_only(getattr(imported, "__spec__", None)):
+            return (
+                f"the {module} package is not installed (pip install {pip_name}); only an empty {module} "
+                "namespace is, another package's part of it."
+            )
         return None
     except ModuleNotFoundError as err:
         if err.name and module.startswith(err.name):
@@ -240,17 +250,6 @@ def _run_flash_attn4(q, k, v, *, scale=None, attn_mask=None):
         warnings.filterwarnings("ignore", ".*cannot be converted to a JitArgument", UserWarning)
         out = fa4.flash_attn_func(q, k, v, softmax_scale=scale)
     return out[0] if isinstance(out, tuple) else out  # (out, lse)
-
-
-def _flash_attn2_check() -> str | None:
-    """flash-attn-4 installs only the `flash_attn.cute` part of the `flash_attn` namespace: an import of
-    `flash_attn` then succeeds without FlashAttention-2 in it."""
-    if import_reason("flash_attn", "flash-attn") is None and not hasattr(_import("flash_attn"), "flash_attn_func"):
-        return (
-            "the flash_attn package here is FlashAttention-4's namespace only, without FlashAttention-2 "
-            "(pip install flash-attn)."
-        )
-    return None
 
 
 def _run_sage(q, k, v, *, scale=None, attn_mask=None):
@@ -342,7 +341,6 @@ def builtin_backends() -> list[AttentionBackend]:
             package="flash_attn",
             pip_name="flash-attn",
             dist_names=("flash-attn", "flash_attn"),
-            torch_check=_flash_attn2_check,
             min_capability=(8, 0),
             max_head_dim=256,
             default_ms=17.5,

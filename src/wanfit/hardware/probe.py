@@ -504,7 +504,7 @@ def process_rss(status_path: str = "/proc/self/status") -> int | None:
 def find_kernel_packages() -> tuple[KernelPackage, ...]:
     """Which optional attention packages (the attention registry's) are installed (find_spec; nothing
     heavy is imported)."""
-    from wanfit.attention.backends import default_registry
+    from wanfit.attention.backends import default_registry, namespace_only
 
     found = []
     for module, dists in default_registry().packages():
@@ -513,8 +513,7 @@ def find_kernel_packages() -> tuple[KernelPackage, ...]:
             spec = importlib.util.find_spec(module)
         except (ImportError, ValueError):
             spec = None
-        # A namespace without an __init__ (flash-attn-4 leaves `flash_attn` one) is not the package.
-        installed = spec is not None and spec.origin not in (None, "namespace")
+        installed = spec is not None and not namespace_only(spec)
         version = None
         if installed:
             for dist in dists:
