@@ -263,21 +263,19 @@ def status(hw) -> str | None:
     alone, so plans made under emulation stay the same on any machine."""
     if hw.emulated or not hw.device_present:
         return unavailable_reason(hw.device_type, hw.compute_capability, need_triton=False)
-    reason = unavailable_reason(hw.device_type, hw.compute_capability)
-    if reason is not None:
-        return reason
-    failure = smoke_test(f"cuda:{hw.device_index or 0}")
-    return None if failure is None else f"the fused elementwise kernels failed their smoke test ({failure})"
+    return unavailable_reason(hw.device_type, hw.compute_capability) or _smoke_reason(hw.device_index or 0)
 
 
 def runtime_failure(device: str) -> str | None:
     """Why the kernels cannot run on `device` in this process (None: they passed the smoke test)."""
     device = torch.device(device)
     if device.type != "cuda":
-        return "the fused elementwise kernels run on CUDA GPUs only"
-    if triton is None:
-        return "the fused elementwise kernels need Triton, which is not installed"
+        return unavailable_reason(device.type, None)
     index = device.index if device.index is not None else torch.cuda.current_device()
+    return unavailable_reason("cuda", torch.cuda.get_device_capability(index)) or _smoke_reason(index)
+
+
+def _smoke_reason(index: int) -> str | None:
     failure = smoke_test(f"cuda:{index}")
     return None if failure is None else f"the fused elementwise kernels failed their smoke test ({failure})"
 
@@ -286,7 +284,7 @@ def runtime_failure(device: str) -> str | None:
 def smoke_test(device: str) -> str | None:
     """None when the kernels on `device` match the torch ops on small inputs; else what went wrong
     (once per process)."""
-    from wanfit.models.dit import apply_rope, modulate, rope_frequencies
+    from wanfit.models.dit import rope_frequencies
 
     if triton is None:
         return "the fused elementwise kernels need Triton, which is not installed"
@@ -306,13 +304,12 @@ def smoke_test(device: str) -> str | None:
     except Exception as err:  # no kernel for this card, a Triton that cannot compile here
         lines = str(err).strip().splitlines()
         return f"{type(err).__name__}: {lines[0][:200] if lines else ''}"
-    want_ln = modulate(torch.nn.functional.layer_norm(x, (128,), eps=1e-6), shift, scale)
-    normed = torch.nn.functional.rms_norm(q.float(), (128,), weight, 1e-6).unflatten(-1, (2, -1))
+    ops = TORCH_OPS  # fp32 results, to compare each kernel's rounded output with
     wanted = {
-        "layer_norm_modulate": (ln, want_ln),
-        "rms_norm_rope": (rr, apply_rope(normed, rope)),
-        "layer_norm_affine": (la, torch.nn.functional.layer_norm(x, (128,), weight, shift[0], 1e-6)),
-        "rms_norm": (rn, normed.flatten(-2)),
+        "layer_norm_modulate": (ln, ops.layer_norm_modulate(x, shift, scale, 1e-6, torch.float32)),
+        "rms_norm_rope": (rr, ops.rms_norm_rope(q.float(), weight, rope, 2, 1e-6)),
+        "layer_norm_affine": (la, ops.layer_norm_affine(x, weight, shift[0], 1e-6, torch.float32)),
+        "rms_norm": (rn, ops.rms_norm(q.float(), weight, 1e-6)),
     }
     # bf16 outputs: a rounding step (at most 2^-7 relative) apart, where the fp32 values straddle one.
     errors = {
