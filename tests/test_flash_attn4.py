@@ -16,8 +16,12 @@ from wanfit.attention import backends
 from wanfit.hardware.probe import find_kernel_packages
 
 FAKE_CUTE = '''
+import os
 import warnings
 calls = []
+# What flash-attn-4's cache_utils reads at import time.
+env_at_import = {k: os.environ.get(k) for k in (
+    "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "FLASH_ATTENTION_CUTE_DSL_CACHE_DIR")}
 
 def flash_attn_func(q, k, v, softmax_scale=None):
     calls.append(softmax_scale)
@@ -32,6 +36,9 @@ def fa4_only(tmp_path, monkeypatch):
     (tmp_path / "flash_attn" / "cute").mkdir(parents=True)
     (tmp_path / "flash_attn" / "cute" / "__init__.py").write_text(FAKE_CUTE)
     monkeypatch.syspath_prepend(str(tmp_path))
+    for var in (backends.FA4_CACHE_ENABLED, backends.FA4_CACHE_DIR):
+        monkeypatch.setenv(var, "")  # recorded as unset, so what the import sets is undone after
+        monkeypatch.delenv(var)
     _forget_flash_attn(monkeypatch)
     yield
     _forget_flash_attn(None)  # the fake's modules must not outlive the test
@@ -74,3 +81,40 @@ def test_flash_attn4_declares_what_its_interface_takes():
     assert "up to 128" in fa4.call_reason(call)
     # Ranked by its H200 measurement ahead of cuDNN (8.87 vs 11.24 ms in one run).
     assert fa4.default_ms < backends.default_registry()["sdpa_cudnn"].default_ms
+
+
+def _env_at_import() -> dict:
+    return sys.modules["flash_attn.cute"].env_at_import
+
+
+def test_flash_attn4_is_imported_with_its_disk_cache_on_in_wanfits_cache_dir(fa4_only, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANFIT_CACHE_DIR", str(tmp_path / "cache"))
+    assert backends.default_registry()["flash_attn4"].device_reason("cuda", (9, 0)) is None
+    where = tmp_path / "cache" / "flash_attn4"
+    assert _env_at_import() == {backends.FA4_CACHE_ENABLED: "1", backends.FA4_CACHE_DIR: str(where)}
+    assert where.is_dir() and not list(where.iterdir())  # the writability probe leaves nothing
+
+
+def test_flash_attn4_runner_alone_also_imports_it_with_the_cache_on(fa4_only, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANFIT_CACHE_DIR", str(tmp_path / "cache"))
+    q = torch.randn(1, 8, 2, 64)
+    backends.default_registry()["flash_attn4"].run(q, q, q)
+    assert _env_at_import()[backends.FA4_CACHE_ENABLED] == "1"
+
+
+@pytest.mark.parametrize("var, value", [("FA4_CACHE_ENABLED", "0"), ("FA4_CACHE_DIR", "/users/own/dir")])
+def test_a_user_set_flash_attn4_cache_variable_is_left_alone(fa4_only, tmp_path, monkeypatch, var, value):
+    monkeypatch.setenv("WANFIT_CACHE_DIR", str(tmp_path / "cache"))
+    name = getattr(backends, var)
+    other = backends.FA4_CACHE_DIR if name == backends.FA4_CACHE_ENABLED else backends.FA4_CACHE_ENABLED
+    monkeypatch.setenv(name, value)
+    backends.default_registry()["flash_attn4"].device_reason("cuda", (9, 0))
+    assert _env_at_import() == {name: value, other: None}
+    assert not (tmp_path / "cache" / "flash_attn4").exists()
+
+
+def test_an_unwritable_cache_dir_leaves_flash_attn4_on_its_default_and_available(fa4_only, tmp_path, monkeypatch):
+    (tmp_path / "a_file").write_text("")  # a dir under a file cannot be made, even by root
+    monkeypatch.setenv("WANFIT_CACHE_DIR", str(tmp_path / "a_file" / "cache"))
+    assert backends.default_registry()["flash_attn4"].device_reason("cuda", (9, 0)) is None
+    assert _env_at_import() == {backends.FA4_CACHE_ENABLED: None, backends.FA4_CACHE_DIR: None}

@@ -10,6 +10,9 @@ from __future__ import annotations
 import functools
 import importlib
 import math
+import os
+import sys
+import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -185,7 +188,39 @@ def _dtype_text(dtype: torch.dtype) -> str:
 
 @functools.cache
 def _import(module: str):
+    if module in _BEFORE_IMPORT and module not in sys.modules:
+        _BEFORE_IMPORT[module]()
     return importlib.import_module(module)
+
+
+# flash-attn-4 reads these once, when flash_attn.cute is imported.
+FA4_CACHE_ENABLED = "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"
+FA4_CACHE_DIR = "FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"
+
+
+def _flash_attn4_disk_cache() -> None:
+    """Turn on flash-attn-4's on-disk cache of compiled kernels in wanfit's cache dir, so a fresh process
+    loads them instead of compiling them again (its entries are keyed by its sources' fingerprint and
+    the card's arch). Either variable set by the user wins; a dir that cannot be written leaves FA4's
+    default (no disk cache): a missing cache costs a compile, never the backend."""
+    if FA4_CACHE_ENABLED in os.environ or FA4_CACHE_DIR in os.environ:
+        return
+    from wanfit.attention.ranking import cache_dir  # ranking imports this module
+
+    try:
+        path = cache_dir() / "flash_attn4"
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):  # FA4 writes lock files here even to read an entry
+            pass
+    except (OSError, RuntimeError):  # read-only or unwritable home; RuntimeError: no home at all
+        return
+    os.environ[FA4_CACHE_DIR] = str(path)
+    os.environ[FA4_CACHE_ENABLED] = "1"
+
+
+# What a package needs done before its first import (its one home: the import every runner and
+# availability check goes through).
+_BEFORE_IMPORT: dict[str, Callable[[], None]] = {"flash_attn.cute": _flash_attn4_disk_cache}
 
 
 def namespace_only(spec) -> bool:
@@ -323,7 +358,7 @@ def builtin_backends() -> list[AttentionBackend]:
         AttentionBackend(
             "flash_attn4",
             _run_flash_attn4,
-            "FlashAttention-4 (CuTe DSL kernels, compiled at first use)",
+            "FlashAttention-4 (CuTe DSL kernels, compiled at first use, cached on disk)",
             package="flash_attn.cute",
             pip_name="flash-attn-4",
             dist_names=("flash-attn-4", "flash_attn_4"),
