@@ -1,0 +1,38 @@
+"""The fresh-process benchmark's logic on the CPU (--dry-run: tiny models, 2 steps, three child processes)."""
+
+import json
+
+from benchmarks.bench_fresh import CHILDREN, FIRST_GUESS_S, NEXT_MARGIN, child_env, main, predicted_s
+
+
+def test_dry_run_runs_each_job_in_its_own_process_on_the_fresh_caches(tmp_path, capsys):
+    out = tmp_path / "fresh.json"
+    result = main(["--dry-run", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["errors"] == {} and saved["skipped"] == [] and list(saved["children"]) == list(CHILDREN)
+    cold, warm, theirs = (saved["children"][name] for name in CHILDREN)
+    assert cold["cache_env"]["WANFIT_CACHE_DIR"] == saved["caches"] + "/wanfit"
+    assert warm["cache_env"]["TRITON_CACHE_DIR"] == saved["caches"] + "/triton"
+    assert cold["spawn_to_job_end_s"] > cold["build_s"] + cold["job_s"] > 0
+    assert cold["phases_s"]["plan_s"] > 0 and cold["plan"]["self_attention"] and "plan" not in theirs
+    assert cold["tier"] == "exact" and theirs["median_step_s"] > 0
+    # Two processes, the same plan and latents: the same video; diffusers' differs but is the job's.
+    assert saved["frames_vs_wanfit_cold_mean_abs_uint8"]["wanfit_warm"] == 0.0
+    assert 0 <= saved["frames_vs_wanfit_cold_mean_abs_uint8"]["diffusers"] < 32
+    assert result["ratios"]["wanfit_cold_job_s_over_diffusers"] > 0
+    assert "| wanfit_warm |" in capsys.readouterr().out
+
+
+def test_a_child_predicted_past_the_budget_is_not_started(tmp_path):
+    assert predicted_s(None) == FIRST_GUESS_S and predicted_s(100.0) == 100.0 * NEXT_MARGIN
+    result = main(["--dry-run", "--budget-s", str(FIRST_GUESS_S - 1), "--out", str(tmp_path / "f.json")])
+    assert result["children"] == {} and [s["what"] for s in result["skipped"]] == list(CHILDREN)
+    assert f"predicted {FIRST_GUESS_S:.0f} s" in result["skipped"][0]["why"]
+
+
+def test_children_get_the_benchmarks_cache_dirs_and_not_the_users_flash_attn4_setting(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR", "/users/own")
+    env = child_env(tmp_path)
+    assert env["WANFIT_CACHE_DIR"] == str(tmp_path / "wanfit")
+    assert env["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "inductor")
+    assert "FLASH_ATTENTION_CUTE_DSL_CACHE_DIR" not in env
