@@ -6,7 +6,8 @@
 
 Random real-shape weights. The LoRA is shaped like LightX2V's step-distill LoRA (rank 64 on every
 block Linear, with bias diffs, norm3 and modulation diffs, and the text/time embeddings and head).
-Per model: the merge time (fp32 math, rounded to bf16, on the GPU) and the unload time; one DiT
+Per model: the merge time (fp32 math, rounded to bf16, on the GPU) and the unload time, with the
+base weights' copy kept on the host, on the device, and nowhere (Plan.lora_base_copy); one DiT
 forward at the job's token count without a LoRA, merged, and with the runtime low-rank branch; on CUDA
 also with the blocks compiled (torch.compile per block, as the placement does), without a LoRA and
 with the branch (--skip-compiled: not).
@@ -151,9 +152,14 @@ def bench_dit(name: str, args, device, dtype) -> dict:
 
     result["base"], base_out = time_forward(forward, device, warmup=1, runs=args.runs)
     profiled("base", forward)
-    result["merge_s"], _ = timed(lambda: loras.apply([(lora, 1.0)], "merge"), device)
-    result["merged"], _ = time_forward(forward, device, warmup=1, runs=args.runs)
-    result["unload_s"], _ = timed(lambda: loras.remove(), device)
+    # The merge and unload with the base copy on the host and on the device (Plan.lora_base_copy);
+    # without one ("none", the CLI's) at the end, since that unload rounds the base weights once.
+    merge_s, unload_s = result["merge_s"], result["unload_s"] = {}, {}
+    for where in ("host", "device"):
+        merge_s[where], _ = timed(lambda: loras.apply([(lora, 1.0)], "merge", where), device)
+        if where == "host":
+            result["merged"], _ = time_forward(forward, device, warmup=1, runs=args.runs)
+        unload_s[where], _ = timed(lambda: loras.remove(), device)
     result["runtime_apply_s"], _ = timed(lambda: loras.apply([(lora, 1.0)], "runtime"), device)
     result["runtime_branch"], branch_out = time_forward(forward, device, warmup=1, runs=args.runs)
     profiled("runtime_branch", forward)
@@ -183,6 +189,8 @@ def bench_dit(name: str, args, device, dtype) -> dict:
         result["compiled_branch_vs_compiled_base_rel_l2"] = rel_l2(compiled_out, compiled_base_out)
         costs["compiled_runtime_branch"] = "compiled_base"
     result["eager_branch_vs_base_rel_l2"] = rel_l2(branch_out, base_out)
+    merge_s["none"], _ = timed(lambda: loras.apply([(lora, 1.0)], "merge", "none"), device)
+    unload_s["none"], _ = timed(lambda: loras.remove(), device)
     for key, base in costs.items():
         result[f"{key}_cost_pct"] = 100 * (result[key]["median_ms"] / result[base]["median_ms"] - 1)
     for key in {"base", *costs, *costs.values()}:

@@ -133,3 +133,58 @@ def test_plan_shows_the_preset_and_plans_one_pass_per_step(capsys):
     assert json.loads(capsys.readouterr().out)["request"]["guidance"] is True  # a flag wins
     assert main(["plan", "--emulate", "t4", "--preset", "causvid"]) == 0
     assert "preset causvid: sampler causvid, 8 steps" in capsys.readouterr().out
+
+
+def test_several_loras_merge_once_and_a_cli_run_keeps_no_base_copy(tmp_path, capsys, lora_file, monkeypatch):
+    from wanfit.runtime.lora import DiTLoras
+
+    applied = []
+    real_apply = DiTLoras.apply
+
+    def counting_apply(self, loras, mode, base_copy=None):
+        applied.append((len(loras), mode, base_copy))
+        return real_apply(self, loras, mode, base_copy)
+
+    monkeypatch.setattr(DiTLoras, "apply", counting_apply)
+    out = tmp_path / "two.mp4"
+    code, _, err = generate(capsys, *RUN, "--steps", "2", "--lora", f"{lora_file}:0.5", "--lora", f"{lora_file}:0.3",
+                            "--out", str(out))  # fmt: skip
+    assert code == 0, err
+    assert applied == [(2, "merge", "none")]  # both in one merge, no copy of the base kept
+    meta = sidecar(out)
+    assert meta["plan"]["lora_base_copy"] == "none" and [r["strength"] for r in meta["loras"]] == [0.5, 0.3]
+    # The same frames as one LoRA at the summed strength (the deltas add).
+    single = tmp_path / "one.mp4"
+    code, _, err = generate(capsys, *RUN, "--steps", "2", "--lora", f"{lora_file}:0.8", "--out", str(single))
+    assert code == 0, err
+    plain = tmp_path / "plain.mp4"
+    code, _, err = generate(capsys, *RUN, "--steps", "2", "--out", str(plain))
+    assert code == 0, err
+    two, one, none = (read_video(path).astype(float) for path in (out, single, plain))
+    assert abs(two - one).mean() < abs(one - none).mean() / 3
+
+
+def test_a_batch_of_two_sizes_keeps_the_base_weights_to_switch_plans(tmp_path, capsys, lora_file, monkeypatch):
+    from wanfit.runtime.lora import DiTLoras
+
+    copies = []
+    real_apply = DiTLoras.apply
+
+    def recording_apply(self, loras, mode, base_copy=None):
+        copies.append(base_copy)
+        return real_apply(self, loras, mode, base_copy)
+
+    monkeypatch.setattr(DiTLoras, "apply", recording_apply)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text('a cat\n{"prompt": "two dogs", "size": "32x32"}\n')
+    code, _, err = generate(capsys, *RUN, "--steps", "2", "--lora", str(lora_file), "--prompts", str(prompts),
+                            "--out", str(tmp_path / "out"))  # fmt: skip
+    assert code == 0, err
+    assert copies[0] in ("device", "host")  # the CPU run: the host
+    one = tmp_path / "p1.txt"
+    one.write_text("a cat\ntwo dogs\n")
+    copies.clear()
+    code, _, err = generate(capsys, *RUN, "--steps", "2", "--lora", str(lora_file), "--prompts", str(one),
+                            "--out", str(tmp_path / "out1"))  # fmt: skip
+    assert code == 0, err
+    assert copies == ["none"]

@@ -20,9 +20,10 @@ from wanfit.plan.estimates import GIB, Request, estimate_denoise, estimate_phase
 from wanfit.plan.host_estimates import host_bytes
 from wanfit.plan.lora import LoraShapes, lora_memory
 from wanfit.plan.plan import Plan, parse_plan_overrides
-from wanfit.plan.planner import budget_from_probe, plan_run
+from wanfit.plan.planner import Budget, budget_from_probe, lora_base_copy_choice, plan_run, step_down
 from wanfit.plan.planning import Constraints, model_request, plan_for
 from wanfit.plan.timing import estimate_time
+from wanfit.runtime.lora import parameter_shapes
 
 BLOCK_LINEARS = tuple(tiny_lora.MODULES)
 TINY_CALL = dict(height=32, width=48, num_frames=5, num_inference_steps=2, seed=1, progress=False)
@@ -59,6 +60,51 @@ def test_the_planner_merges_into_a_resident_dit_and_branches_beside_streamed_or_
     assert fp8.plan.storage_dtype == "float8_e4m3fn" and fp8.plan.lora_mode == "runtime"
 
     assert planned(loras=None).plan.lora_mode is None  # no LoRA, no mode
+
+
+def test_the_planner_keeps_the_base_weights_on_the_gpu_where_they_fit_and_nowhere_for_the_cli():
+    api = planned()  # the Python API may unload: a copy, on the H100 beside the weights
+    assert api.plan.lora_base_copy == "device"
+    copy = api.phases["denoise"].detail["lora_base_copy"]
+    shapes = parameter_shapes(WAN_T2V_1_3B)
+    assert copy == 2 * sum(torch.Size(shapes[f"{m}.weight"]).numel() for m, _ in RANK_64.ranks)  # bf16
+    assert "Base weights kept on the GPU" in api.lora_summary
+    host_copy = replace(api.plan, lora_base_copy="host")
+    with_copy = estimate_phases(api.request, api.plan)["denoise"].peak
+    assert with_copy == estimate_phases(api.request, host_copy)["denoise"].peak + copy
+    assert host_bytes(api.request, host_copy) == host_bytes(api.request, api.plan) + copy
+
+    # Where the copy would not fit, the host; the planner's search itself is unchanged by it.
+    need = max(p.peak for p in estimate_phases(api.request, api.plan, api.attention_backend).values())
+    for budget, where in ((need - 1, "host"), (need, "device")):
+        assert (
+            lora_base_copy_choice(api.request, api.plan, Budget(budget, 1 << 62, "t"), api.attention_backend)
+            == where
+        )
+    assert planned(vram="3GiB").plan.lora_base_copy == "host"  # streamed blocks: on the host
+
+    cli = plan_for(
+        replace(api.request, lora_unloadable=False), Constraints.from_options(), emulated("h100", 128)
+    )
+    assert cli.plan.lora_base_copy == "none" and "No copy of the base weights" in cli.lora_summary
+    assert host_bytes(cli.request, cli.plan) == host_bytes(api.request, host_copy) - copy
+    assert planned(loras=None).plan.lora_base_copy is None
+
+
+def test_out_of_memory_moves_the_base_copy_to_the_host_first():
+    api = planned()
+    lighter = step_down(api.plan, api.request, "denoise", frozen=api.frozen)
+    assert lighter == replace(api.plan, lora_base_copy="host")
+    assert step_down(api.plan, api.request, "denoise", frozen={"lora_base_copy"}).lora_base_copy == "device"
+
+
+def test_a_cli_job_keeps_no_base_copy_and_a_batch_of_several_sizes_does(tiny_model, fixed_hosts, capsys):
+    root, lora = tiny_model
+    base = ["plan", "--model", str(root), "--emulate", "h100", "--size", "48x32", "--frames", "5", "--json"]
+    assert main([*base, "--lora", str(lora)]) == 0
+    assert json.loads(capsys.readouterr().out)["settings"]["lora_base_copy"] == "none"
+    assert main([*base, "--lora", str(lora), "--set", "lora_base_copy=device"]) == 0
+    assert json.loads(capsys.readouterr().out)["settings"]["lora_base_copy"] == "device"
 
 
 def test_a_user_merge_on_a_streamed_plan_is_kept_and_said():

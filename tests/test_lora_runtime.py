@@ -631,3 +631,84 @@ def test_inductor_runs_the_compiled_branch_in_place_and_traces_it_once_after_app
     assert recorder.count(branched, *copies) == recorder.count(base_graphs, *copies)
     functionalised = torch.ops.higher_order.auto_functionalized, torch.ops.higher_order.auto_functionalized_v2
     assert recorder.count(branched, *functionalised) == 0
+
+
+# --- where the base weights are kept (Plan.lora_base_copy) ------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["device", "host"])
+def test_a_kept_base_copy_gives_the_same_merge_and_restores_bit_for_bit(where):
+    first, second = [(make_lora(), 1.0)], [(make_lora(seed=4), 0.7), (make_lora(seed=5), -0.3)]
+    reference = tiny_dit(torch.bfloat16)
+    DiTLoras(reference).apply(second, "merge")  # from the base at once
+    dit = tiny_dit(torch.bfloat16)
+    before = state_of(dit)
+    loras = DiTLoras(dit)
+    loras.apply(first, "merge", where)
+    assert loras.base_copy == where and loras.originals
+    q = dit.blocks[0].self_attn.q.weight
+    kept = loras.originals["blocks.0.self_attn.q.weight"].tensor
+    assert kept.data_ptr() != q.data_ptr() and torch.equal(kept, before["blocks.0.self_attn.q.weight"])
+    loras.apply(second, "merge")  # a second set: computed from the base, not from the first merge
+    expected = state_of(reference)
+    assert all(torch.equal(v, expected[k]) for k, v in state_of(dit).items())
+    loras.remove()
+    assert all(torch.equal(v, before[k]) for k, v in state_of(dit).items())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_without_a_base_copy_the_merge_is_the_same_and_unloading_subtracts_the_deltas(dtype):
+    lora_set = [(make_lora(), 0.8), (make_lora(seed=4), -0.5)]
+    reference = tiny_dit(dtype)
+    DiTLoras(reference).apply(lora_set, "merge", "host")
+    dit = tiny_dit(dtype)
+    base, out_base = state_of(dit), forward(dit)
+    loras = DiTLoras(dit)
+    loras.apply(lora_set, "merge", "none")
+    assert loras.originals == {} and loras.base_copy == "none"
+    merged = state_of(dit)
+    assert all(torch.equal(v, merged[k]) for k, v in state_of(reference).items())  # the same bits
+    out_merged = forward(dit)
+    loras.remove()
+    # Back to the base within one rounding of the merged weight (none at all in fp32 arithmetic's sense).
+    for name, value in state_of(dit).items():
+        ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-22
+        bound = ulp * merged[name].float().abs().max() + 1e-30
+        assert (value.float() - base[name].float()).abs().max() <= bound, name
+    moved, back = (out_merged - out_base).abs().mean(), (forward(dit) - out_base).abs().mean()
+    assert back < moved / 50
+
+
+def test_without_a_base_copy_a_switch_to_the_runtime_branch_keeps_the_output():
+    """An out-of-memory step-down may re-apply the LoRAs in another mode mid-run."""
+    lora_set = [(make_lora(), 0.8)]
+    dit = tiny_dit()
+    loras = DiTLoras(dit)
+    loras.apply(lora_set, "merge", "none")
+    merged = forward(dit)
+    loras.apply(lora_set, "runtime")
+    assert loras.branches and loras.mode == "runtime"
+    torch.testing.assert_close(forward(dit), merged, rtol=1e-5, atol=1e-5)
+
+
+def test_the_base_copy_moves_where_the_plan_says_and_a_dropped_one_stays_dropped():
+    dit = tiny_dit(torch.bfloat16)
+    before = state_of(dit)
+    loras = DiTLoras(dit)
+    loras.apply([(make_lora(), 1.0)], "merge", "device")
+    loras.keep_base("host")
+    assert loras.base_copy == "host"
+    assert all(o.tensor.device.type == "cpu" for o in loras.originals.values())
+    loras.keep_base("none")
+    assert loras.originals == {} and loras.base_copy == "none"
+    loras.keep_base("device")  # nothing to copy from while the LoRAs are merged
+    assert loras.base_copy == "none"
+    with pytest.raises(ValueError, match="base_copy must be one of"):
+        loras.keep_base("disk")
+    loras.remove()  # subtracts: the base to a rounding
+    assert max(float((v.float() - before[k].float()).abs().max()) for k, v in state_of(dit).items()) < 0.05
+    rounded = state_of(dit)
+    loras.apply([(make_lora(), 1.0)], "merge", "host")  # with nothing merged, a copy is kept again
+    assert loras.base_copy == "host" and loras.originals
+    loras.remove()
+    assert all(torch.equal(v, rounded[k]) for k, v in state_of(dit).items())

@@ -379,8 +379,13 @@ class WanPipeline:
         if self.lora.loras:
             if plan.lora_mode is None:
                 plan = replace(plan, lora_mode=self.lora.mode)
-            elif plan.lora_mode != self.lora.mode:
-                self.lora.apply(self.lora.loras, plan.lora_mode)
+            if plan.lora_base_copy is None:
+                plan = replace(plan, lora_base_copy=self.lora.base_copy)
+            if plan.lora_mode != self.lora.mode:
+                self.lora.apply(self.lora.loras, plan.lora_mode, plan.lora_base_copy)
+            elif plan.lora_base_copy != self.lora.base_copy:
+                self.lora.keep_base(plan.lora_base_copy)
+            plan = replace(plan, lora_base_copy=self.lora.base_copy)  # a dropped copy stays dropped
         self.plan = plan
         self.placement.apply(plan)
 
@@ -526,6 +531,11 @@ class WanPipeline:
         made before any LoRA was known asks the planner's rule, wanfit.plan.lora). The plan records the
         mode applied. Returns the converted LoraWeights; its `notes` say what was skipped.
         """
+        return self.load_loras([(path, strength)], skip_unknown=skip_unknown, mode=mode)[0]
+
+    def load_loras(self, loras, *, skip_unknown: bool = False, mode: str | None = None) -> list:
+        """Add several LoRAs ([(file or LoraWeights, strength)]) in one merge: each weight is read,
+        changed and written once. Returns their converted LoraWeights."""
         from wanfit.plan.lora import lora_mode_rule
         from wanfit.weights.lora_keys import LoraWeights, load_lora
 
@@ -534,17 +544,37 @@ class WanPipeline:
                 "LoRAs cannot be applied to a DiT sharded across processes (dit_sharding=fsdp) yet; "
                 "drop --lora, or give the run GPUs that hold the DiT whole."
             )
-        lora = path
-        if not isinstance(path, LoraWeights):
-            shapes, name = self.dit_parameter_shapes()
-            lora = load_lora(path, shapes, skip_unknown=skip_unknown, model_name=name)
+        converted = []
+        for path, strength in loras:
+            lora = path
+            if not isinstance(path, LoraWeights):
+                shapes, name = self.dit_parameter_shapes()
+                lora = load_lora(path, shapes, skip_unknown=skip_unknown, model_name=name)
+            converted.append((lora, float(strength)))
+        applied = [*self.lora.loras, *converted]
         mode = mode or self.plan.lora_mode or lora_mode_rule(self.plan)[0]
-        self.lora.apply([*self.lora.loras, (lora, float(strength))], mode)
-        self.plan = replace(self.plan, lora_mode=mode)  # what runs, in the run's record
-        return lora
+        base_copy = self.plan.lora_base_copy or self._lora_base_copy(
+            replace(self.plan, lora_mode=mode), applied
+        )
+        self.lora.apply(applied, mode, base_copy)
+        # What runs, in the run's record (a base copy already dropped stays dropped).
+        self.plan = replace(self.plan, lora_mode=mode, lora_base_copy=self.lora.base_copy)
+        return [lora for lora, _ in converted]
+
+    def _lora_base_copy(self, plan: Plan, loras) -> str:
+        """Where a plan made before any LoRA was known keeps their base weights: the planner's choice
+        for this budget (wanfit.plan.planner.lora_base_copy_choice); the host without a planned budget."""
+        if self.planning is None:
+            return "host"
+        from wanfit.plan.lora import LoraShapes
+        from wanfit.plan.planner import lora_base_copy_choice
+
+        request = replace(self.planning.request, loras=LoraShapes.of(loras))
+        return lora_base_copy_choice(request, plan, self.planning.budget, self.planning.attention_backend)
 
     def unload_loras(self) -> None:
-        """Remove every LoRA: the DiT's weights are the base weights again, bit for bit."""
+        """Remove every LoRA: the DiT's weights are the base weights again, bit for bit (a plan that
+        kept no base copy, Plan.lora_base_copy="none", as the CLI's: to the storage dtype's rounding)."""
         self.lora.remove()
 
     @property

@@ -263,7 +263,11 @@ def _run_batch(args: argparse.Namespace, current) -> int:
             key = _plan_key(s)
             if key not in plans:
                 prompts = max(len(group) for group in shared[key].values())
-                plans[key] = _plan_size(args, s, hardware, current, loras, prompts, f"plan/{len(plans)}")
+                # Several sizes may apply the LoRAs in several modes: each re-applied from the base.
+                unloadable = len(shared) > 1
+                plans[key] = _plan_size(
+                    args, s, hardware, current, loras, prompts, f"plan/{len(plans)}", unloadable
+                )
             if isinstance(plans[key], str):  # this size fits nowhere: its lines fail, the rest run
                 job.error = plans[key]
             else:
@@ -319,14 +323,23 @@ def _take_output_ranks_view(jobs: list[Job], current) -> None:
         job.error, job.done = error, done
 
 
-def _plan_size(args, settings, hardware, current, loras, prompts: int, key: str):
+def _plan_size(args, settings, hardware, current, loras, prompts: int, key: str, lora_unloadable: bool):
     """The plan (a PlanResult) for one size, rank 0's on every process, or the error every process
     agrees on (a string)."""
     from wanfit.commands import generate as g
 
     error = None
     try:
-        planned = g.plan_job(args, settings, hardware, current, loras=loras, prompts=prompts, share=False)
+        planned = g.plan_job(
+            args,
+            settings,
+            hardware,
+            current,
+            loras=loras,
+            prompts=prompts,
+            share=False,
+            lora_unloadable=lora_unloadable,
+        )
         if planned.plan.cache is not None:
             g.check_cache(planned, args, settings, [lora.record(st) for lora, st in loras])
     except WanfitError as err:

@@ -71,7 +71,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="videos of each prompt (seeds seed..seed+N-1)",
     )
     p.add_argument(
-        "--negative-prompt", default=None, help="default: the model's (the official one; empty for the built-in model)"
+        "--negative-prompt",
+        default=None,
+        help="default: the model's (the official one; empty for the built-in model)",
     )
     p.add_argument(
         "--size",
@@ -562,7 +564,11 @@ def _hardware(args: argparse.Namespace):
     return hw
 
 
-def _job_request(args: argparse.Namespace, settings: Settings, loras=(), prompts: int = 1):
+def _job_request(
+    args: argparse.Namespace, settings: Settings, loras=(), prompts: int = 1, lora_unloadable: bool = False
+):
+    """The job as the planner sees it; a CLI job never unloads its LoRAs (lora_unloadable: one that
+    switches plans, as a batch of several sizes may, re-applies them from the base weights)."""
     from wanfit.plan.planning import model_request
 
     return model_request(
@@ -573,6 +579,7 @@ def _job_request(args: argparse.Namespace, settings: Settings, loras=(), prompts
         guidance=settings.guidance != 1.0,
         steps=settings.steps,
         loras=loras,
+        lora_unloadable=lora_unloadable,
         prompts=prompts,
         **common.model_components(args),
     )
@@ -586,9 +593,11 @@ def plan_job(
     loras=(),
     prompts: int = 1,
     share: bool = True,
+    lora_unloadable: bool = False,
 ):
     """The planner's fastest plan that fits this machine (or --vram) for this job (with `loras`, as
-    read_loras gives them; prompts: how many a batch job has of this size); PlanError if none.
+    read_loras gives them; prompts: how many a batch job has of this size; lora_unloadable: whether
+    the run re-applies them, so their base weights are kept); PlanError if none.
 
     In a run on several processes (current): the plan is for one GPU, and every process runs rank 0's
     (its collectives must match), on its own GPU; share False: this process's own, which the caller
@@ -596,7 +605,7 @@ def plan_job(
     """
     from wanfit.plan.planning import plan_for
 
-    request = _job_request(args, settings, loras, prompts)
+    request = _job_request(args, settings, loras, prompts, lora_unloadable)
     world_size = current.world_size if current is not None else None
     constraints = parallel_constraints(
         args, request, common.constraints_from_args(args), world_size=world_size

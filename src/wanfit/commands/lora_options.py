@@ -120,8 +120,9 @@ def apply_loras(pipe, loras: list, *, notes: bool = True) -> None:
     """Apply what read_loras returned to a loaded pipeline; say each LoRA's notes (if `notes`)."""
     import sys
 
-    for lora, strength in loras:
-        pipe.load_lora(lora, strength)
+    if loras:
+        pipe.load_loras(loras)  # one merge: each weight read and written once
+    for lora, _ in loras:
         for note in lora.notes if notes else ():
             print(f"wanfit: note: {note}.", file=sys.stderr)
 

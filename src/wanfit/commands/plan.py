@@ -71,7 +71,7 @@ def request_from_args(args: argparse.Namespace, preset=None):
         model, width=width, height=height, frames=args.frames, guidance=guidance, steps=steps, **parts
     )
     loras = read_loras(lora_requests(args, preset), request.config, args.lora_skip_unknown)
-    return replace(request, loras=LoraShapes.of(loras))
+    return replace(request, loras=LoraShapes.of(loras), lora_unloadable=False)  # as `generate` plans it
 
 
 def run(args: argparse.Namespace) -> int:

@@ -255,6 +255,9 @@ class Request:
     text_encoder_file_dtype: str | None = None
     steps: int | None = None  # denoising steps; None: the sampler's default (whether compiling pays)
     loras: LoraShapes | None = None  # the LoRAs the job applies (their ranks and targets), None: none
+    # Whether the caller may unload the LoRAs (the Python API), so their base weights must be kept
+    # (Plan.lora_base_copy); the CLI's jobs never unload them.
+    lora_unloadable: bool = True
     # Prompts of this size a batch job has (the planner may denoise several in one pass: Plan.prompts_per_pass).
     prompts: int = 1
 
@@ -507,12 +510,12 @@ def estimate_text_encoder(request: Request, plan: Plan, *, others: bool = True) 
     lora_host = _lora_host_on_device(plan, lora)
     return PhaseEstimate(
         "text_encoder",
-        weights=weights + dit + fp8_gemms + vae + lora_host,
+        weights=weights + dit + fp8_gemms + vae + lora.base_copy + lora_host,
         activations=max(activations, merge),
         workspace=workspace,
         cache=_embeddings_bytes(request, plan),
         detail={"text_encoder": weights, "dit": dit, "fp8_gemms": fp8_gemms, "vae": vae, "lora_merge": merge,
-                "lora_host": lora_host},  # fmt: skip
+                "lora_base_copy": lora.base_copy, "lora_host": lora_host},  # fmt: skip
     )
 
 
@@ -631,7 +634,7 @@ def estimate_denoise(request: Request, plan: Plan, backend: str, *, others: bool
     cache = int(latents) + _embeddings_bytes(request, plan) + step_cache
     return PhaseEstimate(
         "denoise",
-        weights=dit + fp8_gemms + te + vae + lora.factors + lora_host,
+        weights=dit + fp8_gemms + te + vae + lora.factors + lora.base_copy + lora_host,
         activations=act + lora.branch,
         workspace=ws,
         cache=cache,
@@ -644,6 +647,7 @@ def estimate_denoise(request: Request, plan: Plan, backend: str, *, others: bool
             f"peak_stage_{stage}": act + ws,
             "step_cache": step_cache,
             "lora_factors": lora.factors,
+            "lora_base_copy": lora.base_copy,
             "lora_branch": lora.branch,
             "lora_host": lora_host,
         },
@@ -716,7 +720,8 @@ def estimate_vae_decode(request: Request, plan: Plan, backend: str, *, others: b
     if others and not plan.offload_dit_before_decode:
         # The DiT with its fp8 copies and its LoRA branch's factors (released with it before the decode).
         fp8_gemms = fast_tier_weights(request.config, plan)
-        weights += dit_device_weights(request.config, plan, request.dit_file_dtype) + fp8_gemms + lora.factors
+        weights += dit_device_weights(request.config, plan, request.dit_file_dtype) + fp8_gemms
+        weights += lora.factors + lora.base_copy
     if others:
         weights += text_encoder_device_weights(request, plan, during_encode=False)
         weights += _lora_host_on_device(plan, lora)

@@ -80,6 +80,36 @@ def lora_mode_rule(plan: Plan) -> tuple[str, str]:
     return "merge", f"the DiT is resident in {plan.compute_dtype}: merged once, nothing to pay per step"
 
 
+def device_base_copy_possible(plan: Plan) -> bool:
+    """Whether the base weights a merge overwrites can be kept beside them on the GPU: a merge into a
+    DiT resident there for the whole run (not streamed, not in fp8, not sent to the host to decode)."""
+    return (
+        plan.device.startswith("cuda")
+        and plan.lora_mode == "merge"
+        and plan.dit_blocks_resident is None
+        and not (plan.storage_dtype is not None and dtype_bytes(plan.storage_dtype) == 1)
+        and plan.dit_sharding == "none"
+        and not plan.offload_dit_before_decode
+    )
+
+
+def lora_base_copy_rule(request, plan: Plan, device_fits: bool) -> str:
+    """Where the base weights are kept: nowhere for a run that never unloads its LoRAs; beside them
+    on the GPU where that copy fits the budget (`device_fits`: the planner's estimate with it); else
+    on the host."""
+    if not request.lora_unloadable:
+        return "none"
+    return "device" if device_base_copy_possible(plan) and device_fits else "host"
+
+
+def planned_lora_base_copy(request, plan: Plan) -> str | None:
+    """Where the plan keeps the LoRAs' base weights: its own choice, or (before the planner records
+    one) the host for a caller that may unload, nowhere for one that never does; None without LoRAs."""
+    if request.loras is None:
+        return None
+    return plan.lora_base_copy or ("host" if request.lora_unloadable else "none")
+
+
 def planned_lora_mode(request, plan: Plan) -> str | None:
     """The mode the plan applies LoRAs in: its own, or (while the planner searches, before it records
     one) the rule's for it; None without LoRAs."""
@@ -204,7 +234,8 @@ class LoraMemory:
     branch: int = 0  # runtime branch: its activations at the DiT's peak
     merge: int = 0  # a merge's fp32 temporaries: transient, before the denoising
     merge_on_device: bool = False  # the merge computes where the DiT was loaded: the device, or the host
-    host: int = 0  # on the host for the whole run (the base weights kept for unloading, ...)
+    base_copy: int = 0  # on the device for the whole run: the base weights kept there (lora_base_copy)
+    host: int = 0  # on the host for the whole run (the base weights kept there for unloading, ...)
 
 
 def lora_memory(request, plan: Plan) -> LoraMemory:
@@ -216,9 +247,10 @@ def lora_memory(request, plan: Plan) -> LoraMemory:
     result in place, so no second output is held (wanfit.runtime.lora, without autograd).
     merge: MERGE_FP32_COPIES fp32 copies of the largest merged weight while it is merged, where the DiT
     was loaded (the device for a resident DiT, the host for a streamed or fp8 one); nothing after.
-    Both keep on the host the stored form of every tensor merged (the base weights `unload_loras`
-    restores; in merge mode most of the DiT), the converted LoRAs, and in runtime mode the branches'
-    fp32 factors; a DiT streamed from its mapped file holds its merged blocks as private copies.
+    Both keep the stored form of every tensor merged (the base weights `unload_loras` restores; in
+    merge mode most of the DiT) where Plan.lora_base_copy says: on the device, on the host, or
+    nowhere; on the host the converted LoRAs, and in runtime mode the branches' fp32 factors; a DiT
+    streamed from its mapped file holds its merged blocks as private copies.
     """
     from wanfit.plan.estimates import dit_streams_from_file, rank_batch, rank_tokens
 
@@ -245,7 +277,8 @@ def lora_memory(request, plan: Plan) -> LoraMemory:
     largest = max((_numel(params[name]) for name in merged), default=0)
     streams_from_file = dit_streams_from_file(plan) and request.dit_file_dtype is not None
     stored = dtype_bytes(request.dit_file_dtype) if streams_from_file else c  # as loaded, before placing
-    merged_bytes = sum(_numel(params[name]) for name in merged) * stored
+    merged_numel = sum(_numel(params[name]) for name in merged)
+    base_copy = planned_lora_base_copy(request, plan)
     private = (
         sum(_numel(params[n]) for n in merged if n.startswith("blocks.")) * stored if streams_from_file else 0
     )
@@ -256,17 +289,32 @@ def lora_memory(request, plan: Plan) -> LoraMemory:
         branch=branch * c,
         merge=MERGE_FP32_COPIES * FP32 * largest,
         merge_on_device=plan.device == "cpu" or not placed_late,
-        host=shapes.held_bytes + merged_bytes + FP32 * factor_elements + private,
+        base_copy=merged_numel * c if base_copy == "device" else 0,
+        host=shapes.held_bytes
+        + (merged_numel * stored if base_copy == "host" else 0)
+        + FP32 * factor_elements
+        + private,
     )
 
 
 def describe_lora_mode(request, plan: Plan, user_set: bool) -> str | None:
-    """A line for `wanfit plan`: how the LoRAs are applied, and why (None without LoRAs)."""
+    """A line for `wanfit plan`: how the LoRAs are applied, where their base weights are kept, and
+    why (None without LoRAs)."""
     mode = planned_lora_mode(request, plan)
     if mode is None:
         return None
     rule, why = lora_mode_rule(plan)
     what = "merged into the weights" if mode == "merge" else "a low-rank branch beside each block Linear"
     if user_set and mode != rule:
-        return f"LoRAs: {what}, as set (lora_mode={mode}); the planner would choose {rule}: {why}."
-    return f"LoRAs: {what} ({why})."
+        line = f"LoRAs: {what}, as set (lora_mode={mode}); the planner would choose {rule}: {why}."
+    else:
+        line = f"LoRAs: {what} ({why})."
+    kept = planned_lora_base_copy(request, plan)
+    return line + " " + _BASE_COPY_LINES[kept]
+
+
+_BASE_COPY_LINES = {
+    "device": "Base weights kept on the GPU for unloading (restored device to device).",
+    "host": "Base weights kept on the host for unloading.",
+    "none": "No copy of the base weights kept (the run never unloads its LoRAs).",
+}

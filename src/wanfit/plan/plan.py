@@ -30,6 +30,10 @@ DIT_SHARDINGS = ("none", "fsdp")  # the DiT whole on every process, or its block
 # How LoRAs reach the DiT (wanfit.runtime.lora): merged into its weights, or a low-rank branch beside
 # each block Linear.
 LORA_MODES = ("merge", "runtime")
+# Where the base weights a merge overwrites are kept, so unload_loras restores them bit for bit: a copy
+# beside them on the device (a device-to-device copy each way), on the host (a round trip over PCIe),
+# or nowhere (a run that never unloads: an unload subtracts the deltas, exact to a rounding).
+LORA_BASE_COPIES = ("device", "host", "none")
 
 
 def _setting(kind: str, help: str, **rules) -> dict:
@@ -229,6 +233,19 @@ class Plan:
             "choice",
             "how LoRAs are applied: merged into the weights, or a low-rank branch beside each block Linear",
             choices=LORA_MODES,
+            optional=True,
+            none="no LoRA",
+        ),
+    )
+
+    # None: no LoRA, or none known yet (the pipeline then keeps the base on the host).
+    lora_base_copy: str | None = field(
+        default=None,
+        metadata=_setting(
+            "choice",
+            "where the base weights of the tensors a LoRA changes are kept for unloading: the device, "
+            "the host, or nowhere (the CLI never unloads)",
+            choices=LORA_BASE_COPIES,
             optional=True,
             none="no LoRA",
         ),

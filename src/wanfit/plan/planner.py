@@ -46,7 +46,12 @@ from wanfit.plan.estimates import (
     text_encoder_streamed,
 )
 from wanfit.plan.host_estimates import HostEstimate, host_bytes, host_phases
-from wanfit.plan.lora import describe_lora_mode, lora_mode_rule
+from wanfit.plan.lora import (
+    describe_lora_mode,
+    device_base_copy_possible,
+    lora_base_copy_rule,
+    lora_mode_rule,
+)
 from wanfit.plan.plan import Plan, describe_setting
 from wanfit.precision import compute_dtype_for, dtype_name
 
@@ -380,6 +385,11 @@ def _offload_dit(plan: Plan, request: Request) -> list[Plan]:
     return [] if plan.offload_dit_before_decode else [replace(plan, offload_dit_before_decode=True)]
 
 
+def _lora_base_to_host(plan: Plan, request: Request) -> list[Plan]:
+    """The LoRAs' base copy moved off the GPU (unloading then copies it back over PCIe)."""
+    return [replace(plan, lora_base_copy="host")] if plan.lora_base_copy == "device" else []
+
+
 def _exact_tier(plan: Plan, request: Request) -> list[Plan]:
     """The fast tier's fp8 copies of the block weights given back (exact GEMMs). Before streaming or
     sharding, which would take the tier out of place anyway and cost more."""
@@ -485,7 +495,8 @@ KNOBS: tuple[Knob, ...] = (
 # planner's search does not need it: it plans the tier only where its copies fit (_search_tiers). No
 # user field guards it: --fast asks for the tier where it fits.
 def _recovery_knobs() -> tuple[Knob, ...]:
-    knobs = list(KNOBS)
+    # The LoRAs' base copy leaves the GPU first: it costs nothing per step.
+    knobs = [Knob("lora_base_to_host", frozenset({"lora_base_copy"}), _lora_base_to_host), *KNOBS]
     # fp8 storage takes the tier out of place too: the tier goes first.
     at = next(i for i, knob in enumerate(knobs) if knob.name in ("dit_fp8_as_file", "shard_dit"))
     knobs.insert(at, Knob("exact_tier", frozenset(), _exact_tier))
@@ -888,6 +899,23 @@ def _with_lora_mode(plan: Plan, request: Request, frozen: frozenset[str]) -> Pla
     return replace(plan, lora_mode=lora_mode_rule(plan)[0])
 
 
+def lora_base_copy_choice(request: Request, plan: Plan, budget: Budget, backend: str) -> str:
+    """Where `plan` keeps the base weights its LoRAs change (Plan.lora_base_copy): the rule's answer,
+    the GPU only where the plan's phases still fit `budget` with that copy there."""
+    fits = device_base_copy_possible(plan) and (
+        _fits(estimate_phases(request, replace(plan, lora_base_copy="device"), backend), budget) is None
+    )
+    return lora_base_copy_rule(request, plan, fits)
+
+
+def _with_lora_base_copy(
+    plan: Plan, request: Request, budget: Budget, backend: str, frozen: frozenset[str]
+) -> Plan:
+    if request.loras is None or "lora_base_copy" in frozen:
+        return plan
+    return replace(plan, lora_base_copy=lora_base_copy_choice(request, plan, budget, backend))
+
+
 def _leanest(request: Request, base: Plan, backend: str, frozen: frozenset[str]) -> Plan:
     """Everything given up that lowers some phase: the smallest plan there is."""
     plan = base
@@ -992,6 +1020,9 @@ def plan_run(
     plan, phases, batching_note = _prompts_per_pass(plan, chosen, budget, backend, frozen, phases)
     if batching_note:
         notes.append(batching_note)
+    plan = _with_lora_base_copy(plan, chosen, budget, backend, frozen)
+    if plan.lora_base_copy == "device":
+        phases = estimate_phases(chosen, plan, backend)
     host = host_phases(chosen, plan)
     notes += _plan_notes(plan, device, chosen, compile_costs)
     storage_note = _dit_storage_note(plan, chosen, frozen)

@@ -86,6 +86,7 @@ def model_request(
     tokenizer: str | Path | None = None,
     steps: int | None = None,
     loras=(),
+    lora_unloadable: bool = True,
     prompts: int = 1,
 ) -> Request:
     """The job as the planner sees it. model: a folder (official, diffusers or ComfyUI), a preset name
@@ -93,13 +94,16 @@ def model_request(
     folder's own (all three: no folder needed). Headers only: no weights are read. steps: the
     denoising steps (None: the sampler's default), which decide whether compiling pays. loras: the
     converted LoRAs the job applies (LoraWeights, or (LoraWeights, strength) as read_loras gives
-    them): how they are applied is planned (Plan.lora_mode), and their memory counted. prompts: how
+    them): how they are applied is planned (Plan.lora_mode), and their memory counted;
+    lora_unloadable=False (a CLI job) keeps no copy of the base weights they change. prompts: how
     many prompts of this size a batch job has (the planner may denoise several in one pass)."""
     from wanfit.plan.lora import LoraShapes
 
     components = {"dit": dit, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer}
     request = _model_request(model, width, height, frames, guidance, components)
-    return replace(request, steps=steps, loras=LoraShapes.of(loras), prompts=prompts)
+    return replace(
+        request, steps=steps, loras=LoraShapes.of(loras), lora_unloadable=lora_unloadable, prompts=prompts
+    )
 
 
 def _model_request(model, width: int, height: int, frames: int, guidance: bool, components: dict) -> Request:

@@ -12,9 +12,12 @@ runtime  y = x W^T + (x A^T) B^T beside each Linear of the blocks, B carrying st
          embeddings) is merged in either mode.
 Which one runs is the plan's (Plan.lora_mode; the planner's rule is wanfit.plan.lora.lora_mode_rule);
 either runs on any placement.
-Every touched tensor's stored form is kept on the host the first time, so `remove_loras` restores
-the base weights bit for bit and a new LoRA set is always computed from the base. The pipeline owns
-the state (DiTLoras); the model holds only the branches, in its block Linears' `low_rank` slots.
+Every touched tensor's stored form is kept the first time where Plan.lora_base_copy says: beside it
+on its device, or on the host, so `remove` restores the base weights bit for bit and a new LoRA set
+is computed from the base; or nowhere (a run that never unloads), where `remove` subtracts the deltas
+again (exact to the storage dtype's rounding). A merge reads the weight where it lives, so with the
+copy on the device nothing crosses PCIe. The pipeline owns the state (DiTLoras); the model holds only
+the branches, in its block Linears' `low_rank` slots.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from wanfit.plan.plan import LORA_BASE_COPIES
 from wanfit.plan.plan import LORA_MODES as MODES
 from wanfit.weights.lora_keys import LoraWeights, LowRank
 
@@ -41,6 +45,10 @@ class _Original:
         """The base weight in fp32 on `device`: a new tensor (a merge adds to it in place)."""
         t = self.tensor.to(device, torch.float32, copy=True)
         return t.mul_(self.scale.to(device)) if self.scale is not None else t
+
+    def move_to(self, device: torch.device | str) -> None:
+        self.tensor = self.tensor.to(device)
+        self.scale = None if self.scale is None else self.scale.to(device)
 
 
 class _DeviceCopy:
@@ -221,7 +229,9 @@ class DiTLoras:
         self.placement = placement
         self.loras: list[tuple[LoraWeights, float]] = []
         self.mode: str = "merge"
+        self.base_copy: str = "host"  # where the originals are kept (Plan.lora_base_copy)
         self.originals: dict[str, _Original] = {}
+        self.merged: dict[str, list[tuple[float, object]]] = {}  # parameter -> the updates merged into it
         self.branches: list[LowRankBranch] = []
         self.shared: list[SharedDownProjection] = []
         self.branch_modules: dict[LowRankBranch, str] = {}  # branch -> its Linear's name
@@ -230,13 +240,18 @@ class DiTLoras:
     def streamer(self):
         return getattr(self.placement, "streamer", None)
 
-    def apply(self, loras: list[tuple[LoraWeights, float]], mode: str) -> None:
-        """Make `loras` (each with its strength) the DiT's LoRA set, computed from the base weights."""
+    def apply(self, loras: list[tuple[LoraWeights, float]], mode: str, base_copy: str | None = None) -> None:
+        """Make `loras` (each with its strength) the DiT's LoRA set, computed from the base weights;
+        base_copy: where to keep the base of each tensor merged (Plan.lora_base_copy; None: as now)."""
         # Checked before anything changes: a bad mode must not leave the DiT half patched.
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+        if base_copy is not None and base_copy not in LORA_BASE_COPIES:
+            raise ValueError(f"base_copy must be one of {LORA_BASE_COPIES}, not {base_copy!r}")
         dit = self.dit
         self._restore()
+        if base_copy is not None:
+            self.keep_base(base_copy)
         self.loras, self.mode = list(loras), mode
         branch_modules = _block_linears(dit) if mode == "runtime" else set()
 
@@ -252,19 +267,19 @@ class DiTLoras:
 
         originals = {}
         for name, updates in merged.items():
-            original = originals[name] = self.originals.get(name) or _snapshot(dit, self.streamer, name)
+            original = self.originals.get(name)
+            if original is None and self.base_copy != "none":
+                original = _snapshot(dit, self.streamer, name, on_host=self.base_copy == "host")
+            if original is not None:
+                originals[name] = original
             device = _compute_device(dit, self.streamer, name)
             # In place: the value and one delta are the only fp32 copies alive (wanfit.plan.lora counts
             # MERGE_FP32_COPIES of the largest weight).
-            value = original.value(device)
-            for strength, update in updates:
-                delta = (
-                    update.delta(device) if isinstance(update, LowRank) else update.to(device, torch.float32)
-                )
-                value.add_(delta.reshape(value.shape), alpha=strength)
-                del delta
-            _write(dit, self.streamer, name, value, original.dtype)
+            value = _base_value(dit, self.streamer, name, original, device)
+            _add_updates(value, updates, device, sign=1.0)
+            _write(dit, self.streamer, name, value, _compute_dtype(dit, self.streamer, name))
         self.originals = originals  # tensors no LoRA touches any more were restored by _restore
+        self.merged = merged
 
         by_module: dict[str, LowRankBranch] = {}
         for module_name, updates in branches.items():
@@ -288,9 +303,26 @@ class DiTLoras:
             branch.make_device_copies(device, _compute_dtype(self.dit, self.streamer, weight))
 
     def remove(self) -> None:
-        """Back to the exact base weights: every touched tensor restored, every branch removed."""
+        """Back to the base weights (bit for bit where a copy was kept): every touched tensor restored,
+        every branch removed."""
         self._restore()
-        self.loras, self.originals = [], {}
+        self.loras, self.originals, self.merged = [], {}, {}
+
+    def keep_base(self, where: str) -> None:
+        """Keep the base copies `where` (Plan.lora_base_copy): beside their tensors on the device, on
+        the host, or nowhere (dropped: a later restore subtracts the deltas). A copy dropped cannot
+        be made again while the LoRAs are merged: "nowhere" stays."""
+        if where not in LORA_BASE_COPIES:
+            raise ValueError(f"base_copy must be one of {LORA_BASE_COPIES}, not {where!r}")
+        if self.base_copy == "none" and self.merged:
+            return
+        if where == "none":
+            self.originals = {}
+        else:
+            for name, original in self.originals.items():
+                home = "cpu" if where == "host" else _stored_device(self.dit, self.streamer, name)
+                original.move_to(home)
+        self.base_copy = where
 
     def release_device_copies(self) -> None:
         """Drop the runtime branches' device copies of their factors (the DiT left the device); the
@@ -304,8 +336,16 @@ class DiTLoras:
         self.branches.clear()
         self.shared.clear()
         self.branch_modules.clear()
-        for name, original in self.originals.items():
-            _write_original(self.dit, self.streamer, name, original)
+        for name, updates in self.merged.items():
+            original = self.originals.get(name)
+            if original is not None:
+                _write_original(self.dit, self.streamer, name, original)
+            else:  # no copy kept: the merged weight less its deltas
+                device = _compute_device(self.dit, self.streamer, name)
+                value = _current_value(self.dit, self.streamer, name, device)
+                _add_updates(value, updates, device, sign=-1.0)
+                _write(self.dit, self.streamer, name, value, _compute_dtype(self.dit, self.streamer, name))
+        self.merged = {}
         self._reset_streamer()
 
     def _reset_streamer(self) -> None:
@@ -352,14 +392,67 @@ def _locate(dit: nn.Module, streamer, name: str):
     return module, leaf, streamer, found
 
 
-def _snapshot(dit: nn.Module, streamer, name: str) -> _Original:
+def _snapshot(dit: nn.Module, streamer, name: str, on_host: bool) -> _Original:
+    """A copy of the parameter's stored form: on the host, or beside it on its own device."""
     module, leaf, _, found = _locate(dit, streamer, name)
     param = module._parameters[leaf]
     if found is not None:
         _, slot = found
-        scale = None if slot.scale is None else slot.scale.detach().to("cpu", copy=True)
-        return _Original(slot.stored.detach().to("cpu", copy=True), scale, slot.dtype)
-    return _Original(param.detach().to("cpu", copy=True), None, param.dtype)
+        stored, scale, dtype = slot.stored, slot.scale, slot.dtype
+    else:
+        stored, scale, dtype = param, None, param.dtype
+    home = "cpu" if on_host else stored.device
+    scale = None if scale is None else scale.detach().to(home, copy=True)
+    return _Original(stored.detach().to(home, copy=True), scale, dtype)
+
+
+def _stored_device(dit: nn.Module, streamer, name: str) -> torch.device:
+    """Where the parameter's stored form lives (a streamed block's: the host)."""
+    module, leaf, _, found = _locate(dit, streamer, name)
+    return found[1].stored.device if found is not None else module._parameters[leaf].device
+
+
+def _current_value(dit: nn.Module, streamer, name: str, device: torch.device) -> torch.Tensor:
+    """The parameter's value as now stored, in fp32 on `device`: a new tensor."""
+    module, leaf, _, found = _locate(dit, streamer, name)
+    if found is not None:
+        slot = found[1]
+        t = slot.stored.detach().to(device, torch.float32, copy=True)
+        return t.mul_(slot.scale.to(device)) if slot.scale is not None else t
+    return module._parameters[leaf].detach().to(device, torch.float32, copy=True)
+
+
+def _base_value(dit: nn.Module, streamer, name: str, original: _Original | None, device) -> torch.Tensor:
+    """The base weight in fp32 on `device`, read where it is cheapest: the kept copy when it is on
+    that device or in another form than the parameter is now stored in (which _restore re-rounded),
+    else the parameter itself (restored: the base, bit for bit), so a host copy is never read back."""
+    if original is not None and (
+        original.tensor.device == torch.device(device) or not _same_form(dit, streamer, name, original)
+    ):
+        return original.value(device)
+    return _current_value(dit, streamer, name, device)
+
+
+def _same_form(dit: nn.Module, streamer, name: str, original: _Original) -> bool:
+    """Whether the parameter is stored now as it was when `original` was taken (dtype, shape, scale)."""
+    module, leaf, _, found = _locate(dit, streamer, name)
+    if found is not None:
+        stored, scale = found[1].stored, found[1].scale
+    else:
+        stored, scale = module._parameters[leaf], None
+    return (
+        (scale is None) == (original.scale is None)
+        and stored.dtype == original.tensor.dtype
+        and stored.shape == original.tensor.shape
+    )
+
+
+def _add_updates(value: torch.Tensor, updates: list, device, sign: float) -> None:
+    """value += sign * sum(strength * delta), one delta in fp32 alive at a time."""
+    for strength, update in updates:
+        delta = update.delta(device) if isinstance(update, LowRank) else update.to(device, torch.float32)
+        value.add_(delta.reshape(value.shape), alpha=sign * strength)
+        del delta
 
 
 def _compute_device(dit: nn.Module, streamer, name: str) -> torch.device:
@@ -389,10 +482,7 @@ def _write_original(dit: nn.Module, streamer, name: str, original: _Original) ->
     module, leaf, streamer, found = _locate(dit, streamer, name)
     if found is not None:
         _, slot = found
-        same_form = (slot.scale is None) == (
-            original.scale is None
-        ) and slot.stored.dtype == original.tensor.dtype
-        if same_form and slot.stored.shape == original.tensor.shape:
+        if _same_form(dit, streamer, name, original):
             slot.stored.copy_(original.tensor)
             if slot.scale is not None:
                 slot.scale.copy_(original.scale)
