@@ -3,6 +3,9 @@
     python3 benchmarks/bench_lora.py --out $OUT/lora.json                       # 1.3B and 14B DiT, 1.3B job
     python3 benchmarks/bench_lora.py --models 14B --layers 10 --skip-job        # quicker
     python3 benchmarks/bench_lora.py --tiny                                     # CPU, tiny: logic only
+    # the 14B job over two calls (each run about 5 min at 50 steps):
+    python3 benchmarks/bench_lora.py --models "" --job-model 14B --job-runs wanfit_full,wanfit_4step_lora
+    python3 benchmarks/bench_lora.py --models "" --job-model 14B --job-runs diffusers_full,diffusers_4step_lora
 
 Random real-shape weights. The LoRA is shaped like LightX2V's step-distill LoRA (rank 64 on every
 block Linear, with bias diffs, norm3 and modulation diffs, and the text/time embeddings and head).
@@ -36,6 +39,17 @@ except ImportError:
 PROMPT = "a red fox running through fresh snow at dawn, cinematic lighting"
 
 
+JOB_RUNS = ("diffusers_full", "diffusers_4step_lora", "wanfit_full", "wanfit_4step_lora")
+
+
+def job_runs(text: str) -> tuple[str, ...]:
+    names = tuple(n for n in text.split(",") if n)
+    unknown = [n for n in names if n not in JOB_RUNS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown job runs {unknown}; choose from {', '.join(JOB_RUNS)}")
+    return names
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="1.3B,14B", help="DiT sizes for merge/forward timing")
@@ -51,6 +65,13 @@ def parse_args(argv=None):
         help="steps of the CFG baseline job (0: none; e.g. bench_cache's uncached 50-step jobs in the same call)",
     )
     p.add_argument("--skip-job", action="store_true")
+    p.add_argument("--job-model", default="1.3B", help="the job's DiT (1.3B or 14B; --tiny: the tiny one)")
+    p.add_argument(
+        "--job-runs",
+        default=",".join(JOB_RUNS),
+        type=job_runs,
+        help="which of the job's runs to do (a 14B job splits over calls this way)",
+    )
     p.add_argument("--skip-diffusers", action="store_true")
     p.add_argument("--skip-compiled", action="store_true", help="no forwards with the blocks compiled")
     p.add_argument(
@@ -156,7 +177,7 @@ def bench_dit(name: str, args, device, dtype) -> dict:
     # without one ("none", the CLI's) at the end, since that unload rounds the base weights once.
     merge_s, unload_s = result["merge_s"], result["unload_s"] = {}, {}
     for where in ("host", "device"):
-        merge_s[where], _ = timed(lambda: loras.apply([(lora, 1.0)], "merge", where), device)
+        merge_s[where], _ = timed(lambda where=where: loras.apply([(lora, 1.0)], "merge", where), device)
         if where == "host":
             result["merged"], _ = time_forward(forward, device, warmup=1, runs=args.runs)
         unload_s[where], _ = timed(lambda: loras.remove(), device)
@@ -218,6 +239,9 @@ def run_wanfit_job(parts, args, latents, device, *, steps, guidance, sampler, sh
     dit, vae, text_encoder = parts
     pipe = WanPipeline(dit, vae, text_encoder)  # everything resident, this machine's dtypes
     pipe.plan = replace(pipe.plan, free_text_encoder=False)  # both jobs use the same text encoder
+    if lora is not None and device.type == "cuda":
+        # The base kept beside the weights (as the planner keeps it where it fits): an exact, fast unload.
+        pipe.plan = replace(pipe.plan, lora_base_copy="device")
     load_s = 0.0
     if lora is not None:
         load_s, _ = timed(lambda: pipe.load_lora(lora, 1.0), device)
@@ -253,14 +277,16 @@ def run_diffusers_job(parts, args, latents, device, *, steps, guidance, schedule
 
 
 def bench_job(args, device) -> dict:
-    from bench_pipeline import build_models
+    from bench_pipeline import build_models, peak_gib
     from diffusers import FlowMatchLCMScheduler, UniPCMultistepScheduler
 
     from wanfit.pipeline import latent_shape
     from wanfit.sampling.presets import get_preset
 
     preset = get_preset("lightx2v-4step")
-    model_args = SimpleNamespace(dry_run=args.tiny, layers=args.layers, text_layers=None)
+    model_args = SimpleNamespace(
+        dry_run=args.tiny, layers=args.layers, text_layers=None, model=args.job_model
+    )
     diffusers_parts, wanfit_parts, cfg = build_models(model_args, device)
     lora_state = lightx2v_like_lora(cfg, args.rank)
     lora = converted(lora_state, cfg)
@@ -271,33 +297,38 @@ def bench_job(args, device) -> dict:
     latents = latents.to(device)
     full = dict(steps=args.full_steps, guidance=5.0)
     fast = dict(steps=preset.steps, guidance=preset.guidance)
-    result = {"preset": preset.to_dict()}
+    result = {
+        "preset": preset.to_dict(),
+        "model": "tiny" if args.tiny else args.job_model,
+        "config": cfg.to_dict(),
+    }
+    runs = set(args.job_runs) - (set() if args.full_steps else {"diffusers_full", "wanfit_full"})
+    runs -= {"diffusers_full", "diffusers_4step_lora"} if args.skip_diffusers else set()
+
+    def measured(name, fn):
+        if name in runs:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+            result[name] = fn()
+            result[name]["peak_gib"] = peak_gib(device)
+
     # diffusers first: wanfit's DiT shares diffusers' tensors, and a merge writes into them (undone after).
-    if not args.skip_diffusers:
-        unipc = UniPCMultistepScheduler(
-            prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=8.0
-        )
-        if args.full_steps:
-            result["diffusers_full"] = run_diffusers_job(
-                diffusers_parts, args, latents, device, scheduler=unipc, **full
+    unipc = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=8.0)
+    measured("diffusers_full", lambda: run_diffusers_job(diffusers_parts, args, latents, device, scheduler=unipc,
+                                                         **full))  # fmt: skip
+    lcm = FlowMatchLCMScheduler(shift=preset.shift)
+    measured("diffusers_4step_lora", lambda: run_diffusers_job(
+        diffusers_parts, args, latents, device, scheduler=lcm, lora_state=lora_state, **fast))  # fmt: skip
+    measured("wanfit_full", lambda: run_wanfit_job(wanfit_parts, args, latents, device, sampler="unipc",
+                                                   shift=8.0, **full))  # fmt: skip
+    measured("wanfit_4step_lora", lambda: run_wanfit_job(
+        wanfit_parts, args, latents, device, sampler=preset.sampler, shift=preset.shift, lora=lora, **fast))  # fmt: skip
+    for tool in ("diffusers", "wanfit"):
+        if f"{tool}_full" in result and f"{tool}_4step_lora" in result:
+            result[f"{tool}_speedup"] = (
+                result[f"{tool}_full"]["total_s"] / result[f"{tool}_4step_lora"]["total_s"]
             )
-        lcm = FlowMatchLCMScheduler(shift=preset.shift)
-        result["diffusers_4step_lora"] = run_diffusers_job(
-            diffusers_parts, args, latents, device, scheduler=lcm, lora_state=lora_state, **fast
-        )
-        if args.full_steps:
-            result["diffusers_speedup"] = (
-                result["diffusers_full"]["total_s"] / result["diffusers_4step_lora"]["total_s"]
-            )
-    if args.full_steps:
-        result["wanfit_full"] = run_wanfit_job(
-            wanfit_parts, args, latents, device, sampler="unipc", shift=8.0, **full
-        )
-    result["wanfit_4step_lora"] = run_wanfit_job(
-        wanfit_parts, args, latents, device, sampler=preset.sampler, shift=preset.shift, lora=lora, **fast
-    )
-    if args.full_steps:
-        result["wanfit_speedup"] = result["wanfit_full"]["total_s"] / result["wanfit_4step_lora"]["total_s"]
     return result
 
 
@@ -306,7 +337,7 @@ def main(argv=None) -> dict:
     if args.tiny:
         device, dtype = torch.device("cpu"), torch.float32
         args.models, args.size, args.frames, args.full_steps, args.rank, args.runs = (
-            "tiny",
+            "tiny" if args.models else "",
             "64x48",
             5,
             3,
@@ -327,7 +358,7 @@ def main(argv=None) -> dict:
     }
     from bench_pipeline import finish, stage
 
-    for name in args.models.split(","):
+    for name in filter(None, args.models.split(",")):
         stage(f"DiT {name}: merge, unload and forwards")
         result["dit"][name] = bench_dit(name, args, device, dtype)
         if device.type == "cuda":

@@ -68,12 +68,13 @@ def build_models(args, device):
     from transformers import UMT5Config, UMT5EncoderModel
 
     from wanfit.demo import tiny_tokenizer
-    from wanfit.models.configs import WAN_T2V_1_3B, WAN_TINY
+    from wanfit.models.configs import DIT_PRESETS, WAN_TINY
     from wanfit.models.text_encoder import WanTextEncoder
     from wanfit.models.vae import WAN21_VAE, WAN_VAE_TINY
 
     dtype = torch.float32 if args.dry_run else torch.bfloat16
-    dit_cfg = WAN_TINY if args.dry_run else WAN_T2V_1_3B
+    # args.model: a DIT_PRESETS name (bench_lora's --job-model); the 1.3B without one.
+    dit_cfg = WAN_TINY if args.dry_run else DIT_PRESETS[getattr(args, "model", None) or "1.3B"]
     if args.layers:
         dit_cfg = dit_cfg.with_overrides(num_layers=args.layers)
     ref_dit = make_diffusers_model(dit_cfg, device, dtype, seed=0)

@@ -18,3 +18,11 @@ def test_tiny_run_writes_json_with_every_measurement(tmp_path):
     assert job["wanfit_4step_lora"]["dit_calls"] == 4  # guidance 1: one DiT pass per step
     assert job["wanfit_full"]["dit_calls"] == 3 and job["diffusers_4step_lora"]["lora_load_s"] > 0
     assert job["wanfit_speedup"] > 0 and job["diffusers_speedup"] > 0
+
+
+def test_the_job_runs_named_and_no_dit_part(tmp_path):
+    result = main(["--tiny", "--models", "", "--job-runs", "wanfit_4step_lora"])
+    assert result["dit"] == {}
+    job = result["job"]
+    assert job["wanfit_4step_lora"]["dit_calls"] == 4 and "peak_gib" in job["wanfit_4step_lora"]
+    assert not {"wanfit_full", "diffusers_full", "diffusers_4step_lora", "wanfit_speedup"} & job.keys()
