@@ -60,7 +60,7 @@ VAE_TILES = [None, 32, 16]
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=Path("bench_memory.json"))
+    p.add_argument("--out", type=Path, default=Path("out/bench_memory.json"))
     p.add_argument("--model-size", choices=("1.3B", "14B"), default="1.3B")
     p.add_argument("--layers", type=int, default=None, help="DiT blocks (default: the model's)")
     p.add_argument("--size", default="832x480", help="WIDTHxHEIGHT")

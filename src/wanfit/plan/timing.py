@@ -33,12 +33,19 @@ FP32_ON_TENSOR_CARDS = 1 / 8  # fp32 runs without tensor cores: about an eighth 
 # bf16, a LightX2V-shaped LoRA of rank 64 on every block Linear, 305 modules): the runtime branch (the
 # base GEMM adding into the small one's output, q/k/v sharing one down-projection) made each eager
 # DiT forward 3.8% slower (577.1 -> 599.2 ms) and each compiled one 5.0% (511.5 -> 537.2 ms); the
-# merge took 2.3-3.7 s for 1.416e9 merged weight elements. The planner's estimate takes the larger
-# share for both. The branch's share scales with its factors against that LoRA's
-# (wanfit.plan.lora.full_branch_elements), the merge with the elements merged.
+# planner's estimate takes the larger share. The branch's share scales with its factors against that
+# LoRA's (wanfit.plan.lora.full_branch_elements), the merge with the elements merged. The merge's speed
+# hangs on where the base copy goes (Plan.lora_base_copy), measured on the 14B (same script, 2026-12-02,
+# --models 14B --skip-job, 1.405e10 block weight elements merged): 23.84 s with the copy sent to the
+# host (so that copy is nearly all of it), 0.53 s with it kept on the device, 0.47 s with none kept.
 LORA_BRANCH_FORWARD_COST = 0.050
 LORA_BRANCH_MEASURED_RANK = 64
-LORA_MERGE_S_PER_ELEMENT = 3.7 / 1.416e9
+LORA_MERGED_ELEMENTS_14B = 1.405e10
+LORA_MERGE_S_PER_ELEMENT = {
+    "host": 23.84 / LORA_MERGED_ELEMENTS_14B,
+    "device": 0.53 / LORA_MERGED_ELEMENTS_14B,
+    "none": 0.47 / LORA_MERGED_ELEMENTS_14B,
+}
 
 
 @dataclass(frozen=True)
@@ -120,13 +127,20 @@ def estimate_time(result: PlanResult, steps: int) -> TimeEstimate:
 
 def lora_costs(result: PlanResult) -> tuple[float, float]:
     """(the runtime branch's share added to each DiT forward, the merge's seconds) of the plan's LoRAs."""
-    from wanfit.plan.lora import branch_elements, full_branch_elements, merged_elements, planned_lora_mode
+    from wanfit.plan.lora import (
+        branch_elements,
+        full_branch_elements,
+        merged_elements,
+        planned_lora_base_copy,
+        planned_lora_mode,
+    )
 
     req = result.request
     mode = planned_lora_mode(req, result.plan)
     if mode is None:
         return 0.0, 0.0
-    merge = merged_elements(req.config, req.loras, mode) * LORA_MERGE_S_PER_ELEMENT
+    per_element = LORA_MERGE_S_PER_ELEMENT[planned_lora_base_copy(req, result.plan)]
+    merge = merged_elements(req.config, req.loras, mode) * per_element
     if mode == "merge":
         return 0.0, merge
     measured = full_branch_elements(req.config, LORA_BRANCH_MEASURED_RANK)
