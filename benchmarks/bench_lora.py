@@ -2,6 +2,7 @@
 
     python3 benchmarks/bench_lora.py --out $OUT/lora.json                       # 1.3B and 14B DiT, 1.3B job
     python3 benchmarks/bench_lora.py --models 14B --layers 10 --skip-job        # quicker
+    python3 benchmarks/bench_lora.py --models 1.3B --skip-job --ffn-tiles       # + the LoRA FFN kernel's tiles
     python3 benchmarks/bench_lora.py --tiny                                     # CPU, tiny: logic only
     # the 14B job over two calls (each run about 5 min at 50 steps):
     python3 benchmarks/bench_lora.py --models "" --job-model 14B --job-runs wanfit_full,wanfit_4step_lora
@@ -13,7 +14,10 @@ Per model: the merge time (fp32 math, rounded to bf16, on the GPU) and the unloa
 base weights' copy kept on the host, on the device, and nowhere (Plan.lora_base_copy); one DiT
 forward at the job's token count without a LoRA, merged, and with the runtime low-rank branch; on CUDA
 also with the blocks compiled (torch.compile per block, as the placement does), without a LoRA and
-with the branch (--skip-compiled: not).
+with the branch (--skip-compiled: not); on CUDA, each branch forward also with the FFNs' two branches
+in the fused kernel (Plan.lora_fused_ffn; --skip-fused-ffn: not). --ffn-tiles first times one block's
+FFN at each tile setting of that kernel, and the forwards use the fastest; --plan-settings runs the
+forwards with the GELU in place and the eager fused elementwise kernels, as a planned job does.
 The job (1.3B, all of DiT, VAE and umT5 on the GPU): the 50-step CFG run (UniPC, guidance 5, no LoRA)
 against the 4-step distilled run with the LoRA (guidance 1), wanfit and diffusers; diffusers loads the
 same LoRA file through load_lora_weights and runs its FlowMatchLCMScheduler (its own 4-step schedule:
@@ -75,7 +79,23 @@ def parse_args(argv=None):
     p.add_argument("--skip-diffusers", action="store_true")
     p.add_argument("--skip-compiled", action="store_true", help="no forwards with the blocks compiled")
     p.add_argument(
+        "--skip-fused-ffn", action="store_true", help="no forwards with the fused LoRA FFN kernel (CUDA)"
+    )
+    p.add_argument(
+        "--plan-settings",
+        action="store_true",
+        help="the DiT forwards as a planned job runs them: the GELU in place and, eager, the fused "
+        "elementwise kernels (Plan.ffn_gelu_in_place, Plan.fused_elementwise)",
+    )
+    p.add_argument(
         "--profile", action="store_true", help="CUDA: one more forward of each variant under torch.profiler"
+    )
+    p.add_argument(
+        "--ffn-tiles",
+        action="store_true",
+        help="CUDA: first, one block's FFN at each model's shape, the branch as separate GEMMs against the "
+        "fused LoRA FFN kernel at each tile setting (wanfit.runtime.lora_ffn); that model's DiT forwards "
+        "then run the kernel at the fastest",
     )
     p.add_argument("--tiny", action="store_true", help="CPU, tiny models: checks the script only")
     p.add_argument("--out", default=None)
@@ -154,7 +174,16 @@ def bench_dit(name: str, args, device, dtype) -> dict:
         cfg = cfg.with_overrides(num_layers=args.layers)
     dit = random_weights_wanfit(cfg, device, dtype, seed=0)
     lora = converted(lightx2v_like_lora(cfg, args.rank), cfg)
-    loras = DiTLoras(dit)
+    placement = SimpleNamespace(failures={})
+    placement.give_up = placement.failures.__setitem__  # what DiTPlacement records
+    loras = DiTLoras(dit, placement)
+    if args.plan_settings:
+        from wanfit.runtime import fused_elementwise
+
+        for block in dit.blocks:
+            block.ffn_gelu_in_place = True
+        if device.type == "cuda" and fused_elementwise.runtime_failure(str(device)) is None:
+            fused_elementwise.install(dit.blocks)
     frames, height, width = latent_shape(args.size, args.frames)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(1, cfg.in_dim, frames, height, width, generator=gen).to(device, dtype)
@@ -181,11 +210,24 @@ def bench_dit(name: str, args, device, dtype) -> dict:
         if where == "host":
             result["merged"], _ = time_forward(forward, device, warmup=1, runs=args.runs)
         unload_s[where], _ = timed(lambda: loras.remove(), device)
-    result["runtime_apply_s"], _ = timed(lambda: loras.apply([(lora, 1.0)], "runtime"), device)
+    result["runtime_apply_s"], _ = timed(
+        lambda: loras.apply([(lora, 1.0)], "runtime", fused_ffn=False), device
+    )
     result["runtime_branch"], branch_out = time_forward(forward, device, warmup=1, runs=args.runs)
     profiled("runtime_branch", forward)
-    loras.remove()
     costs = {"runtime_branch": "base", "merged": "base"}
+    fused_ffn = device.type == "cuda" and not args.skip_fused_ffn
+    if fused_ffn:  # the same branches, each FFN's two inside its GELU pass (Plan.lora_fused_ffn)
+        loras.set_fused_ffn(True)
+        result["runtime_branch_fused_ffn"], fused_out = time_forward(
+            forward, device, warmup=1, runs=args.runs
+        )
+        result["fused_ffn_given_up"] = dict(getattr(loras.placement, "failures", {}))
+        result["fused_ffn_calls"] = sum(f.calls for f in loras.fused_ffns.values())
+        result["fused_ffn_vs_branch_rel_l2"] = rel_l2(fused_out, branch_out)
+        profiled("runtime_branch_fused_ffn", forward)
+        costs["runtime_branch_fused_ffn"] = "base"
+    loras.remove()
     if device.type == "cuda" and not args.skip_compiled:
         from wanfit.runtime.compile import compile_blocks, forward_with
 
@@ -198,11 +240,19 @@ def bench_dit(name: str, args, device, dtype) -> dict:
         # Two warm-ups: the first compiles (and the branch's hooks recompile once).
         result["compiled_base"], compiled_base_out = time_forward(compiled, device, warmup=2, runs=args.runs)
         profiled("compiled_base", compiled)
-        loras.apply([(lora, 1.0)], "runtime")
+        loras.apply([(lora, 1.0)], "runtime", fused_ffn=False)
         result["compiled_runtime_branch"], compiled_out = time_forward(
             compiled, device, warmup=2, runs=args.runs
         )
         profiled("compiled_runtime_branch", compiled)
+        if fused_ffn:
+            loras.set_fused_ffn(True)
+            result["compiled_runtime_branch_fused_ffn"], compiled_fused_out = time_forward(
+                compiled, device, warmup=2, runs=args.runs
+            )
+            profiled("compiled_runtime_branch_fused_ffn", compiled)
+            result["compiled_fused_ffn_vs_eager_fused_ffn_rel_l2"] = rel_l2(compiled_fused_out, fused_out)
+            costs["compiled_runtime_branch_fused_ffn"] = "compiled_base"
         loras.remove()
         # The branch must have run in the compiled graphs (the void 2026-12-02 figure's lesson):
         # its output is the eager branch's, and far from the compiled base's.
@@ -332,8 +382,102 @@ def bench_job(args, device) -> dict:
     return result
 
 
+# (rows per program, columns per step, warps, stages) tried by --ffn-tiles.
+FFN_TILES = [
+    (bm, bf, w, st)
+    for bm, bf in ((32, 64), (64, 64), (64, 128), (128, 64), (128, 32), (64, 32))
+    for w in (4, 8)
+    for st in (2, 3)
+] + [(128, 128, 8, 2), (128, 128, 8, 3), (256, 32, 8, 2), (256, 64, 8, 2), (64, 32, 4, 4), (64, 64, 4, 4)]
+
+
+def bench_ffn_tiles(name: str, args, device, dtype) -> dict:
+    """One block's FFN at `name`'s shape and the job's token count, no autograd, the GELU in place:
+    without a LoRA, with rank-`args.rank` branches on ffn.0 and ffn.2 as separate GEMMs (what the
+    runtime branch does without the kernel), and with the fused kernel at each of FFN_TILES; the
+    fused outputs' relative L2 against the separate GEMMs'."""
+    from bench_dit import latent_shape, time_forward
+
+    from wanfit.models.configs import DIT_PRESETS
+    from wanfit.models.dit import WanBlock
+    from wanfit.runtime import lora_ffn
+    from wanfit.runtime.lora import LowRankBranch, _add_product, _product
+
+    cfg = DIT_PRESETS[name]
+    frames, height, width = latent_shape(args.size, args.frames)
+    tokens = frames * height * width // 4
+    torch.manual_seed(0)
+    with torch.device(device):
+        block = WanBlock(cfg).to(dtype).eval()
+    block.ffn_gelu_in_place = True
+    first, _, second = block.ffn
+    gen = torch.Generator().manual_seed(2)
+    h = torch.randn(1, tokens, cfg.dim, generator=gen).to(device, dtype)
+
+    def factors(rows, cols):
+        down = torch.randn(args.rank, cols, generator=gen) / cols**0.5
+        up = 0.5 * torch.randn(rows, args.rank, generator=gen) / args.rank**0.5
+        return LowRankBranch(down, up)
+
+    b0, b2 = factors(cfg.ffn_dim, cfg.dim), factors(cfg.dim, cfg.ffn_dim)
+    for b in (b0, b2):
+        b.make_device_copies(device, dtype)
+    up0, down0 = b0._up.on(device, dtype), b0._down.on(device, dtype)
+    up2, down2 = b2._up.on(device, dtype), b2._down.on(device, dtype)
+
+    def base():
+        return block.feed_forward(h)
+
+    def separate():
+        first.low_rank, second.low_rank = b0, b2
+        try:
+            return block.feed_forward(h)
+        finally:
+            first.low_rank = second.low_rank = None
+
+    def fused(tiles):
+        def run():
+            h0 = torch.nn.functional.linear(h, down0)
+            hidden = first.product(h)
+            h2 = lora_ffn.gelu_low_rank_triton(hidden, h0, up0, down2, hidden, tiles)
+            out = _product(h2, up2, second.bias)
+            _add_product(out, hidden, second.weight)
+            return out
+
+        return run
+
+    def cuda_ms(fn) -> float:
+        return time_forward(fn, device, warmup=2, runs=20)[0]["median_ms"]
+
+    result = {"tokens": tokens, "dim": cfg.dim, "ffn_dim": cfg.ffn_dim, "rank": args.rank, "tiles": []}
+    with torch.no_grad():
+        result["base_ms"] = cuda_ms(base)
+        result["separate_ms"] = cuda_ms(separate)
+        want = separate().float()
+        for tiles in FFN_TILES:
+            row = {"tiles": list(tiles)}
+            try:
+                got = fused(tiles)().float()
+                row["rel_l2_vs_separate"] = ((got - want).norm() / want.norm()).item()
+                row["ms"] = cuda_ms(fused(tiles))
+            except Exception as err:  # noqa: BLE001 - a tile setting the card cannot run is recorded
+                row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+            result["tiles"].append(row)
+            print(name, row, flush=True)
+        timed_rows = [r for r in result["tiles"] if "ms" in r]
+        best = min(timed_rows, key=lambda r: r["ms"]) if timed_rows else None
+        result["best"] = best
+        if best is not None:
+            result["branch_separate_ms"] = result["separate_ms"] - result["base_ms"]
+            result["branch_fused_ms"] = best["ms"] - result["base_ms"]
+        result["lora_effect_rel_l2"] = ((want - base().float()).norm() / want.norm()).item()
+    return result
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.ffn_tiles and (args.tiny or not torch.cuda.is_available()):
+        raise SystemExit("--ffn-tiles times the Triton kernel on a CUDA GPU.")
     if args.tiny:
         device, dtype = torch.device("cpu"), torch.float32
         args.models, args.size, args.frames, args.full_steps, args.rank, args.runs = (
@@ -359,8 +503,19 @@ def main(argv=None) -> dict:
     from bench_pipeline import finish, stage
 
     for name in filter(None, args.models.split(",")):
+        tiles = None
+        if args.ffn_tiles:  # the kernel's tiles for this shape first; the DiT's forwards then use the best
+            from wanfit.runtime import lora_ffn
+
+            stage(f"DiT {name}: the fused LoRA FFN kernel's tiles")
+            result.setdefault("ffn", {})[name] = sweep = bench_ffn_tiles(name, args, device, dtype)
+            torch.cuda.empty_cache()
+            tiles, lora_ffn.TILES = lora_ffn.TILES, tuple(sweep["best"]["tiles"])
         stage(f"DiT {name}: merge, unload and forwards")
         result["dit"][name] = bench_dit(name, args, device, dtype)
+        if tiles is not None:
+            result["dit"][name]["fused_ffn_tiles"] = list(lora_ffn.TILES)
+            lora_ffn.TILES = tiles
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if not args.skip_job:

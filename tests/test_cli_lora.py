@@ -141,9 +141,9 @@ def test_several_loras_merge_once_and_a_cli_run_keeps_no_base_copy(tmp_path, cap
     applied = []
     real_apply = DiTLoras.apply
 
-    def counting_apply(self, loras, mode, base_copy=None):
+    def counting_apply(self, loras, mode, base_copy=None, fused_ffn=None):
         applied.append((len(loras), mode, base_copy))
-        return real_apply(self, loras, mode, base_copy)
+        return real_apply(self, loras, mode, base_copy, fused_ffn)
 
     monkeypatch.setattr(DiTLoras, "apply", counting_apply)
     out = tmp_path / "two.mp4"
@@ -170,9 +170,9 @@ def test_a_batch_of_two_sizes_keeps_the_base_weights_to_switch_plans(tmp_path, c
     copies = []
     real_apply = DiTLoras.apply
 
-    def recording_apply(self, loras, mode, base_copy=None):
+    def recording_apply(self, loras, mode, base_copy=None, fused_ffn=None):
         copies.append(base_copy)
-        return real_apply(self, loras, mode, base_copy)
+        return real_apply(self, loras, mode, base_copy, fused_ffn)
 
     monkeypatch.setattr(DiTLoras, "apply", recording_apply)
     prompts = tmp_path / "p.txt"

@@ -382,9 +382,12 @@ class WanPipeline:
             if plan.lora_base_copy is None:
                 plan = replace(plan, lora_base_copy=self.lora.base_copy)
             if plan.lora_mode != self.lora.mode:
-                self.lora.apply(self.lora.loras, plan.lora_mode, plan.lora_base_copy)
-            elif plan.lora_base_copy != self.lora.base_copy:
-                self.lora.keep_base(plan.lora_base_copy)
+                self.lora.apply(self.lora.loras, plan.lora_mode, plan.lora_base_copy, plan.lora_fused_ffn)
+            else:
+                if plan.lora_base_copy != self.lora.base_copy:
+                    self.lora.keep_base(plan.lora_base_copy)
+                if plan.lora_fused_ffn != self.lora.fused_ffn:
+                    self.lora.set_fused_ffn(plan.lora_fused_ffn)
             plan = replace(plan, lora_base_copy=self.lora.base_copy)  # a dropped copy stays dropped
         self.plan = plan
         self.placement.apply(plan)
@@ -556,9 +559,11 @@ class WanPipeline:
         base_copy = self.plan.lora_base_copy or self._lora_base_copy(
             replace(self.plan, lora_mode=mode), applied
         )
-        self.lora.apply(applied, mode, base_copy)
+        self.lora.apply(applied, mode, base_copy, self.plan.lora_fused_ffn)
         # What runs, in the run's record (a base copy already dropped stays dropped).
-        self.plan = replace(self.plan, lora_mode=mode, lora_base_copy=self.lora.base_copy)
+        self.plan = replace(
+            self.plan, lora_mode=mode, lora_base_copy=self.lora.base_copy, lora_fused_ffn=self.lora.fused_ffn
+        )
         return [lora for lora, _ in converted]
 
     def _lora_base_copy(self, plan: Plan, loras) -> str:

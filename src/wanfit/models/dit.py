@@ -251,6 +251,10 @@ class WanBlock(nn.Module):
         # Fused kernels for the modulated norms (wanfit.runtime.fused_elementwise, set by the runtime):
         # used eagerly and without autograd only; None: the torch ops.
         self.elementwise = None
+        # A callable `ffn_low_rank(block, h)` computing the whole FFN with the LoRA branches of both its
+        # Linears in one pass over the hidden tensor (wanfit.runtime.lora, set by the runtime), used
+        # without autograd; it returns None where it does not apply. None: Linear by Linear.
+        self.ffn_low_rank = None
 
     def forward(self, x: torch.Tensor, e: torch.Tensor, context: torch.Tensor, rope: Rope) -> torch.Tensor:
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float() + e).unbind(1)
@@ -285,6 +289,10 @@ class WanBlock(nn.Module):
     def feed_forward(self, h: torch.Tensor) -> torch.Tensor:
         """ffn.2(GELU(ffn.0(h))) in the weights' dtype; with ffn_gelu_in_place and no autograd (whose
         GELU backward needs its input) the GELU writes over ffn.0's output."""
+        if self.ffn_low_rank is not None and not torch.is_grad_enabled():
+            out = self.ffn_low_rank(self, h)
+            if out is not None:
+                return out
         if not self.ffn_gelu_in_place or torch.is_grad_enabled():
             return linear(self.ffn, h)
         first, gelu, second = self.ffn

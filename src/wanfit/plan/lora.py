@@ -309,6 +309,8 @@ def describe_lora_mode(request, plan: Plan, user_set: bool) -> str | None:
         line = f"LoRAs: {what}, as set (lora_mode={mode}); the planner would choose {rule}: {why}."
     else:
         line = f"LoRAs: {what} ({why})."
+    if mode == "runtime" and plan.lora_fused_ffn:
+        line += " Each FFN's two branches run inside its GELU pass (one fused Triton kernel)."
     kept = planned_lora_base_copy(request, plan)
     return line + " " + _BASE_COPY_LINES[kept]
 

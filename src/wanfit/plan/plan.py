@@ -251,6 +251,18 @@ class Plan:
         ),
     )
 
+    # wanfit.runtime.lora_ffn: with the runtime branch, each FFN's two LoRA branches inside its GELU
+    # pass, one Triton kernel (three passes over the [tokens, ffn_dim] tensor fewer). Off unless set
+    # (CUDA sm_80+ with Triton): measured on an H200 (bench_lora.py --ffn-tiles, 2026-12-03) it saved
+    # 0.15-0.19 ms of a 1.3B FFN's 0.52 ms branch alone, but no whole forward ran faster beyond the
+    # noise (the kernel runs at about half its memory bound: its small dots are not hidden).
+    lora_fused_ffn: bool = field(
+        default=False,
+        metadata=_setting(
+            "bool", "the runtime LoRA branches of each FFN inside its GELU pass, one Triton kernel"
+        ),
+    )
+
     # A step cache (wanfit.sampling.step_cache): "NAME[:THRESHOLD][,OPTION=VALUE...]". Lossy, opt-in.
     cache: str | None = field(
         default=None,

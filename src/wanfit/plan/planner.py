@@ -899,6 +899,16 @@ def _with_lora_mode(plan: Plan, request: Request, frozen: frozenset[str]) -> Pla
     return replace(plan, lora_mode=lora_mode_rule(plan)[0])
 
 
+def _check_lora_fused_ffn(plan: Plan, device: DeviceBudget) -> None:
+    """Plan.lora_fused_ffn is the user's alone (off unless set: on the H200 it did not pay, see the
+    field); a `true` where the kernels cannot run is refused in one sentence."""
+    refused = device.fused_elementwise_refused
+    if plan.lora_fused_ffn and refused is not None:
+        raise ConfigError(
+            f"--set lora_fused_ffn=true was asked for, but {refused.replace('elementwise kernels', 'kernels')}."
+        )
+
+
 def lora_base_copy_choice(request: Request, plan: Plan, budget: Budget, backend: str) -> str:
     """Where `plan` keeps the base weights its LoRAs change (Plan.lora_base_copy): the rule's answer,
     the GPU only where the plan's phases still fit `budget` with that copy there."""
@@ -1017,6 +1027,7 @@ def plan_run(
             f"--set fused_elementwise=true was asked for, but {device.fused_elementwise_refused}."
         )
     plan = _with_lora_mode(plan, chosen, frozen)
+    _check_lora_fused_ffn(plan, device)
     plan, phases, batching_note = _prompts_per_pass(plan, chosen, budget, backend, frozen, phases)
     if batching_note:
         notes.append(batching_note)

@@ -186,6 +186,87 @@ class LowRankBranch:
         return output + F.linear(a, b).to(output.dtype)
 
 
+class FusedFeedForward:
+    """A block's FFN with runtime branches on both its Linears, through wanfit.runtime.lora_ffn's kernel
+    (Plan.lora_fused_ffn), set in the block's `ffn_low_rank` slot: ffn.0's base product, then one pass
+    adding ffn.0's up-projection, applying the GELU and taking ffn.2's down-projection, then ffn.2 as
+    LowRankBranch runs it (up-projection into the output, base GEMM last). It returns None, and the
+    block runs Linear by Linear, where the kernel does not apply: a replaced product (the fast tier's
+    fp8 GEMMs), weights not in bf16/fp16, stacked ranks over lora_ffn.MAX_RANK, or after the kernel
+    raised once (`on_failure(why)` is told, once, as the fused elementwise kernels' guard does)."""
+
+    def __init__(self, first: LowRankBranch, second: LowRankBranch, on_failure=None):
+        self.first, self.second, self.on_failure = first, second, on_failure
+        self.failure: str | None = None
+        self.calls = 0  # FFNs computed by the kernel, counted eagerly (the tests read it)
+
+    def applies(self, first: nn.Module, second: nn.Module) -> bool:
+        from wanfit.runtime import lora_ffn
+
+        return (
+            self.failure is None
+            and first.gemm is None
+            and second.gemm is None
+            and first.weight.dtype in (torch.bfloat16, torch.float16)
+            and first.weight.dtype == second.weight.dtype
+            and max(self.first.down.shape[0], self.second.down.shape[0]) <= lora_ffn.MAX_RANK
+        )
+
+    def check(self, device: torch.device) -> bool:
+        """Whether the kernel passed its smoke test on `device` (once per process); a failure is
+        told as one raised at a call is. Run eagerly: the pipeline's placement calls it before the
+        blocks run (DiTLoras.make_device_copies), and the first eager call does where it did not."""
+        from wanfit.runtime import lora_ffn
+
+        if self.failure is None and device.type == "cuda":
+            why = lora_ffn.smoke_test(str(device))
+            if why is not None:
+                self._fail(f"the fused LoRA FFN kernel failed its smoke test ({why})")
+        return self.failure is None
+
+    def _fail(self, why: str) -> None:
+        self.failure = why
+        if self.on_failure is not None:
+            self.on_failure(why)
+
+    def __call__(self, block: nn.Module, h: torch.Tensor) -> torch.Tensor | None:
+        from wanfit.runtime import lora_ffn
+
+        first, _, second = block.ffn
+        if not self.applies(first, second):
+            return None
+        if not torch.compiler.is_compiling() and not self.check(h.device):
+            return None
+        h = h.to(first.weight.dtype)  # as the block's Linears cast their input (wanfit.models.dit.linear)
+        device, dtype = h.device, h.dtype
+        try:
+            h0 = self.first.down_projection(h)
+            hidden = first.product(h)
+            g, h2 = lora_ffn.gelu_low_rank(
+                hidden,
+                h0,
+                self.first._up.on(device, dtype),
+                self.second._down.on(device, dtype),
+                in_place=block.ffn_gelu_in_place,
+            )
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as err:
+            if torch.compiler.is_compiling():
+                raise
+            lines = str(err).strip().splitlines()
+            self._fail(
+                f"the fused LoRA FFN kernel raised {type(err).__name__}: {lines[0][:200] if lines else ''}"
+            )
+            return None
+        if not torch.compiler.is_compiling():
+            self.calls += 1
+        output = _product(h2, self.second._up.on(device, dtype), second.bias)
+        add = _add_product_op if torch.compiler.is_compiling() else _add_product
+        add(output, g, second.weight)
+        return output
+
+
 def _product(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """a b^T + bias by one GEMM over a's rows: a column slice (of a shared down-projection) stays a
     strided view, which F.linear would multiply batched and then add the bias in a pass of its own."""
@@ -235,14 +316,25 @@ class DiTLoras:
         self.branches: list[LowRankBranch] = []
         self.shared: list[SharedDownProjection] = []
         self.branch_modules: dict[LowRankBranch, str] = {}  # branch -> its Linear's name
+        # Plan.lora_fused_ffn: the runtime branches of each FFN through the fused kernel, per block
+        self.fused_ffn = False
+        self.fused_ffns: dict[int, FusedFeedForward] = {}  # block index -> its FFN's
 
     @property
     def streamer(self):
         return getattr(self.placement, "streamer", None)
 
-    def apply(self, loras: list[tuple[LoraWeights, float]], mode: str, base_copy: str | None = None) -> None:
+    def apply(
+        self,
+        loras: list[tuple[LoraWeights, float]],
+        mode: str,
+        base_copy: str | None = None,
+        fused_ffn: bool | None = None,
+    ) -> None:
         """Make `loras` (each with its strength) the DiT's LoRA set, computed from the base weights;
-        base_copy: where to keep the base of each tensor merged (Plan.lora_base_copy; None: as now)."""
+        base_copy: where to keep the base of each tensor merged (Plan.lora_base_copy; None: as now);
+        fused_ffn: whether runtime branches of the FFNs run through the fused kernel
+        (Plan.lora_fused_ffn; None: as now)."""
         # Checked before anything changes: a bad mode must not leave the DiT half patched.
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
@@ -290,8 +382,39 @@ class DiTLoras:
             self.branch_modules[branch] = module_name  # named before set: _restore clears the named slots
             dit.get_submodule(module_name).low_rank = branch
         self.shared = [SharedDownProjection(group) for group in _shared_input_groups(dit, by_module)]
+        if fused_ffn is not None:
+            self.fused_ffn = fused_ffn
+        self._install_fused_ffns(by_module)
         self._reset_streamer()
         self.make_device_copies()
+
+    def set_fused_ffn(self, on: bool) -> None:
+        """Run the FFNs' runtime branches through the fused kernel or not (Plan.lora_fused_ffn)."""
+        self.fused_ffn = on
+        by_module = {name: branch for branch, name in self.branch_modules.items()}
+        self._install_fused_ffns(by_module)
+        self.make_device_copies()
+
+    def _install_fused_ffns(self, by_module: dict[str, LowRankBranch]) -> None:
+        for index in self.fused_ffns:
+            self.dit.blocks[index].ffn_low_rank = None
+        self.fused_ffns = {}
+        if not self.fused_ffn:
+            return
+        for index, block in enumerate(self.dit.blocks):
+            first, second = by_module.get(f"blocks.{index}.ffn.0"), by_module.get(f"blocks.{index}.ffn.2")
+            if first is None or second is None or not hasattr(block, "ffn_low_rank"):
+                continue
+            fused = FusedFeedForward(first, second, on_failure=self._fused_ffn_failed)
+            self.fused_ffns[index] = block.ffn_low_rank = fused
+
+    def _fused_ffn_failed(self, why: str) -> None:
+        """One FFN's kernel failed: every block gives it up (they run one kernel), once said."""
+        for fused in self.fused_ffns.values():
+            fused.failure = fused.failure or why
+        give_up = getattr(self.placement, "give_up", None)
+        if give_up is not None:
+            give_up("lora_fused_ffn", f"{why}; the FFNs' LoRA branches run as separate GEMMs")
 
     def make_device_copies(self) -> None:
         """Put the branches' factors where their Linears compute, in their compute dtype, before the
@@ -301,6 +424,8 @@ class DiTLoras:
             weight = f"{module}.weight"
             device = _compute_device(self.dit, self.streamer, weight)
             branch.make_device_copies(device, _compute_dtype(self.dit, self.streamer, weight))
+        for index, fused in self.fused_ffns.items():
+            fused.check(_compute_device(self.dit, self.streamer, f"blocks.{index}.ffn.0.weight"))
 
     def remove(self) -> None:
         """Back to the base weights (bit for bit where a copy was kept): every touched tensor restored,
@@ -333,6 +458,9 @@ class DiTLoras:
     def _restore(self) -> None:
         for module in self.branch_modules.values():
             self.dit.get_submodule(module).low_rank = None
+        for index in self.fused_ffns:
+            self.dit.blocks[index].ffn_low_rank = None
+        self.fused_ffns = {}
         self.branches.clear()
         self.shared.clear()
         self.branch_modules.clear()

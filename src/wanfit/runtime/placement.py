@@ -199,6 +199,11 @@ class DiTPlacement:
         so they are made again when the DiT is next placed."""
         self._drop_fp8_gemms()
 
+    def give_up(self, what: str, why: str) -> None:
+        """Give `what` up for the rest of the process (a runtime part that failed: LoRA's fused FFN
+        kernel), with one warning; `failures` says why."""
+        self._give_up(what, why)
+
     def _give_up(self, what: str, why: str) -> None:
         import warnings
 
