@@ -65,3 +65,18 @@ def test_no_import_cycles():
         if node not in state:
             visit(node)
     assert cycles == []
+
+
+def test_importing_the_cli_and_pipeline_leaves_torch_compile_unloaded():
+    # torch._dynamo costs about 2 s of a fresh process on a 2-core CPU, and an eager run never needs
+    # it: only code that compiles may import it (wanfit.attention once wrapped a function at import).
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, wanfit.cli, wanfit.pipeline, wanfit.plan.planning, wanfit.runtime.lora; "
+        "print(sorted(m for m in sys.modules if m.startswith('torch._dynamo') or m == 'torch._inductor'))"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "[]"

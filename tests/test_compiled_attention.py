@@ -91,3 +91,29 @@ def test_a_model_without_a_dispatcher_uses_the_process_wide_one_when_compiled():
         wa.reset()
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
     assert len(seen) == 8 and all(d is process_wide for d in seen)
+
+
+def test_a_dispatcher_without_a_key_runs_outside_the_graph_at_every_compiled_call():
+    # Ulysses' wrapper and test doubles carry no Dispatcher.key: attention then breaks the graph and
+    # runs eagerly (torch.compiler.disable, wrapped at the call so an eager process never loads dynamo).
+    dit, inputs = _dit_and_inputs(2)
+    inner = CountingDispatcher()
+    calls = []
+
+    def keyless(q, k, v, *, scale=None, attn_mask=None):
+        calls.append(q.shape)
+        return inner(q, k, v, scale=scale, attn_mask=attn_mask)
+
+    dit.set_attention_dispatchers(keyless, keyless)
+    torch.compiler.reset()
+    backend = CountingBackend()
+    blocks = compile_blocks(dit.blocks, backend=backend)
+    with torch.no_grad():
+        eager = dit(*inputs)
+        compiled = forward_with(dit, blocks, *inputs)
+        again = forward_with(dit, blocks, *inputs)
+    torch.compiler.reset()
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(again, eager, rtol=1e-5, atol=1e-5)
+    assert len(calls) == 3 * 4  # 2 blocks x (self, cross) per forward, every one run outside
+    assert backend.attention_ops == 0 and backend.graphs > 1  # not in the graphs: broken around it

@@ -108,15 +108,14 @@ def attention(
         return _dispatch(q, k, v, scale, attn_mask, dispatcher)
     key = 0 if dispatcher is None else getattr(dispatcher, "key", None)
     if key is None:  # a dispatcher that is no Dispatcher (Ulysses' wrapper, test doubles): outside the graph
-        return _dispatch_outside_graph(q, k, v, scale, attn_mask, dispatcher)
+        # Wrapped here, not at import: torch.compiler.disable imports torch._dynamo (about 2 s of a
+        # fresh `import wanfit.pipeline` on a 2-core CPU), which an eager run never needs.
+        return torch.compiler.disable(_dispatch)(q, k, v, scale, attn_mask, dispatcher)
     return _dispatch_op(q, k, v, scale, attn_mask, key)
 
 
 def _dispatch(q, k, v, scale, attn_mask, dispatcher):
     return (dispatcher or get_dispatcher())(q, k, v, scale=scale, attn_mask=attn_mask)
-
-
-_dispatch_outside_graph = torch.compiler.disable(_dispatch)
 
 
 # Traced by torch.compile, attention is one opaque op of the block's graph: the dispatcher's caches,
