@@ -68,8 +68,9 @@ def test_no_import_cycles():
 
 
 def test_importing_the_cli_and_pipeline_leaves_torch_compile_unloaded():
-    # torch._dynamo costs about 2 s of a fresh process on a 2-core CPU, and an eager run never needs
-    # it: only code that compiles may import it (wanfit.attention once wrapped a function at import).
+    # torch._dynamo costs about 2 s of a fresh process on a 2-core CPU: wanfit's own modules leave it
+    # to code that compiles (wanfit.attention once wrapped a function at import). transformers' umT5
+    # modules still import it, where a job loads them.
     import subprocess
     import sys
 

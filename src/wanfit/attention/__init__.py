@@ -109,7 +109,8 @@ def attention(
     key = 0 if dispatcher is None else getattr(dispatcher, "key", None)
     if key is None:  # a dispatcher that is no Dispatcher (Ulysses' wrapper, test doubles): outside the graph
         # Wrapped here, not at import: torch.compiler.disable imports torch._dynamo (about 2 s of a
-        # fresh `import wanfit.pipeline` on a 2-core CPU), which an eager run never needs.
+        # fresh `import wanfit.pipeline` on a 2-core CPU). transformers' umT5 modules import it too,
+        # so a job that loads or sizes umT5 still pays it; the commands that do not, no longer do.
         return torch.compiler.disable(_dispatch)(q, k, v, scale, attn_mask, dispatcher)
     return _dispatch_op(q, k, v, scale, attn_mask, key)
 
