@@ -89,6 +89,8 @@ def test_a_kernel_that_raises_is_given_up_once_and_the_output_is_the_separate_ge
     assert "RuntimeError: PTX JIT compilation failed;" in told[0]
     assert placement.failures["lora_fused_ffn"].endswith("the FFNs' LoRA branches run as separate GEMMs")
     assert all(f.failure is not None and f.calls == 0 for f in state.fused_ffns.values())
+    state.apply(state.loras, "runtime")  # a new LoRA set in the same process: not tried again
+    assert state.fused_ffns == {} and all(block.ffn_low_rank is None for block in dit.blocks)
 
 
 def test_a_failed_smoke_test_is_given_up_before_the_blocks_run(monkeypatch):

@@ -11,7 +11,8 @@ runtime  y = x W^T + (x A^T) B^T beside each Linear of the blocks, B carrying st
          down-projection GEMM. Everything that is no block Linear (diffs, norms, modulation,
          embeddings) is merged in either mode.
 Which one runs is the plan's (Plan.lora_mode; the planner's rule is wanfit.plan.lora.lora_mode_rule);
-either runs on any placement.
+either runs on any placement. With Plan.lora_fused_ffn (off unless set) each FFN's two branches run
+inside its GELU pass instead (FusedFeedForward, in the block's `ffn_low_rank` slot; wanfit.runtime.lora_ffn).
 Every touched tensor's stored form is kept the first time where Plan.lora_base_copy says: beside it
 on its device, or on the host, so `remove` restores the base weights bit for bit and a new LoRA set
 is computed from the base; or nowhere (a run that never unloads), where `remove` subtracts the deltas
@@ -399,8 +400,8 @@ class DiTLoras:
         for index in self.fused_ffns:
             self.dit.blocks[index].ffn_low_rank = None
         self.fused_ffns = {}
-        if not self.fused_ffn:
-            return
+        if not self.fused_ffn or "lora_fused_ffn" in getattr(self.placement, "failures", {}):
+            return  # off, or given up in this process
         for index, block in enumerate(self.dit.blocks):
             first, second = by_module.get(f"blocks.{index}.ffn.0"), by_module.get(f"blocks.{index}.ffn.2")
             if first is None or second is None or not hasattr(block, "ffn_low_rank"):
