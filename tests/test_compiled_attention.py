@@ -46,26 +46,29 @@ def _dit_and_inputs(layers: int):
     return dit, (x, t, context)
 
 
+def eager_then_compiled_twice(dit, inputs, backend):
+    """The DiT's eager output, then two forwards with its blocks compiled by `backend`."""
+    torch.compiler.reset()
+    blocks = compile_blocks(dit.blocks, backend=backend)
+    with torch.no_grad():
+        outs = dit(*inputs), forward_with(dit, blocks, *inputs), forward_with(dit, blocks, *inputs)
+    torch.compiler.reset()
+    return outs
+
+
 def test_compiled_blocks_are_one_graph_with_attention_inside_and_give_the_eager_output():
     # 12 blocks, more than dynamo's recompile limit: with a graph break at attention each block was
     # three graphs, and self- and cross-attention's shapes recompiled the attention frame.
     dit, inputs = _dit_and_inputs(12)
     dispatcher = CountingDispatcher()
     dit.set_attention_dispatchers(dispatcher, dispatcher)
-    torch.compiler.reset()
     backend = CountingBackend()
-    blocks = compile_blocks(dit.blocks, backend=backend)
-    with torch.no_grad():
-        eager = dit(*inputs)
-        eager_calls = dispatcher.calls
-        compiled = forward_with(dit, blocks, *inputs)
-        again = forward_with(dit, blocks, *inputs)
-    torch.compiler.reset()
+    eager, compiled, again = eager_then_compiled_twice(dit, inputs, backend)
     assert backend.graphs == 1 and backend.attention_ops == 2  # self- and cross-attention, in the graph
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(again, eager, rtol=1e-5, atol=1e-5)
     # The model's own dispatcher ran every call of both compiled forwards, not the process-wide one.
-    assert eager_calls == 24 and dispatcher.calls == 3 * 24
+    assert dispatcher.calls == 3 * 24  # 12 blocks x (self, cross) per forward
 
 
 def test_a_model_without_a_dispatcher_uses_the_process_wide_one_when_compiled():
@@ -105,14 +108,8 @@ def test_a_dispatcher_without_a_key_runs_outside_the_graph_at_every_compiled_cal
         return inner(q, k, v, scale=scale, attn_mask=attn_mask)
 
     dit.set_attention_dispatchers(keyless, keyless)
-    torch.compiler.reset()
     backend = CountingBackend()
-    blocks = compile_blocks(dit.blocks, backend=backend)
-    with torch.no_grad():
-        eager = dit(*inputs)
-        compiled = forward_with(dit, blocks, *inputs)
-        again = forward_with(dit, blocks, *inputs)
-    torch.compiler.reset()
+    eager, compiled, again = eager_then_compiled_twice(dit, inputs, backend)
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(again, eager, rtol=1e-5, atol=1e-5)
     assert len(calls) == 3 * 4  # 2 blocks x (self, cross) per forward, every one run outside
