@@ -171,7 +171,9 @@ def test_attention_workspace_by_backend():
 
 def test_ffn_chunking_lowers_the_ffn_stage():
     full = E.dit_activations(REQ, _plan(cfg_batch=False, ffn_gelu_in_place=False), "sdpa_flash")
-    chunked = E.dit_activations(REQ, _plan(cfg_batch=False, ffn_gelu_in_place=False, ffn_chunk=2048), "sdpa_flash")
+    chunked = E.dit_activations(
+        REQ, _plan(cfg_batch=False, ffn_gelu_in_place=False, ffn_chunk=2048), "sdpa_flash"
+    )
     assert full[2] == "ffn" and chunked[0] < full[0]
 
 
@@ -222,3 +224,36 @@ def test_the_ffn_gelu_in_place_plans_one_hidden_tensor_less():
     assert base[2] == "ffn" and in_place[0] < base[0]
     hidden = 2 * REQ.tokens * WAN_T2V_1_3B.ffn_dim * 2
     assert base[0] - in_place[0] <= hidden
+
+
+def test_the_text_encoders_sizes_are_counted_once_then_read_from_the_user_cache(monkeypatch, tmp_path):
+    # Counting imports transformers' umT5 modules (3-9 s in a fresh process); a plan alone reads the
+    # counts an earlier process stored, per config and transformers version.
+    import dataclasses
+    import json
+
+    from wanfit.builtin import BUILTIN_TEXT_ENCODER
+    from wanfit.plan import estimates
+
+    monkeypatch.setenv("WANFIT_CACHE_DIR", str(tmp_path))
+    sizes = estimates.text_encoder_sizes.__wrapped__  # past the in-process memo
+    counted = []
+    real_count = estimates._count_text_encoder
+    monkeypatch.setattr(estimates, "_count_text_encoder", lambda c: counted.append(c) or real_count(c))
+    first = sizes(BUILTIN_TEXT_ENCODER)
+    assert counted == [BUILTIN_TEXT_ENCODER] and first.params > first.layer > 0
+    assert sizes(BUILTIN_TEXT_ENCODER) == first and len(counted) == 1  # read back, not counted
+    stored = json.loads((tmp_path / estimates.SIZES_FILE).read_text())
+    (key,) = stored
+    assert "transformers " in key and stored[key]["params"] == first.params
+    # Another transformers version's entry is not taken for this one's, and an unreadable file is
+    # counted again and rewritten.
+    (tmp_path / estimates.SIZES_FILE).write_text(
+        json.dumps({key.replace("transformers ", "transformers 0.0-"): stored[key]})
+    )
+    assert sizes(BUILTIN_TEXT_ENCODER) == first and len(counted) == 2
+    (tmp_path / estimates.SIZES_FILE).write_text("{not json")
+    assert sizes(BUILTIN_TEXT_ENCODER) == first and len(counted) == 3
+    assert key in json.loads((tmp_path / estimates.SIZES_FILE).read_text())
+    other = dataclasses.replace(BUILTIN_TEXT_ENCODER, num_layers=BUILTIN_TEXT_ENCODER.num_layers + 1)
+    assert sizes(other).params > first.params and len(counted) == 4  # another config: its own entry

@@ -182,8 +182,42 @@ class TextEncoderSizes:
     embedding: int = 0  # the token embedding (a lookup; a streamed encoder keeps it on the host)
 
 
+SIZES_FILE = "model_sizes.json"  # in the user cache dir: umT5's counts, per config and transformers version
+
+
 @cache
 def text_encoder_sizes(config: TextEncoderConfig) -> TextEncoderSizes:
+    """The counts, read off transformers' UMT5EncoderModel built on the meta device, or from the user
+    cache where an earlier process counted them for this config and transformers version: importing
+    transformers' umT5 modules takes 3-9 s, which a plan alone (`wanfit plan`, `doctor`, a job whose
+    prompts are cached) does not otherwise pay."""
+    import json
+    from importlib.metadata import PackageNotFoundError, version
+
+    from wanfit.attention.ranking import cache_dir, write_json
+
+    try:
+        shape = json.dumps(config.umt5_kwargs(), sort_keys=True)
+        key = f"umt5 {shape} transformers {version('transformers')}"
+    except PackageNotFoundError:
+        key = None  # the import below then says what is missing
+    path = cache_dir() / SIZES_FILE
+    try:
+        stored = json.loads(path.read_text()) if key and path.is_file() else {}
+        if key in stored:
+            return TextEncoderSizes(**stored[key])
+    except (OSError, ValueError, TypeError, AttributeError):
+        stored = {}  # unreadable or of another shape: counted again and rewritten
+    sizes = _count_text_encoder(config)
+    if key:
+        try:
+            write_json(path, {**(stored if isinstance(stored, dict) else {}), key: asdict(sizes)})
+        except OSError:
+            pass  # a read-only cache dir: counted again next time
+    return sizes
+
+
+def _count_text_encoder(config: TextEncoderConfig) -> TextEncoderSizes:
     from transformers import UMT5Config, UMT5EncoderModel
 
     with torch.device("meta"):
