@@ -31,3 +31,9 @@ class ParallelError(WanfitError):
 
 class WanfitWarning(UserWarning):
     """Something the user should know, said in one sentence (the CLI prints it as `wanfit: warning:`)."""
+
+
+def one_line(err: BaseException) -> str:
+    """An exception as one short line for a warning or a record: its type and its message's first line."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0][:200]}" if lines else type(err).__name__

@@ -19,7 +19,7 @@ import torch
 from wanfit.attention.backends import AttentionBackend, AttentionCall, Registry, default_registry
 from wanfit.attention.chunked import DEFAULT_BUDGET_BYTES, MIB, chunked_attention, reference_attention
 from wanfit.attention.ranking import load_measured, rank
-from wanfit.errors import AttentionUnavailableError, ConfigError
+from wanfit.errors import AttentionUnavailableError, ConfigError, one_line
 from wanfit.hardware.probe import HardwareProbe
 from wanfit.hardware.profiles import GIB
 
@@ -386,10 +386,10 @@ class Dispatcher:
             if self.forced is not None and failed == self.forced:
                 if self.strict:
                     raise AttentionUnavailableError(
-                        f"The attention backend {failed} was asked for but failed here: {_one_line(err)}."
+                        f"The attention backend {failed} was asked for but failed here: {one_line(err)}."
                     ) from err
                 self.forced = None  # the Plan's choice failed: the ranked choice takes over
-                self._record_switch(failed, None, f"{failed} failed at run time ({_one_line(err)})")
+                self._record_switch(failed, None, f"{failed} failed at run time ({one_line(err)})")
             self._disable(failed, err)
             return self(q, k, v, scale=scale, attn_mask=attn_mask)
         self.served[selection.backend] = self.served.get(selection.backend, 0) + 1
@@ -444,10 +444,10 @@ class Dispatcher:
         self.served = {}
 
     def _disable(self, name: str, err: Exception) -> None:
-        self.disabled[name] = f"failed at run time and was disabled for this process ({_one_line(err)})."
+        self.disabled[name] = f"failed at run time and was disabled for this process ({one_line(err)})."
         self._selections.clear()
         warnings.warn(
-            f"wanfit: attention backend {name} failed ({_one_line(err)}); it is disabled for this process "
+            f"wanfit: attention backend {name} failed ({one_line(err)}); it is disabled for this process "
             "and calls go to the next backend.",
             AttentionFallbackWarning,
             stacklevel=3,
@@ -479,7 +479,7 @@ class Dispatcher:
         except torch.OutOfMemoryError:
             raise
         except Exception as err:
-            failure = f"raised {_one_line(err)}."
+            failure = f"raised {one_line(err)}."
         _SMOKE_RESULTS[key] = failure
         return failure
 
@@ -500,11 +500,6 @@ class Dispatcher:
         if reason:
             raise AttentionUnavailableError(f"The attention backend {name} was asked for but {reason}")
         return name
-
-
-def _one_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {lines[0][:200]}" if lines else type(err).__name__
 
 
 def _bytes_text(n: int) -> str:

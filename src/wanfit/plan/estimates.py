@@ -201,19 +201,22 @@ def text_encoder_sizes(config: TextEncoderConfig) -> TextEncoderSizes:
         key = f"umt5 {shape} transformers {version('transformers')}"
     except PackageNotFoundError:
         key = None  # the import below then says what is missing
+    if key is None:
+        return _count_text_encoder(config)
     path = cache_dir() / SIZES_FILE
     try:
-        stored = json.loads(path.read_text()) if key and path.is_file() else {}
+        stored = json.loads(path.read_text()) if path.is_file() else {}
+        if not isinstance(stored, dict):
+            stored = {}
         if key in stored:
             return TextEncoderSizes(**stored[key])
-    except (OSError, ValueError, TypeError, AttributeError):
+    except (OSError, ValueError, TypeError):
         stored = {}  # unreadable or of another shape: counted again and rewritten
     sizes = _count_text_encoder(config)
-    if key:
-        try:
-            write_json(path, {**(stored if isinstance(stored, dict) else {}), key: asdict(sizes)})
-        except OSError:
-            pass  # a read-only cache dir: counted again next time
+    try:
+        write_json(path, {**stored, key: asdict(sizes)})
+    except OSError:
+        pass  # a read-only cache dir: counted again next time
     return sizes
 
 

@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from wanfit.errors import one_line
 from wanfit.plan.plan import LORA_BASE_COPIES
 from wanfit.plan.plan import LORA_MODES as MODES
 from wanfit.weights.lora_keys import LoraWeights, LowRank
@@ -202,7 +203,7 @@ class FusedFeedForward:
         self.calls = 0  # FFNs computed by the kernel, counted eagerly (the tests read it)
 
     def applies(self, first: nn.Module, second: nn.Module) -> bool:
-        from wanfit.runtime import lora_ffn
+        from wanfit.runtime import lora_ffn  # Triton's import (~0.5 s) only where the kernel is asked for
 
         return (
             self.failure is None
@@ -255,10 +256,7 @@ class FusedFeedForward:
         except Exception as err:
             if torch.compiler.is_compiling():
                 raise
-            lines = str(err).strip().splitlines()
-            self._fail(
-                f"the fused LoRA FFN kernel raised {type(err).__name__}: {lines[0][:200] if lines else ''}"
-            )
+            self._fail(f"the fused LoRA FFN kernel raised {one_line(err)}")
             return None
         if not torch.compiler.is_compiling():
             self.calls += 1

@@ -24,10 +24,14 @@ torch.compile it runs as opaque ops (in place: one that mutates `hidden`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 
 import torch
 import torch.nn.functional as F
+
+from wanfit.errors import one_line
 
 # Stacked LoRA ranks up to this run in the kernel (the factors' tiles live in registers); larger sets
 # take the separate GEMMs.
@@ -108,21 +112,13 @@ def gelu_low_rank_triton(
     h0 = h0.reshape(rows, rank0).contiguous()
     h2 = torch.empty(*hidden.shape[:-1], rank2, device=hidden.device, dtype=hidden.dtype)
     grid = (triton.cdiv(rows, block_m),)
-    with torch.cuda.device(hidden.device) if hidden.is_cuda else _no_context():
+    with torch.cuda.device(hidden.device) if hidden.is_cuda else contextlib.nullcontext():
         _gelu_low_rank_kernel[grid](
             hidden, out, h0, up0.contiguous(), down2.contiguous(), h2, rows, width, rank0, rank2,
             BLOCK_M=block_m, BLOCK_F=block_f, R0=_padded(rank0), R2=_padded(rank2),
             num_warps=warps, num_stages=stages,
         )  # fmt: skip
     return h2
-
-
-class _no_context:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def gelu_low_rank_torch(
@@ -134,15 +130,12 @@ def gelu_low_rank_torch(
     return F.linear(out.float(), down2.float()).to(hidden.dtype)
 
 
+# Triton's interpreter (tests: TRITON_INTERPRET=1, set before Triton is imported) runs it on the CPU.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _kernel_runs(hidden: torch.Tensor) -> bool:
-    return triton is not None and (hidden.is_cuda or _interpreted())
-
-
-@functools.cache
-def _interpreted() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    return triton is not None and (hidden.is_cuda or _INTERPRETED)
 
 
 def _gelu_low_rank(hidden, h0, up0, down2, out):
@@ -187,15 +180,6 @@ def gelu_low_rank(
     return out, _gelu_low_rank(hidden, h0, up0, down2, out)
 
 
-def unavailable_reason(kind: str, capability: tuple[int, int] | None) -> str | None:
-    """Why the kernel cannot run on a device of this kind and capability (None: it can); the same
-    bar as the fused elementwise kernels', whose smoke test the planner has run."""
-    from wanfit.runtime.fused_elementwise import unavailable_reason as elementwise_reason
-
-    why = elementwise_reason(kind, capability)
-    return None if why is None else why.replace("the fused elementwise kernels", "the fused LoRA FFN kernel")
-
-
 @functools.cache
 def smoke_test(device: str) -> str | None:
     """None when the kernel on `device` matches the torch ops on small inputs (once per process);
@@ -216,8 +200,7 @@ def smoke_test(device: str) -> str | None:
             got_h2 = gelu_low_rank_triton(*args, got_g)
             got_g, got_h2 = got_g.cpu().float(), got_h2.cpu().float()
     except Exception as err:  # noqa: BLE001 - any failure means: do not use the kernel
-        lines = str(err).strip().splitlines()
-        return f"{type(err).__name__}: {lines[0][:200] if lines else ''}"
+        return one_line(err)
     g_err = (got_g - want_g.float()).abs().max().item()
     h2_err = (got_h2 - want_h2.float()).abs().max().item() / max(want_h2.float().abs().max().item(), 1e-6)
     if not (g_err <= 0.05 and h2_err <= 0.02):
