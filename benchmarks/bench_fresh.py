@@ -72,8 +72,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--budget-s", type=float, default=530.0, help="start no child predicted to end past this (s)"
     )
+    p.add_argument(
+        "--profile-plan", action="store_true",
+        help="wanfit's children: cProfile's top functions of the planning phase, in the JSON",
+    )  # fmt: skip
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny models, 2 steps: checks the script only")
     p.add_argument("--out", default=None, help="write the results as JSON here (after every child)")
+    p.add_argument("--children", default=",".join(CHILDREN), help="which children run, in this order")
     p.add_argument("--child", choices=CHILDREN, default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-dir", default=None, help=argparse.SUPPRESS)  # the child's JSON and frames
     p.add_argument("--spawned-at", type=float, default=None, help=argparse.SUPPRESS)  # time.time()
@@ -104,9 +109,26 @@ def child_job(args) -> tuple[dict, np.ndarray]:
     class Kept(Models):
         """bench_speed's models, keeping the last wanfit pipeline for its run record."""
 
+        plan_profile = None
+
         def pipeline(self, plan):
             self.last_pipe = super().pipeline(plan)
             return self.last_pipe
+
+        def plan(self, variant, steps):
+            if not args.profile_plan:
+                return super().plan(variant, steps)
+            import cProfile
+
+            from profile_planning import top_functions
+
+            profile = cProfile.Profile()
+            profile.enable()
+            try:
+                return super().plan(variant, steps)
+            finally:
+                profile.disable()
+                self.plan_profile = top_functions(profile, 40)
 
     if args.dry_run:
         device = torch.device("cpu")
@@ -124,6 +146,8 @@ def child_job(args) -> tuple[dict, np.ndarray]:
         result, frames = models.wanfit_job("wanfit_planned", args.steps)
         record = models.last_pipe.run_record()
         result.update(plan=record["plan"], attention=record["attention"])
+        if models.plan_profile is not None:
+            result["plan_profile"] = models.plan_profile
     ended = time.time()
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -172,7 +196,7 @@ def child_command(args, name: str, out_dir: Path) -> list[str]:
     for flag, value in (("--layers", args.layers), ("--text-layers", args.text_layers)):
         if value is not None:
             command += [flag, str(value)]
-    return command + (["--dry-run"] if args.dry_run else [])
+    return command + (["--dry-run"] if args.dry_run else []) + (["--profile-plan"] if args.profile_plan else [])
 
 
 def run(args) -> dict:
@@ -196,7 +220,7 @@ def run(args) -> dict:
         print(f"[{time.perf_counter() - started:6.1f} s] {text}", file=sys.stderr, flush=True)
 
     previous = None
-    for name in CHILDREN:
+    for name in [c for c in args.children.split(",") if c]:
         left = args.budget_s - (time.perf_counter() - started)
         guess = predicted_s(previous)
         if guess > left:
