@@ -196,7 +196,9 @@ def child_command(args, name: str, out_dir: Path) -> list[str]:
     for flag, value in (("--layers", args.layers), ("--text-layers", args.text_layers)):
         if value is not None:
             command += [flag, str(value)]
-    return command + (["--dry-run"] if args.dry_run else []) + (["--profile-plan"] if args.profile_plan else [])
+    return (
+        command + (["--dry-run"] if args.dry_run else []) + (["--profile-plan"] if args.profile_plan else [])
+    )
 
 
 def run(args) -> dict:

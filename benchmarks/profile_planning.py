@@ -61,7 +61,12 @@ def top_functions(profile, top: int) -> list[dict]:
     import pstats
 
     rows = [
-        {"function": f"{Path(file).name}:{line}({name})", "calls": calls, "cumulative_s": cumulative, "own_s": own}
+        {
+            "function": f"{Path(file).name}:{line}({name})",
+            "calls": calls,
+            "cumulative_s": cumulative,
+            "own_s": own,
+        }
         for (file, line, name), (_, calls, own, cumulative, _) in pstats.Stats(profile).stats.items()
     ]
     rows.sort(key=lambda r: -r["cumulative_s"])
