@@ -95,10 +95,13 @@ def test_release_estimates_are_pinned():
     """The calibrated model's numbers for the release 1.3B at 832x480x81 (bf16, resident, untiled),
     as the hand-counted parameter tables gave them before the counts came from the model classes (the
     denoise activations as recalibrated on the H200 on 2026-12-02: one fp32 [B, L, dim] more at the FFN)."""
-    phases = E.estimate_phases(REQ, _plan(ffn_gelu_in_place=False), "sdpa_flash")
+    phases = E.estimate_phases(REQ, _plan(ffn_gelu_in_place=False, residual_in_place=False), "sdpa_flash")
     got = {name: (p.weights, p.activations, p.workspace, p.cache) for name, p in phases.items()}
     # The default writes the FFN's GELU in place: the RoPE stage becomes the peak.
     assert E.estimate_phases(REQ, _plan(), "sdpa_flash")["denoise"].activations == 3039080448
+    # The residual updates in place (the default): one fp32 [2, L, dim] stream less at the FFN.
+    in_place = E.estimate_phases(REQ, _plan(ffn_gelu_in_place=False), "sdpa_flash")["denoise"].activations
+    assert in_place == 4179652608 - 2 * REQ.tokens * 1536 * 4
     assert got == {
         "text_encoder": (14453599334, 142606336, 0, 8388608),
         "denoise": (3091778662, 4179652608, 0, 75481088),

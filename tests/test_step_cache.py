@@ -220,7 +220,8 @@ def firstblock_rule(dit, calls, threshold):
     for step, stream, x, t, context, *_ in calls:
         with torch.no_grad():
             inputs = dit.embed(x, t, context)
-            residual = dit.blocks[0](inputs.tokens, inputs.e, inputs.context, inputs.rope) - inputs.tokens
+            # A copy: placed blocks write over their input (Plan.residual_in_place).
+            residual = dit.blocks[0](inputs.tokens.clone(), inputs.e, inputs.context, inputs.rope) - inputs.tokens
         previous = head_residual.get(stream)
         compute = (
             previous is None

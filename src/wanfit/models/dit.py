@@ -229,7 +229,9 @@ class WanBlock(nn.Module):
       e        [B, 6, dim] fp32, the time projection (WanDiT.time_projection output);
       context  [B, Lc, dim], the embedded text (WanDiT.text_embedding output);
       rope     the grid's rotations, from WanDiT.rope(grid, device).
-    Returns the new residual stream [B, L, dim] fp32. Blocks hold no state between calls.
+    Returns the new residual stream [B, L, dim] fp32. Blocks hold no state between calls. With
+    `residual_in_place` (set by the runtime; inference only) the block writes the new stream over x
+    and returns x itself: its caller must not need the input afterwards.
     """
 
     def __init__(self, config: DiTConfig):
@@ -248,6 +250,9 @@ class WanBlock(nn.Module):
         # Inference: the GELU overwrites ffn.0's output, one [B, L, ffn_dim] tensor less at the FFN's
         # peak (the same values; set by the runtime).
         self.ffn_gelu_in_place = False
+        # Inference: the residual updates overwrite the block's input, so one fp32 [B, L, dim] stream
+        # lives at a time instead of the input, its update and the caller's copies (set by the runtime).
+        self.residual_in_place = False
         # Fused kernels for the modulated norms (wanfit.runtime.fused_elementwise, set by the runtime):
         # used eagerly and without autograd only; None: the torch ops.
         self.elementwise = None
@@ -259,6 +264,7 @@ class WanBlock(nn.Module):
     def forward(self, x: torch.Tensor, e: torch.Tensor, context: torch.Tensor, rope: Rope) -> torch.Tensor:
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float() + e).unbind(1)
         fused = eager_kernels(self.elementwise)
+        in_place = self.residual_in_place and not torch.is_grad_enabled()
 
         # Residual updates stay in fp32; addcmul and add read the half-precision branch outputs directly
         # (type promotion), one pass each instead of an upcast, a multiply and an add.
@@ -268,23 +274,33 @@ class WanBlock(nn.Module):
             h = fused.layer_norm_modulate(
                 x, shift_sa, scale_sa, self.norm1.eps, self.self_attn.q.weight.dtype
             )
-        x = torch.addcmul(x, self.self_attn(h, rope), gate_sa.unsqueeze(1))
+        y = self.self_attn(h, rope)
+        x = x.addcmul_(y, gate_sa.unsqueeze(1)) if in_place else torch.addcmul(x, y, gate_sa.unsqueeze(1))
 
         norm3 = self.norm3
         if fused is None or not isinstance(norm3, LayerNorm) or norm3.weight is None:
-            x = x + self.cross_attn(norm3(x), context)
+            y = self.cross_attn(norm3(x), context)
         else:  # in the dtype cross_attn casts its input to (no name holds it past the call)
             dtype = self.cross_attn.q.weight.dtype
-            x = x + self.cross_attn(
+            y = self.cross_attn(
                 fused.layer_norm_affine(x, norm3.weight, norm3.bias, norm3.eps, dtype), context
             )
+        x = x.add_(y) if in_place else x + y
+        del y
 
         if fused is None:
             h = modulate(self.norm2(x), shift_ff, scale_ff)
         else:  # in the dtype the FFN's first linear casts its input to
             h = fused.layer_norm_modulate(x, shift_ff, scale_ff, self.norm2.eps, self.ffn[0].weight.dtype)
+        if in_place and torch.compiler.is_compiling():
+            # One graph per part: a graph's updates of its input are written back only at its end, so in
+            # one graph the input and the updated stream would both be alive at the FFN's peak.
+            torch._dynamo.graph_break()
         ffn = run_in_chunks(self.feed_forward, h, self.ffn_chunk)
-        return torch.addcmul(x, ffn, gate_ff.unsqueeze(1))
+        del h
+        return (
+            x.addcmul_(ffn, gate_ff.unsqueeze(1)) if in_place else torch.addcmul(x, ffn, gate_ff.unsqueeze(1))
+        )
 
     def feed_forward(self, h: torch.Tensor) -> torch.Tensor:
         """ffn.2(GELU(ffn.0(h))) in the weights' dtype; with ffn_gelu_in_place and no autograd (whose

@@ -61,6 +61,10 @@ FFN_STAGE_FP32 = 3.0
 FFN_STAGE_COMPUTE = 1.0
 FFN_STAGE_CASTS = 2.0
 FFN_HIDDEN_TENSORS = 2.0
+# Plan.residual_in_place: the residual updates write over the block's input, so the cross-attention and
+# FFN stages hold one fp32 stream fewer (the input and its update are one tensor; the embedded tokens,
+# which the loop holds besides and which no count above has, are that tensor too).
+RESIDUAL_IN_PLACE_SAVED_FP32 = 1.0
 FFN_HIDDEN_TENSORS_GELU_IN_PLACE = 1.0  # Plan.ffn_gelu_in_place: the GELU writes over ffn.0's output
 # With ffn_chunk, the chunks' outputs are gathered in one [B, L, dim] compute-dtype buffer.
 FFN_CHUNK_OUTPUT_TENSORS = 1.0
@@ -551,8 +555,15 @@ def estimate_text_encoder(request: Request, plan: Plan, *, others: bool = True) 
         activations=max(activations, merge),
         workspace=workspace,
         cache=_embeddings_bytes(request, plan),
-        detail={"text_encoder": weights, "dit": dit, "fp8_gemms": fp8_gemms, "vae": vae, "lora_merge": merge,
-                "lora_base_copy": lora.base_copy, "lora_host": lora_host},  # fmt: skip
+        detail={
+            "text_encoder": weights,
+            "dit": dit,
+            "fp8_gemms": fp8_gemms,
+            "vae": vae,
+            "lora_merge": merge,
+            "lora_base_copy": lora.base_copy,
+            "lora_host": lora_host,
+        },  # fmt: skip
     )
 
 
@@ -609,6 +620,7 @@ def dit_activations(request: Request, plan: Plan, backend: str) -> tuple[int, in
         ffn_hidden = max(ffn_hidden, fp8_ffn_bytes(cfg, batch * ffn_rows, plan))
     k = c if c < 4 else 0
     exchange = ULYSSES_EXCHANGE_TENSORS * c if ulysses > 1 else 0
+    saved = RESIDUAL_IN_PLACE_SAVED_FP32 if plan.residual_in_place else 0.0
     stages = {
         "rope": (n * d * (ROPE_STAGE_FP32 * 4 + ROPE_STAGE_COMPUTE * c + ROPE_STAGE_CASTS * k), 0),
         "self_attention": (
@@ -616,11 +628,13 @@ def dit_activations(request: Request, plan: Plan, backend: str) -> tuple[int, in
             ws_self,
         ),
         "cross_attention": (
-            n * d * (CROSS_STAGE_FP32 * 4 + CROSS_STAGE_COMPUTE * c + CROSS_STAGE_CASTS * k),
+            n * d * ((CROSS_STAGE_FP32 - saved) * 4 + CROSS_STAGE_COMPUTE * c + CROSS_STAGE_CASTS * k),
             ws_cross,
         ),
         "ffn": (
-            n * d * (FFN_STAGE_FP32 * 4 + FFN_STAGE_COMPUTE * c + FFN_STAGE_CASTS * k) + ffn_hidden + ffn_out,
+            n * d * ((FFN_STAGE_FP32 - saved) * 4 + FFN_STAGE_COMPUTE * c + FFN_STAGE_CASTS * k)
+            + ffn_hidden
+            + ffn_out,
             0,
         ),
     }

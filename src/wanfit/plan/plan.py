@@ -181,6 +181,16 @@ class Plan:
             "bool", "the FFN's GELU written over ffn.0's output: one [tokens, ffn_dim] tensor less"
         ),
     )
+    # Exact (the same bits eagerly; compiled, Inductor's own rounding either way), so on by default: the
+    # blocks' three residual updates write over their input, so one fp32 [B, L, dim] stream is alive at
+    # the FFN's peak instead of the block's input, its update and the embedded tokens. Off under
+    # autograd whatever this says. Compiled blocks run as two graphs per block with it (wanfit.models.dit).
+    residual_in_place: bool = field(
+        default=True,
+        metadata=_setting(
+            "bool", "the DiT blocks' residual updates written over their input: one fp32 [tokens, dim] stream"
+        ),
+    )
     # wanfit.runtime.fused_elementwise: eager blocks' LayerNorm + modulation and RMSNorm + RoPE as one
     # Triton kernel each. The planner: on CUDA sm_80+ with Triton when the kernels pass their smoke test
     # and the blocks run eagerly (compiled blocks fuse the torch ops themselves). Off under autograd.

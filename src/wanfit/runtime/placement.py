@@ -28,6 +28,12 @@ from wanfit.runtime.offload import BlockStreamer
 HOST = "cpu"
 
 
+class InputOverwritten(RuntimeError):
+    """Compiled blocks that write their residual updates over their input failed part way (the compile
+    was given up): the tokens they were given may have changed, so the forward starts again from
+    embed, eagerly."""
+
+
 def _device_name(device: str | torch.device) -> str:
     return str(torch.device(device))
 
@@ -46,6 +52,7 @@ class DiTLayout:
     attention_chunk: int | None
     ffn_chunk: int | None
     ffn_gelu_in_place: bool = False
+    residual_in_place: bool = False  # the blocks overwrite their input (see InputOverwritten)
     source: str = "pinned"  # where streamed blocks come from (offload.SOURCES)
     dtype: torch.dtype | None = None  # the compute dtype a streamed DiT is converted to when placed
     sharded: bool = False  # blocks sharded over the run's processes (Plan.dit_sharding "fsdp")
@@ -67,6 +74,7 @@ class DiTLayout:
             attention_chunk=plan.attention_chunk,
             ffn_chunk=plan.ffn_chunk,
             ffn_gelu_in_place=plan.ffn_gelu_in_place,
+            residual_in_place=plan.residual_in_place,
             source=plan.dit_stream_source,
             dtype=plan.torch_compute_dtype,
             sharded=sharded,
@@ -137,7 +145,7 @@ class DiTPlacement:
             self._move(new)
         elif self.streamer is not None:
             self.streamer.reset()  # drop the copies a call that raised left behind, and the prefetch
-        switches = ("attention_chunk", "ffn_chunk", "ffn_gelu_in_place")
+        switches = ("attention_chunk", "ffn_chunk", "ffn_gelu_in_place", "residual_in_place")
         if old is None or any(getattr(old, s) != getattr(new, s) for s in switches):
             apply_chunking(self.dit.blocks, **{s: getattr(new, s) for s in switches})
         self._place_fp8_gemms(new)
@@ -242,7 +250,10 @@ class DiTPlacement:
         if self.compiled_blocks is None:
             return self.dit(x, timestep, context)
         inputs = self.dit.embed(x, timestep, context)
-        return self.dit.unembed(self.run_blocks(inputs), inputs)
+        try:
+            return self.dit.unembed(self.run_blocks(inputs), inputs)
+        except InputOverwritten:  # the compile was given up: the whole forward again, eagerly
+            return self.dit(x, timestep, context)
 
     # The forward's parts as placed, for a step cache (wanfit.sampling.step_cache) that runs some blocks.
 
@@ -251,7 +262,8 @@ class DiTPlacement:
 
     def run_blocks(self, inputs, tokens: torch.Tensor | None = None, start: int = 0, end: int | None = None):
         """WanDiT.run_blocks through the compiled blocks when compiled; a compile that fails runs them
-        eagerly from then on (the blocks are pure: the slice is simply run again)."""
+        eagerly from then on (blocks that keep their input: the slice is simply run again; blocks
+        that overwrite it raise InputOverwritten, for the caller to start again from embed)."""
         if self.compiled_blocks is None:
             return self.dit.run_blocks(inputs, tokens, start, end)
         try:
@@ -266,6 +278,10 @@ class DiTPlacement:
             what = f"{type(cause).__name__}: {lines[0][:200]}" if lines else type(cause).__name__
             self._give_up("compile", f"compiling the DiT's blocks failed ({what}); they run eagerly")
             self.compiled_blocks = None
+            if self.layout is not None and self.layout.residual_in_place:
+                raise InputOverwritten(
+                    "the DiT's compiled blocks failed after they may have overwritten their input"
+                ) from err
             return self.dit.run_blocks(inputs, tokens, start, end)
 
     def unembed(self, tokens: torch.Tensor, inputs) -> torch.Tensor:

@@ -122,7 +122,12 @@ class StepCache:
         self, dit, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, names
     ) -> torch.Tensor:
         """The DiT's prediction for a batch whose row b belongs to stream names[b]; [B, C, F, H, W] fp32."""
-        return self.policy.forward(self, dit, x, timestep, context, tuple(names))
+        from wanfit.runtime.placement import InputOverwritten
+
+        try:
+            return self.policy.forward(self, dit, x, timestep, context, tuple(names))
+        except InputOverwritten:  # the compiled blocks were given up part way: once more, eagerly
+            return self.policy.forward(self, dit, x, timestep, context, tuple(names))
 
     # -- for the policies
 

@@ -121,7 +121,10 @@ class BlockSkipPolicy(CachePolicy):
         for b in rows:
             cache.release(names[b], ("residual",))
         every = len(rows) == len(names)
-        out = dit.run_blocks(inputs if every else select_rows(inputs, rows)) if rows else None
+        # The blocks may write over the tokens they are given (Plan.residual_in_place): a copy, since
+        # the embedded tokens are the residual's base below (select_rows copies anyway).
+        out = dit.run_blocks(inputs, inputs.tokens.clone()) if every else None
+        out = dit.run_blocks(select_rows(inputs, rows)) if rows and not every else out
         pieces = []
         for b, (name, (compute, values, tensors)) in enumerate(zip(names, decisions)):
             state = cache.current(name)
@@ -409,7 +412,8 @@ class FirstBlockCache(CachePolicy):
 
     def forward(self, cache, dit, x, timestep, context, names):
         inputs = dit.embed(x, timestep, context)
-        first = dit.run_blocks(inputs, end=1)
+        # Copies where the blocks' input is read after them (they may overwrite it: Plan.residual_in_place).
+        first = dit.run_blocks(inputs, inputs.tokens.clone(), end=1)
         first_residuals = [first[b : b + 1] - inputs.tokens[b : b + 1] for b in range(len(names))]
         decisions = [self.decide(cache.current(n), first_residuals[b]) for b, n in enumerate(names)]
         rows = [b for b, compute in enumerate(decisions) if compute]
@@ -418,7 +422,7 @@ class FirstBlockCache(CachePolicy):
         every = len(rows) == len(names)
         out = None
         if every:
-            out = dit.run_blocks(inputs, tokens=first, start=1)
+            out = dit.run_blocks(inputs, tokens=first.clone(), start=1)
         elif rows:
             index = torch.tensor(rows, device=first.device)
             out = dit.run_blocks(select_rows(inputs, rows), tokens=first.index_select(0, index), start=1)
