@@ -275,7 +275,11 @@ class WanBlock(nn.Module):
                 x, shift_sa, scale_sa, self.norm1.eps, self.self_attn.q.weight.dtype
             )
         y = self.self_attn(h, rope)
-        x = x.addcmul_(y, gate_sa.unsqueeze(1)) if in_place else torch.addcmul(x, y, gate_sa.unsqueeze(1))
+        # In place as statements: a name bound to the op's result would be a new tensor to dynamo.
+        if in_place:
+            x.addcmul_(y, gate_sa.unsqueeze(1))
+        else:
+            x = torch.addcmul(x, y, gate_sa.unsqueeze(1))
 
         norm3 = self.norm3
         if fused is None or not isinstance(norm3, LayerNorm) or norm3.weight is None:
@@ -285,7 +289,10 @@ class WanBlock(nn.Module):
             y = self.cross_attn(
                 fused.layer_norm_affine(x, norm3.weight, norm3.bias, norm3.eps, dtype), context
             )
-        x = x.add_(y) if in_place else x + y
+        if in_place:
+            x.add_(y)
+        else:
+            x = x + y
         del y
 
         if fused is None:
@@ -298,9 +305,10 @@ class WanBlock(nn.Module):
             torch._dynamo.graph_break()
         ffn = run_in_chunks(self.feed_forward, h, self.ffn_chunk)
         del h
-        return (
-            x.addcmul_(ffn, gate_ff.unsqueeze(1)) if in_place else torch.addcmul(x, ffn, gate_ff.unsqueeze(1))
-        )
+        if not in_place:
+            return torch.addcmul(x, ffn, gate_ff.unsqueeze(1))
+        x.addcmul_(ffn, gate_ff.unsqueeze(1))
+        return x
 
     def feed_forward(self, h: torch.Tensor) -> torch.Tensor:
         """ffn.2(GELU(ffn.0(h))) in the weights' dtype; with ffn_gelu_in_place and no autograd (whose
