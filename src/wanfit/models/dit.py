@@ -295,8 +295,8 @@ class WanBlock(nn.Module):
             x = x + y
         del y
 
-        if fused is None:
-            h = modulate(self.norm2(x), shift_ff, scale_ff)
+        if fused is None:  # cast here, so the fp32 product is freed now (and no graph passes it on)
+            h = modulate(self.norm2(x), shift_ff, scale_ff).to(self.ffn[0].weight.dtype)
         else:  # in the dtype the FFN's first linear casts its input to
             h = fused.layer_norm_modulate(x, shift_ff, scale_ff, self.norm2.eps, self.ffn[0].weight.dtype)
         if in_place and torch.compiler.is_compiling():
