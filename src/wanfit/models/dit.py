@@ -294,15 +294,16 @@ class WanBlock(nn.Module):
         else:
             x = x + y
         del y
+        if in_place and torch.compiler.is_compiling():
+            # The FFN in a graph of its own: in one graph the input would stay beside its updated copy
+            # (an input's update is written back at the graph's end), and a graph taking h would keep it
+            # (its caller holds it) past ffn.0; this one frees h for ffn.2's output.
+            torch._dynamo.graph_break()
 
         if fused is None:  # cast here, so the fp32 product is freed now (and no graph passes it on)
             h = modulate(self.norm2(x), shift_ff, scale_ff).to(self.ffn[0].weight.dtype)
         else:  # in the dtype the FFN's first linear casts its input to
             h = fused.layer_norm_modulate(x, shift_ff, scale_ff, self.norm2.eps, self.ffn[0].weight.dtype)
-        if in_place and torch.compiler.is_compiling():
-            # One graph per part: a graph's updates of its input are written back only at its end, so in
-            # one graph the input and the updated stream would both be alive at the FFN's peak.
-            torch._dynamo.graph_break()
         ffn = run_in_chunks(self.feed_forward, h, self.ffn_chunk)
         del h
         if not in_place:
