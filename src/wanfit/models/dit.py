@@ -275,6 +275,7 @@ class WanBlock(nn.Module):
                 x, shift_sa, scale_sa, self.norm1.eps, self.self_attn.q.weight.dtype
             )
         y = self.self_attn(h, rope)
+        del h  # not held through the cross-attention (nor, compiled, passed across the graph break)
         # In place as statements: a name bound to the op's result would be a new tensor to dynamo.
         if in_place:
             x.addcmul_(y, gate_sa.unsqueeze(1))
