@@ -15,6 +15,10 @@ Three children, one after the other, each a new interpreter (`--child NAME`, sta
   wanfit_warm   the same job again, with the caches wanfit_cold left: every later run
   diffusers     diffusers' WanPipeline as shipped (eager, SDPA)
 
+Every child reads bytecode compiled once before them (a PYTHONPYCACHEPREFIX folder of the run), as
+on a machine where pip installed the packages; --no-bytecode-cache leaves the environment as it is
+(the GPU machine sets PYTHONDONTWRITEBYTECODE, so each process compiles its imports from source).
+
 Each builds Wan2.1 T2V-1.3B's real configs (DiT, VAE, umT5-XXL) with random weights as
 bench_pipeline.build_models does (diffusers' models, wanfit's views of the same tensors) and runs
 832x480x81, UniPC, guidance 5, `--steps` steps (50) from the same latents. Reported per child: the
@@ -75,6 +79,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--profile-plan", action="store_true",
         help="wanfit's children: cProfile's top functions of the planning phase, in the JSON",
+    )  # fmt: skip
+    p.add_argument(
+        "--no-bytecode-cache", action="store_true",
+        help="children compile every module from source, as a machine with PYTHONDONTWRITEBYTECODE set does",
     )  # fmt: skip
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny models, 2 steps: checks the script only")
     p.add_argument("--out", default=None, help="write the results as JSON here (after every child)")
@@ -165,14 +173,36 @@ def child_job(args) -> tuple[dict, np.ndarray]:
 # --- the parent: fresh caches, the children in turn ---------------------------------------------------
 
 
-def child_env(caches: Path) -> dict:
-    """This environment with the benchmark's cache folders (empty until the cold child fills them)."""
+# What the children import, compiled to bytecode first (see warm_bytecode).
+BYTECODE_IMPORTS = (
+    "import torch, transformers, diffusers, wanfit.pipeline, wanfit.plan.planning\n"
+    "from transformers import UMT5EncoderModel\n"
+    "from diffusers import WanPipeline, WanTransformer3DModel, AutoencoderKLWan\n"
+    "try:\n    import flash_attn.cute\nexcept Exception:\n    pass\n"
+)
+
+
+def child_env(caches: Path, bytecode: Path | None) -> dict:
+    """This environment with the benchmark's cache folders (empty until the cold child fills them) and,
+    with `bytecode`, a bytecode cache every child reads."""
     env = dict(os.environ)
     for name, var in CACHE_ENVS.items():
         env[var] = str(caches / name)
     for var in FA4_ENVS:
         env.pop(var, None)
+    if bytecode is not None:
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        env["PYTHONPYCACHEPREFIX"] = str(bytecode)
     return env
+
+
+def warm_bytecode(env: dict) -> float:
+    """Import what the children import once, so that they read compiled bytecode as on a machine where pip
+    installed the packages (it writes .pyc files; a GPU machine with PYTHONDONTWRITEBYTECODE and
+    `pip --no-compile` has none, and every process compiles its imports from source: seconds)."""
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", BYTECODE_IMPORTS], env=env, check=False)
+    return time.perf_counter() - start
 
 
 def predicted_s(previous_s: float | None) -> float:
@@ -205,7 +235,8 @@ def run(args) -> dict:
     started = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="bench-fresh-"))
     caches = work / "caches"
-    env = child_env(caches)
+    bytecode = None if args.no_bytecode_cache else work / "bytecode"
+    env = child_env(caches, bytecode)
     result: dict = {
         "benchmark": "bench_fresh",
         "video": f"{args.size}x{args.frames}" if not args.dry_run else "64x48x5 (dry run)",
@@ -213,6 +244,7 @@ def run(args) -> dict:
         "guidance": args.guidance,
         "budget_s": args.budget_s,
         "caches": str(caches),
+        "bytecode_cache": bytecode is not None,
         "children": {},
         "skipped": [],
         "errors": {},
@@ -221,6 +253,9 @@ def run(args) -> dict:
     def log(text: str) -> None:
         print(f"[{time.perf_counter() - started:6.1f} s] {text}", file=sys.stderr, flush=True)
 
+    if bytecode is not None:
+        result["bytecode_warm_s"] = warm_bytecode(env)
+        log(f"bytecode compiled in {result['bytecode_warm_s']:.1f} s")
     previous = None
     for name in [c for c in args.children.split(",") if c]:
         left = args.budget_s - (time.perf_counter() - started)

@@ -7,7 +7,7 @@ from benchmarks.bench_fresh import CHILDREN, FIRST_GUESS_S, NEXT_MARGIN, child_e
 
 def test_dry_run_runs_each_job_in_its_own_process_on_the_fresh_caches(tmp_path, capsys):
     out = tmp_path / "fresh.json"
-    result = main(["--dry-run", "--out", str(out)])
+    result = main(["--dry-run", "--no-bytecode-cache", "--out", str(out)])  # the warm-up imports take ~20 s
     saved = json.loads(out.read_text())
     assert saved["errors"] == {} and saved["skipped"] == [] and list(saved["children"]) == list(CHILDREN)
     cold, warm, theirs = (saved["children"][name] for name in CHILDREN)
@@ -25,14 +25,28 @@ def test_dry_run_runs_each_job_in_its_own_process_on_the_fresh_caches(tmp_path, 
 
 def test_a_child_predicted_past_the_budget_is_not_started(tmp_path):
     assert predicted_s(None) == FIRST_GUESS_S and predicted_s(100.0) == 100.0 * NEXT_MARGIN
-    result = main(["--dry-run", "--budget-s", str(FIRST_GUESS_S - 1), "--out", str(tmp_path / "f.json")])
+    result = main(
+        [
+            "--dry-run",
+            "--no-bytecode-cache",
+            "--budget-s",
+            str(FIRST_GUESS_S - 1),
+            "--out",
+            str(tmp_path / "f.json"),
+        ]
+    )
     assert result["children"] == {} and [s["what"] for s in result["skipped"]] == list(CHILDREN)
     assert f"predicted {FIRST_GUESS_S:.0f} s" in result["skipped"][0]["why"]
 
 
 def test_children_get_the_benchmarks_cache_dirs_and_not_the_users_flash_attn4_setting(tmp_path, monkeypatch):
     monkeypatch.setenv("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR", "/users/own")
-    env = child_env(tmp_path)
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
+    env = child_env(tmp_path, None)
+    assert env["PYTHONDONTWRITEBYTECODE"] == "1" and "PYTHONPYCACHEPREFIX" not in env
+    env = child_env(tmp_path, tmp_path / "bytecode")
+    # Every child reads the bytecode the warm-up wrote, as where pip compiled the packages at install.
+    assert "PYTHONDONTWRITEBYTECODE" not in env and env["PYTHONPYCACHEPREFIX"] == str(tmp_path / "bytecode")
     assert env["WANFIT_CACHE_DIR"] == str(tmp_path / "wanfit")
     assert env["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "inductor")
     assert "FLASH_ATTENTION_CUTE_DSL_CACHE_DIR" not in env
