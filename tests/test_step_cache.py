@@ -598,6 +598,7 @@ def test_the_cache_runs_the_blocks_as_placed(pipe):
     """Compiled blocks are callables beside the model: the cache must run those, not the eager ones."""
     placement = pipe.placement.dit
     placement.place(pipe.plan)
+    assert all(b.residual_in_place for b in pipe.dit.blocks)  # the caches' tests run on blocks in place
     used = []
 
     def counted(index, block):
