@@ -61,11 +61,11 @@ FFN_STAGE_FP32 = 3.0
 FFN_STAGE_COMPUTE = 1.0
 FFN_STAGE_CASTS = 2.0
 FFN_HIDDEN_TENSORS = 2.0
+FFN_HIDDEN_TENSORS_GELU_IN_PLACE = 1.0  # Plan.ffn_gelu_in_place: the GELU writes over ffn.0's output
 # Plan.residual_in_place: the residual updates write over the block's input, so the cross-attention and
 # FFN stages hold one fp32 stream fewer (the input and its update are one tensor; the embedded tokens,
 # which the loop holds besides and which no count above has, are that tensor too).
 RESIDUAL_IN_PLACE_SAVED_FP32 = 1.0
-FFN_HIDDEN_TENSORS_GELU_IN_PLACE = 1.0  # Plan.ffn_gelu_in_place: the GELU writes over ffn.0's output
 # With ffn_chunk, the chunks' outputs are gathered in one [B, L, dim] compute-dtype buffer.
 FFN_CHUNK_OUTPUT_TENSORS = 1.0
 # RoPE cos and sin tables: [L, head_dim/2] fp32 each -> 4 bytes x head_dim per token.
@@ -555,15 +555,8 @@ def estimate_text_encoder(request: Request, plan: Plan, *, others: bool = True) 
         activations=max(activations, merge),
         workspace=workspace,
         cache=_embeddings_bytes(request, plan),
-        detail={
-            "text_encoder": weights,
-            "dit": dit,
-            "fp8_gemms": fp8_gemms,
-            "vae": vae,
-            "lora_merge": merge,
-            "lora_base_copy": lora.base_copy,
-            "lora_host": lora_host,
-        },  # fmt: skip
+        detail={"text_encoder": weights, "dit": dit, "fp8_gemms": fp8_gemms, "vae": vae, "lora_merge": merge,
+                "lora_base_copy": lora.base_copy, "lora_host": lora_host},  # fmt: skip
     )
 
 
