@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tests.helpers import tiny_text
+from tests.helpers.compile_backends import CountingBackend
 from wanfit.models.configs import WAN_TINY
 from wanfit.models.dit import WanDiT
 from wanfit.models.text_encoder import WanTextEncoder
@@ -34,23 +35,6 @@ def nothing_stuck_on(model: torch.nn.Module) -> bool:
     return not any(
         k.startswith("_wanfit") or k == "_compiled_call_impl" for m in model.modules() for k in vars(m)
     )
-
-
-class CountingBackend:
-    """A torch.compile backend that runs the captured graphs eagerly and counts them."""
-
-    def __init__(self):
-        self.graphs = 0
-        self.runs = 0
-
-    def __call__(self, graph, example_inputs):
-        self.graphs += 1
-
-        def run(*args):
-            self.runs += 1
-            return graph.forward(*args)
-
-        return run
 
 
 def make_dit(backend: CountingBackend | None = None) -> DiTPlacement:

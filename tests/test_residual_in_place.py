@@ -8,6 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from tests.helpers.compile_backends import CountingBackend
 from tests.helpers.live_bytes import LiveBytes
 from wanfit.models.configs import WAN_TINY, DiTConfig
 from wanfit.models.dit import WanDiT
@@ -78,20 +79,6 @@ def test_the_forward_peak_holds_fewer_fp32_streams():
         peaks[on] = live.peak
     stream = (2 * 8 * 8) * RATIO.dim * 4  # fp32 [1, L, dim], L = 2 x 8 x 8 patches
     assert peaks[False] - peaks[True] >= stream
-
-
-class CountingBackend:
-    """A torch.compile backend that runs the captured graphs eagerly and counts them; with `fail_at`,
-    the compile of that graph (1-based) raises."""
-
-    def __init__(self, fail_at: int | None = None):
-        self.graphs, self.fail_at = 0, fail_at
-
-    def __call__(self, graph, example_inputs):
-        self.graphs += 1
-        if self.graphs == self.fail_at:
-            raise RuntimeError("this backend cannot compile that graph")
-        return graph.forward
 
 
 def placed(plan: Plan, backend) -> DiTPlacement:
