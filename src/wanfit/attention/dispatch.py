@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 import torch
 
+from wanfit.attention import smoke_verdicts
 from wanfit.attention.backends import AttentionBackend, AttentionCall, Registry, default_registry
 from wanfit.attention.chunked import DEFAULT_BUDGET_BYTES, MIB, chunked_attention, reference_attention
 from wanfit.attention.ranking import load_measured, rank
-from wanfit.attention.smoke_verdicts import backend_prefix, load_passed, record_verdict, verdict_key
 from wanfit.errors import AttentionUnavailableError, ConfigError, one_line
 from wanfit.hardware.probe import HardwareProbe
 from wanfit.hardware.profiles import GIB
@@ -35,7 +35,7 @@ LOSSY_TOLERANCE_FACTOR = 5.0
 # Smoke-test results for this process (None: passed; else what went wrong), shared by every
 # dispatcher: the planner's and a pipeline's test a backend once, not each before its first call.
 _SMOKE_RESULTS: dict[tuple, str | None] = {}
-# Smoke tests running in the background because they passed in an earlier process (wanfit.attention.smoke_verdicts):
+# Smoke tests running in the background because they passed in an earlier process (smoke_verdicts):
 # key -> its future result; the backend's first call waits for it.
 _SMOKE_PENDING: dict[tuple, Future] = {}
 _background: ThreadPoolExecutor | None = None
@@ -522,7 +522,9 @@ class Dispatcher:
         version = self._verdict_version(b, device)
         verdict = None
         if version is not None:
-            verdict = verdict_key(b.name, version, self.hw, kernel_dtype, call.head_dim, call.has_mask)
+            verdict = smoke_verdicts.verdict_key(
+                b.name, version, self.hw, kernel_dtype, call.head_dim, call.has_mask
+            )
         # In the background only while the import is still to come (or under way there): that is
         # the cost a verdict saves.
         importing = b.package not in sys.modules or any(k[0] is b for k in _SMOKE_PENDING)
@@ -552,15 +554,15 @@ class Dispatcher:
 
     def _earlier_pass(self, b: AttentionBackend, device) -> bool:
         """Whether `b`, at its installed version, passed a smoke test on this card and torch build in
-        an earlier process (wanfit.attention.smoke_verdicts); its package is then not imported to check it."""
+        an earlier process (smoke_verdicts); its package is then not imported to check it."""
         if not self.smoke_tests:
             return False
         version = self._verdict_version(b, device)
         if version is None:
             return False
         if self._passed_earlier is None:
-            self._passed_earlier = load_passed()
-        prefix = backend_prefix(b.name, version, self.hw)
+            self._passed_earlier = smoke_verdicts.load_passed()
+        prefix = smoke_verdicts.backend_prefix(b.name, version, self.hw)
         return any(k.startswith(prefix) for k in self._passed_earlier)
 
     def _smoke_test_now(
@@ -587,7 +589,7 @@ class Dispatcher:
             failure = f"raised {one_line(err)}."
         _SMOKE_RESULTS[key] = failure
         if verdict is not None:
-            record_verdict(verdict, failure is None)
+            smoke_verdicts.record(verdict, failure is None)
         return failure
 
     def _check_forced(self, forced: str | None) -> str | None:

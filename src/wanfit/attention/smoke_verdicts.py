@@ -47,7 +47,7 @@ def load_passed() -> set[str]:
         return set()
 
 
-def record_verdict(key: str, passed: bool) -> None:
+def record(key: str, passed: bool) -> None:
     """Keep a pass, drop a failure; a cache that cannot be written is skipped (it only saves time)."""
     path = verdicts_path()
     try:
