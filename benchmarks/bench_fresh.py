@@ -13,9 +13,6 @@ Three children, one after the other, each a new interpreter (`--child NAME`, sta
                 TRITON_CACHE_DIR, TORCHINDUCTOR_CACHE_DIR and CUTE_DSL_CACHE_DIR (the CuTe
                 DSL's own), as on a new machine
   wanfit_warm   the same job again, with the caches wanfit_cold left: every later run
-  wanfit_warm_sync  (only when asked for) wanfit_warm without the remembered smoke-test passes
-                (attention_smoke.json set aside for it, then put back): each third-party kernel is
-                imported and tested during planning, as before those were kept
   diffusers     diffusers' WanPipeline as shipped (eager, SDPA)
 
 Every child reads bytecode compiled once before them (a PYTHONPYCACHEPREFIX folder of the run), as
@@ -53,10 +50,7 @@ try:
 except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from wanfit.attention.smoke_verdicts import VERDICTS_FILE  # noqa: E402
-
-CHILDREN = ("wanfit_cold", "wanfit_warm", "diffusers", "wanfit_warm_sync")
-DEFAULT_CHILDREN = CHILDREN[:3]
+CHILDREN = ("wanfit_cold", "wanfit_warm", "diffusers")
 # The caches a first run fills; each child gets these folders (the FA4 one lives under wanfit's).
 CACHE_ENVS = {
     "wanfit": "WANFIT_CACHE_DIR",
@@ -92,9 +86,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )  # fmt: skip
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny models, 2 steps: checks the script only")
     p.add_argument("--out", default=None, help="write the results as JSON here (after every child)")
-    p.add_argument(
-        "--children", default=",".join(DEFAULT_CHILDREN), help=f"which of {', '.join(CHILDREN)} run, in this order"
-    )
+    p.add_argument("--children", default=",".join(CHILDREN), help="which children run, in this order")
     p.add_argument("--child", choices=CHILDREN, default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-dir", default=None, help=argparse.SUPPRESS)  # the child's JSON and frames
     p.add_argument("--spawned-at", type=float, default=None, help=argparse.SUPPRESS)  # time.time()
@@ -277,19 +269,12 @@ def run(args) -> dict:
         out_dir.mkdir()
         t0 = time.perf_counter()
         command = child_command(args, name, out_dir) + ["--spawned-at", repr(time.time())]
-        verdicts = caches / "wanfit" / VERDICTS_FILE
-        aside = verdicts.with_suffix(".aside")
-        if name == "wanfit_warm_sync" and verdicts.is_file():
-            verdicts.replace(aside)
         try:
             # Killed where it would run past the budget, so this JSON is still written after it.
             done = subprocess.run(command, env=env, timeout=max(left, 1.0), check=False)
             rc = done.returncode
         except subprocess.TimeoutExpired:
             rc = None
-        finally:
-            if aside.is_file():
-                aside.replace(verdicts)
         previous = time.perf_counter() - t0
         got = read_child(out_dir)
         if rc == 0 and "error" not in got:

@@ -2,8 +2,7 @@
 
 import json
 
-from benchmarks.bench_fresh import DEFAULT_CHILDREN as CHILDREN
-from benchmarks.bench_fresh import FIRST_GUESS_S, NEXT_MARGIN, child_env, main, predicted_s
+from benchmarks.bench_fresh import CHILDREN, FIRST_GUESS_S, NEXT_MARGIN, child_env, main, predicted_s
 
 
 def test_dry_run_runs_each_job_in_its_own_process_on_the_fresh_caches(tmp_path, capsys):
