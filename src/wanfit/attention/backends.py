@@ -117,15 +117,9 @@ class AttentionBackend:
     dist_names: tuple[str, ...] = ()  # distributions to ask importlib.metadata for the package version
 
     def device_reason(
-        self,
-        device_type: str,
-        cc: tuple[int, int] | None,
-        where: str = "",
-        check_build: bool = True,
-        assume_importable: bool = False,
+        self, device_type: str, cc: tuple[int, int] | None, where: str = "", check_build: bool = True
     ) -> str | None:
-        """Why this backend cannot run on the device at all (None: it can). assume_importable: skip
-        importing the package (the dispatcher's, when it passed here in an earlier run)."""
+        """Why this backend cannot run on the device at all (None: it can)."""
         where = where or f"this {device_type} device"
         if device_type not in self.devices:
             return f"needs a {' or '.join(d.upper() for d in self.devices)} device; {where} is not one."
@@ -140,7 +134,7 @@ class AttentionBackend:
             reason = self.torch_check()
             if reason:
                 return reason
-        if self.package is not None and not assume_importable:
+        if self.package is not None:
             return import_reason(self.package, self.pip_name or self.package)
         return None
 
@@ -172,12 +166,10 @@ class AttentionBackend:
             return "does not take an attention mask."
         return None
 
-    def check(
-        self, call: AttentionCall, *, assume_importable: bool = False
-    ) -> tuple[torch.dtype | None, str | None]:
+    def check(self, call: AttentionCall) -> tuple[torch.dtype | None, str | None]:
         """(kernel dtype, None) when this backend can serve `call` by its declarations, else (None, why)."""
         reason = self.device_reason(
-            call.device_type, call.compute_capability, call.where(), call.device_present, assume_importable
+            call.device_type, call.compute_capability, call.where(), call.device_present
         )
         reason = reason or self.call_reason(call)
         if reason:

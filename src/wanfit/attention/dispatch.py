@@ -10,17 +10,12 @@ cannot run: selection then rests on the declared requirements alone.
 from __future__ import annotations
 
 import itertools
-import sys
-import threading
-import time
 import warnings
 import weakref
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
-from wanfit.attention import smoke_verdicts
 from wanfit.attention.backends import AttentionBackend, AttentionCall, Registry, default_registry
 from wanfit.attention.chunked import DEFAULT_BUDGET_BYTES, MIB, chunked_attention, reference_attention
 from wanfit.attention.ranking import load_measured, rank
@@ -35,33 +30,6 @@ LOSSY_TOLERANCE_FACTOR = 5.0
 # Smoke-test results for this process (None: passed; else what went wrong), shared by every
 # dispatcher: the planner's and a pipeline's test a backend once, not each before its first call.
 _SMOKE_RESULTS: dict[tuple, str | None] = {}
-# Smoke tests running in the background because they passed in an earlier process (smoke_verdicts):
-# key -> its future result; the backend's first call waits for it.
-_SMOKE_PENDING: dict[tuple, Future] = {}
-_background: ThreadPoolExecutor | None = None
-_background_lock = threading.Lock()
-PASSED_EARLIER = "passed in an earlier run (re-checked in the background)"
-
-
-def _background_pool() -> ThreadPoolExecutor:
-    """One worker: the checks run one after another, beside the main thread (joined at exit)."""
-    global _background
-    with _background_lock:
-        if _background is None:
-            _background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wanfit-smoke-test")
-        return _background
-
-
-def wait_for_background_smoke_tests() -> dict[tuple, str | None]:
-    """Wait for every background smoke test; their results (None: passed). For tests and benchmarks."""
-    for key, future in list(_SMOKE_PENDING.items()):
-        future.result()
-        _SMOKE_PENDING.pop(key, None)
-    return dict(_SMOKE_RESULTS)
-
-
-class BackgroundSmokeTestFailed(RuntimeError):
-    """A backend taken on an earlier run's verdict failed its smoke test in this process."""
 
 
 class AttentionFallbackWarning(RuntimeWarning):
@@ -159,7 +127,6 @@ class Dispatcher:
         _live[self.key] = self
         self.served: dict[str, int] = {}  # backend -> calls it served (what actually ran)
         self.switches: list[dict] = []  # forced backend -> the one that took over, and why
-        self.background_wait_s = 0.0  # how long first calls waited for background smoke tests
         self.registry = registry if registry is not None else default_registry()
         self.allow_lossy = allow_lossy
         self.math_budget_bytes = math_budget_bytes
@@ -170,7 +137,6 @@ class Dispatcher:
         self.order = rank(self.registry, self.measured_ms, self.allow_lossy)
         self.disabled: dict[str, str] = {}  # name -> why, for the rest of the process
         self._selections: dict[tuple, Selection] = {}
-        self._passed_earlier: set[str] | None = None  # smoke_verdicts' keys, read when first needed
         self.forced = self._check_forced(forced)
 
     # --- describing calls -----------------------------------------------------------------------
@@ -239,7 +205,7 @@ class Dispatcher:
         b = self.registry[name]
         if name in self.disabled:
             return Candidate(name, False, self.disabled[name], None, b.exact, "failed")
-        kernel_dtype, reason = b.check(call, assume_importable=self._earlier_pass(b, device))
+        kernel_dtype, reason = b.check(call)
         if reason is None and name == "sdpa_math" and auto and call.score_bytes > self.math_budget_bytes:
             reason = (
                 f"its score matrix would need {_bytes_text(call.score_bytes)}, over the "
@@ -257,8 +223,6 @@ class Dispatcher:
         else:
             failure = self._smoke_test(b, kernel_dtype, call, device)
             smoke = "passed" if failure is None else "failed"
-            if failure is None and self._pending_key(b, device, kernel_dtype, call) in _SMOKE_PENDING:
-                smoke = PASSED_EARLIER
         if failure is not None:
             return Candidate(name, False, f"failed its smoke test: {failure}", None, b.exact, smoke)
         if name == "chunked":
@@ -373,7 +337,7 @@ class Dispatcher:
             model_dtype=call.dtype,
             reason=why,
             inner=inner.name if inner else None,
-            smoke_tested=cand.smoke_test in ("passed", PASSED_EARLIER),
+            smoke_tested=cand.smoke_test == "passed",
         )
 
     def explain(self, call: AttentionCall) -> dict:
@@ -457,23 +421,8 @@ class Dispatcher:
                 q, k, v, scale=scale, attn_mask=attn_mask, budget_bytes=self.chunk_budget_bytes, inner=inner
             )
         else:
-            if _SMOKE_PENDING:
-                self._await_background(selection.backend)
             out = self.registry[selection.backend].run(q, k, v, scale=scale, attn_mask=attn_mask)
         return out if out.dtype == model_dtype else out.to(model_dtype)
-
-    def _await_background(self, name: str) -> None:
-        """Before a backend's first call: its background smoke tests' results; a failure raises, and
-        the caller's fallback disables the backend."""
-        for key, future in list(_SMOKE_PENDING.items()):
-            if key[0].name != name:
-                continue
-            started = time.perf_counter()
-            failure = future.result()
-            self.background_wait_s += time.perf_counter() - started
-            _SMOKE_PENDING.pop(key, None)
-            if failure is not None:
-                raise BackgroundSmokeTestFailed(f"failed its smoke test in this process: {failure}")
 
     def _record_switch(self, planned: str, used: str | None, why: str) -> None:
         """Remember (once per planned/used pair) that the planned backend did not serve a call."""
@@ -489,10 +438,7 @@ class Dispatcher:
 
     def report(self) -> dict:
         """What ran: calls per backend and any switch away from the planned backend (JSON-ready)."""
-        report = {"served": dict(self.served), "switches": list(self.switches)}
-        if self.background_wait_s:
-            report["background_smoke_wait_s"] = round(self.background_wait_s, 3)
-        return report
+        return {"served": dict(self.served), "switches": list(self.switches)}
 
     def reset_report(self) -> None:
         self.served = {}
@@ -510,64 +456,11 @@ class Dispatcher:
     def _smoke_test(
         self, b: AttentionBackend, kernel_dtype: torch.dtype, call: AttentionCall, device
     ) -> str | None:
-        """None when `b` matches the fp32 reference on a tiny cross-attention call; else what went wrong.
-
-        A third-party kernel that passed for the same key in an earlier process is taken as passing
-        now, and tested in the background (its first call waits for that)."""
-        key = self._pending_key(b, device, kernel_dtype, call)
+        """None when `b` matches the fp32 reference on a tiny cross-attention call; else what went wrong."""
+        # The backend itself (its kernel function) is in the key: a registry's replacement is tested anew.
+        key = (b, str(device), kernel_dtype, call.head_dim, call.has_mask)
         if key in _SMOKE_RESULTS:
             return _SMOKE_RESULTS[key]
-        if key in _SMOKE_PENDING:
-            return None
-        version = self._verdict_version(b, device)
-        verdict = None
-        if version is not None:
-            verdict = smoke_verdicts.verdict_key(
-                b.name, version, self.hw, kernel_dtype, call.head_dim, call.has_mask
-            )
-        # In the background only while the import is still to come (or under way there): that is
-        # the cost a verdict saves.
-        importing = b.package not in sys.modules or any(k[0] is b for k in _SMOKE_PENDING)
-        if (
-            verdict is not None
-            and importing
-            and self._earlier_pass(b, device)
-            and verdict in self._passed_earlier
-        ):
-            _SMOKE_PENDING[key] = _background_pool().submit(
-                self._smoke_test_now, key, b, kernel_dtype, call, device, verdict
-            )
-            return None
-        return self._smoke_test_now(key, b, kernel_dtype, call, device, verdict)
-
-    @staticmethod
-    def _pending_key(b: AttentionBackend, device, kernel_dtype: torch.dtype, call: AttentionCall) -> tuple:
-        # The backend itself (its kernel function) is in the key: a registry's replacement is tested anew.
-        return (b, str(device), kernel_dtype, call.head_dim, call.has_mask)
-
-    def _verdict_version(self, b: AttentionBackend, device) -> str | None:
-        """The installed package version an on-disk verdict can hold for (a real device, not an emulated one)."""
-        if b.package is None or device is None:
-            return None
-        package = self.hw.package(b.package)
-        return package.version if package is not None and package.installed and package.version else None
-
-    def _earlier_pass(self, b: AttentionBackend, device) -> bool:
-        """Whether `b`, at its installed version, passed a smoke test on this card and torch build in
-        an earlier process (smoke_verdicts); its package is then not imported to check it."""
-        if not self.smoke_tests:
-            return False
-        version = self._verdict_version(b, device)
-        if version is None:
-            return False
-        if self._passed_earlier is None:
-            self._passed_earlier = smoke_verdicts.load_passed()
-        prefix = smoke_verdicts.backend_prefix(b.name, version, self.hw)
-        return any(k.startswith(prefix) for k in self._passed_earlier)
-
-    def _smoke_test_now(
-        self, key: tuple, b: AttentionBackend, kernel_dtype: torch.dtype, call: AttentionCall, device, verdict
-    ) -> str | None:
         gen = torch.Generator().manual_seed(0)
         q, k, v = (torch.randn(1, n, 2, call.head_dim, generator=gen) for n in (77, 45, 45))
         mask = torch.rand(1, 1, 77, 45, generator=gen) > 0.2 if call.has_mask else None
@@ -588,8 +481,6 @@ class Dispatcher:
         except Exception as err:
             failure = f"raised {one_line(err)}."
         _SMOKE_RESULTS[key] = failure
-        if verdict is not None:
-            smoke_verdicts.record(verdict, failure is None)
         return failure
 
     def _check_forced(self, forced: str | None) -> str | None:
