@@ -15,6 +15,10 @@ Three children, one after the other, each a new interpreter (`--child NAME`, sta
   wanfit_warm   the same job again, with the caches wanfit_cold left: every later run
   diffusers     diffusers' WanPipeline as shipped (eager, SDPA)
 
+A name with a repeat suffix (`wanfit_warm_r2`, `diffusers_r2`) runs that child again in another fresh
+process, for the run-to-run spread; ratios are taken against the median of the diffusers runs, and
+`median_ratios` give each kind's median job over diffusers' median.
+
 Every child reads bytecode compiled once before them (a PYTHONPYCACHEPREFIX folder of the run), as
 on a machine where pip installed the packages; --no-bytecode-cache leaves the environment as it is
 (the GPU machine sets PYTHONDONTWRITEBYTECODE, so each process compiles its imports from source).
@@ -35,6 +39,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -51,6 +57,13 @@ except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 CHILDREN = ("wanfit_cold", "wanfit_warm", "diffusers")
+REPEAT = re.compile(r"^(.+)_r\d+$")
+
+
+def kind_of(name: str) -> str:
+    """The child kind a name runs: itself, or the kind before a repeat suffix (diffusers_r2 -> diffusers)."""
+    match = REPEAT.match(name)
+    return match.group(1) if match else name
 # The caches a first run fills; each child gets these folders (the FA4 one lives under wanfit's).
 CACHE_ENVS = {
     "wanfit": "WANFIT_CACHE_DIR",
@@ -87,7 +100,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny models, 2 steps: checks the script only")
     p.add_argument("--out", default=None, help="write the results as JSON here (after every child)")
     p.add_argument("--children", default=",".join(CHILDREN), help="which children run, in this order")
-    p.add_argument("--child", choices=CHILDREN, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-dir", default=None, help=argparse.SUPPRESS)  # the child's JSON and frames
     p.add_argument("--spawned-at", type=float, default=None, help=argparse.SUPPRESS)  # time.time()
     return p.parse_args(argv)
@@ -148,7 +161,7 @@ def child_job(args) -> tuple[dict, np.ndarray]:
     models = Kept(args, device)
     sync(device)
     build_s = time.perf_counter() - start
-    if args.child == "diffusers":
+    if kind_of(args.child) == "diffusers":
         result, frames = models.diffusers_job(args.steps)
     else:  # as `wanfit generate` plans it: the planner picks attention, fused kernels and compile
         result, frames = models.wanfit_job("wanfit_planned", args.steps)
@@ -290,6 +303,7 @@ def run(args) -> dict:
         save(result, args.out, time.perf_counter() - started)
     result["frames_vs_wanfit_cold_mean_abs_uint8"] = compare_frames(work, result["children"])
     result["ratios"] = ratios(result["children"])
+    result["median_ratios"] = median_ratios(result["children"])
     save(result, args.out, time.perf_counter() - started)
     return result
 
@@ -317,17 +331,32 @@ def compare_frames(work: Path, children: dict) -> dict[str, float]:
     return out
 
 
+RATIO_KEYS = ("job_s", "spawn_to_job_end_s")
+
+
+def _median_of(children: dict, kind: str, key: str) -> float | None:
+    values = [c[key] for name, c in children.items() if kind_of(name) == kind]
+    return statistics.median(values) if values else None
+
+
 def ratios(children: dict) -> dict[str, float]:
-    """Each wanfit child's job and spawn-to-job-end time over diffusers'."""
-    peer = children.get("diffusers")
-    if not peer:
+    """Each wanfit child's job and spawn-to-job-end time over diffusers' (the median of its runs)."""
+    peer = {key: _median_of(children, "diffusers", key) for key in RATIO_KEYS}
+    if peer["job_s"] is None:
         return {}
     return {
         f"{name}_{key}_over_diffusers": c[key] / peer[key]
         for name, c in children.items()
-        if name != "diffusers"
-        for key in ("job_s", "spawn_to_job_end_s")
+        if kind_of(name) != "diffusers"
+        for key in RATIO_KEYS
     }
+
+
+def median_ratios(children: dict) -> dict[str, float]:
+    """Each wanfit kind's median job over diffusers' median job."""
+    peer = _median_of(children, "diffusers", "job_s")
+    kinds = dict.fromkeys(kind_of(name) for name in children if kind_of(name) != "diffusers")
+    return {} if peer is None else {k: _median_of(children, k, "job_s") / peer for k in kinds}
 
 
 def save(result: dict, out: str | None, elapsed: float) -> None:
@@ -353,7 +382,7 @@ def table(result: dict) -> str:
     for name, c in children.items():
         ratio = result["ratios"].get(f"{name}_job_s_over_diffusers")
         attention = (c.get("plan") or {}).get(
-            "self_attention", "sdpa (diffusers)" if name == "diffusers" else "-"
+            "self_attention", "sdpa (diffusers)" if kind_of(name) == "diffusers" else "-"
         )
         lines.append(
             f"| {name} | {c['job_s']:.2f} | {cell(ratio, '{:.3f}')} | {c['spawn_to_job_end_s']:.2f} | "
@@ -361,8 +390,12 @@ def table(result: dict) -> str:
             f"{cell(c.get('median_step_s'), '{:.3f}')} | "
             f"{cell(c.get('first_step_extra_s'))} | {cell(c.get('peak_gib'))} | {attention} |"
         )
+    for kind, ratio in result.get("median_ratios", {}).items():
+        runs = sum(kind_of(name) == kind for name in children)
+        if runs > 1:
+            lines.append(f"- {kind}: median job over diffusers' median, {runs} runs: {ratio:.3f}")
     for name, c in children.items():
-        if name != "diffusers":
+        if kind_of(name) != "diffusers":
             phases = ", ".join(f"{k} {v:.2f}" for k, v in c["phases_s"].items())
             lines.append(f"- {name} phases: {phases}; caches after: {c['cache_files_after']}")
     for name, diff in result.get("frames_vs_wanfit_cold_mean_abs_uint8", {}).items():
@@ -377,6 +410,12 @@ def main(argv=None) -> dict | None:
     if args.child:
         child(args)
         return None
+    unknown = [n for n in args.children.split(",") if n and kind_of(n) not in CHILDREN]
+    if unknown or len(set(args.children.split(","))) != len(args.children.split(",")):
+        raise SystemExit(
+            f"--children takes distinct names of {', '.join(CHILDREN)}, each with an optional repeat "
+            f"suffix (_r2, _r3 ...); got {args.children!r}."
+        )
     if args.dry_run:
         args.steps = 2
     result = run(args)

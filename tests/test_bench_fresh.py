@@ -50,3 +50,28 @@ def test_children_get_the_benchmarks_cache_dirs_and_not_the_users_flash_attn4_se
     assert env["WANFIT_CACHE_DIR"] == str(tmp_path / "wanfit")
     assert env["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "inductor")
     assert "FLASH_ATTENTION_CUTE_DSL_CACHE_DIR" not in env
+
+
+def test_repeated_children_are_compared_with_the_median_diffusers_run():
+    from benchmarks.bench_fresh import kind_of, median_ratios, ratios
+
+    assert kind_of("diffusers_r2") == "diffusers" and kind_of("wanfit_warm") == "wanfit_warm"
+    children = {
+        "wanfit_warm": {"job_s": 50.0, "spawn_to_job_end_s": 60.0},
+        "diffusers": {"job_s": 60.0, "spawn_to_job_end_s": 70.0},
+        "wanfit_warm_r2": {"job_s": 52.0, "spawn_to_job_end_s": 62.0},
+        "diffusers_r2": {"job_s": 64.0, "spawn_to_job_end_s": 74.0},
+    }
+    r = ratios(children)
+    assert r["wanfit_warm_job_s_over_diffusers"] == 50.0 / 62.0  # the median of 60 and 64
+    assert r["wanfit_warm_r2_spawn_to_job_end_s_over_diffusers"] == 62.0 / 72.0
+    assert "diffusers_r2_job_s_over_diffusers" not in r
+    assert median_ratios(children) == {"wanfit_warm": 51.0 / 62.0}
+
+
+def test_unknown_or_repeated_child_names_are_refused(capsys):
+    import pytest
+
+    for names in ("wanfit_cold,cold_wanfit", "diffusers,diffusers"):
+        with pytest.raises(SystemExit, match="--children takes distinct names"):
+            main(["--dry-run", "--children", names])
