@@ -1,9 +1,9 @@
 """Draw bench_speed's results as bars beside diffusers': one DiT forward, and the whole long job.
 
-    python3 benchmarks/speed_chart.py benchmarks/results/2026-12-02f-h200/speed.json \
-        benchmarks/results/2026-12-02f-h200/speed_jobs.json docs/images/speed_h200.png \
-        --forward-note "wanfit: flash_attn4 attention; the run before the fused eager kernels" \
-        --jobs-note "wanfit: eager, flash_attn4, the fused elementwise kernels (a later run)"
+    python3 benchmarks/speed_chart.py benchmarks/results/2026-12-03d-h200/speed.json \
+        benchmarks/results/2026-12-03d-h200/speed.json docs/images/speed_h200.png \
+        --forward-note "wanfit: flash_attn4, the fused kernels, the residual stream in place (final code, 2026-12-03)" \
+        --jobs-note "one process, each after a job of its own; a fresh process: 0.796-0.813x (bench_fresh)"
 
 Each panel comes from one bench_speed JSON (one run, diffusers in the same process): the first file's
 batch-1 forwards, the second file's long (50-step) jobs. Bars are medians; the label says ms or s and
