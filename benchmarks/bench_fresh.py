@@ -64,6 +64,8 @@ def kind_of(name: str) -> str:
     """The child kind a name runs: itself, or the kind before a repeat suffix (diffusers_r2 -> diffusers)."""
     match = REPEAT.match(name)
     return match.group(1) if match else name
+
+
 # The caches a first run fills; each child gets these folders (the FA4 one lives under wanfit's).
 CACHE_ENVS = {
     "wanfit": "WANFIT_CACHE_DIR",
@@ -410,8 +412,8 @@ def main(argv=None) -> dict | None:
     if args.child:
         child(args)
         return None
-    unknown = [n for n in args.children.split(",") if n and kind_of(n) not in CHILDREN]
-    if unknown or len(set(args.children.split(","))) != len(args.children.split(",")):
+    names = [n for n in args.children.split(",") if n]
+    if any(kind_of(n) not in CHILDREN for n in names) or len(set(names)) != len(names):
         raise SystemExit(
             f"--children takes distinct names of {', '.join(CHILDREN)}, each with an optional repeat "
             f"suffix (_r2, _r3 ...); got {args.children!r}."

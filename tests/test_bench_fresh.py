@@ -2,7 +2,19 @@
 
 import json
 
-from benchmarks.bench_fresh import CHILDREN, FIRST_GUESS_S, NEXT_MARGIN, child_env, main, predicted_s
+import pytest
+
+from benchmarks.bench_fresh import (
+    CHILDREN,
+    FIRST_GUESS_S,
+    NEXT_MARGIN,
+    child_env,
+    kind_of,
+    main,
+    median_ratios,
+    predicted_s,
+    ratios,
+)
 
 
 def test_dry_run_runs_each_job_in_its_own_process_on_the_fresh_caches(tmp_path, capsys):
@@ -53,8 +65,6 @@ def test_children_get_the_benchmarks_cache_dirs_and_not_the_users_flash_attn4_se
 
 
 def test_repeated_children_are_compared_with_the_median_diffusers_run():
-    from benchmarks.bench_fresh import kind_of, median_ratios, ratios
-
     assert kind_of("diffusers_r2") == "diffusers" and kind_of("wanfit_warm") == "wanfit_warm"
     children = {
         "wanfit_warm": {"job_s": 50.0, "spawn_to_job_end_s": 60.0},
@@ -69,9 +79,7 @@ def test_repeated_children_are_compared_with_the_median_diffusers_run():
     assert median_ratios(children) == {"wanfit_warm": 51.0 / 62.0}
 
 
-def test_unknown_or_repeated_child_names_are_refused(capsys):
-    import pytest
-
+def test_unknown_or_repeated_child_names_are_refused():
     for names in ("wanfit_cold,cold_wanfit", "diffusers,diffusers"):
         with pytest.raises(SystemExit, match="--children takes distinct names"):
             main(["--dry-run", "--children", names])
