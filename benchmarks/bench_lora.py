@@ -84,8 +84,8 @@ def parse_args(argv=None):
     p.add_argument(
         "--plan-settings",
         action="store_true",
-        help="the DiT forwards as a planned job runs them: the GELU in place and, eager, the fused "
-        "elementwise kernels (Plan.ffn_gelu_in_place, Plan.fused_elementwise)",
+        help="the DiT forwards as a planned job runs them: the GELU in place or in ffn.0's GEMM and, "
+        "eager, the fused elementwise kernels (Plan.ffn_gelu_in_place, ffn_gelu_epilogue, fused_elementwise)",
     )
     p.add_argument(
         "--profile", action="store_true", help="CUDA: one more forward of each variant under torch.profiler"
@@ -178,10 +178,12 @@ def bench_dit(name: str, args, device, dtype) -> dict:
     placement.give_up = placement.failures.__setitem__  # what DiTPlacement records
     loras = DiTLoras(dit, placement)
     if args.plan_settings:
-        from wanfit.runtime import fused_elementwise
+        from wanfit.runtime import fused_elementwise, gemm_epilogue
 
+        epilogue = device.type == "cuda" and gemm_epilogue.smoke_test(str(device)) is None
         for block in dit.blocks:
             block.ffn_gelu_in_place = True
+            block.ffn_gelu_epilogue = epilogue  # where ffn.0 has no runtime branch
         if device.type == "cuda" and fused_elementwise.runtime_failure(str(device)) is None:
             fused_elementwise.install(dit.blocks)
     frames, height, width = latent_shape(args.size, args.frames)

@@ -111,14 +111,15 @@ def test_4gib_streams_the_dit_and_the_tightest_budget_tiles_and_chunks_too():
     _fits(four)
     assert four.plan.dit_blocks_resident is not None and four.plan.text_encoder_device == "cuda"
     assert four.plan.vae_tile is None and four.plan.ffn_chunk is None
-    # With the FFN's GELU in place (the default) the tightest plan needs no FFN chunks; with it off
-    # (the user's setting, kept) the FFN stage is the DiT's peak and gets chunked too.
+    # With the FFN's GELU in place or in ffn.0's GEMM (the defaults on CUDA) the tightest plan needs no
+    # FFN chunks; with both off (the user's settings, kept) the FFN stage is the DiT's peak and gets
+    # chunked too.
     with pytest.raises(P.NoPlanError) as err:
         P.plan_run(H100, REQ, vram=GIB)
     tight_in_place = P.plan_run(H100, REQ, vram=err.value.min_budget_bytes + 32 * 1024**2)
     _fits(tight_in_place)
     assert tight_in_place.plan.ffn_gelu_in_place and tight_in_place.plan.ffn_chunk is None
-    off = {"ffn_gelu_in_place": False}
+    off = {"ffn_gelu_in_place": False, "ffn_gelu_epilogue": False}
     with pytest.raises(P.NoPlanError) as err_off:
         P.plan_run(H100, REQ, vram=GIB, overrides=off)
     tight = P.plan_run(H100, REQ, vram=err_off.value.min_budget_bytes + 32 * 1024**2, overrides=off)

@@ -73,6 +73,15 @@ def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return layer(x.to(weight.dtype))
 
 
+def gelu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """GELU_tanh(x W^T + b) by one GEMM whose epilogue applies the GELU (torch._addmm_activation; on
+    CUDA, cuBLASLt's GELU_BIAS epilogue, from the fp32 accumulator). CPU builds apply the erf GELU:
+    the runtime sets WanBlock.ffn_gelu_epilogue only where wanfit.runtime.gemm_epilogue found tanh."""
+    rows = x.reshape(-1, x.shape[-1])
+    out = torch._addmm_activation(bias, rows, weight.t(), use_gelu=True)
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
 def run_in_chunks(fn, x: torch.Tensor, chunk: int | None, dim: int = 1) -> torch.Tensor:
     """fn(x) over slices of at most `chunk` along `dim`, written into one output (same result, less memory).
 
@@ -250,6 +259,9 @@ class WanBlock(nn.Module):
         # Inference: the GELU overwrites ffn.0's output, one [B, L, ffn_dim] tensor less at the FFN's
         # peak (the same values; set by the runtime).
         self.ffn_gelu_in_place = False
+        # Inference: the GELU inside ffn.0's GEMM (gelu_linear), no pass of its own over the hidden
+        # tensor (set by the runtime where the op gives the tanh GELU; see gelu_linear).
+        self.ffn_gelu_epilogue = False
         # Inference: the residual updates overwrite the block's input, so one fp32 [B, L, dim] stream
         # lives at a time instead of the input, its update and the caller's copies (set by the runtime).
         self.residual_in_place = False
@@ -313,15 +325,25 @@ class WanBlock(nn.Module):
         return x
 
     def feed_forward(self, h: torch.Tensor) -> torch.Tensor:
-        """ffn.2(GELU(ffn.0(h))) in the weights' dtype; with ffn_gelu_in_place and no autograd (whose
-        GELU backward needs its input) the GELU writes over ffn.0's output."""
+        """ffn.2(GELU(ffn.0(h))) in the weights' dtype; without autograd, with ffn_gelu_epilogue the GELU
+        runs in ffn.0's GEMM, else with ffn_gelu_in_place it writes over ffn.0's output (autograd's GELU
+        backward needs its input)."""
         if self.ffn_low_rank is not None and not torch.is_grad_enabled():
             out = self.ffn_low_rank(self, h)
             if out is not None:
                 return out
+        first, gelu, second = self.ffn
+        if (
+            self.ffn_gelu_epilogue
+            and not torch.is_grad_enabled()
+            and first.low_rank is None
+            and first.gemm is None
+            and first.bias is not None
+            and gelu.approximate == "tanh"
+        ):  # a LoRA branch or an fp8 GEMM adds to or replaces the product: the GELU then runs apart
+            return second(gelu_linear(h.to(first.weight.dtype), first.weight, first.bias))
         if not self.ffn_gelu_in_place or torch.is_grad_enabled():
             return linear(self.ffn, h)
-        first, gelu, second = self.ffn
         hidden = linear(first, h)
         torch.ops.aten.gelu_(hidden, approximate=gelu.approximate)
         return second(hidden)

@@ -61,7 +61,8 @@ FFN_STAGE_FP32 = 3.0
 FFN_STAGE_COMPUTE = 1.0
 FFN_STAGE_CASTS = 2.0
 FFN_HIDDEN_TENSORS = 2.0
-FFN_HIDDEN_TENSORS_GELU_IN_PLACE = 1.0  # Plan.ffn_gelu_in_place: the GELU writes over ffn.0's output
+# Plan.ffn_gelu_in_place (the GELU writes over ffn.0's output) or ffn_gelu_epilogue (inside its GEMM)
+FFN_HIDDEN_TENSORS_GELU_IN_PLACE = 1.0
 # Plan.residual_in_place: the residual updates write over the block's input, so the cross-attention and
 # FFN stages hold one fp32 stream fewer (the input and its update are one tensor; the embedded tokens,
 # which the loop holds besides and which no count above has, are that tensor too).
@@ -607,7 +608,8 @@ def dit_activations(request: Request, plan: Plan, backend: str) -> tuple[int, in
     )
     ffn_rows = min(share, plan.ffn_chunk) if plan.ffn_chunk else share
     ffn_out = FFN_CHUNK_OUTPUT_TENSORS * n * d * c if plan.ffn_chunk and plan.ffn_chunk < share else 0
-    hidden = FFN_HIDDEN_TENSORS_GELU_IN_PLACE if plan.ffn_gelu_in_place else FFN_HIDDEN_TENSORS
+    one_hidden = plan.ffn_gelu_in_place or plan.ffn_gelu_epilogue
+    hidden = FFN_HIDDEN_TENSORS_GELU_IN_PLACE if one_hidden else FFN_HIDDEN_TENSORS
     ffn_hidden = hidden * batch * ffn_rows * cfg.ffn_dim * c
     if plan.fast_tier_in_place:
         ffn_hidden = max(ffn_hidden, fp8_ffn_bytes(cfg, batch * ffn_rows, plan))

@@ -181,6 +181,16 @@ class Plan:
             "bool", "the FFN's GELU written over ffn.0's output: one [tokens, ffn_dim] tensor less"
         ),
     )
+    # wanfit.runtime.gemm_epilogue: ffn.0's GELU computed in its GEMM's epilogue (cuBLASLt, from the fp32
+    # accumulator), so the separate GELU pass over the [tokens, ffn_dim] tensor (read and written once:
+    # 1.2 GB a 1.3B block at 480p) is gone. The planner: on CUDA in bf16/fp16; the runtime keeps it only
+    # where its smoke test finds the tanh GELU. A rounding fewer than GEMM-then-GELU, so not bit for bit
+    # the same: within bf16 rounding of it. Linears with a runtime LoRA branch or an fp8 GEMM keep the
+    # separate pass. Off under autograd whatever this says.
+    ffn_gelu_epilogue: bool = field(
+        default=False,
+        metadata=_setting("bool", "the FFN's GELU in ffn.0's GEMM epilogue (cuBLASLt): one pass fewer"),
+    )
     # Exact (the same bits eagerly; compiled, Inductor's own rounding either way), so on by default: the
     # blocks' three residual updates write over their input, so one fp32 [B, L, dim] stream is alive at
     # the FFN's peak instead of the block's input, its update and the embedded tokens. Off under

@@ -259,7 +259,7 @@ def fastest_plan(device: DeviceBudget, request: Request, *, fp8: bool = False) -
     """Everything resident, the text encoder kept on the device, CFG batched, nothing tiled."""
     dtype = dtype_name(compute_dtype_for(device.kind, device.bf16_native, device.fp16_native))
     dev = device.torch_device
-    return Plan(
+    plan = Plan(
         device=dev,
         compute_dtype=dtype,
         storage_dtype=FP8_STORAGE if fp8 else None,
@@ -270,6 +270,8 @@ def fastest_plan(device: DeviceBudget, request: Request, *, fp8: bool = False) -
         compile_dit=False,  # decided once the plan is known (compile_decision): when it pays
         cuda_expandable_segments=expandable_segments_for(device),
     )
+    # Decided again once the plan is known (a user's dtype may refuse it): see plan_run.
+    return replace(plan, ffn_gelu_epilogue=gelu_epilogue_refused(device, plan) is None)
 
 
 def expandable_segments_for(device: DeviceBudget) -> bool | None:
@@ -320,6 +322,16 @@ def fused_elementwise_decision(device: DeviceBudget, plan: Plan) -> bool:
     """The fused elementwise kernels where they run (device.fused_elementwise_refused is None) and the
     blocks run eagerly: compiled blocks get the same fusion from Inductor, from the torch ops."""
     return device.fused_elementwise_refused is None and not plan.compile_dit
+
+
+def gelu_epilogue_refused(device: DeviceBudget, plan: Plan) -> str | None:
+    """Why ffn.0's GEMM cannot apply the GELU here (Plan.ffn_gelu_epilogue), None: it can. cuBLASLt's
+    epilogue is CUDA's; on the CPU the same op applies the erf GELU, not Wan's tanh one."""
+    if device.kind != "cuda":
+        return f"the GELU epilogue is cuBLASLt's, and this plan runs on {device.kind}"
+    if plan.compute_dtype not in ("bfloat16", "float16"):
+        return f"the GELU epilogue is planned for bf16/fp16 GEMMs, and this plan computes in {plan.compute_dtype}"
+    return None
 
 
 def request_steps(request: Request) -> int:
@@ -1026,6 +1038,11 @@ def plan_run(
         raise ConfigError(
             f"--set fused_elementwise=true was asked for, but {device.fused_elementwise_refused}."
         )
+    refused = gelu_epilogue_refused(device, plan)
+    if "ffn_gelu_epilogue" not in frozen:
+        plan = replace(plan, ffn_gelu_epilogue=refused is None)
+    elif plan.ffn_gelu_epilogue and refused is not None:
+        raise ConfigError(f"--set ffn_gelu_epilogue=true was asked for, but {refused}.")
     plan = _with_lora_mode(plan, chosen, frozen)
     _check_lora_fused_ffn(plan, device)
     plan, phases, batching_note = _prompts_per_pass(plan, chosen, budget, backend, frozen, phases)

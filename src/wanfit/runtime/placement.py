@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -52,6 +52,7 @@ class DiTLayout:
     attention_chunk: int | None
     ffn_chunk: int | None
     ffn_gelu_in_place: bool = False
+    ffn_gelu_epilogue: bool = False  # the FFN's GELU in ffn.0's GEMM (after its smoke test)
     residual_in_place: bool = False  # the blocks overwrite their input (see InputOverwritten)
     source: str = "pinned"  # where streamed blocks come from (offload.SOURCES)
     dtype: torch.dtype | None = None  # the compute dtype a streamed DiT is converted to when placed
@@ -74,6 +75,7 @@ class DiTLayout:
             attention_chunk=plan.attention_chunk,
             ffn_chunk=plan.ffn_chunk,
             ffn_gelu_in_place=plan.ffn_gelu_in_place,
+            ffn_gelu_epilogue=plan.ffn_gelu_epilogue,
             residual_in_place=plan.residual_in_place,
             source=plan.dit_stream_source,
             dtype=plan.torch_compute_dtype,
@@ -145,7 +147,10 @@ class DiTPlacement:
             self._move(new)
         elif self.streamer is not None:
             self.streamer.reset()  # drop the copies a call that raised left behind, and the prefetch
-        switches = ("attention_chunk", "ffn_chunk", "ffn_gelu_in_place", "residual_in_place")
+        new = self._checked_gelu_epilogue(new)
+        switches = (
+            "attention_chunk", "ffn_chunk", "ffn_gelu_in_place", "ffn_gelu_epilogue", "residual_in_place"
+        )
         if old is None or any(getattr(old, s) != getattr(new, s) for s in switches):
             apply_chunking(self.dit.blocks, **{s: getattr(new, s) for s in switches})
         self._place_fp8_gemms(new)
@@ -155,6 +160,22 @@ class DiTPlacement:
         elif not new.compiled:
             self.compiled_blocks = None  # the blocks themselves were never changed: eager again
         self.layout = new
+
+    def _checked_gelu_epilogue(self, layout: DiTLayout) -> DiTLayout:
+        """The layout, with the GELU epilogue off where it failed its smoke test on the device (once,
+        with a warning: the blocks then run the GELU as a pass of its own)."""
+        if not layout.ffn_gelu_epilogue:
+            return layout
+        if "ffn_gelu_epilogue" not in self.failures:
+            from wanfit.runtime import gemm_epilogue
+
+            failure = gemm_epilogue.smoke_test(layout.device)
+            if failure is None:
+                return layout
+            self._give_up(
+                "ffn_gelu_epilogue", f"the GELU epilogue failed its smoke test ({failure}); the GELU runs apart"
+            )
+        return replace(layout, ffn_gelu_epilogue=False)
 
     def _place_fp8_gemms(self, layout: DiTLayout) -> None:
         """Quantise the block linears for the fast tier (after a smoke test), or put them back."""
