@@ -36,7 +36,14 @@ try:
 except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from bench_dit import TINY, latent_shape, make_diffusers_model, time_forward, wanfit_from_diffusers  # noqa: E402
+from bench_dit import (  # noqa: E402
+    TINY,
+    cuda_or_exit,
+    latent_shape,
+    make_diffusers_model,
+    time_forward,
+    wanfit_from_diffusers,
+)
 
 from wanfit.models.configs import WAN_T2V_1_3B  # noqa: E402
 from wanfit.models.dit import gelu_linear  # noqa: E402
@@ -258,11 +265,7 @@ def main(argv=None) -> dict:
         shapes = {"tiny": (48, 32, 80)}
         args.rounds, args.runs, args.ffn_runs = 1, 1, 2
     else:
-        if not torch.cuda.is_available():
-            raise SystemExit(
-                "No CUDA device: this benchmark needs a GPU (use --dry-run to check the script)."
-            )
-        device, dtype, shapes = torch.device("cuda"), torch.bfloat16, FFN_SHAPES
+        device, dtype, shapes = cuda_or_exit(), torch.bfloat16, FFN_SHAPES
     result = {
         "benchmark": "bench_gelu_epilogue",
         "device": torch.cuda.get_device_name(device)
