@@ -15,6 +15,7 @@ from wanfit.models.configs import WAN_TINY
 from wanfit.plan.plan import Plan
 from wanfit.plan.planning import Constraints, model_request, plan_for
 from wanfit.runtime import gemm_epilogue
+from wanfit.runtime.lora import LowRankBranch, PerCallMerge
 
 EPILOGUE = Plan(ffn_gelu_epilogue=True)
 
@@ -59,13 +60,37 @@ def test_the_block_computes_the_gelu_in_ffn0s_gemm(tanh_op):
     torch.testing.assert_close(chunked, want, rtol=1e-6, atol=1e-6)
 
 
+def lora_factors(first, rank=4):
+    gen = torch.Generator().manual_seed(9)
+    down = 0.3 * torch.randn(rank, first.in_features, generator=gen)
+    return down, 0.3 * torch.randn(first.out_features, rank, generator=gen)
+
+
+def test_a_per_call_lora_merge_keeps_the_gelu_in_the_gemm_with_the_merged_weight(tanh_op):
+    block, h = block_and_input()
+    first = block.ffn[0]
+    down, up = lora_factors(first)
+    with torch.no_grad():
+        first.low_rank = LowRankBranch(down, up)
+        want = block.feed_forward(h)  # the branch, the GELU apart
+        first.low_rank = PerCallMerge(down, up)
+        block.ffn_gelu_epilogue = True
+        got = block.feed_forward(h)
+        first.low_rank = None
+        block.ffn_gelu_epilogue = False
+        base = block.feed_forward(h)
+    assert tanh_op.calls == 1
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (got - base).abs().mean() > 100 * (got - want).abs().mean()
+
+
 def test_the_gelu_runs_apart_under_autograd_and_beside_a_lora_branch_or_an_fp8_gemm(tanh_op):
     block, h = block_and_input()
     block.ffn_gelu_epilogue = True
     first = block.ffn[0]
     with torch.enable_grad():
         block.feed_forward(h)
-    first.low_rank = lambda layer, x: layer.product(x)
+    first.low_rank = LowRankBranch(*lora_factors(first))
     with torch.no_grad():
         block.feed_forward(h)
     first.low_rank, first.gemm = None, lambda x: F.linear(x, first.weight, first.bias)

@@ -1,4 +1,5 @@
-"""Applying LoRAs to a DiT: merge vs runtime branch, unload, streamed and fp8 blocks, several LoRAs."""
+"""Applying LoRAs to a DiT: merge, per-call merge and runtime branch, unload, streamed and fp8 blocks,
+several LoRAs."""
 
 import copy
 
@@ -80,16 +81,17 @@ def state_of(dit):
     return {k: v.clone() for k, v in dit.state_dict().items()}
 
 
-def test_merge_and_runtime_branch_give_the_same_output():
+@pytest.mark.parametrize("mode", ["runtime", "merge_per_call"])
+def test_merge_and_runtime_modes_give_the_same_output(mode):
     lora = make_lora()
     merged, branched = tiny_dit(), tiny_dit()
     base = forward(merged)
     apply_loras(merged, [(lora, 0.8)], "merge")
-    apply_loras(branched, [(lora, 0.8)], "runtime")
+    apply_loras(branched, [(lora, 0.8)], mode)
     a, b = forward(merged), forward(branched)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert (a - base).abs().mean() > 100 * (a - b).abs().mean()  # the LoRA acts far beyond the tolerance
-    # The runtime branch leaves the block Linears as stored: only diffs and non-block weights merged.
+    # Both leave the block Linears as stored: only diffs and non-block weights merged.
     assert torch.equal(branched.blocks[0].self_attn.q.weight, tiny_dit().blocks[0].self_attn.q.weight)
     assert not torch.equal(merged.blocks[0].self_attn.q.weight, tiny_dit().blocks[0].self_attn.q.weight)
 
@@ -105,7 +107,7 @@ def test_merge_is_fp32_math_rounded_once_to_the_storage_dtype():
     assert bias.dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("mode", ["merge", "runtime"])
+@pytest.mark.parametrize("mode", ["merge", "merge_per_call", "runtime"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_unload_restores_the_base_weights_bit_for_bit(mode, dtype):
     dit = tiny_dit(dtype)
@@ -138,22 +140,25 @@ def test_two_loras_add():
         - 0.4 * two.diffs["blocks.0.norm3.weight"]
     )
     torch.testing.assert_close(dit.blocks[0].norm3.weight, expected_norm, rtol=0, atol=1e-6)
-    # The order does not matter, and the runtime branch stacks them into the same output.
-    swapped, branched = tiny_dit(), tiny_dit()
+    # The order does not matter, and the runtime branch and the per-call merge stack them alike.
+    swapped, branched, per_call = tiny_dit(), tiny_dit(), tiny_dit()
     apply_loras(swapped, [(two, -0.4), (one, 0.7)], "merge")
     apply_loras(branched, [(one, 0.7), (two, -0.4)], "runtime")
+    apply_loras(per_call, [(one, 0.7), (two, -0.4)], "merge_per_call")
     torch.testing.assert_close(forward(swapped), forward(dit), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(forward(branched), forward(dit), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(forward(per_call), forward(dit), rtol=1e-5, atol=1e-5)
 
 
 def streamed_plan(**kw):
     return Plan(device="cpu", dit_blocks_resident=0, **kw)
 
 
-@pytest.mark.parametrize("mode", ["merge", "runtime"])
+@pytest.mark.parametrize("mode", ["merge", "merge_per_call", "runtime"])
 @pytest.mark.parametrize("when", ["before", "after"])
 def test_streamed_plus_lora_equals_resident_plus_lora(mode, when):
-    """Merged before the streamer copied the weights, or written into its host copies after."""
+    """Merged before the streamer copied the weights, or written into its host copies after; or merged
+    into the streamed copies at each call, whose host copies stay the base weights."""
     lora = make_lora()
     resident = tiny_dit()
     apply_loras(resident, [(lora, 0.8)], "merge")
@@ -175,6 +180,10 @@ def test_streamed_plus_lora_equals_resident_plus_lora(mode, when):
             forward(dit)
         ks = {shape[0] for op, _, shape in gemms.calls if op is torch.ops.aten.addmm_.default}
         assert ks == {WAN_TINY.dim, WAN_TINY.ffn_dim}  # K: the Linears' input widths, not the rank
+    if mode == "merge_per_call":  # the host copies were never written
+        base = tiny_dit()
+        slot = streamer.find_slot(dit.blocks[0].ffn[0], "weight")[1]
+        assert torch.equal(slot.stored, base.blocks[0].ffn[0].weight)
     remove_loras(dit)
     place(dit, Plan(device="cpu"))  # back to resident
     assert streamer is not None and rig(dit)[0].streamer is None
@@ -183,27 +192,34 @@ def test_streamed_plus_lora_equals_resident_plus_lora(mode, when):
 
 
 def test_fp8_blocks_with_a_lora_and_exact_unload():
-    """fp8 storage: the branch beside the fp8 weights, or a merge re-quantised; unload restores the bits."""
+    """fp8 storage: merged into each upcast copy, the branch beside the fp8 weights, or a merge
+    re-quantised; unload restores the bits."""
     lora = make_lora()
     reference = tiny_dit(torch.bfloat16)
     apply_loras(reference, [(lora, 0.8)], "merge")
     expected = forward(reference).float()
     plan = Plan(device="cpu", compute_dtype="bfloat16", storage_dtype="float8_e4m3fn")
-    assert lora_mode_rule(plan)[0] == "runtime" and lora_mode_rule(Plan())[0] == "merge"
-    for mode in ("runtime", "merge"):
+    assert lora_mode_rule(plan)[0] == "merge_per_call" and lora_mode_rule(Plan())[0] == "merge"
+    outputs = {}
+    for mode in ("merge_per_call", "runtime", "merge"):
         dit = tiny_dit(torch.bfloat16)
         streamer = place(dit, plan)
         stored = [
             (s.stored.clone(), None if s.scale is None else s.scale.clone()) for s in streamer._slots[0]
         ]
         apply_loras(dit, [(lora, 0.8)], mode)
-        error = (forward(dit).float() - expected).abs().mean() / expected.abs().mean()
+        outputs[mode] = forward(dit).float()
+        error = (outputs[mode] - expected).abs().mean() / expected.abs().mean()
         assert error < 0.08, (mode, float(error))  # fp8's own error on the tiny model
         remove_loras(dit)
         for slot, (tensor, scale) in zip(streamer._slots[0], stored):
             assert torch.equal(slot.stored.view(torch.uint8) if slot.stored.dtype.itemsize == 1 else slot.stored,
                                tensor.view(torch.uint8) if tensor.dtype.itemsize == 1 else tensor)  # fmt: skip
             assert (slot.scale is None and scale is None) or torch.equal(slot.scale, scale)
+    # The per-call merge and the branch add the update to the same fp8 base (to bf16 rounding); the
+    # merge rounds the update into fp8 with the weight.
+    near = (outputs["merge_per_call"] - outputs["runtime"]).abs().mean()
+    assert near < 0.3 * (outputs["merge"] - outputs["runtime"]).abs().mean()
 
 
 def test_a_placement_change_after_a_merge_keeps_the_lora():
@@ -412,6 +428,93 @@ def test_the_branch_beside_the_fast_tiers_fp8_gemm_adds_its_update_to_the_gemms_
     expected = base.float() + 0.8 * update.scale * (x.float() @ update.down.float().T) @ update.up.float().T
     torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2)  # bf16 rounding
     assert (got.float() - base.float()).abs().mean() > 0.1
+
+
+def test_the_per_call_merge_multiplies_by_a_merged_copy_and_never_writes_the_weight():
+    """One addmm merges U D into a new weight (K = the rank), then one GEMM over the Linear's input
+    with it (K = the input width): no GEMM over the input at the rank, the stored weight unchanged."""
+    aten = torch.ops.aten
+    lora = make_lora()
+    dit = tiny_dit()
+    apply_loras(dit, [(lora, 0.8)], "merge_per_call")
+    layer = dit.blocks[1].ffn[2]
+    stored = layer.weight.clone()
+    update = lora.low_rank["blocks.1.ffn.2"]
+    x = torch.randn(3, WAN_TINY.ffn_dim, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad(), _Gemms() as gemms:
+        out = layer(x)
+    rank = update.rank
+    assert [(op, shape) for op, _, shape in gemms.calls] == [
+        (aten.addmm.default, (rank, WAN_TINY.ffn_dim)),  # U [out, R] @ D [R, in] onto W
+        (aten.addmm.default, (WAN_TINY.ffn_dim, WAN_TINY.dim)),  # x @ W'^T + b
+    ]
+    assert torch.equal(layer.weight, stored)
+    merged = stored + 0.8 * update.delta()
+    torch.testing.assert_close(out, torch.nn.functional.linear(x, merged, layer.bias), rtol=1e-6, atol=1e-6)
+    # With autograd the gradients are the merged weights' too.
+    merged_dit = tiny_dit()
+    apply_loras(merged_dit, [(lora, 0.8)], "merge")
+    grads = []
+    for model in (merged_dit, dit):
+        x, t, context = inputs()
+        x.requires_grad_(True)
+        model(x, t, context).square().sum().backward()
+        grads.append(x.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-5)
+
+
+def test_the_per_call_merge_in_bf16_rounds_once_from_the_fp32_product():
+    """W' = round(W + U D): the product of the compute-dtype factors accumulated in fp32 and rounded
+    once with W, so it is about as near the fp32 merge as the merge's own rounding."""
+    lora = make_lora()
+    dit = tiny_dit(torch.bfloat16)
+    apply_loras(dit, [(lora, 0.5)], "merge_per_call")
+    layer = dit.blocks[0].self_attn.q
+    branch = layer.low_rank
+    got = branch.merged_weight(layer)
+    up, down = (c.on(got.device, torch.bfloat16).float() for c in (branch._up, branch._down))
+    once = (layer.weight.float() + up @ down).to(torch.bfloat16)
+    assert got.dtype == torch.bfloat16 and (got != once).float().mean() < 0.01
+    exact = layer.weight.float() + 0.5 * lora.low_rank["blocks.0.self_attn.q"].delta()
+    merge_error = (exact.to(torch.bfloat16).float() - exact).abs().mean()
+    # 1.31x here, where the tiny LoRA's update is as large as W itself: the factors' own rounding.
+    assert (got.float() - exact).abs().mean() < 1.5 * merge_error
+    assert not torch.equal(got, layer.weight)
+
+
+def test_the_per_call_merge_beside_the_fast_tiers_fp8_gemm_runs_as_the_branch():
+    """The fp8 GEMM holds its own quantised copy: the update is added to its output, as the branch does."""
+    from wanfit.runtime import fp8_linear
+
+    lora = make_lora(biases=False)
+    dit, branched = tiny_dit(torch.bfloat16), tiny_dit(torch.bfloat16)
+    for model, mode in ((dit, "merge_per_call"), (branched, "runtime")):
+        fp8_linear.install(model.blocks, matmul="emulated")
+        apply_loras(model, [(lora, 0.8)], mode)
+    layer = dit.blocks[1].ffn[0]
+    assert layer.low_rank.merged_weight(layer) is None
+    x = torch.randn(1, 7, WAN_TINY.dim, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), branched.blocks[1].ffn[0](x), rtol=0, atol=0)
+
+
+def test_a_placement_change_keeps_the_per_call_merge_and_the_stored_weights_stay_base():
+    """The OOM guard re-places the DiT mid-run (resident -> streamed -> fp8): the slots travel with the
+    modules, the streamer's copies get the update at each call, and nothing stored is ever merged."""
+    lora = make_lora()
+    expected_dit = tiny_dit()
+    apply_loras(expected_dit, [(lora, 1.0)], "merge")
+    expected = forward(expected_dit)
+    dit = tiny_dit()
+    apply_loras(dit, [(lora, 1.0)], "merge_per_call")
+    torch.testing.assert_close(forward(dit), expected, rtol=1e-5, atol=1e-5)
+    streamer = place(dit, streamed_plan())
+    torch.testing.assert_close(forward(dit), expected, rtol=1e-5, atol=1e-5)
+    base = tiny_dit()
+    assert torch.equal(streamer.find_slot(dit.blocks[1].ffn[2], "weight")[1].stored, base.blocks[1].ffn[2].weight)
+    place(dit, Plan(device="cpu"))
+    assert torch.equal(dit.blocks[1].ffn[2].weight, base.blocks[1].ffn[2].weight)
+    torch.testing.assert_close(forward(dit), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_the_fast_tier_placed_after_a_branch_keeps_it_and_its_removal_keeps_the_fast_tier():

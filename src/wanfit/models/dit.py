@@ -42,8 +42,10 @@ class Linear(nn.Linear):
     """A block's nn.Linear with two runtime slots, model-level settings like the attention dispatcher:
     gemm      a callable replacing the product, holding this layer's weight in another form (the fast
               tier's fp8 GEMM, wanfit.runtime.fp8_linear); None: the layer's own weight.
-    low_rank  a callable `low_rank(layer, x)` computing the whole forward with a low-rank branch
-              beside the product (a LoRA's, wanfit.runtime.lora); None: the product alone.
+    low_rank  a callable `low_rank(layer, x)` computing the whole forward with a LoRA's update (beside
+              the product, or merged into a per-call copy of the weight: wanfit.runtime.lora), whose
+              `merged_weight(layer)` gives that copy where it makes one (else None); None: the
+              product alone.
     Separate slots, so either may be set or cleared whatever the other holds."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True):
@@ -336,12 +338,13 @@ class WanBlock(nn.Module):
         if (
             self.ffn_gelu_epilogue
             and not torch.is_grad_enabled()
-            and first.low_rank is None
             and first.gemm is None
             and first.bias is not None
             and gelu.approximate == "tanh"
         ):  # a LoRA branch or an fp8 GEMM adds to or replaces the product: the GELU then runs apart
-            return second(gelu_linear(h.to(first.weight.dtype), first.weight, first.bias))
+            weight = first.weight if first.low_rank is None else first.low_rank.merged_weight(first)
+            if weight is not None:
+                return second(gelu_linear(h.to(weight.dtype), weight, first.bias))
         if not self.ffn_gelu_in_place or torch.is_grad_enabled():
             return linear(self.ffn, h)
         hidden = linear(first, h)

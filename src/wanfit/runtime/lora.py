@@ -1,15 +1,21 @@
-"""Applying LoRAs to a DiT: merged into the weights, or as a low-rank branch beside each Linear.
+"""Applying LoRAs to a DiT: merged into the weights once, merged into a copy at each call, or as a
+low-rank branch beside each Linear.
 
-merge    W' = W + sum_i strength_i * delta_i, computed in fp32 from the base weight and rounded once to
-         the storage dtype (fp8 storage: re-quantised with a fresh scale). Writes go where the runtime
-         keeps the weight: the parameter, or the block streamer's stored (host or fp8) copy, so a merge
-         is neither lost when a streamer copies the weights nor undone by a prefetched copy.
-runtime  y = x W^T + (x A^T) B^T beside each Linear of the blocks, B carrying strength * alpha / rank
-         (several LoRAs: their factors stacked, one branch); the weights stay as stored. Without
-         autograd the add is fused into a GEMM's epilogue (on the layer's own weight the base GEMM's,
-         adding x W^T into b + h B^T), and Linears that read one input (q, k, v) share one
-         down-projection GEMM. Everything that is no block Linear (diffs, norms, modulation,
-         embeddings) is merged in either mode.
+merge           W' = W + sum_i strength_i * delta_i, computed in fp32 from the base weight and rounded
+                once to the storage dtype (fp8 storage: re-quantised with a fresh scale). Writes go where
+                the runtime keeps the weight: the parameter, or the block streamer's stored (host or fp8)
+                copy, so a merge is neither lost when a streamer copies the weights nor undone by a
+                prefetched copy.
+merge_per_call  each block Linear merges W + U D into a temporary copy at each call (one GEMM over the
+                weight, PerCallMerge) and multiplies by that; the stored weights are never written. Its
+                cost follows the weight's size, the branch's the tokens': at a video's token counts
+                it is the cheap way for weights a merge must not rewrite (streamed, fp8-stored).
+runtime         y = x W^T + (x A^T) B^T beside each Linear of the blocks, B carrying strength * alpha /
+                rank (several LoRAs: their factors stacked, one branch); the weights stay as stored.
+                Without autograd the add is fused into a GEMM's epilogue (on the layer's own weight the
+                base GEMM's, adding x W^T into b + h B^T), and Linears that read one input (q, k, v)
+                share one down-projection GEMM.
+In every mode, everything that is no block Linear (diffs, norms, modulation, embeddings) is merged.
 Which one runs is the plan's (Plan.lora_mode; the planner's rule is wanfit.plan.lora.lora_mode_rule);
 either runs on any placement. With Plan.lora_fused_ffn (off unless set) each FFN's two branches run
 inside its GELU pass instead (FusedFeedForward, in the block's `ffn_low_rank` slot; wanfit.runtime.lora_ffn).
@@ -18,7 +24,7 @@ on its device, or on the host, so `remove` restores the base weights bit for bit
 is computed from the base; or nowhere (a run that never unloads), where `remove` subtracts the deltas
 again (exact to the storage dtype's rounding). A merge reads the weight where it lives, so with the
 copy on the device nothing crosses PCIe. The pipeline owns the state (DiTLoras); the model holds only
-the branches, in its block Linears' `low_rank` slots.
+the branches (or per-call merges), in its block Linears' `low_rank` slots.
 """
 
 from __future__ import annotations
@@ -165,6 +171,11 @@ class LowRankBranch:
         for copy in (self._up, self._down if self.shared is None else self.shared.down):
             copy.on(device, dtype)
 
+    def merged_weight(self, module: nn.Module) -> torch.Tensor | None:
+        """The weight with the update in it, for a caller that multiplies by the weight itself (the
+        FFN's GELU epilogue): None, the branch adds its update to the product."""
+        return None
+
     def down_projection(self, x: torch.Tensor) -> torch.Tensor:
         if self.shared is not None:
             return self.shared.project(self, x)
@@ -186,6 +197,31 @@ class LowRankBranch:
             add(output, a, b)
             return output
         return output + F.linear(a, b).to(output.dtype)
+
+
+class PerCallMerge(LowRankBranch):
+    """A block Linear's forward with its LoRA update merged into a temporary copy of the weight at each
+    call (Plan.lora_mode "merge_per_call"), set in the Linear's `low_rank` slot: W' = W + U D by one
+    GEMM (addmm: W read once, W' written once, U D accumulated in fp32 and rounded once, as a merge
+    rounds), then the layer's product with W'. The stored weight is never written: a streamed block's
+    device copy and an fp8 weight's upcast, made for the call anyway, get the update, and unloading
+    only clears the slot. Per call it moves the weight twice (1.3B, bf16: 5.0 GB a forward over 30
+    blocks), where the branch moves activations: at 32,760 tokens several passes of 100-590 MB per
+    Linear. Beside a replaced product (the fast tier's fp8 `gemm`, which holds its own copy of the
+    weight) it runs as the branch does."""
+
+    def merged_weight(self, module: nn.Module) -> torch.Tensor | None:
+        if module.gemm is not None:
+            return None
+        weight = module.weight
+        up = self._up.on(weight.device, weight.dtype)
+        return torch.addmm(weight, up, self._down.on(weight.device, weight.dtype))
+
+    def __call__(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        weight = self.merged_weight(module)
+        if weight is None:
+            return super().__call__(module, x)
+        return F.linear(x, weight, module.bias)
 
 
 class FusedFeedForward:
@@ -344,7 +380,8 @@ class DiTLoras:
         if base_copy is not None:
             self.keep_base(base_copy)
         self.loras, self.mode = list(loras), mode
-        branch_modules = _block_linears(dit) if mode == "runtime" else set()
+        branch_modules = _block_linears(dit) if mode != "merge" else set()
+        per_call = mode == "merge_per_call"
 
         merged: dict[str, list[tuple[float, object]]] = {}  # parameter -> [(strength, delta or LowRank)]
         branches: dict[str, list[tuple[float, object]]] = {}  # Linear module -> [(strength, LowRank)]
@@ -376,11 +413,12 @@ class DiTLoras:
         for module_name, updates in branches.items():
             down = torch.cat([u.down.float().flatten(1) for _, u in updates])
             up = torch.cat([strength * u.scale * u.up.float().flatten(1) for strength, u in updates], dim=1)
-            branch = by_module[module_name] = LowRankBranch(down, up)
+            branch = by_module[module_name] = (PerCallMerge if per_call else LowRankBranch)(down, up)
             self.branches.append(branch)
             self.branch_modules[branch] = module_name  # named before set: _restore clears the named slots
             dit.get_submodule(module_name).low_rank = branch
-        self.shared = [SharedDownProjection(group) for group in _shared_input_groups(dit, by_module)]
+        if not per_call:  # a per-call merge takes no down-projection of the input
+            self.shared = [SharedDownProjection(group) for group in _shared_input_groups(dit, by_module)]
         if fused_ffn is not None:
             self.fused_ffn = fused_ffn
         self._install_fused_ffns(by_module)
@@ -398,8 +436,9 @@ class DiTLoras:
         for index in self.fused_ffns:
             self.dit.blocks[index].ffn_low_rank = None
         self.fused_ffns = {}
-        if not self.fused_ffn or "lora_fused_ffn" in getattr(self.placement, "failures", {}):
-            return  # off, or given up in this process
+        given_up = "lora_fused_ffn" in getattr(self.placement, "failures", {})
+        if self.mode != "runtime" or not self.fused_ffn or given_up:
+            return  # no branches to fuse, off, or given up in this process
         for index, block in enumerate(self.dit.blocks):
             first, second = by_module.get(f"blocks.{index}.ffn.0"), by_module.get(f"blocks.{index}.ffn.2")
             if first is None or second is None or not hasattr(block, "ffn_low_rank"):
