@@ -124,13 +124,19 @@ def test_under_torch_compile_the_fused_ffn_gives_the_eager_output():
 
 
 def test_the_fused_ffn_is_the_users_to_set_where_the_triton_kernels_run():
-    streamed = planned("h100", vram="3GiB")  # streamed blocks: the runtime branch
+    streamed = planned("h100", vram="3GiB", settings=["lora_mode=runtime"])  # streamed blocks, the branch
     assert streamed.plan.lora_mode == "runtime" and not streamed.plan.lora_fused_ffn  # off unless set
     assert "GELU pass" not in streamed.lora_summary
-    on = planned("h100", vram="3GiB", settings=["lora_fused_ffn=true"])
+    on = planned("h100", vram="3GiB", settings=["lora_mode=runtime", "lora_fused_ffn=true"])
     assert on.plan.lora_mode == "runtime" and on.plan.lora_fused_ffn
     assert "Each FFN's two branches run inside its GELU pass" in on.lora_summary
     assert on.plan.dit_blocks_resident == streamed.plan.dit_blocks_resident  # the same plan otherwise
+    with pytest.raises(ConfigError) as err:  # the per-call merge has no branches to fuse
+        planned("h100", vram="3GiB", settings=["lora_fused_ffn=true"])
+    assert str(err.value) == (
+        "--set lora_fused_ffn=true fuses the runtime LoRA branches, but this plan applies the LoRAs as "
+        "merge_per_call; add --set lora_mode=runtime to run the branches."
+    )
     with pytest.raises(ConfigError) as err:
         planned("cpu", settings=["lora_mode=runtime", "lora_fused_ffn=true"])
     assert str(err.value) == (

@@ -18,11 +18,11 @@ from wanfit.errors import ConfigError
 from wanfit.models.configs import WAN_T2V_1_3B, WAN_TINY
 from wanfit.plan.estimates import GIB, Request, estimate_denoise, estimate_phases
 from wanfit.plan.host_estimates import host_bytes
-from wanfit.plan.lora import LoraShapes, lora_memory
+from wanfit.plan.lora import LoraShapes, lora_memory, lora_mode_rule
 from wanfit.plan.plan import Plan, parse_plan_overrides
 from wanfit.plan.planner import Budget, budget_from_probe, lora_base_copy_choice, plan_run, step_down
 from wanfit.plan.planning import Constraints, model_request, plan_for
-from wanfit.plan.timing import estimate_time
+from wanfit.plan.timing import LORA_PER_CALL_MERGE_FORWARD_COST, estimate_time
 from wanfit.runtime.lora import parameter_shapes
 
 BLOCK_LINEARS = tuple(tiny_lora.MODULES)
@@ -46,18 +46,24 @@ def planned(card: str = "h100", loras=RANK_64, **constraints):
 # --- the planner decides ------------------------------------------------------------------------------
 
 
-def test_the_planner_merges_into_a_resident_dit_and_branches_beside_streamed_or_fp8_blocks():
+def test_the_planner_merges_into_a_resident_dit_and_per_call_into_streamed_or_fp8_blocks():
     resident = planned()
     assert resident.plan.dit_blocks_resident is None and resident.plan.storage_dtype is None
     assert resident.plan.lora_mode == "merge"
     assert resident.lora_summary.startswith("LoRAs: merged into the weights (the DiT is resident in bfloat16")
 
     streamed = planned(vram="3GiB")
-    assert streamed.plan.dit_blocks_resident is not None and streamed.plan.lora_mode == "runtime"
-    assert "a low-rank branch" in streamed.lora_summary and "stream" in streamed.lora_summary
+    assert streamed.plan.dit_blocks_resident is not None and streamed.plan.lora_mode == "merge_per_call"
+    assert "a copy of each block Linear's weight at each call" in streamed.lora_summary
+    assert "stream" in streamed.lora_summary
 
     fp8 = planned(fp8=True)
-    assert fp8.plan.storage_dtype == "float8_e4m3fn" and fp8.plan.lora_mode == "runtime"
+    assert fp8.plan.storage_dtype == "float8_e4m3fn" and fp8.plan.lora_mode == "merge_per_call"
+    assert "upcast copy" in fp8.lora_summary
+
+    # Beside the fast tier's fp8 GEMMs (which hold their own quantised copies), the branch.
+    assert lora_mode_rule(Plan(device="cuda", fp8_gemm=True))[0] == "runtime"
+    assert lora_mode_rule(Plan(device="cuda", fp8_gemm=True, dit_blocks_resident=3))[0] == "runtime"
 
     assert planned(loras=None).plan.lora_mode is None  # no LoRA, no mode
 
@@ -111,7 +117,7 @@ def test_a_user_merge_on_a_streamed_plan_is_kept_and_said():
     result = planned(settings=["dit_blocks_resident=0", "lora_mode=merge"])
     assert result.plan.dit_blocks_resident == 0 and result.plan.lora_mode == "merge"
     assert "lora_mode" in result.frozen
-    assert "as set (lora_mode=merge)" in result.lora_summary and "would choose runtime" in result.lora_summary
+    assert "as set (lora_mode=merge)" in result.lora_summary and "would choose merge_per_call" in result.lora_summary
     assert not any("LoRA" in n for n in result.notes)  # generate prints notes; this is `wanfit plan`'s
     # And the memory follows the mode that runs: no branch in the denoising phase.
     branched = planned(settings=["dit_blocks_resident=0"])
@@ -145,7 +151,7 @@ def test_loras_on_a_sharded_dit_are_refused_in_one_sentence_and_never_chosen():
     assert message.count(". ") == 0 and message.endswith(".") and "dit_sharding=fsdp" in message
     # Left to the planner, a DiT too large for the card streams instead of sharding.
     tight = plan_run(device, request, overrides={"cfg_parallel": 2}, vram=4 * GIB)
-    assert tight.plan.dit_sharding == "none" and tight.plan.lora_mode == "runtime"
+    assert tight.plan.dit_sharding == "none" and tight.plan.lora_mode == "merge_per_call"
     unlora = plan_run(device, replace(request, loras=None), overrides={"cfg_parallel": 2}, vram=4 * GIB)
     assert unlora.plan.dit_sharding == "fsdp"  # what the LoRAs changed
 
@@ -159,7 +165,7 @@ def test_the_pipeline_applies_the_plans_mode_not_the_rules():
     pipe = tiny_pipeline(plan=Plan(device="cpu", lora_mode="runtime"))
     pipe.load_lora(lora)
     assert pipe.lora.mode == "runtime" and len(pipe.lora.branches) == WAN_TINY.num_layers * 10
-    # A streamed DiT, where the rule would branch: the plan says merge.
+    # A streamed DiT, where the rule would merge per call: the plan says merge.
     pipe = tiny_pipeline(plan=Plan(device="cpu", dit_blocks_resident=0, lora_mode="merge"))
     base = pipe.dit.blocks[0].self_attn.q.weight.clone()
     pipe.load_lora(lora)
@@ -239,7 +245,12 @@ def test_the_time_estimate_pays_the_branch_per_step_or_the_merge_once():
     assert estimate_time(to_host, 50).lora_merge_s == pytest.approx(23.84 * 1.392 / 14.05, rel=0.01)
     unlora = replace(streamed, request=replace(streamed.request, loras=None))
     ratio = estimate_time(streamed, 50).denoise_s / estimate_time(unlora, 50).denoise_s
-    assert ratio == pytest.approx(1.050)  # rank 64 on every block Linear: the measured LoRA (compiled, 5.0%)
+    # A streamed plan merges per call; rank 64 on every block Linear: the measured cost of that merge
+    assert streamed.plan.lora_mode == "merge_per_call"
+    assert ratio == pytest.approx(1 + LORA_PER_CALL_MERGE_FORWARD_COST)
+    runtime = replace(streamed, plan=replace(streamed.plan, lora_mode="runtime"))
+    ratio = estimate_time(runtime, 50).denoise_s / estimate_time(unlora, 50).denoise_s
+    assert ratio == pytest.approx(1.050)  # the branch: the measured LoRA (compiled, 5.0%)
 
 
 # --- the CLI ----------------------------------------------------------------------------------------------
@@ -267,7 +278,7 @@ def test_wanfit_plan_shows_the_mode_and_why(tiny_model, fixed_hosts, capsys):
     assert "lora_mode: merge" in text and "\nLoRAs: merged into the weights (the DiT is resident" in text
     assert main([*base, "--lora", str(lora), "--set", "dit_blocks_resident=0", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["settings"]["lora_mode"] == "runtime" and out["request"]["loras"]["max_rank"] == 4
+    assert out["settings"]["lora_mode"] == "merge_per_call" and out["request"]["loras"]["max_rank"] == 4
     assert "stream" in out["lora_summary"]
     assert main(base) == 0
     text = capsys.readouterr().out
@@ -278,5 +289,8 @@ def test_lora_mode_is_a_checked_setting(capsys):
     assert main(["plan", "--list-settings"]) == 0
     assert "lora_mode: how LoRAs are applied" in capsys.readouterr().out
     assert parse_plan_overrides(["lora_mode=runtime"]) == {"lora_mode": "runtime"}
-    with pytest.raises(ConfigError, match="lora_mode takes one of merge, runtime or none, got 'fused'"):
+    assert parse_plan_overrides(["lora_mode=merge_per_call"]) == {"lora_mode": "merge_per_call"}
+    with pytest.raises(
+        ConfigError, match="lora_mode takes one of merge, merge_per_call, runtime or none, got 'fused'"
+    ):
         parse_plan_overrides(["lora_mode=fused"])

@@ -530,7 +530,7 @@ class WanPipeline:
     def load_lora(self, path, strength: float = 1.0, *, skip_unknown: bool = False, mode: str | None = None):
         """Add a LoRA file (any format of wanfit.weights.lora_keys) at `strength`; several add up.
 
-        mode: "merge" or "runtime", to override the plan's Plan.lora_mode (default: the plan's; a plan
+        mode: "merge", "merge_per_call" or "runtime", to override the plan's Plan.lora_mode (default: the plan's; a plan
         made before any LoRA was known asks the planner's rule, wanfit.plan.lora). The plan records the
         mode applied. Returns the converted LoraWeights; its `notes` say what was skipped.
         """
@@ -589,7 +589,7 @@ class WanPipeline:
 
     @property
     def lora_mode(self) -> str | None:
-        """How the LoRAs are applied ("merge" or "runtime"), None without LoRAs."""
+        """How the LoRAs are applied ("merge", "merge_per_call" or "runtime"), None without LoRAs."""
         return self.lora.mode if self.lora.loras else None
 
     def dit_parameter_shapes(self) -> tuple[dict[str, tuple[int, ...]], str]:

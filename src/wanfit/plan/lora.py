@@ -66,12 +66,23 @@ class LoraShapes:
 
 
 def lora_mode_rule(plan: Plan) -> tuple[str, str]:
-    """(mode, why): merge for a resident DiT in bf16/fp16/fp32; the runtime branch for streamed or
-    fp8-stored blocks, and beside the fast tier's fp8 GEMMs."""
-    if plan.dit_blocks_resident is not None:
-        return "runtime", "the DiT's blocks stream from host copies, which a merge would rewrite"
-    if plan.storage_dtype is not None and dtype_bytes(plan.storage_dtype) == 1:
-        return "runtime", "the DiT's weights are stored in fp8, which a merge would round a second time"
+    """(mode, why): merge for a resident DiT in bf16/fp16/fp32; the per-call merge for streamed or
+    fp8-stored blocks; the runtime branch beside the fast tier's fp8 GEMMs.
+
+    The per-call merge moves each block Linear's weight twice a call, the branch the Linear's input and
+    output a few times: at the tokens of any video job (a 480p 81-frame clip has 32,760) the weight is
+    far the smaller (measured: docs/benchmarks.md, twelfth run), and at a few hundred tokens both are
+    a small part of a forward made of kernel launches, so the rule does not weigh tokens."""
+    if plan.dit_blocks_resident is not None and not plan.fp8_gemm:
+        return "merge_per_call", (
+            "the DiT's blocks stream from host copies, which a merge would rewrite: each block Linear "
+            "merges into the copy it computes with"
+        )
+    if plan.storage_dtype is not None and dtype_bytes(plan.storage_dtype) == 1 and not plan.fp8_gemm:
+        return "merge_per_call", (
+            "the DiT's weights are stored in fp8, which a merge would round a second time: each block "
+            "Linear merges into its upcast copy"
+        )
     if plan.fp8_gemm:
         return (
             "runtime",
@@ -179,14 +190,15 @@ class _Branch:
 
 
 def _split(config, shapes: LoraShapes, mode: str) -> tuple[list[_Branch], list[str]]:
-    """(the runtime branches, the merged parameter names) of `mode`: every block Linear's update is a
-    branch in runtime mode; everything else (and everything in merge mode) is merged."""
+    """(the block Linears' updates kept as factors, the merged parameter names) of `mode`: every block
+    Linear's update is kept as factors in runtime and merge_per_call mode; everything else (and
+    everything in merge mode) is merged."""
     params = _parameter_shapes(config)
     linears = _block_linear_names(config)
     branches, merged = [], list(shapes.diffs)
     for module, rank in shapes.ranks:
         inner = _in_block(module)
-        if mode == "runtime" and inner in linears:
+        if mode != "merge" and inner in linears:
             out, inp = params[f"{module}.weight"][:2]
             branches.append(_Branch(inner, inp, out, rank))
         else:
@@ -215,6 +227,16 @@ def full_branch_elements(config, rank: int) -> int:
     return rank * per_block * config.num_layers
 
 
+def per_call_merged_share(config, shapes: LoraShapes | None) -> float:
+    """The share of the blocks' Linear weight elements a per-call merge rewrites at each call."""
+    if shapes is None:
+        return 0.0
+    params = _parameter_shapes(config)
+    every = config.num_layers * sum(_numel(params[f"blocks.0.{n}.weight"]) for n in _block_linear_names(config))
+    branches = _split(config, shapes, "merge_per_call")[0]
+    return sum(b.inputs * b.outputs for b in branches) / every
+
+
 def merged_elements(config, shapes: LoraShapes | None, mode: str) -> int:
     """Elements of the weights a LoRA set merges in `mode` (all its targets, or the non-block ones)."""
     if shapes is None:
@@ -230,8 +252,8 @@ def merged_elements(config, shapes: LoraShapes | None, mode: str) -> int:
 class LoraMemory:
     """What the plan's LoRAs cost, in bytes."""
 
-    factors: int = 0  # runtime branch: every branch's factors on the device (compute dtype), kept there
-    branch: int = 0  # runtime branch: its activations at the DiT's peak
+    factors: int = 0  # runtime branch, per-call merge: the factors on the device (compute dtype), kept there
+    branch: int = 0  # at the DiT's peak: the branch's activations, or the per-call merge's weight copy
     merge: int = 0  # a merge's fp32 temporaries: transient, before the denoising
     merge_on_device: bool = False  # the merge computes where the DiT was loaded: the device, or the host
     base_copy: int = 0  # on the device for the whole run: the base weights kept there (lora_base_copy)
@@ -245,6 +267,8 @@ def lora_memory(request, plan: Plan) -> LoraMemory:
     at each Linear call the branch holds x A^T [rows, rank] (for Linears sharing one input, e.g. q/k/v,
     their stacked ranks) and writes the Linear's output once, one GEMM adding into the other's
     result in place, so no second output is held (wanfit.runtime.lora, without autograd).
+    per-call merge: the same factors; at each Linear call one merged copy of its weight (the largest
+    Linear's at the peak, in the compute dtype), freed after the product.
     merge: MERGE_FP32_COPIES fp32 copies of the largest merged weight while it is merged, where the DiT
     was loaded (the device for a resident DiT, the host for a streamed or fp8 one); nothing after.
     Both keep the stored form of every tensor merged (the base weights `unload_loras` restores; in
@@ -270,10 +294,11 @@ def lora_memory(request, plan: Plan) -> LoraMemory:
     stacked = {  # the down-projection's width per call: a shared group's ranks stacked
         name: sum(ranks.get(member, 0) for member in _shared_group(config, name)) for name in ranks
     }
-    branch = max(
-        (batch * (ffn_rows if name.startswith("ffn.") else share) * width for name, width in stacked.items()),
-        default=0,
-    )
+    if mode == "merge_per_call":
+        branch = max((b.inputs * b.outputs for b in branches), default=0)
+    else:
+        rows = {name: ffn_rows if name.startswith("ffn.") else share for name in stacked}
+        branch = max((batch * rows[name] * width for name, width in stacked.items()), default=0)
     largest = max((_numel(params[name]) for name in merged), default=0)
     streams_from_file = dit_streams_from_file(plan) and request.dit_file_dtype is not None
     stored = dtype_bytes(request.dit_file_dtype) if streams_from_file else c  # as loaded, before placing
@@ -304,7 +329,7 @@ def describe_lora_mode(request, plan: Plan, user_set: bool) -> str | None:
     if mode is None:
         return None
     rule, why = lora_mode_rule(plan)
-    what = "merged into the weights" if mode == "merge" else "a low-rank branch beside each block Linear"
+    what = _MODE_LINES[mode]
     if user_set and mode != rule:
         line = f"LoRAs: {what}, as set (lora_mode={mode}); the planner would choose {rule}: {why}."
     else:
@@ -314,6 +339,12 @@ def describe_lora_mode(request, plan: Plan, user_set: bool) -> str | None:
     kept = planned_lora_base_copy(request, plan)
     return line + " " + _BASE_COPY_LINES[kept]
 
+
+_MODE_LINES = {
+    "merge": "merged into the weights",
+    "merge_per_call": "merged into a copy of each block Linear's weight at each call",
+    "runtime": "a low-rank branch beside each block Linear",
+}
 
 _BASE_COPY_LINES = {
     "device": "Base weights kept on the GPU for unloading (restored device to device).",

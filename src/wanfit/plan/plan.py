@@ -27,9 +27,10 @@ STORAGE_DTYPE_NAMES = (*COMPUTE_DTYPE_NAMES, "float8_e4m3fn")
 STREAM_SOURCES = ("pinned", "mmap")
 ATTENTION_KINDS = ("self", "cross", "vae")  # the DiT's self- and cross-attention, the VAE's
 DIT_SHARDINGS = ("none", "fsdp")  # the DiT whole on every process, or its blocks sharded (FSDP2)
-# How LoRAs reach the DiT (wanfit.runtime.lora): merged into its weights, or a low-rank branch beside
+# How LoRAs reach the DiT (wanfit.runtime.lora): merged into its weights once, merged into a copy of
+# each block Linear's weight at each call (the stored weights untouched), or a low-rank branch beside
 # each block Linear.
-LORA_MODES = ("merge", "runtime")
+LORA_MODES = ("merge", "merge_per_call", "runtime")
 # Where the base weights a merge overwrites are kept, so unload_loras restores them bit for bit: a copy
 # beside them on the device (a device-to-device copy each way), on the host (a round trip over PCIe),
 # or nowhere (a run that never unloads: an unload subtracts the deltas, exact to a rounding).
@@ -255,7 +256,8 @@ class Plan:
         default=None,
         metadata=_setting(
             "choice",
-            "how LoRAs are applied: merged into the weights, or a low-rank branch beside each block Linear",
+            "how LoRAs are applied: merged into the weights once, merged into a copy of each block "
+            "Linear's weight at each call, or a low-rank branch beside each block Linear",
             choices=LORA_MODES,
             optional=True,
             none="no LoRA",

@@ -919,6 +919,11 @@ def _check_lora_fused_ffn(plan: Plan, device: DeviceBudget) -> None:
         raise ConfigError(
             f"--set lora_fused_ffn=true was asked for, but {refused.replace('elementwise kernels', 'kernels')}."
         )
+    if plan.lora_fused_ffn and plan.lora_mode not in (None, "runtime"):
+        raise ConfigError(
+            "--set lora_fused_ffn=true fuses the runtime LoRA branches, but this plan applies the LoRAs "
+            f"as {plan.lora_mode}; add --set lora_mode=runtime to run the branches."
+        )
 
 
 def lora_base_copy_choice(request: Request, plan: Plan, budget: Budget, backend: str) -> str:

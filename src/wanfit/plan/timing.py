@@ -39,6 +39,11 @@ FP32_ON_TENSOR_CARDS = 1 / 8  # fp32 runs without tensor cores: about an eighth 
 # --models 14B --skip-job, 1.405e10 block weight elements merged): 23.84 s with the copy sent to the
 # host (so that copy is nearly all of it), 0.53 s with it kept on the device, 0.47 s with none kept.
 LORA_BRANCH_FORWARD_COST = 0.050
+# The per-call merge (Plan.lora_mode "merge_per_call") with a LoRA on every block Linear: its share of
+# a forward (docs/benchmarks.md, twelfth run: H100, rank 64, 832x480x81, eager, compiled and fp8-stored,
+# cuDNN and flash-attn-4 attention): 1.3B +0.3 to +1.7%, 14B +1.5 to +2.5%. It follows the weights
+# rewritten per call, not the rank; the figure taken is about the 14B's.
+LORA_PER_CALL_MERGE_FORWARD_COST = 0.020
 LORA_BRANCH_MEASURED_RANK = 64
 LORA_MERGED_ELEMENTS_14B = 1.405e10
 LORA_MERGE_S_PER_ELEMENT = {
@@ -131,6 +136,7 @@ def lora_costs(result: PlanResult) -> tuple[float, float]:
         branch_elements,
         full_branch_elements,
         merged_elements,
+        per_call_merged_share,
         planned_lora_base_copy,
         planned_lora_mode,
     )
@@ -143,5 +149,7 @@ def lora_costs(result: PlanResult) -> tuple[float, float]:
     merge = merged_elements(req.config, req.loras, mode) * per_element
     if mode == "merge":
         return 0.0, merge
+    if mode == "merge_per_call":
+        return LORA_PER_CALL_MERGE_FORWARD_COST * per_call_merged_share(req.config, req.loras), merge
     measured = full_branch_elements(req.config, LORA_BRANCH_MEASURED_RANK)
     return LORA_BRANCH_FORWARD_COST * branch_elements(req.config, req.loras) / measured, merge
