@@ -27,6 +27,7 @@ the same number of DiT passes). Prints JSON.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -96,6 +97,17 @@ def parse_args(argv=None):
         help="CUDA: first, one block's FFN at each model's shape, the branch as separate GEMMs against the "
         "fused LoRA FFN kernel at each tile setting (wanfit.runtime.lora_ffn); that model's DiT forwards "
         "then run the kernel at the fastest",
+    )
+    p.add_argument(
+        "--mode-rounds",
+        type=int,
+        default=0,
+        help="then, per model, the forward without a LoRA, with the per-call merge and with the runtime "
+        "branch in alternating rounds (each round --runs forwards of each), the blocks in bf16 and stored "
+        "in fp8; with --plan-settings as a planned job runs them (0: not)",
+    )
+    p.add_argument(
+        "--skip-sequence", action="store_true", help="only the --mode-rounds comparison (no merge timing)"
     )
     p.add_argument("--tiny", action="store_true", help="CPU, tiny models: checks the script only")
     p.add_argument("--out", default=None)
@@ -268,6 +280,95 @@ def bench_dit(name: str, args, device, dtype) -> dict:
         result[f"{key}_cost_pct"] = 100 * (result[key]["median_ms"] / result[base]["median_ms"] - 1)
     for key in {"base", *costs, *costs.values()}:
         result[key].pop("runs_ms", None)
+    return result  # the DiT is freed with this frame
+
+
+LORA_MODES_TIMED = ("none", "merge_per_call", "runtime")
+
+
+def bench_mode_rounds(name: str, args, device, dtype) -> dict:
+    """One forward without a LoRA, with the per-call merge and with the runtime branch, in alternating
+    rounds (so drift in the card's clocks falls on all three), for the blocks in the compute dtype and
+    stored in fp8 (upcast per block by the streamer, as Plan.storage_dtype places them; there a merge
+    would round the update into fp8); eager, and compiled where the blocks stay resident. Each cost
+    is the median over the rounds against the same rounds' forward without a LoRA."""
+    from bench_dit import latent_shape, random_weights_wanfit, time_forward
+
+    from wanfit.models.configs import DIT_PRESETS
+    from wanfit.runtime.lora import DiTLoras
+    from wanfit.runtime.offload import BlockStreamer
+
+    cfg = DIT_PRESETS[name]
+    if args.layers:
+        cfg = cfg.with_overrides(num_layers=args.layers)
+    dit = random_weights_wanfit(cfg, device, dtype, seed=0)
+    lora = converted(lightx2v_like_lora(cfg, args.rank), cfg)
+    if args.plan_settings:
+        from wanfit.runtime import fused_elementwise, gemm_epilogue
+
+        epilogue = device.type == "cuda" and gemm_epilogue.smoke_test(str(device)) is None
+        for block in dit.blocks:
+            block.ffn_gelu_in_place = True
+            block.ffn_gelu_epilogue = epilogue
+        if device.type == "cuda" and fused_elementwise.runtime_failure(str(device)) is None:
+            fused_elementwise.install(dit.blocks)
+    frames, height, width = latent_shape(args.size, args.frames)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(1, cfg.in_dim, frames, height, width, generator=gen).to(device, dtype)
+    t = torch.tensor([900.0], device=device)
+    context = torch.randn(1, 512, cfg.text_dim, generator=gen).to(device, dtype)
+    result = {"config": cfg.to_dict(), "rank": args.rank, "rounds": args.mode_rounds, "runs": args.runs}
+
+    def rounds(placement, call, warmup: int) -> dict:
+        loras = DiTLoras(dit, placement)
+        times = {mode: [] for mode in LORA_MODES_TIMED}
+        peaks, outputs = {}, {}
+        for _ in range(args.mode_rounds):
+            for mode in LORA_MODES_TIMED:
+                if mode != "none":
+                    loras.apply([(lora, 1.0)], mode, "none")
+                timing, out = time_forward(call, device, warmup=warmup, runs=args.runs)
+                times[mode].append(timing["median_ms"])
+                peaks[mode] = timing.get("peak_over_start_gib")
+                outputs[mode] = out.float()
+                loras.remove()
+            warmup = 1  # compiled: the first round traced each variant
+        out = {}
+        for mode in LORA_MODES_TIMED:
+            median = statistics.median(times[mode])
+            out[mode] = {"median_ms": median, "round_ms": times[mode], "peak_over_start_gib": peaks[mode]}
+            if mode != "none":
+                ratios = [a / b for a, b in zip(times[mode], times["none"])]
+                out[mode]["cost_pct"] = 100 * (statistics.median(ratios) - 1)
+        out["per_call_vs_branch_rel_l2"] = rel_l2(outputs["merge_per_call"], outputs["runtime"])
+        out["branch_vs_base_rel_l2"] = rel_l2(outputs["runtime"], outputs["none"])
+        return out
+
+    def eager():
+        return dit(x, t, context)
+
+    bare = SimpleNamespace(failures={}, streamer=None)
+    bare.give_up = bare.failures.__setitem__
+    result["bf16"] = rounds(bare, eager, warmup=1)
+    if device.type == "cuda" and not args.skip_compiled:
+        from wanfit.runtime.compile import compile_blocks, forward_with
+
+        torch.compiler.reset()
+        blocks = compile_blocks(dit.blocks)
+
+        def compiled():
+            return forward_with(dit, blocks, x, t, context)
+
+        result["bf16_compiled"] = rounds(bare, compiled, warmup=2)
+        torch.compiler.reset()
+    streamer = BlockStreamer(dit.blocks, device, resident=len(dit.blocks), fp8=True, dtype=dtype)
+    fp8 = SimpleNamespace(failures={}, streamer=streamer)
+    fp8.give_up = fp8.failures.__setitem__
+    result["fp8_storage"] = rounds(fp8, eager, warmup=1)
+    streamer.close()
+    from wanfit.attention import get_dispatcher
+
+    result["attention"] = get_dispatcher().report()  # which kernel served the forwards (the base's speed)
     return result  # the DiT is freed with this frame
 
 
@@ -513,9 +614,15 @@ def main(argv=None) -> dict:
             result.setdefault("ffn", {})[name] = sweep = bench_ffn_tiles(name, args, device, dtype)
             torch.cuda.empty_cache()
             tiles, lora_ffn.TILES = lora_ffn.TILES, tuple(sweep["best"]["tiles"])
-        stage(f"DiT {name}: merge, unload and forwards")
-        result["dit"][name] = bench_dit(name, args, device, dtype)
-        if tiles is not None:
+        if not args.skip_sequence:
+            stage(f"DiT {name}: merge, unload and forwards")
+            result["dit"][name] = bench_dit(name, args, device, dtype)
+        if args.mode_rounds:
+            stage(f"DiT {name}: no LoRA, per-call merge and branch in alternating rounds")
+            result.setdefault("modes", {})[name] = bench_mode_rounds(name, args, device, dtype)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        if tiles is not None and name in result["dit"]:
             result["dit"][name]["fused_ffn_tiles"] = list(lora_ffn.TILES)
             lora_ffn.TILES = tiles
         if device.type == "cuda":

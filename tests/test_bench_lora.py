@@ -26,3 +26,17 @@ def test_the_job_runs_named_and_no_dit_part(tmp_path):
     job = result["job"]
     assert job["wanfit_4step_lora"]["dit_calls"] == 4 and "peak_gib" in job["wanfit_4step_lora"]
     assert not {"wanfit_full", "diffusers_full", "diffusers_4step_lora", "wanfit_speedup"} & job.keys()
+
+
+def test_the_mode_rounds_time_each_mode_against_the_same_rounds_base(tmp_path):
+    result = main(["--tiny", "--skip-job", "--skip-sequence", "--mode-rounds", "2"])
+    assert result["dit"] == {}  # --skip-sequence: no merge timing
+    modes = result["modes"]["tiny"]
+    assert modes.keys() == {"config", "rank", "rounds", "runs", "bf16", "fp8_storage", "attention"}  # no compile
+    assert sum(modes["attention"]["served"].values()) > 0  # the kernel that set the base's speed is named
+    for placement in ("bf16", "fp8_storage"):
+        timed = modes[placement]
+        assert all(len(timed[m]["round_ms"]) == 2 for m in ("none", "merge_per_call", "runtime"))
+        assert "cost_pct" in timed["runtime"] and "cost_pct" not in timed["none"]
+        # The per-call merge and the branch compute the same output, which the LoRA moved.
+        assert timed["per_call_vs_branch_rel_l2"] < 1e-5 < timed["branch_vs_base_rel_l2"]
