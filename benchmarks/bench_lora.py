@@ -173,22 +173,18 @@ def converted(state: dict, cfg):
     return lora
 
 
-def bench_dit(name: str, args, device, dtype) -> dict:
-    """Merge and unload time, and one forward: base, merged, runtime branch."""
-    from bench_dit import latent_shape, random_weights_wanfit, time_forward
-    from kernel_profile import kernel_profile
+def dit_with_lora(name: str, args, device, dtype):
+    """(config, DiT with random weights, its LightX2V-shaped LoRA converted, forward inputs), the DiT with
+    the planned elementwise settings under --plan-settings."""
+    from bench_dit import latent_shape, random_weights_wanfit
 
     from wanfit.models.configs import DIT_PRESETS
-    from wanfit.runtime.lora import DiTLoras
 
     cfg = DIT_PRESETS[name]
     if args.layers:
         cfg = cfg.with_overrides(num_layers=args.layers)
     dit = random_weights_wanfit(cfg, device, dtype, seed=0)
     lora = converted(lightx2v_like_lora(cfg, args.rank), cfg)
-    placement = SimpleNamespace(failures={})
-    placement.give_up = placement.failures.__setitem__  # what DiTPlacement records
-    loras = DiTLoras(dit, placement)
     if args.plan_settings:
         from wanfit.runtime import fused_elementwise, gemm_epilogue
 
@@ -203,6 +199,20 @@ def bench_dit(name: str, args, device, dtype) -> dict:
     x = torch.randn(1, cfg.in_dim, frames, height, width, generator=gen).to(device, dtype)
     t = torch.tensor([900.0], device=device)
     context = torch.randn(1, 512, cfg.text_dim, generator=gen).to(device, dtype)
+    return cfg, dit, lora, (x, t, context)
+
+
+def bench_dit(name: str, args, device, dtype) -> dict:
+    """Merge and unload time, and one forward: base, merged, runtime branch."""
+    from bench_dit import time_forward
+    from kernel_profile import kernel_profile
+
+    from wanfit.runtime.lora import DiTLoras
+
+    cfg, dit, lora, (x, t, context) = dit_with_lora(name, args, device, dtype)
+    placement = SimpleNamespace(failures={})
+    placement.give_up = placement.failures.__setitem__  # what DiTPlacement records
+    loras = DiTLoras(dit, placement)
 
     def forward():
         return dit(x, t, context)
@@ -292,31 +302,12 @@ def bench_mode_rounds(name: str, args, device, dtype) -> dict:
     stored in fp8 (upcast per block by the streamer, as Plan.storage_dtype places them; there a merge
     would round the update into fp8); eager, and compiled where the blocks stay resident. Each cost
     is the median over the rounds against the same rounds' forward without a LoRA."""
-    from bench_dit import latent_shape, random_weights_wanfit, time_forward
+    from bench_dit import time_forward
 
-    from wanfit.models.configs import DIT_PRESETS
     from wanfit.runtime.lora import DiTLoras
     from wanfit.runtime.offload import BlockStreamer
 
-    cfg = DIT_PRESETS[name]
-    if args.layers:
-        cfg = cfg.with_overrides(num_layers=args.layers)
-    dit = random_weights_wanfit(cfg, device, dtype, seed=0)
-    lora = converted(lightx2v_like_lora(cfg, args.rank), cfg)
-    if args.plan_settings:
-        from wanfit.runtime import fused_elementwise, gemm_epilogue
-
-        epilogue = device.type == "cuda" and gemm_epilogue.smoke_test(str(device)) is None
-        for block in dit.blocks:
-            block.ffn_gelu_in_place = True
-            block.ffn_gelu_epilogue = epilogue
-        if device.type == "cuda" and fused_elementwise.runtime_failure(str(device)) is None:
-            fused_elementwise.install(dit.blocks)
-    frames, height, width = latent_shape(args.size, args.frames)
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(1, cfg.in_dim, frames, height, width, generator=gen).to(device, dtype)
-    t = torch.tensor([900.0], device=device)
-    context = torch.randn(1, 512, cfg.text_dim, generator=gen).to(device, dtype)
+    cfg, dit, lora, (x, t, context) = dit_with_lora(name, args, device, dtype)
     result = {"config": cfg.to_dict(), "rank": args.rank, "rounds": args.mode_rounds, "runs": args.runs}
 
     def rounds(placement, call, warmup: int) -> dict:
