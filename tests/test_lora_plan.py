@@ -294,3 +294,15 @@ def test_lora_mode_is_a_checked_setting(capsys):
         ConfigError, match="lora_mode takes one of merge, merge_per_call, runtime or none, got 'fused'"
     ):
         parse_plan_overrides(["lora_mode=fused"])
+
+
+def test_lora_base_copy_none_is_the_choice_not_unset(capsys):
+    # "none" is one of lora_base_copy's choices (keep no copy); it must not read as "let the planner choose".
+    assert parse_plan_overrides(["lora_base_copy=none"]) == {"lora_base_copy": "none"}
+    assert parse_plan_overrides(["lora_mode=none"]) == {"lora_mode": None}  # here none is unset
+    assert parse_plan_overrides(["dit_sharding=none"]) == {"dit_sharding": "none"}  # was refused before
+    assert planned().plan.lora_base_copy == "device"
+    assert planned(settings=["lora_base_copy=none"]).plan.lora_base_copy == "none"
+    assert main(["plan", "--list-settings"]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("lora_base_copy:"))
+    assert line.endswith("(one of device, host, none)")

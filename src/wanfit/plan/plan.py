@@ -386,7 +386,7 @@ def _accepts(name: str) -> str:
     """What field `name` accepts, in words (for error messages and `--set` help)."""
     spec = PLAN_FIELDS[name].metadata.get("setting", {})
     kind = spec.get("kind")
-    none = " or none" if spec.get("optional") else ""
+    none = " or none" if spec.get("optional") and "none" not in spec.get("choices", ()) else ""
     if kind == "bool":
         return f"true or false{none}"
     if kind == "int":
@@ -419,6 +419,8 @@ def parse_setting(name: str, text: str):
     def bad() -> ConfigError:
         return ConfigError(f"Plan setting {name} takes {_accepts(name)}, got {raw!r}.")
 
+    if kind == "choice" and low in spec["choices"]:
+        return low  # before the unset words: lora_base_copy's choice "none" (keep no copy) is not unset
     if low in ("none", "null", "") or (kind == "backend" and low == "auto"):
         if spec.get("optional"):
             return None
