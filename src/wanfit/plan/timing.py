@@ -41,8 +41,9 @@ FP32_ON_TENSOR_CARDS = 1 / 8  # fp32 runs without tensor cores: about an eighth 
 LORA_BRANCH_FORWARD_COST = 0.050
 # The per-call merge (Plan.lora_mode "merge_per_call") with a LoRA on every block Linear: its share of
 # a forward (docs/benchmarks.md, twelfth run: H100, rank 64, 832x480x81, eager, compiled and fp8-stored,
-# cuDNN and flash-attn-4 attention): 1.3B +0.3 to +1.7%, 14B +1.5 to +2.5%. It follows the weights
-# rewritten per call, not the rank; the figure taken is about the 14B's.
+# cuDNN and flash-attn-4 attention): 1.3B +0.3 to +1.7%, 10 of the 14B's blocks +1.5 to +2.5%, the
+# whole 14B +1.2 to +1.4%. It follows the weights rewritten per call, not the rank; the figure taken
+# is about the largest seen on the 14B's shapes.
 LORA_PER_CALL_MERGE_FORWARD_COST = 0.020
 LORA_BRANCH_MEASURED_RANK = 64
 LORA_MERGED_ELEMENTS_14B = 1.405e10
