@@ -73,20 +73,20 @@ def lora_mode_rule(plan: Plan) -> tuple[str, str]:
     output a few times: at the tokens of any video job (a 480p 81-frame clip has 32,760) the weight is
     far the smaller (measured: docs/benchmarks.md, twelfth run), and at a few hundred tokens both are
     a small part of a forward made of kernel launches, so the rule does not weigh tokens."""
-    if plan.dit_blocks_resident is not None and not plan.fp8_gemm:
-        return "merge_per_call", (
-            "the DiT's blocks stream from host copies, which a merge would rewrite: each block Linear "
-            "merges into the copy it computes with"
-        )
-    if plan.storage_dtype is not None and dtype_bytes(plan.storage_dtype) == 1 and not plan.fp8_gemm:
-        return "merge_per_call", (
-            "the DiT's weights are stored in fp8, which a merge would round a second time: each block "
-            "Linear merges into its upcast copy"
-        )
     if plan.fp8_gemm:
         return (
             "runtime",
             "the fast tier's fp8 GEMMs hold quantised copies of the weights a merge would outdate",
+        )
+    if plan.dit_blocks_resident is not None:
+        return "merge_per_call", (
+            "the DiT's blocks stream from host copies, which a merge would rewrite: each block Linear "
+            "merges into the copy it computes with"
+        )
+    if plan.storage_dtype is not None and dtype_bytes(plan.storage_dtype) == 1:
+        return "merge_per_call", (
+            "the DiT's weights are stored in fp8, which a merge would round a second time: each block "
+            "Linear merges into its upcast copy"
         )
     return "merge", f"the DiT is resident in {plan.compute_dtype}: merged once, nothing to pay per step"
 

@@ -205,7 +205,7 @@ class PerCallMerge(LowRankBranch):
     GEMM (addmm: W read once, W' written once, U D accumulated in fp32 and rounded once, as a merge
     rounds), then the layer's product with W'. The stored weight is never written: a streamed block's
     device copy and an fp8 weight's upcast, made for the call anyway, get the update, and unloading
-    only clears the slot. Per call it moves the weight twice (1.3B, bf16: 5.0 GB a forward over 30
+    only clears the slot. Per call it moves the weight twice (1.3B, bf16: 5.6 GB a forward over 30
     blocks), where the branch moves activations: at 32,760 tokens several passes of 100-590 MB per
     Linear. Beside a replaced product (the fast tier's fp8 `gemm`, which holds its own copy of the
     weight) it runs as the branch does."""
@@ -417,8 +417,8 @@ class DiTLoras:
             self.branches.append(branch)
             self.branch_modules[branch] = module_name  # named before set: _restore clears the named slots
             dit.get_submodule(module_name).low_rank = branch
-        if not per_call:  # a per-call merge takes no down-projection of the input
-            self.shared = [SharedDownProjection(group) for group in _shared_input_groups(dit, by_module)]
+        # A per-call merge takes no down-projection of the input, so nothing to share.
+        self.shared = [] if per_call else [SharedDownProjection(g) for g in _shared_input_groups(dit, by_module)]
         if fused_ffn is not None:
             self.fused_ffn = fused_ffn
         self._install_fused_ffns(by_module)
