@@ -11,6 +11,8 @@ Real Wan2.1 T2V-1.3B configs (DiT, VAE, umT5-XXL) with random weights, shared by
   wanfit_eager         the exact tier, blocks eager (--set compile_dit=false)
   wanfit_compiled      the exact tier, blocks compiled (--set compile_dit=true)
   wanfit_fast          the fast tier (--fast: fp8 GEMMs, compiled blocks)
+  wanfit_fast@NAME     the fast tier with the DiT's self-attention set to backend NAME
+                       (--fast-attention NAME[,NAME]; `--set self_attention=NAME` as a user sets it)
 
 Measured: one DiT forward at 832x480x81 (32,760 tokens), batch 1 for all and batch 2 (guidance
 batched, what wanfit's pipeline runs) for the eager ones: CUDA-event median ms, the first call's
@@ -26,7 +28,8 @@ have put this card's compile costs in the cache (WANFIT_CACHE_DIR, a fresh folde
 Order, so that no one is charged another's one-offs: a warm-up that loads the libraries (cuBLAS,
 cuDNN, flash) on shapes nobody uses; caches emptied before each job; diffusers compiled last (its
 compile changes the model in place; it is undone for diffusers' 50-step eager job). The JSON is
-rewritten after every stage, so a run cut short keeps what it measured.
+rewritten after every stage, so a run cut short keeps what it measured. --forwards-only: the
+batch-1 forwards alone (diffusers eager and compiled, wanfit eager, fast and fast@NAME), no jobs.
 """
 
 from __future__ import annotations
@@ -83,9 +86,24 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--jobs-only", action="store_true",
         help="only the short and long jobs of wanfit as planned and diffusers eager (no forwards, no compiles)",
     )  # fmt: skip
+    p.add_argument(
+        "--forwards-only", action="store_true",
+        help="only the batch-1 forwards of diffusers eager and compiled and wanfit eager and fast (no jobs)",
+    )  # fmt: skip
+    p.add_argument(
+        "--fast-attention", default="",
+        help="comma-separated attention backends: a fast-tier forward with each as the DiT's self-attention",
+    )  # fmt: skip
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny models: checks the script only")
     p.add_argument("--out", default=None, help="write the results as JSON here (after every stage)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.fast_attention = [n.strip() for n in args.fast_attention.split(",") if n.strip()]
+    return args
+
+
+def fast_variants(args) -> list[str]:
+    """The fast tier as planned, then with each asked-for self-attention backend."""
+    return ["wanfit_fast"] + [f"wanfit_fast@{name}" for name in args.fast_attention]
 
 
 class Run:
@@ -262,11 +280,14 @@ class Models:
         settings = {"wanfit_eager": ["compile_dit=false"], "wanfit_compiled": ["compile_dit=true"]}.get(
             variant, []
         )
-        fast = variant == "wanfit_fast" and not self.args.dry_run
+        is_fast = variant.startswith("wanfit_fast")
+        if "@" in variant:
+            settings = [f"self_attention={variant.split('@', 1)[1]}"]
+        fast = is_fast and not self.args.dry_run
         planned = plan_for(
             request, Constraints.from_options(device=str(self.device), settings=settings, fast=fast)
         )
-        if variant == "wanfit_fast" and self.args.dry_run:  # the CPU has no fast tier: obey a bare Plan
+        if is_fast and self.args.dry_run:  # the CPU has no fast tier: obey a bare Plan
             return replace(planned.plan, fp8_gemm=True, compile_dit=True)
         return planned
 
@@ -305,6 +326,7 @@ class Models:
             result["dit_gib"] = weights_gib(self.dit) + (placement.fp8_gemm_bytes or 0) / 2**30
             result["peak_gib"] = result["dit_gib"] + result.get("peak_over_start_gib", 0.0)
             result["tier"], result["compiled"] = placement.tier, placement.compiled_blocks is not None
+            result["self_attention"] = plan.self_attention
             result["given_up"] = dict(placement.failures)
             return result, out.float().cpu()
         finally:
@@ -515,6 +537,8 @@ def run(args) -> dict:
     reserve = 0.0 if args.jobs_only else forward_guess(1, compiles=True)
     if args.jobs_only:
         return jobs_only(args, r, m, do_job, job_guess)
+    if args.forwards_only:
+        return forwards_only(args, r, m, outputs, do_forward, forward_guess)
 
     # 1. Eager forwards (diffusers eager before its compile changes the model).
     for batch in (1, 2):
@@ -537,7 +561,7 @@ def run(args) -> dict:
     torch._dynamo.reset()
     if r.fits("forward wanfit_compiled batch 2", forward_guess(2, True), reserve):
         do_forward("wanfit_compiled", 2, lambda: m.wanfit_forward("wanfit_compiled", 2))
-    for variant in ("wanfit_compiled", "wanfit_fast"):
+    for variant in ("wanfit_compiled", *fast_variants(args)):
         if r.fits(f"forward {variant} batch 1", forward_guess(1, True), reserve):
             do_forward(variant, 1, lambda v=variant: m.wanfit_forward(v, 1))
     r.result["compile"] = compile_summary(r.result, long)
@@ -574,6 +598,24 @@ def run(args) -> dict:
             do_job(variant, long, lambda v=variant: m.wanfit_job(v, long))
 
     r.result["errors_vs_exact"] = accuracy(outputs, frames, short, long)
+    r.result["ratios"] = ratios(r.result)
+    r.save()
+    return r.result
+
+
+def forwards_only(args, r: Run, m: Models, outputs: dict, do_forward, forward_guess) -> dict:
+    """--forwards-only: batch-1 forwards, diffusers eager before its compile changes the model."""
+    for variant, fn, compiles in (
+        ("diffusers_eager", lambda: m.diffusers_forward(1), False),
+        ("wanfit_eager", lambda: m.wanfit_forward("wanfit_eager", 1), False),
+        *((v, lambda v=v: m.wanfit_forward(v, 1), True) for v in fast_variants(args)),
+    ):
+        if r.fits(f"forward {variant} batch 1", forward_guess(1, compiles), forward_guess(1, True)):
+            do_forward(variant, 1, fn)
+    r.log("compiling diffusers' blocks (compile_repeated_blocks, fullgraph)")
+    r.attempt("compile diffusers", m.compile_diffusers)
+    do_forward("diffusers_compiled", 1, lambda: m.diffusers_forward(1))
+    r.result["errors_vs_exact"] = accuracy(outputs, {}, args.steps, args.long_steps)
     r.result["ratios"] = ratios(r.result)
     r.save()
     return r.result
@@ -639,7 +681,8 @@ def accuracy(outputs: dict, frames: dict, short: int, long: int) -> dict:
     out = {}
     for batch in (1, 2):
         exact = outputs.get(("wanfit_eager", batch))
-        for variant in ("wanfit_fast", "wanfit_compiled", "diffusers_eager", "diffusers_compiled"):
+        fast = sorted({v for v, b in outputs if v.startswith("wanfit_fast")})
+        for variant in (*fast, "wanfit_compiled", "diffusers_eager", "diffusers_compiled"):
             other = outputs.get((variant, batch))
             if exact is not None and other is not None:
                 out[f"forward_b{batch}_rel_l2_{variant}_vs_wanfit_eager"] = rel_l2(other, exact)
@@ -690,7 +733,7 @@ def table(result: dict) -> str:
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     b1, b2 = result["forward"]["b1"], result["forward"]["b2"]
-    for v in VARIANTS:
+    for v in (*VARIANTS, *sorted(k for k in b1 if k not in VARIANTS)):
         one, two = b1.get(v, {}), b2.get(v, {})
         ratio = result["ratios"].get(f"forward_b1_{v}_over_diffusers_compiled")
         lines.append(
@@ -734,7 +777,8 @@ def ran_as(r: dict) -> str:
         return "-"
     compiled = r.get("compiled", r.get("compile_dit"))
     given_up = f", gave up {', '.join(r['given_up'])}" if r.get("given_up") else ""
-    return f"{r['tier']}, {'compiled' if compiled else 'eager'}{given_up}"
+    attention = f", {r['self_attention']}" if r.get("self_attention") else ""
+    return f"{r['tier']}, {'compiled' if compiled else 'eager'}{attention}{given_up}"
 
 
 def main(argv=None) -> dict:

@@ -31,7 +31,22 @@ def test_dry_run_measures_every_variant_and_states_the_fast_tiers_error(tmp_path
     assert compile_["cold_s"] >= 0 and compile_["warm_s"] >= 0
     assert "steps x" in compile_["planner_3_steps_second_run"]["why"]
     text = capsys.readouterr().out
-    assert "| wanfit_fast | fast, compiled |" in text and "x diffusers eager" in text
+    assert "| wanfit_fast | fast, compiled, " in text and "x diffusers eager" in text
+
+
+def test_forwards_only_times_the_fast_tier_with_each_asked_for_self_attention(tmp_path, capsys):
+    out = tmp_path / "speed.json"
+    result = main(["--dry-run", "--forwards-only", "--fast-attention", "sdpa_math", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["errors"] == {} and saved["jobs"] == {}
+    b1 = saved["forward"]["b1"]
+    assert set(b1) == {"diffusers_eager", "diffusers_compiled", "wanfit_eager", "wanfit_fast", "wanfit_fast@sdpa_math"}
+    assert b1["wanfit_fast@sdpa_math"]["self_attention"] == "sdpa_math"  # the user's field, obeyed
+    assert b1["wanfit_fast@sdpa_math"]["tier"] == "fast"
+    errors = saved["errors_vs_exact"]
+    assert 1e-4 < errors["forward_b1_rel_l2_wanfit_fast@sdpa_math_vs_wanfit_eager"] < 5e-2
+    assert result["ratios"]["forward_b1_wanfit_fast@sdpa_math_over_diffusers_compiled"] > 0
+    assert "| wanfit_fast@sdpa_math | fast, compiled, sdpa_math |" in capsys.readouterr().out
 
 
 def test_a_stage_that_would_end_past_the_budget_is_skipped_and_said(monkeypatch):

@@ -197,3 +197,23 @@ def test_a_step_down_off_the_fast_tier_hands_the_self_attention_back_to_the_exac
     while kept is not None and kept.fast_tier_in_place:
         kept = step_down(kept, result.request, "denoise", frozen={"self_attention"})
     assert kept is not None and kept.self_attention == "int8_triton"
+
+
+def test_a_user_set_self_attention_is_kept_in_the_fast_tier_and_checked(triton_imports, tmp_path, monkeypatch):
+    from wanfit.attention.ranking import save_measured
+    from wanfit.errors import AttentionUnavailableError
+
+    monkeypatch.setenv("WANFIT_CACHE_DIR", str(tmp_path))
+    save_measured(emulated("h200"), {"int8_triton": 6.0, "sdpa_cudnn": 10.5}, {})
+    request = model_request("1.3B")
+    # The fast tier would pick int8_triton; the user's field wins, and the others keep the ranking.
+    constraints = Constraints.from_options(settings=["self_attention=sdpa_flash"], fast=True)
+    result = plan_for(request, constraints, emulated("h200"))
+    assert result.plan.tier == "fast" and result.plan.self_attention == "sdpa_flash"
+    assert result.plan.cross_attention == "sdpa_cudnn"
+    # The exact tier: once crashed on the same field given twice to the Plan.
+    set_flash = Constraints.from_options(settings=["self_attention=sdpa_flash"])
+    assert plan_for(request, set_flash, emulated("h200")).plan.self_attention == "sdpa_flash"
+    # A backend that cannot serve that call is one sentence, not a plan that fails at run time.
+    with pytest.raises(AttentionUnavailableError, match="self_attention=sdpa_flash was asked for but needs"):
+        plan_for(request, set_flash, emulated("t4"))

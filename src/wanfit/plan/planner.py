@@ -999,7 +999,7 @@ def plan_run(
         attention["self"] = device.attention_backend
     budget = make_budget(device, vram, ram)
     chosen_backends = {f"{kind}_attention": name for kind, name in attention.items() if name}
-    base = replace(fastest_plan(device, request, fp8=fp8), **chosen_backends, **overrides)
+    base = replace(fastest_plan(device, request, fp8=fp8), **{**chosen_backends, **overrides})
     base = _text_encoder_rank(base, "text_encoder_rank" in overrides)
     _check_sharding(base)
     _check_loras(base, request)

@@ -189,7 +189,10 @@ def plan_for(
         notes += fast_notes
         fast = overrides["fp8_gemm"]
 
-    attention, attention_notes = select_attention(request, hw, precision.compute, forced, constraints)
+    per_kind = {kind: overrides[f"{kind}_attention"] for kind in ATTENTION_KINDS if overrides.get(f"{kind}_attention")}
+    attention, attention_notes = select_attention(
+        request, hw, precision.compute, forced, constraints, per_kind=per_kind
+    )
     notes += attention_notes
     device = budget_from_probe(hw, attention["self"])
     result = plan_run(
@@ -202,7 +205,7 @@ def plan_for(
         fp8=constraints.fp8,
         attention=attention,
     )
-    if fast and forced is None and result.plan.fast_tier_in_place:
+    if fast and forced is None and "self" not in per_kind and result.plan.fast_tier_in_place:
         result, note = _fast_self_attention(result, request, hw, precision.compute)
         notes.append(note)
     return replace(result, notes=tuple(notes) + result.notes, hardware=hw)
@@ -298,12 +301,18 @@ def _check_text_encoder_device(asked: str | None, hw: HardwareProbe) -> None:
 
 
 def select_attention(
-    request: Request, hw: HardwareProbe, dtype, forced: str | None, constraints: Constraints
+    request: Request,
+    hw: HardwareProbe,
+    dtype,
+    forced: str | None,
+    constraints: Constraints,
+    per_kind: dict[str, str] | None = None,
 ) -> tuple[dict[str, str | None], list[str]]:
     """The backend a dispatcher on `hw` picks for each kind of the job's attention calls.
 
     A forced backend must serve the DiT's self-attention (else one sentence says why); where it cannot
-    serve cross or VAE attention, those keep the ranked choice, with a note.
+    serve cross or VAE attention, those keep the ranked choice, with a note. per_kind: a backend the
+    user set for one kind (`--set self_attention=...`), which must serve that kind's call.
     """
     from wanfit.attention.dispatch import Dispatcher
 
@@ -315,6 +324,15 @@ def select_attention(
     notes = []
     for kind in ATTENTION_KINDS:
         call = calls[kind]
+        if per_kind and kind in per_kind:
+            asked = per_kind[kind].strip().lower()  # a registry name: the setting's parser checked it
+            selection, cand = dispatcher.selection_for(asked, call, None, auto=False)
+            if selection is None:
+                raise AttentionUnavailableError(
+                    f"Plan setting {kind}_attention={asked} was asked for but {cand.reason}"
+                )
+            chosen[kind] = selection.backend
+            continue
         if forced is not None:
             selection, cand = dispatcher.selection_for(forced, call, None, auto=False)
             if selection is not None:
