@@ -166,6 +166,26 @@ def test_measured_ranking_reorders_fused_kernels_but_keeps_the_fallbacks_last():
     assert d.ranking_source == "measured on this card"
 
 
+def test_sage_ranks_by_its_installed_version_its_cuda_kernels_above_the_exact_ones():
+    backends = builtin_backends()
+    lossy = {
+        version: rank(backends, {}, allow_lossy=True, versions={"sageattention": version})
+        for version in (None, "1.0.6", "2.2.0", "2.0.1+cu128", "nightly")
+    }
+    # 1.x (Triton kernels) and an unreadable version keep the 1.x default: behind the exact kernels.
+    for version in (None, "1.0.6", "nightly"):
+        assert lossy[version].index("sage") > lossy[version].index("sdpa_cudnn"), version
+    # 2.x: its CUDA kernels, ahead of flash_attn4 where lossy kernels may compete.
+    for version in ("2.2.0", "2.0.1+cu128"):
+        assert lossy[version][0] == "sage", version
+    # Never in the exact ranking, whatever its version.
+    exact = rank(backends, {}, allow_lossy=False, versions={"sageattention": "2.2.0"})
+    assert set(exact[-2:]) == {"int8_triton", "sage"}  # the lossy tier, after every exact kernel
+    # A measurement on the card outranks the default table.
+    measured = rank(backends, {"sage": 20.0, "flash_attn4": 9.0}, allow_lossy=True, versions={"sageattention": "2.2.0"})
+    assert measured.index("flash_attn4") < measured.index("sage")
+
+
 def test_explain_lists_every_backend_with_a_reason():
     d = Dispatcher(probe("t4"))
     info = d.explain(d.call_on_probe(torch.float16, TOKENS))

@@ -108,6 +108,9 @@ class AttentionBackend:
     exact: bool = True
     torch_check: Callable[[], str | None] | None = None  # does this torch build have the kernel?
     default_ms: float = math.inf  # default-table speed at the job's shape (lower ranks higher)
+    # (major version, ms): from that major version of its package on, its default-table speed (a
+    # package whose kernels changed in kind between versions, as SageAttention's did).
+    default_ms_by_version: tuple[tuple[int, float], ...] = ()
     # Scratch memory beyond q, k, v: "linear" O(L) (fused kernels), "quadratic" (the L x L score
     # matrix is materialised), "bounded" (a fixed budget); the planner's estimates read it.
     memory: str = "linear"
@@ -115,6 +118,15 @@ class AttentionBackend:
     # measured (math, then chunked), the dispatcher's last resorts.
     role: str = "kernel"
     dist_names: tuple[str, ...] = ()  # distributions to ask importlib.metadata for the package version
+
+    def default_ms_for(self, version: str | None) -> float:
+        """The default-table speed with `version` of its package installed (None: unknown)."""
+        major = _major_version(version)
+        ms = self.default_ms
+        for since, figure in sorted(self.default_ms_by_version):
+            if major is not None and major >= since:
+                ms = figure
+        return ms
 
     def device_reason(
         self, device_type: str, cc: tuple[int, int] | None, where: str = "", check_build: bool = True
@@ -175,6 +187,12 @@ class AttentionBackend:
         if reason:
             return None, reason
         return self.kernel_dtype(call)
+
+
+def _major_version(version: str | None) -> int | None:
+    """2 for "2.2.0" or "2.0.1+cu128"; None when unknown or unreadable."""
+    head = (version or "").split(".", 1)[0]
+    return int(head) if head.isdigit() else None
 
 
 def _cc_text(cc: tuple[int, int]) -> str:
@@ -398,7 +416,10 @@ def builtin_backends() -> list[AttentionBackend]:
             min_capability=(8, 0),
             head_dims=(64, 96, 128),
             exact=False,
-            default_ms=15.5,
+            default_ms=15.5,  # 1.x: Triton kernels (H200, fifth run: 15.6 ms)
+            # 2.x: CUDA kernels per card (on sm_90 int8 Q.K^T, fp8 P.V): 0.867x flash_attn4 on an H100
+            # (thirteenth run, 8.07 against 9.31 ms), placed at that ratio to flash_attn4's 9.0 here.
+            default_ms_by_version=((2, 7.8),),
         ),
         AttentionBackend(
             "int8_triton",

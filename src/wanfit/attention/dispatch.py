@@ -134,7 +134,8 @@ class Dispatcher:
         self.smoke_tests = smoke_tests
         self.measured_ms = load_measured(hw) if measured_ms is None else dict(measured_ms)
         self.ranking_source = "measured on this card" if self.measured_ms else "default table"
-        self.order = rank(self.registry, self.measured_ms, self.allow_lossy)
+        versions = {p.module: p.version for p in hw.kernel_packages if p.installed}
+        self.order = rank(self.registry, self.measured_ms, self.allow_lossy, versions)
         self.disabled: dict[str, str] = {}  # name -> why, for the rest of the process
         self._selections: dict[tuple, Selection] = {}
         self.forced = self._check_forced(forced)

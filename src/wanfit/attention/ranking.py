@@ -79,9 +79,16 @@ def write_json(path: Path, data: dict) -> Path:
     return path
 
 
-def rank(backends: Iterable[AttentionBackend], measured: dict[str, float], allow_lossy: bool) -> list[str]:
+def rank(
+    backends: Iterable[AttentionBackend],
+    measured: dict[str, float],
+    allow_lossy: bool,
+    versions: dict[str, str | None] | None = None,
+) -> list[str]:
     """Backend names, best first: within each tier the measured ones by their time, then the rest by
-    the default table; unmeasured fallbacks (their registry role) in registration order."""
+    the default table (for the installed version of each package: `versions`, module -> version);
+    unmeasured fallbacks (their registry role) in registration order."""
+    versions = versions or {}
     backends = list(backends)
     fallbacks = [b.name for b in backends if b.role == "fallback"]
 
@@ -94,6 +101,7 @@ def rank(backends: Iterable[AttentionBackend], measured: dict[str, float], allow
             tier = 0
         if b.name in measured:
             return (tier, 0, measured[b.name], 0)
-        return (tier, 1, b.default_ms if tier != 1 else 0.0, fallbacks.index(b.name) if tier == 1 else 0)
+        default = b.default_ms_for(versions.get(b.package)) if tier != 1 else 0.0
+        return (tier, 1, default, fallbacks.index(b.name) if tier == 1 else 0)
 
     return [b.name for b in sorted(backends, key=key)]
