@@ -217,3 +217,32 @@ def test_a_user_set_self_attention_is_kept_in_the_fast_tier_and_checked(triton_i
     # A backend that cannot serve that call is one sentence, not a plan that fails at run time.
     with pytest.raises(AttentionUnavailableError, match="self_attention=sdpa_flash was asked for but needs"):
         plan_for(request, set_flash, emulated("t4"))
+
+
+def test_the_fast_tier_keeps_exact_attention_where_the_lossy_kernels_copies_would_not_fit(
+    triton_imports, tmp_path, monkeypatch
+):
+    from wanfit.attention.ranking import save_measured
+    from wanfit.plan.estimates import attention_workspace
+
+    # The quantised copies are counted: int8_triton's scratch is half of q + k + v more than cuDNN's.
+    args = (1, 12, 32760, 32760, 128, 2)
+    qkv = 3 * 32760 * 12 * 128 * 2
+    assert attention_workspace("int8_triton", *args) - attention_workspace("sdpa_cudnn", *args) == qkv // 2
+    assert attention_workspace("sage", *args) > attention_workspace("int8_triton", *args)
+    monkeypatch.setenv("WANFIT_CACHE_DIR", str(tmp_path))
+    save_measured(emulated("h200"), {"int8_triton": 6.0, "sdpa_cudnn": 10.5}, {})
+    request = model_request("1.3B")
+    exact = plan_for(request, Constraints(fast=True), emulated("h200"))
+    assert exact.plan.self_attention == "int8_triton"
+    # At 1.3B/480p the copies sit under the denoise peak's other tensors; a kernel whose copies were
+    # 100x q + k + v (about 30 GB at guidance's batch 2) would not.
+    registry = backends.default_registry()
+    entry = registry["int8_triton"]
+    monkeypatch.setitem(registry._backends, "int8_triton", replace(entry, scratch_per_qkv=100.0))
+    roomy = plan_for(request, Constraints(fast=True), emulated("h200"))
+    assert roomy.plan.self_attention == "int8_triton" and roomy.peak_bytes > exact.peak_bytes + 20 * 2**30
+    tight = plan_for(request, Constraints(fast=True, vram=exact.peak_bytes + 2**30), emulated("h200"))
+    assert tight.plan.tier == "fast" and tight.plan.self_attention == "sdpa_cudnn"
+    assert tight.peak_bytes <= tight.budget.device_bytes
+    assert any("int8_triton's quantised copies would put the denoise phase over" in n for n in tight.notes)

@@ -114,6 +114,9 @@ class AttentionBackend:
     # Scratch memory beyond q, k, v: "linear" O(L) (fused kernels), "quadratic" (the L x L score
     # matrix is materialised), "bounded" (a fixed budget); the planner's estimates read it.
     memory: str = "linear"
+    # Scratch beyond its class's, as a multiple of the call's q + k + v bytes: the quantised copies
+    # (and scales, smoothed K) a lossy kernel makes before its main kernel.
+    scratch_per_qkv: float = 0.0
     # "kernel": ranked by speed; "fallback": keeps its place at the end of the ranking whatever was
     # measured (math, then chunked), the dispatcher's last resorts.
     role: str = "kernel"
@@ -420,6 +423,9 @@ def builtin_backends() -> list[AttentionBackend]:
             # 2.x: CUDA kernels per card (on sm_90 int8 Q.K^T, fp8 P.V): 0.867x flash_attn4 on an H100
             # (thirteenth run, 8.07 against 9.31 ms), placed at that ratio to flash_attn4's 9.0 here.
             default_ms_by_version=((2, 7.8),),
+            # 2.2.0 on an H100 (thirteenth run, `wanfit bench attention`): 721 MiB at its peak against
+            # flash_attn4's 384 at 32,760 tokens, 12 heads (q + k + v 288 MiB): 337 MiB more.
+            scratch_per_qkv=1.17,
         ),
         AttentionBackend(
             "int8_triton",
@@ -435,6 +441,7 @@ def builtin_backends() -> list[AttentionBackend]:
             # cuDNN's 10.50 in the same run, so placed at that ratio to this table's cuDNN figure:
             # slower than the exact kernel, it wins only where a card's own measurement says so.
             default_ms=13.5,
+            scratch_per_qkv=0.5,  # H100, thirteenth run: 528 MiB at its peak against flash_attn4's 384
         ),
         AttentionBackend(
             "xformers",
@@ -511,6 +518,10 @@ class Registry:
 
     def copy(self) -> Registry:
         return Registry(self._backends.values())
+
+    def scratch_per_qkv(self, name: str) -> float:
+        """The backend's extra scratch per byte of q + k + v (unknown names: none)."""
+        return self._backends[name].scratch_per_qkv if name in self._backends else 0.0
 
     def memory_class(self, name: str) -> str:
         """The backend's workspace class ("linear", "quadratic", "bounded"); unknown names: quadratic."""

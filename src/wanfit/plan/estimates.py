@@ -367,18 +367,22 @@ def attention_workspace(
 
     By the backend's registry memory class: linear (fused kernels): O(L), the outputs and the
     log-sum-exp; quadratic (math): B*H*rows*Lk scores at MATH_BYTES_PER_SCORE, rows = query_chunk or
-    Lq; bounded (chunked): its fixed score budget.
+    Lq; bounded (chunked): its fixed score budget. Plus, for a kernel that quantises its inputs
+    first, its registry's scratch_per_qkv times the bytes of q, k and v.
     """
     from wanfit.attention.backends import default_registry
 
-    output = LINEAR_ATTN_OUTPUT_TENSORS * batch * q_len * heads * head_dim * dtype_bytes_
-    memory = default_registry().memory_class(backend)
+    registry = default_registry()
+    qkv = batch * (q_len + 2 * k_len) * heads * head_dim * dtype_bytes_
+    common = LINEAR_ATTN_OUTPUT_TENSORS * batch * q_len * heads * head_dim * dtype_bytes_
+    common += registry.scratch_per_qkv(backend) * qkv
+    memory = registry.memory_class(backend)
     if memory == "linear":
-        return int(output + batch * heads * q_len * 4)
+        return int(common + batch * heads * q_len * 4)
     if memory == "bounded":
-        return int(output + CHUNKED_SCORE_BUDGET)
+        return int(common + CHUNKED_SCORE_BUDGET)
     rows = min(q_len, query_chunk) if query_chunk else q_len
-    return int(output + MATH_BYTES_PER_SCORE * batch * heads * rows * k_len)
+    return int(common + MATH_BYTES_PER_SCORE * batch * heads * rows * k_len)
 
 
 def _dit_block_bytes(config: DiTConfig, compute: int, storage: str | None) -> int:

@@ -217,8 +217,11 @@ def _fast_self_attention(
     """The fast tier's self-attention: lossy kernels (int8_triton, sage) compete on speed for the DiT's
     self-attention, where attention's time is; the winner goes into the Plan's self_attention, with a
     note. Only where the fast tier is in place (a declined or exact-running fast tier runs nothing
-    lossy), and only a kernel of the exact choice's memory class (the estimates were made with it)."""
+    lossy), only a kernel of the exact choice's memory class, and only where the plan still fits
+    with the kernel's own scratch (its quantised copies) in the estimates."""
     from wanfit.attention.dispatch import Dispatcher
+    from wanfit.plan.estimates import estimate_phases
+    from wanfit.plan.planner import _fits
 
     lossy = Dispatcher(hw, allow_lossy=True)
     call = attention_calls(request, hw, dtype, lossy)["self"]
@@ -235,7 +238,14 @@ def _fast_self_attention(
             f"{refused}." if refused else "an exact kernel ranks faster here."
         )
     plan = replace(result.plan, self_attention=chosen)
-    return replace(result, plan=plan), (
+    phases = estimate_phases(request, plan, chosen)
+    over = _fits(phases, result.budget)
+    if over is not None:
+        return result, (
+            f"the fast tier: the DiT's self-attention stays exact ({exact}): {chosen}'s quantised copies "
+            f"would put the {over} phase over the device budget."
+        )
+    return replace(result, plan=plan, phases=phases, attention_backend=chosen), (
         f"the fast tier: the DiT's self-attention runs {chosen} (lossy: quantised q, k and v)."
     )
 
