@@ -1,4 +1,5 @@
-"""int8_triton (lossy: int8 Q·K^T, fp8 P·V) beside bf16 cuDNN and flash SDPA, SageAttention and FlashAttention-4, on this GPU.
+"""int8_triton (lossy: int8 Q·K^T, fp8 P·V) beside bf16 cuDNN and flash SDPA, SageAttention, FlashAttention-4
+and FlashAttention-3 (bf16, and its fp8 forward as flash_attn3_fp8), on this GPU.
 
     python3 benchmarks/bench_int8_attention.py --out $OUT/int8_attention.json   # H200: under 60 s
     python3 benchmarks/bench_int8_attention.py --dry-run --out /tmp/int8.json   # CPU: logic only
@@ -6,7 +7,7 @@
 Two shapes, batch 1, bf16, self-attention as the DiT runs it: 1.3B at 480p (32,760 tokens, 12 heads
 of 128) and 14B at 720p (75,600 tokens, 40 heads of 128). Per shape: the median ms (CUDA events,
 after warm-ups) of int8_triton, its quantisation passes alone, sdpa_cudnn, sdpa_flash, sage and flash_attn4 (when
-sageattention, flash-attn-4 import). At the 1.3B shape, the error of int8_triton against cuDNN's bf16 output
+sageattention, flash-attn-4, flash_attn_3 import). At the 1.3B shape, the error of int8_triton against cuDNN's bf16 output
 (relative L2 and max abs; sage's and flash_attn4's relative L2 too) on three inputs: random normal q/k/v, K with a per-channel offset (what
 smoothing K is for), and q/k with outlier channels; on the first 1,024 query rows, int8_triton's and
 cuDNN's error against fp32 attention, and int8_triton against the plain-torch reference of its own
@@ -37,11 +38,12 @@ except ImportError:  # run from a checkout without installing
 
 from wanfit.attention.backends import default_registry, import_reason  # noqa: E402
 from wanfit.attention.chunked import reference_attention  # noqa: E402
+from wanfit.attention.fp8_attention import reference as fp8_reference  # noqa: E402
 from wanfit.attention.int8_attention import int8_attention_reference, quantise  # noqa: E402
 
 SHAPES = {"1.3B_480p": (1, 32760, 12, 128), "14B_720p": (1, 75600, 40, 128)}  # B, L, H, D
 DRY_SHAPES = {"1.3B_480p": (1, 300, 2, 128), "14B_720p": (1, 520, 2, 64)}
-GPU_BACKENDS = ("int8_triton", "sdpa_cudnn", "sdpa_flash", "sage", "flash_attn4")
+GPU_BACKENDS = ("int8_triton", "sdpa_cudnn", "sdpa_flash", "sage", "flash_attn4", "flash_attn3", "flash_attn3_fp8")
 CHECK_ROWS = 1024  # query rows checked against fp32 and the reference (a multiple of the q tile)
 INPUTS = ("random", "k_offset", "outliers")
 
@@ -101,6 +103,7 @@ class Run:
             "triton": _version("triton"),
             "sageattention": _version("sageattention"),
             "flash_attn_4": _version("flash-attn-4"),
+            "flash_attn_3": _version("flash_attn_3"),
             "python": platform.python_version(),
             "dry_run": args.dry_run,
             "dtype": "bfloat16",
@@ -226,9 +229,14 @@ def errors(run: Run, name: str, shape, inputs: tuple[str, ...]) -> None:
                 same_math = int8_attention_reference(qs, k, v)
                 others = {  # the other kernels against cuDNN's bf16 output, all rows
                     f"{b}_rel_l2_vs_bf16_exact": rel_l2(run.backends[b](q, k, v), ref_bf16)
-                    for b in ("flash_attn4", "sage")
+                    for b in ("flash_attn4", "flash_attn3", "sage", "flash_attn3_fp8")
                     if b in run.backends and not run.args.dry_run
                 }
+                if "flash_attn3_fp8" in run.backends:  # FA3's fp8 kernel against its own quantised math
+                    fp8_out = run.backends["flash_attn3_fp8"](q, k, v)[:, :rows]
+                    fp8_same = fp8_reference(q, k, v, rows=rows)
+                    others[f"flash_attn3_fp8_vs_reference_rel_l2_first_{rows}_rows"] = rel_l2(fp8_out, fp8_same)
+                    others[f"flash_attn3_fp8_rel_l2_vs_fp32_first_{rows}_rows"] = rel_l2(fp8_out, fp32)
             run.sync()
             return {
                 **others,

@@ -94,6 +94,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--fast-attention", default="",
         help="comma-separated attention backends: a fast-tier forward with each as the DiT's self-attention",
     )  # fmt: skip
+    p.add_argument(
+        "--profile", action="store_true",
+        help="CUDA: one more call of each forward under torch.profiler (device ms by kernel kind)",
+    )  # fmt: skip
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny models: checks the script only")
     p.add_argument("--out", default=None, help="write the results as JSON here (after every stage)")
     args = p.parse_args(argv)
@@ -468,6 +472,10 @@ def timed_forward(fn, models: Models):
     first_ms = (time.perf_counter() - t0) * 1000
     result, out = time_forward(fn, device, models.args.warmup, models.args.runs)
     result["first_call_ms"] = first_ms
+    if models.args.profile and device.type == "cuda":  # one more call, its kernels by kind
+        from kernel_profile import kernel_profile
+
+        result["profile"] = kernel_profile(fn)
     return result, out
 
 

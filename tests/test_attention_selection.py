@@ -157,10 +157,10 @@ def test_measured_ranking_reorders_fused_kernels_but_keeps_the_fallbacks_last():
     backends = builtin_backends()
     default = rank(backends, {}, allow_lossy=False)
     assert default[:5] == ["flash_attn4", "sdpa_cudnn", "flash_attn3", "flash_attn2", "sdpa_flash"]
-    assert default[-4:] == ["sdpa_math", "chunked", "int8_triton", "sage"]
+    assert default[-5:] == ["sdpa_math", "chunked", "flash_attn3_fp8", "int8_triton", "sage"]
     measured = rank(backends, {"sdpa_efficient": 5.0, "sdpa_cudnn": 9.0, "sdpa_math": 1.0}, allow_lossy=False)
     assert measured[:2] == ["sdpa_efficient", "sdpa_cudnn"]
-    assert measured[-4:] == ["sdpa_math", "chunked", "int8_triton", "sage"]
+    assert measured[-5:] == ["sdpa_math", "chunked", "flash_attn3_fp8", "int8_triton", "sage"]
     d = Dispatcher(probe("h100"), measured_ms={"sdpa_efficient": 5.0, "sdpa_cudnn": 9.0})
     assert d.select(d.call_on_probe(torch.bfloat16, TOKENS)).backend == "sdpa_efficient"
     assert d.ranking_source == "measured on this card"
@@ -175,12 +175,12 @@ def test_sage_ranks_by_its_installed_version_its_cuda_kernels_above_the_exact_on
     # 1.x (Triton kernels) and an unreadable version keep the 1.x default: behind the exact kernels.
     for version in (None, "1.0.6", "nightly"):
         assert lossy[version].index("sage") > lossy[version].index("sdpa_cudnn"), version
-    # 2.x: its CUDA kernels, ahead of flash_attn4 where lossy kernels may compete.
+    # 2.x: its CUDA kernels, ahead of every exact kernel where lossy kernels may compete.
     for version in ("2.2.0", "2.0.1+cu128"):
-        assert lossy[version][0] == "sage", version
+        assert lossy[version].index("sage") < lossy[version].index("flash_attn4"), version
     # Never in the exact ranking, whatever its version.
     exact = rank(backends, {}, allow_lossy=False, versions={"sageattention": "2.2.0"})
-    assert set(exact[-2:]) == {"int8_triton", "sage"}  # the lossy tier, after every exact kernel
+    assert set(exact[-3:]) == {"flash_attn3_fp8", "int8_triton", "sage"}  # the lossy tier, after every exact kernel
     # A measurement on the card outranks the default table.
     measured = rank(backends, {"sage": 20.0, "flash_attn4": 9.0}, allow_lossy=True, versions={"sageattention": "2.2.0"})
     assert measured.index("flash_attn4") < measured.index("sage")

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from wanfit.attention.chunked import chunked_attention
+from wanfit.attention.fp8_attention import HEAD_DIMS as FP8_HEAD_DIMS
+from wanfit.attention.fp8_attention import fp8_attention
 from wanfit.attention.int8_attention import HEAD_DIMS as INT8_HEAD_DIMS
 from wanfit.attention.int8_attention import int8_attention
 
@@ -299,6 +301,12 @@ def _run_flash_attn3(q, k, v, *, scale=None, attn_mask=None):
     return out[0] if isinstance(out, tuple) else out  # early FA3 releases return (out, lse)
 
 
+def _run_flash_attn3_fp8(q, k, v, *, scale=None, attn_mask=None):
+    if attn_mask is not None:
+        raise ValueError("flash_attn3_fp8 takes no attention mask.")
+    return fp8_attention(q, k, v, scale=scale, kernel=_import("flash_attn_interface").flash_attn_func)
+
+
 def _run_flash_attn4(q, k, v, *, scale=None, attn_mask=None):
     fa4 = _import("flash_attn.cute")
     with warnings.catch_warnings():
@@ -375,6 +383,20 @@ def builtin_backends() -> list[AttentionBackend]:
             max_head_dim=256,
             head_dim_multiple=8,
             default_ms=12.0,
+        ),
+        AttentionBackend(
+            "flash_attn3_fp8",
+            _run_flash_attn3_fp8,
+            "FlashAttention-3's float8 e4m3 forward (Hopper; q, k, v quantised per head, K smoothed: lossy)",
+            package="flash_attn_interface",
+            pip_name="flash-attn-3 (built from flash-attention/hopper)",
+            dist_names=("flash_attn_3", "flash-attn-3", "flashattn-hopper"),
+            min_capability=(9, 0),
+            max_capability=(9, 9),
+            head_dims=FP8_HEAD_DIMS,
+            exact=False,
+            default_ms=7.5,
+            scratch_per_qkv=0.85,
         ),
         AttentionBackend(
             "flash_attn4",
