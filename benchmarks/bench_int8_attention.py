@@ -38,6 +38,7 @@ except ImportError:  # run from a checkout without installing
 
 from wanfit.attention.backends import default_registry, import_reason  # noqa: E402
 from wanfit.attention.chunked import reference_attention  # noqa: E402
+from wanfit.attention.fp8_attention import quantize_per_head, quantize_qkv  # noqa: E402
 from wanfit.attention.fp8_attention import reference as fp8_reference  # noqa: E402
 from wanfit.attention.int8_attention import int8_attention_reference, quantise  # noqa: E402
 
@@ -194,6 +195,10 @@ def time_shape(run: Run, name: str, shape, warmup: int, runs: int, scale_from: d
             entry["ms"]["int8_quantisation_only"] = run.guarded(
                 f"{name} quantisation", lambda: run.time_ms(lambda: quantise(q, k, v), warmup, runs)
             )
+        if "flash_attn3_fp8" in run.backends:
+            entry["ms"]["fp8_quantisation_only"] = run.guarded(
+                f"{name} fp8 quantisation", lambda: run.time_ms(lambda: quantize_qkv(q, k, v), warmup, runs)
+            )
         fastest_exact = min((entry["ms"].get(b) or float("inf")) for b in ("sdpa_cudnn", "sdpa_flash"))
         if entry["ms"].get("int8_triton") and fastest_exact < float("inf"):
             entry["int8_speedup_over_fastest_exact"] = fastest_exact / entry["ms"]["int8_triton"]
@@ -237,6 +242,12 @@ def errors(run: Run, name: str, shape, inputs: tuple[str, ...]) -> None:
                     fp8_same = fp8_reference(q, k, v, rows=rows)
                     others[f"flash_attn3_fp8_vs_reference_rel_l2_first_{rows}_rows"] = rel_l2(fp8_out, fp8_same)
                     others[f"flash_attn3_fp8_rel_l2_vs_fp32_first_{rows}_rows"] = rel_l2(fp8_out, fp32)
+                    # Its Triton quantisation against the plain-torch path, on this GPU.
+                    for t, smooth in ((q, False), (k, True)):
+                        a, b = (quantize_per_head(t, smooth=smooth, kernels=kn)[0].float() for kn in (True, False))
+                        others[f"fp8_quantize_kernel_vs_torch_mismatched_{'k' if smooth else 'q'}"] = (
+                            (a != b).float().mean().item()
+                        )
             run.sync()
             return {
                 **others,

@@ -95,6 +95,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="comma-separated attention backends: a fast-tier forward with each as the DiT's self-attention",
     )  # fmt: skip
     p.add_argument(
+        "--inductor-options", default="",
+        help='JSON for torch.compile(options=...) of wanfit\'s blocks, e.g. \'{"coordinate_descent_tuning": true}\'',
+    )  # fmt: skip
+    p.add_argument(
         "--profile", action="store_true",
         help="CUDA: one more call of each forward under torch.profiler (device ms by kernel kind)",
     )  # fmt: skip
@@ -309,6 +313,8 @@ class Models:
         )
         if self.compile_backend:
             pipe.placement.dit.compile_options["backend"] = self.compile_backend
+        if self.args.inductor_options:  # an experiment: Inductor settings for wanfit's block compiles
+            pipe.placement.dit.compile_options["options"] = json.loads(self.args.inductor_options)
         return pipe
 
     @staticmethod

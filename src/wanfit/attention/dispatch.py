@@ -214,6 +214,8 @@ class Dispatcher:
             )
         if reason is None and not b.exact and not self.allow_lossy and auto:
             reason = "is lossy (quantises q and k), so it is used only when asked for (--attention sage or allow_lossy)."
+        if reason is None and b.named_only and auto:
+            reason = f"runs only where named (--set self_attention={name}): {b.named_only}."
         if reason is not None:
             return Candidate(name, False, reason, None, b.exact, "not run")
         assert kernel_dtype is not None

@@ -7,7 +7,9 @@ module makes those operands from bf16/fp16 tensors:
   the same value q·mean to every score of a query row, which softmax ignores, and it removes the
   common offset that would otherwise set the scale and eat e4m3's range (SageAttention's idea).
 - Each of q, smoothed k and v is scaled so its largest magnitude per (batch, head) lands on 448
-  (e4m3's largest finite value) and cast; the descale is that factor's inverse.
+  (e4m3's largest finite value) and cast; the descale is that factor's inverse. On CUDA two small
+  Triton kernels do it (wanfit.attention.fp8_kernels: one reading pass for the channel statistics,
+  one for the cast); elsewhere, and at head dims that are no power of two, plain torch.
 
 What is lossy: every q, k, v element rounded to e4m3 (3 mantissa bits, a relative step of 1/16 at
 the most), and P rounded to e4m3 in the kernel. `reference` is the same quantised q, k, v through
@@ -16,28 +18,79 @@ exact fp32 attention: the kernel's result differs from it only by P's rounding a
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+
 import torch
 
 from wanfit.precision import FP8_MAX, FP8_STORAGE_DTYPE
 
 HEAD_DIMS = (64, 96, 128, 192, 256)  # FA3's fp8 forward head dims
+BLOCK = 128  # tokens per program of the Triton kernels
 
 
-def quantize_per_head(x: torch.Tensor, *, smooth: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [B, L, H, D] -> (e4m3 [B, L, H, D], descale [B, H] fp32) with x (minus its token mean when
-    smooth) ~= e4m3 * descale.
+@functools.cache
+def _triton_kernels():
+    """wanfit.attention.fp8_kernels, or None without Triton (imported on first use)."""
+    if importlib.util.find_spec("triton") is None:
+        return None
+    from wanfit.attention import fp8_kernels
 
-    The product is taken in x's dtype (one pass, no fp32 copy): bf16 keeps 8 mantissa bits, e4m3 3.
-    The factor is rounded to x's dtype first and the descale is that rounded factor's inverse, so the
-    two agree exactly and the rounding only moves the largest value off 448 by a part in 256."""
+    return fp8_kernels
+
+
+def _uses_kernels(x: torch.Tensor) -> bool:
+    """The Triton kernels run on CUDA at power-of-two head dims (64, 128, 256); else plain torch."""
+    d = x.shape[-1]
+    return x.is_cuda and d & (d - 1) == 0 and _triton_kernels() is not None
+
+
+def channel_stats(
+    x: torch.Tensor, *, kernels: bool | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each (batch, head, channel)'s mean, min and max over the tokens of x [B, L, H, D], fp32 [B, H, D]:
+    one reading pass in the kernel (per-block partials, then a small reduction). kernels: None
+    decides by the tensor (_uses_kernels); True runs the Triton kernels (under its interpreter on
+    the CPU), False plain torch."""
+    b, n, h, d = x.shape
+    if not (_uses_kernels(x) if kernels is None else kernels):
+        xf = x.float()
+        return xf.mean(dim=1), xf.amin(dim=1), xf.amax(dim=1)
+    blocks = -(-n // BLOCK)
+    sums, mins, maxs = (torch.empty(b * h, blocks, d, dtype=torch.float32, device=x.device) for _ in range(3))
+    _triton_kernels().channel_stats[(blocks, b * h)](
+        x, sums, mins, maxs, *x.stride(), h, n, blocks, BLOCK=BLOCK, HEAD_DIM=d
+    )
+    return (sums.sum(dim=1) / n).view(b, h, d), mins.amin(dim=1).view(b, h, d), maxs.amax(dim=1).view(b, h, d)
+
+
+def quantize_per_head(
+    x: torch.Tensor, *, smooth: bool = False, kernels: bool | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [B, L, H, D] -> (e4m3 [B, L, H, D] contiguous, descale [B, H] fp32) with x (minus its token
+    mean per channel when smooth) ~= e4m3 * descale, in fp32 arithmetic. Two reading passes on CUDA:
+    the channel statistics (the smoothed range follows from each channel's min, max and mean), then
+    the quantisation. kernels: as channel_stats takes it."""
+    b, n, h, d = x.shape
+    kernels = _uses_kernels(x) if kernels is None else kernels
+    mean, low, high = channel_stats(x, kernels=kernels)
     if smooth:
-        x = x - x.mean(dim=1, keepdim=True, dtype=torch.float32).to(x.dtype)
-    # One reading pass for the largest magnitude (the inf-norm over tokens and channels).
-    amax = torch.linalg.vector_norm(x, ord=float("inf"), dim=(1, 3), dtype=torch.float32)
-    factor = (FP8_MAX / amax.clamp_min(1e-12)).clamp_max(torch.finfo(x.dtype).max).to(x.dtype)
-    descale = 1.0 / factor.float()
-    # Clamped: a product can round just past 448, and e4m3fn has no infinity.
-    quantised = (x * factor[:, None, :, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8_STORAGE_DTYPE)
+        amax = torch.maximum(high - mean, mean - low).amax(dim=-1)
+    else:
+        amax = torch.maximum(high, -low).amax(dim=-1)
+    factor = FP8_MAX / amax.clamp_min(1e-12)  # [B, H]
+    descale = 1.0 / factor
+    if not kernels:
+        shifted = x.float() - mean[:, None] if smooth else x.float()
+        # Clamped: a value can round just past 448, and e4m3fn has no infinity.
+        quantised = (shifted * factor[:, None, :, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8_STORAGE_DTYPE)
+        return quantised, descale
+    quantised = torch.empty(b, n, h, d, dtype=FP8_STORAGE_DTYPE, device=x.device)
+    blocks = -(-n // BLOCK)
+    _triton_kernels().quantize[(blocks, b * h)](
+        x, mean.contiguous(), factor.contiguous(), quantised, *x.stride(), h, n,
+        BLOCK=BLOCK, HEAD_DIM=d, SMOOTH=smooth,
+    )  # fmt: skip
     return quantised, descale
 
 
