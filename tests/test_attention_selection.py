@@ -70,10 +70,13 @@ def test_ampere_and_newer_get_a_fast_fused_kernel(card):
     assert sel.backend == "sdpa_cudnn" and sel.kernel_dtype == torch.bfloat16 and not sel.cast
     _, _, sel = _job_selection(card, _installed_everywhere())
     expected = "flash_attn3" if card == "h100" else "flash_attn2"
-    # flash-attn-4 ranks first in the default table, then cuDNN; without both the other flash kernels follow.
+    # flash-attn-4 ranks first in the default table, then FlashAttention-3 on Hopper, then cuDNN;
+    # without them the other flash kernels follow.
     assert sel.backend == "flash_attn4"
     no_fa4 = Registry(b for b in _installed_everywhere() if b.name != "flash_attn4")
-    assert _job_selection(card, no_fa4)[2].backend == "sdpa_cudnn"
+    assert _job_selection(card, no_fa4)[2].backend == ("flash_attn3" if card == "h100" else "sdpa_cudnn")
+    no_fa3 = Registry(b for b in no_fa4 if b.name != "flash_attn3")
+    assert _job_selection(card, no_fa3)[2].backend == "sdpa_cudnn"
     no_cudnn = Registry(b for b in no_fa4 if b.name != "sdpa_cudnn")
     assert _job_selection(card, no_cudnn)[2].backend == expected
 
@@ -156,7 +159,7 @@ def test_forcing_through_the_environment_and_configure(monkeypatch):
 def test_measured_ranking_reorders_fused_kernels_but_keeps_the_fallbacks_last():
     backends = builtin_backends()
     default = rank(backends, {}, allow_lossy=False)
-    assert default[:5] == ["flash_attn4", "sdpa_cudnn", "flash_attn3", "flash_attn2", "sdpa_flash"]
+    assert default[:5] == ["flash_attn4", "flash_attn3", "sdpa_cudnn", "flash_attn2", "sdpa_flash"]
     assert default[-5:] == ["sdpa_math", "chunked", "flash_attn3_fp8", "int8_triton", "sage"]
     measured = rank(backends, {"sdpa_efficient": 5.0, "sdpa_cudnn": 9.0, "sdpa_math": 1.0}, allow_lossy=False)
     assert measured[:2] == ["sdpa_efficient", "sdpa_cudnn"]
