@@ -313,7 +313,7 @@ class Models:
         )
         if self.compile_backend:
             pipe.placement.dit.compile_options["backend"] = self.compile_backend
-        if self.args.inductor_options:  # an experiment: Inductor settings for wanfit's block compiles
+        if getattr(self.args, "inductor_options", ""):  # an experiment: Inductor settings for wanfit's block compiles
             pipe.placement.dit.compile_options["options"] = json.loads(self.args.inductor_options)
         return pipe
 
@@ -478,7 +478,7 @@ def timed_forward(fn, models: Models):
     first_ms = (time.perf_counter() - t0) * 1000
     result, out = time_forward(fn, device, models.args.warmup, models.args.runs)
     result["first_call_ms"] = first_ms
-    if models.args.profile and device.type == "cuda":  # one more call, its kernels by kind
+    if getattr(models.args, "profile", False) and device.type == "cuda":  # one more call, its kernels by kind
         from kernel_profile import kernel_profile
 
         result["profile"] = kernel_profile(fn)
