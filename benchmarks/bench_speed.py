@@ -264,6 +264,9 @@ class Models:
 
         UniPCMultistepScheduler(**SCHEDULER).save_config(str(self.scheduler_dir))
         self.compile_backend = "eager" if args.dry_run else None  # CPU: the script's logic, not Inductor's
+        # bench_fresh drives this class with its own arguments, which have neither of these options.
+        self.inductor_options = json.loads(getattr(args, "inductor_options", "") or "{}")
+        self.profile = getattr(args, "profile", False)
 
     @property
     def tokens(self) -> int:
@@ -313,8 +316,8 @@ class Models:
         )
         if self.compile_backend:
             pipe.placement.dit.compile_options["backend"] = self.compile_backend
-        if getattr(self.args, "inductor_options", ""):  # an experiment: Inductor settings for wanfit's block compiles
-            pipe.placement.dit.compile_options["options"] = json.loads(self.args.inductor_options)
+        if self.inductor_options:  # an experiment: Inductor settings for wanfit's block compiles
+            pipe.placement.dit.compile_options["options"] = self.inductor_options
         return pipe
 
     @staticmethod
@@ -478,7 +481,7 @@ def timed_forward(fn, models: Models):
     first_ms = (time.perf_counter() - t0) * 1000
     result, out = time_forward(fn, device, models.args.warmup, models.args.runs)
     result["first_call_ms"] = first_ms
-    if getattr(models.args, "profile", False) and device.type == "cuda":  # one more call, its kernels by kind
+    if models.profile and device.type == "cuda":  # one more call, its kernels by kind
         from kernel_profile import kernel_profile
 
         result["profile"] = kernel_profile(fn)
